@@ -1,0 +1,9 @@
+"""fp8gemm: Hopper (SM90) FP8 GEMM, grouped MoE GEMM and MQA-logits kernels in Triton and Gluon.
+
+The public names follow DeepGEMM's (``import fp8gemm as deep_gemm`` is meant to work); the
+semantics of every operation are defined in :mod:`fp8gemm.reference`.
+"""
+from ._version import __version__
+from .runtime import (get_mk_alignment_for_contiguous_layout, get_num_sms,
+                      set_mk_alignment_for_contiguous_layout, set_num_sms)
+from . import reference, testing  # noqa: F401

@@ -1,0 +1,107 @@
+"""Runtime state and settings: the one place environment variables are read.
+
+Settings (environment variables, read when first needed):
+
+``FP8GEMM_BACKEND``
+    ``auto`` (default): Gluon kernels on SM90 where one exists for the call, else Triton.
+    ``triton``: always the portable Triton kernels.  ``gluon``: insist on Gluon (error where
+    there is none for the call).
+``FP8GEMM_NUM_SMS``
+    Initial cap on the SMs a kernel may use (same as calling :func:`set_num_sms`).
+``FP8GEMM_DEBUG``
+    ``1`` turns on extra checks that synchronise with the host (e.g. that contiguous-layout
+    segments are aligned).  Never use it under CUDA-graph capture.
+``TRITON_INTERPRET``
+    ``1`` runs every Triton kernel in Triton's CPU interpreter (tests, the demo without a GPU).
+    It must be set before :mod:`fp8gemm` is imported.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_BACKENDS = ("auto", "triton", "gluon")
+
+_num_sms: int | None = None
+_mk_alignment: int = 128
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def debug_checks() -> bool:
+    return os.environ.get("FP8GEMM_DEBUG", "0") == "1"
+
+
+def backend() -> str:
+    value = os.environ.get("FP8GEMM_BACKEND", "auto").strip().lower()
+    if value not in _BACKENDS:
+        raise ValueError(f"FP8GEMM_BACKEND must be one of {_BACKENDS}, got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def device_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def is_sm90(device: torch.device) -> bool:
+    if device.type != "cuda" or interpreting():
+        return False
+    return device_capability(device.index if device.index is not None else torch.cuda.current_device()) == (9, 0)
+
+
+def _default_sms() -> int:
+    if torch.cuda.is_available() and not interpreting():
+        return device_sm_count(torch.cuda.current_device())
+    # The interpreter runs programs one after another: a handful of persistent programs keeps
+    # the persistent loops exercised without slowing the tests.
+    return 4
+
+
+def set_num_sms(num_sms: int) -> None:
+    """Cap the number of SMs (persistent programs) every fp8gemm kernel uses from now on.
+
+    Leaves the remaining SMs to kernels on other streams, e.g. the combine of the MoE layer
+    (Single Batch Overlap).  Must be between 1 and the device's SM count.
+    """
+    global _num_sms
+    if not isinstance(num_sms, int) or isinstance(num_sms, bool):
+        raise TypeError(f"num_sms must be an int, got {type(num_sms).__name__}")
+    limit = _default_sms()
+    if not 1 <= num_sms <= max(limit, 1) and not interpreting():
+        raise ValueError(f"num_sms must be in [1, {limit}] (the device's SM count), got {num_sms}")
+    if num_sms < 1:
+        raise ValueError(f"num_sms must be >= 1, got {num_sms}")
+    _num_sms = num_sms
+
+
+def get_num_sms() -> int:
+    """The SM cap set by :func:`set_num_sms` (or ``FP8GEMM_NUM_SMS``), else the device's SM count."""
+    global _num_sms
+    if _num_sms is None:
+        env = os.environ.get("FP8GEMM_NUM_SMS")
+        _num_sms = int(env) if env else _default_sms()
+    return _num_sms
+
+
+def get_mk_alignment_for_contiguous_layout() -> int:
+    """Row alignment of each expert's segment in the contiguous grouped layout (default 128)."""
+    return _mk_alignment
+
+
+def set_mk_alignment_for_contiguous_layout(alignment: int) -> None:
+    """Set the segment alignment of the contiguous layout: 64 or 128 (a multiple of the kernels' block_m)."""
+    global _mk_alignment
+    if alignment not in (64, 128):
+        raise ValueError(f"alignment must be 64 or 128, got {alignment}")
+    _mk_alignment = alignment

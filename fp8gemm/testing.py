@@ -1,0 +1,139 @@
+"""Helpers for tests and benchmarks: the GEMM error metric, poisoning, signal checks, timing."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's similarity metric: ``1 - 2 sum(xy) / sum(x^2 + y^2)`` in float64 (0 means identical).
+
+    Returns ``nan`` if either side holds a NaN, so a test comparing against a threshold fails.
+    """
+    x, y = x.double(), y.double()
+    denominator = (x * x + y * y).sum()
+    if denominator == 0:
+        return 0.0 if torch.equal(x, y) else 1.0
+    return float(1 - 2 * (x * y).sum() / denominator)
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output buffer with a value no kernel produces (NaN for floats, -7 for ints)."""
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    else:
+        t.fill_(-7)
+    return t
+
+
+def check_signal(signal: torch.Tensor, masked_m: torch.Tensor, max_m: int, n: int,
+                 block_m: int, threshold: int) -> None:
+    """Assert the SBO counters after a masked GEMM with ``enable_overlap=True`` (DESIGN.md §3).
+
+    Every m-block i of group g with ``i * block_m < masked_m[g]`` holds exactly ``threshold``;
+    every other counter is 0.  Raises ``AssertionError`` naming the first wrong counter.
+    """
+    blocks = math.ceil(max_m / block_m)
+    got = signal.detach().cpu().to(torch.int64)
+    masked = masked_m.detach().cpu().tolist()
+    if got.numel() < len(masked) * blocks:
+        raise AssertionError(f"signal has {got.numel()} counters, needs {len(masked) * blocks}")
+    for g, m in enumerate(masked):
+        for i in range(blocks):
+            want = threshold if i * block_m < m else 0
+            have = int(got[g * blocks + i])
+            if have != want:
+                raise AssertionError(f"signal[{g * blocks + i}] (group {g}, m-block {i}, masked_m {m}) "
+                                     f"is {have}, expected {want}")
+
+
+# -------------------------------------------------------------------------------------
+# Ahead-of-time compilation for sm_90a (works on a machine without a GPU)
+# -------------------------------------------------------------------------------------
+
+def _triton_bin(tool: str) -> str:
+    import os
+
+    import triton
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{tool} not found in the triton wheel at {path}")
+    return path
+
+
+def compile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4,
+                 num_stages: int = 3, num_ctas: int = 1, gluon: bool = False) -> dict:
+    """Compile a ``@triton.jit`` (or ``@gluon.jit``) kernel for ``GPUTarget("cuda", 90, 32)`` without a GPU.
+
+    Returns ``{"sass": str, "regs": int, "shared": int, "stack": int, "local": int, "ptx": str}``;
+    ``regs``/``stack``/``local`` come from ``cuobjdump -res-usage``.  The kernel must be a real
+    ``JITFunction``: run this in a process where ``TRITON_INTERPRET`` is not set (see
+    :func:`compile_sm90_in_subprocess`).
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    constexprs = dict(constexprs or {})
+    sig = dict(signature)
+    for name in constexprs:
+        sig.setdefault(name, "constexpr")
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as Source
+    else:
+        from triton.compiler import ASTSource as Source
+    src = Source(fn=kernel, signature=sig, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages, "num_ctas": num_ctas})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_triton_bin("cuobjdump"), "-sass", f.name], check=True,
+                              capture_output=True, text=True).stdout
+        res = subprocess.run([_triton_bin("cuobjdump"), "-res-usage", f.name], check=True,
+                             capture_output=True, text=True).stdout
+
+    def field(name):
+        m = re.search(rf"\b{name}:(\d+)", res)
+        return int(m.group(1)) if m else -1
+
+    return {"sass": sass, "regs": field("REG"), "stack": field("STACK"), "local": field("LOCAL"),
+            "shared": int(compiled.metadata.shared), "ptx": compiled.asm["ptx"]}
+
+
+def compile_sm90_in_subprocess(module: str, kernel: str, signature: dict, constexprs: dict | None = None,
+                               **options) -> dict:
+    """:func:`compile_sm90` in a fresh interpreter with ``TRITON_INTERPRET`` unset.
+
+    ``module``/``kernel`` name the kernel (e.g. ``"fp8gemm.kernels.quant"``, ``"per_token_cast_kernel"``).
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    payload = json.dumps({"module": module, "kernel": kernel, "signature": signature,
+                          "constexprs": constexprs or {}, "options": options})
+    code = ("import json,sys,importlib\n"
+            "from fp8gemm.testing import compile_sm90\n"
+            "p=json.loads(sys.stdin.read())\n"
+            "k=getattr(importlib.import_module(p['module']),p['kernel'])\n"
+            "r=compile_sm90(k,p['signature'],p['constexprs'],**p['options'])\n"
+            "sys.stdout.write('@@JSON@@'+json.dumps(r))\n")
+    proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or "@@JSON@@" not in proc.stdout:
+        raise RuntimeError(f"AOT compile of {module}.{kernel} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.split("@@JSON@@", 1)[1])
+
+
+def sass_count(sass: str, opcode: str) -> int:
+    """How many SASS instructions start with ``opcode`` (e.g. ``"QGMMA"``, ``"HGMMA"``, ``"LDL"``)."""
+    import re
+    return len(re.findall(rf"\b{opcode}[\.\s]", sass))
