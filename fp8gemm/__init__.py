@@ -7,3 +7,8 @@ from ._version import __version__
 from .runtime import (get_mk_alignment_for_contiguous_layout, get_num_sms,
                       set_mk_alignment_for_contiguous_layout, set_num_sms)
 from . import reference, testing  # noqa: F401
+from .gemm import (bf16_gemm_nn, bf16_gemm_nt, bf16_gemm_tn, bf16_gemm_tt, fp8_gemm_nn, fp8_gemm_nt,
+                   fp8_gemm_tn, fp8_gemm_tt)
+from .grouped import (alloc_signal, get_masked_signal_size, k_grouped_fp8_gemm_tn_contiguous,
+                      m_grouped_bf16_gemm_nt_contiguous, m_grouped_bf16_gemm_nt_masked,
+                      m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked)

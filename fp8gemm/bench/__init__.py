@@ -1,0 +1,1 @@
+"""Benchmark harness: suites of cases timed side by side (fp8gemm vs cuBLAS vs DeepGEMM)."""

@@ -1,0 +1,191 @@
+"""Timing and reporting shared by every benchmark suite.
+
+A suite module (``fp8gemm/bench/suite_<name>.py``) exposes ``cases(quick: bool) -> list[Case]``.
+Each case holds zero-argument callables that launch one implementation on preallocated inputs;
+the runner checks correctness first, then times each implementation with CUDA events (median of
+many runs, L2 flushed before each, after a warm-up) and reports µs, TFLOPS, GB/s, the fraction of
+the card's measured ceilings and the speed ratio against every peer in the same row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import sys
+from typing import Callable
+
+import torch
+
+# Ceilings measured on our cards (ANCHORS.md): copy bandwidth (read + write) and FP8 dense TFLOPS.
+CEILINGS = {
+    "H100": {"copy_gbs": 3010.0, "fp8_tflops": 1265.0, "bf16_tflops": 761.0},
+    "H200": {"copy_gbs": 4250.0, "fp8_tflops": 1282.0, "bf16_tflops": 800.0},
+}
+
+
+@dataclasses.dataclass
+class Case:
+    suite: str
+    name: str
+    flops: float
+    bytes: float
+    impls: dict[str, Callable[[], object]]
+    check: Callable[[], float] | None = None
+    tol: float = 0.0
+    compute_dtype: str = "fp8"
+
+
+def card_name() -> str:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    for key in CEILINGS:
+        if key in name:
+            return key
+    return name
+
+
+def time_us(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 100.0,
+            max_iters: int = 1000) -> float:
+    """Median time of ``fn`` in µs: CUDA events around each call, L2 flushed before each call."""
+    flush = torch.empty(int(256e6) // 4, dtype=torch.int32, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = max(start.elapsed_time(end) / 3, 1e-3)
+    n_warm = max(1, int(warmup_ms / estimate_ms))
+    n_rep = max(5, min(max_iters, int(rep_ms / estimate_ms)))
+    for _ in range(n_warm):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    for i in range(n_rep):
+        flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def run_cases(cases: list[Case], progress: bool = True) -> list[dict]:
+    """Check and time every case; one result dict per (case, implementation)."""
+    card = card_name()
+    ceil = CEILINGS.get(card, {})
+    rows = []
+    iterator = cases
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(cases), file=sys.stderr, desc="bench", leave=False)
+        except ImportError:
+            bar = None
+    for case in iterator:
+        if bar is not None:
+            bar.set_postfix_str(f"{case.suite} {case.name}")
+        err, ok = None, True
+        if case.check is not None:
+            try:
+                err = float(case.check())
+                ok = (err <= case.tol) and not math.isnan(err)
+            except Exception as exc:  # a failed check is reported, never hidden
+                err, ok = float("nan"), False
+                print(f"[check failed] {case.suite} {case.name}: {exc!r}", file=sys.stderr)
+        times = {}
+        for impl, fn in case.impls.items():
+            try:
+                times[impl] = time_us(fn)
+            except Exception as exc:
+                print(f"[time failed] {case.suite} {case.name} {impl}: {exc!r}", file=sys.stderr)
+                times[impl] = float("nan")
+        for impl, us in times.items():
+            sec = us * 1e-6
+            tflops = case.flops / sec / 1e12 if case.flops and us == us else 0.0
+            gbs = case.bytes / sec / 1e9 if case.bytes and us == us else 0.0
+            peak_key = "fp8_tflops" if case.compute_dtype == "fp8" else "bf16_tflops"
+            row = {"suite": case.suite, "case": case.name, "impl": impl, "card": card, "us": us,
+                   "tflops": tflops, "gbs": gbs,
+                   "frac_compute": tflops / ceil[peak_key] if peak_key in ceil else None,
+                   "frac_copy": gbs / ceil["copy_gbs"] if "copy_gbs" in ceil else None,
+                   "check_err": err if impl == "fp8gemm" else None, "check_ok": ok if impl == "fp8gemm" else None}
+            for other, other_us in times.items():
+                if other != impl:
+                    row[f"speedup_vs_{other}"] = other_us / us if us and us == us else float("nan")
+            rows.append(row)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per case: fp8gemm's µs/TFLOPS/GB/s and each peer's µs and fp8gemm's speed ratio over it."""
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_case.setdefault((r["suite"], r["case"]), {})[r["impl"]] = r
+    lines = []
+    header = f"{'suite':8} {'case':38} {'us':>9} {'TFLOPS':>7} {'GB/s':>7} {'%peak':>6} {'check':>9}  peers (us, our speedup)"
+    lines.append(header)
+    lines.append("-" * len(header))
+    for (suite, case), impls in by_case.items():
+        ours = impls.get("fp8gemm")
+        if ours is None:
+            continue
+        frac = ours["frac_compute"] if ours["tflops"] > 0 and (ours["frac_compute"] or 0) > (ours["frac_copy"] or 0) \
+            else ours["frac_copy"]
+        check = "n/a" if ours["check_err"] is None else f"{ours['check_err']:.1e}" + ("" if ours["check_ok"] else "!")
+        peers = "  ".join(f"{name} {r['us']:.1f} ({ours.get(f'speedup_vs_{name}', float('nan')):.2f}x)"
+                          for name, r in impls.items() if name != "fp8gemm")
+        lines.append(f"{suite:8} {case:38} {ours['us']:9.1f} {ours['tflops']:7.0f} {ours['gbs']:7.0f} "
+                     f"{100 * frac if frac is not None else float('nan'):5.0f}% {check:>9}  {peers}")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], folder: str, tag: str) -> None:
+    import os
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{tag}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(folder, f"{tag}.txt"), "w") as f:
+        f.write(format_table(rows) + "\n")
+    try:
+        plot(rows, os.path.join(folder, f"{tag}.png"))
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = []
+    for r in rows:
+        key = f"{r['suite']} {r['case']}"
+        if key not in cases:
+            cases.append(key)
+    impls = sorted({r["impl"] for r in rows}, key=lambda s: (s != "fp8gemm", s))
+    fig, ax = plt.subplots(figsize=(max(8, 0.35 * len(cases)), 5))
+    width = 0.8 / max(len(impls), 1)
+    for i, impl in enumerate(impls):
+        vals = []
+        for key in cases:
+            match = [r for r in rows if f"{r['suite']} {r['case']}" == key and r["impl"] == impl]
+            if match and match[0]["us"] == match[0]["us"]:
+                r = match[0]
+                vals.append(100 * (r["frac_compute"] if r["tflops"] and (r["frac_compute"] or 0) >= (r["frac_copy"] or 0)
+                                   else (r["frac_copy"] or 0)))
+            else:
+                vals.append(0)
+        ax.bar([x + i * width for x in range(len(cases))], vals, width, label=impl)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=90, fontsize=6)
+    ax.set_ylabel("% of the card's ceiling (compute or copy)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

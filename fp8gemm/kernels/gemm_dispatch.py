@@ -1,0 +1,146 @@
+"""Kernel choice and launch for the GEMM family (arguments arrive validated by fp8gemm.gemm / .grouped).
+
+The Gluon kernels run where they apply (SM90, supported formats, ``FP8GEMM_BACKEND`` not ``triton``);
+everything else goes to the portable Triton kernel, whose tile shapes are picked here.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+
+from .. import runtime
+from . import gemm_triton
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    swap_ab: bool
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+def triton_config(mode: int, m: int, n: int, k: int, scaled: bool, expected_m: int | None = None,
+                  max_block_n: int = 256) -> TritonConfig:
+    """Tile shapes for the Triton kernel.
+
+    Few rows of A (decode) use swap-A/B: B's rows fill the MMA's 64-row side and the tokens sit on
+    its narrow N side (16 or 32), so no tensor-core work is spent on rows that do not exist.
+    """
+    rows = expected_m if (mode == gemm_triton.MODE_MASKED and expected_m) else m
+    block_k = 128 if scaled else 64
+    bn_cap = max(16, min(max_block_n, 128))
+    if rows <= 32:
+        block_m = 16 if rows <= 16 else 32
+        return TritonConfig(block_m, min(128, bn_cap), block_k, True, 4, 4)
+    if rows <= 64:
+        return TritonConfig(64, min(128, bn_cap), block_k, False, 4, 4)
+    return TritonConfig(128, min(128, bn_cap), block_k, False, 8, 3)
+
+
+def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
+    """Strides padded on the left to ``ndim`` entries (a missing group dim has stride 0)."""
+    if t is None:
+        return (0,) * ndim
+    s = tuple(t.stride())
+    return (0,) * (ndim - len(s)) + s
+
+
+def _use_gluon(mode_name: str, a, sfa, b, sfb, d, c) -> bool:
+    choice = runtime.backend()
+    if choice == "triton" or not runtime.is_sm90(d.device):
+        if choice == "gluon":
+            raise RuntimeError("FP8GEMM_BACKEND=gluon but the Gluon kernels need an SM90 GPU (and no interpreter)")
+        return False
+    try:
+        from . import gemm_gluon
+    except ImportError:
+        return False
+    ok = hasattr(gemm_gluon, "supports") and gemm_gluon.supports(mode_name, a, sfa, b, sfb, d, c)
+    if not ok and choice == "gluon":
+        raise RuntimeError(f"FP8GEMM_BACKEND=gluon but no Gluon kernel supports this {mode_name} call")
+    return ok
+
+
+def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=None, signal=None,
+                  expected_m: int | None = None, gran_n_b: int = 128, max_block_n: int = 256,
+                  force_block_m: int | None = None) -> tuple[int, int]:
+    """Run ``D = C + A @ B.T`` (dense, contiguous or masked); returns the ``(block_m, block_n)`` used.
+
+    ``sfa``/``sfb`` are None for BF16.  3-D operands carry the group in dim 0.  ``force_block_m``
+    forces the Triton kernel's block_m (e.g. to divide the contiguous layout's alignment).
+    """
+    mode = {"dense": gemm_triton.MODE_DENSE, "contiguous": gemm_triton.MODE_CONTIGUOUS,
+            "masked": gemm_triton.MODE_MASKED}[mode_name]
+    scaled = sfa is not None
+    num_sms = runtime.get_num_sms()
+    if scaled and gran_n_b == 128 and force_block_m is None and _use_gluon(mode_name, a, sfa, b, sfb, d, c):
+        from . import gemm_gluon
+        return gemm_gluon.launch(mode_name, a, sfa, b, sfb, d, c=c, m_indices=m_indices, masked_m=masked_m,
+                                 expected_m=expected_m, signal=signal, num_sms=num_sms, max_block_n=max_block_n)
+
+    k = a.shape[-1]
+    n = b.shape[-2]
+    m = a.shape[-2]
+    num_groups = a.shape[0] if a.dim() == 3 else 1
+    cfg = triton_config(mode, m, n, k, scaled, expected_m, max_block_n)
+    if force_block_m is not None and force_block_m != cfg.block_m:
+        cfg = dataclasses.replace(cfg, block_m=force_block_m, swap_ab=force_block_m <= 32,
+                                  num_warps=4 if force_block_m <= 64 else 8)
+    if m == 0 or n == 0:
+        return cfg.block_m, cfg.block_n
+    num_tiles = num_groups * triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    grid = (max(1, min(num_tiles, num_sms)),)
+    sfa_packed = scaled and sfa.dtype == torch.int32
+    sfb_packed = scaled and sfb.dtype == torch.int32
+    dummy = d
+    gemm_triton.m_grouped_gemm_kernel[grid](
+        a, b, d, c if c is not None else dummy,
+        sfa if scaled else dummy, sfb if scaled else dummy,
+        m_indices if m_indices is not None else dummy,
+        masked_m if masked_m is not None else dummy,
+        signal if signal is not None else dummy,
+        m, n, k, num_groups, b.shape[0] if b.dim() == 3 else 1, grid[0],
+        *_strides(a, 3), *_strides(b, 3), *_strides(d, 3), *_strides(c, 3),
+        *_strides(sfa, 3), *_strides(sfb, 3),
+        MODE=mode, SCALED=scaled, SFA_PACKED=sfa_packed, SFB_PACKED=sfb_packed,
+        SFB_GRAN_N=gran_n_b, HAS_C=c is not None, SIGNAL=signal is not None, SWAP_AB=cfg.swap_ab,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        GROUPS_POW2=triton.next_power_of_2(num_groups), UPCAST_DOT=not scaled and runtime.interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return cfg.block_m, cfg.block_n
+
+
+def run_k_grouped(a, sfa, b, sfb, d, c, ks_tensor, num_groups: int) -> None:
+    m, n = d.shape[1], d.shape[2]
+    if m == 0 or n == 0 or num_groups == 0:
+        return
+    block_m, block_n = 128, 128
+    num_tiles = num_groups * triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    grid = (max(1, min(num_tiles, runtime.get_num_sms())),)
+    gemm_triton.k_grouped_gemm_kernel[grid](
+        a, b, d, c if c is not None else d, sfa, sfb, ks_tensor,
+        m, n, num_groups, grid[0],
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        *d.stride(), *(_strides(c, 3)),
+        sfa.stride(0), sfa.stride(1), sfb.stride(0), sfb.stride(1),
+        HAS_C=c is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128,
+        num_warps=8, num_stages=3,
+    )
+
+
+def plan_masked(a, sfa, b, sfb, d, expected_m: int, max_block_n: int) -> tuple[int, int]:
+    """The ``(block_m, block_n)`` a masked call will use, known before launch (to size/check signals)."""
+    scaled = sfa is not None
+    if scaled and _use_gluon("masked", a, sfa, b, sfb, d, None):
+        from . import gemm_gluon
+        if hasattr(gemm_gluon, "plan"):
+            return gemm_gluon.plan("masked", a, sfa, b, sfb, d, expected_m=expected_m, max_block_n=max_block_n)
+    cfg = triton_config(gemm_triton.MODE_MASKED, a.shape[-2], b.shape[-2], a.shape[-1], scaled, expected_m, max_block_n)
+    return cfg.block_m, cfg.block_n
