@@ -64,14 +64,16 @@ def _triton_bin(tool: str) -> str:
 
 def compile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num_warps: int = 4,
                  num_stages: int = 3, num_ctas: int = 1, gluon: bool = False,
-                 divisible_by_16: list | tuple = ()) -> dict:
+                 divisible_by_16: list | tuple = (), **extra_options) -> dict:
     """Compile a ``@triton.jit`` (or ``@gluon.jit``) kernel for ``GPUTarget("cuda", 90, 32)`` without a GPU.
 
     Returns ``{"sass": str, "regs": int, "shared": int, "stack": int, "local": int, "ptx": str}``;
     ``regs``/``stack``/``local`` come from ``cuobjdump -res-usage``.  Give the arguments the JIT would
     specialise as it does at run time: integers equal to 1 (unit strides) as ``constexprs``, and pointers
     and integers that are multiples of 16 in ``divisible_by_16`` (without that, loads are not vectorised
-    and the kernel looks worse than it runs).  The kernel must be a real
+    and the kernel looks worse than it runs).  ``extra_options`` go to the compiler as they are (e.g.
+    ``maxnreg=168`` for a warp-specialised Gluon kernel); a Gluon TMA descriptor's signature entry is the
+    string ``triton.runtime.jit.mangle_type(descriptor)`` gives.  The kernel must be a real
     ``JITFunction``: run this in a process where ``TRITON_INTERPRET`` is not set (see
     :func:`compile_sm90_in_subprocess`).
     """
@@ -93,7 +95,8 @@ def compile_sm90(kernel, signature: dict, constexprs: dict | None = None, *, num
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
     src = Source(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages, "num_ctas": num_ctas})
+                              options={"num_warps": num_warps, "num_stages": num_stages, "num_ctas": num_ctas,
+                                       **extra_options})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
