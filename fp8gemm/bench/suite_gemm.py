@@ -1,0 +1,175 @@
+"""Dense and grouped FP8 GEMM benchmark cases: the shapes of ANCHORS.md, fp8gemm vs cuBLAS vs DeepGEMM.
+
+cuBLAS is block-scaled FP8 through ``torch.nn.functional.scaled_mm`` (BlockWise1x128 for A with
+column-major scales, BlockWise128x128 for B); for grouped GEMMs it runs one call per expert (what a
+user without a grouped kernel would do), so its column there is an upper bound on the work, not a
+like-for-like kernel.  DeepGEMM appears when ``import deep_gemm`` works.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import fp8gemm
+from fp8gemm import reference as R
+from fp8gemm.bench.core import Case
+from fp8gemm.testing import calc_diff
+
+DENSE_NK = [(2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+DENSE_M = [1, 64, 128, 4096]
+GROUPED_NK = [(6144, 7168), (7168, 3072), (4096, 4096), (4096, 2048)]
+MASKED = [(32, 192), (6, 1024), (32, 20), (6, 20)]      # (groups, expected_m), max_m 4096 in ANCHORS
+CONTIGUOUS = [(4, 8192), (8, 4096)]                    # (groups, ~m per group)
+
+
+def _deep_gemm():
+    try:
+        import deep_gemm  # noqa: F401
+        return deep_gemm
+    except Exception:
+        return None
+
+
+def _scaled_mm():
+    """cuBLAS block-scaled FP8 (A 1x128, B 128x128), or None where this torch lacks it."""
+    F = torch.nn.functional
+    if not hasattr(F, "scaled_mm"):
+        return None
+    try:
+        from torch.nn.functional import ScalingType, SwizzleType  # noqa: F401
+    except ImportError:
+        return None
+
+    def run(a, sfa_colmajor, b, sfb, out_dtype=torch.bfloat16):
+        return F.scaled_mm(a, b.t(), sfa_colmajor, ScalingType.BlockWise1x128, sfb, ScalingType.BlockWise128x128,
+                           output_dtype=out_dtype)
+    return run
+
+
+def _fp8(shape, device="cuda"):
+    return torch.randn(*shape, device=device).to(torch.float8_e4m3fn)
+
+
+def _scales(shape, device="cuda"):
+    return torch.rand(*shape, device=device) + 0.5
+
+
+def dense_cases(quick: bool) -> list[Case]:
+    cublas = _scaled_mm()
+    dg = _deep_gemm()
+    cases = []
+    ms = [64, 4096] if quick else DENSE_M
+    nks = DENSE_NK[:3] if quick else DENSE_NK
+    for m in ms:
+        for n, k in nks:
+            a, b = _fp8((m, k)), _fp8((n, k))
+            sfa, sfb = _scales((m, k // 128)), _scales((math.ceil(n / 128), k // 128))
+            sfa_cm = sfa.t().contiguous().t()
+            d = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+
+            def ours(a=a, sfa=sfa, b=b, sfb=sfb, d=d):
+                fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
+
+            def check(a=a, sfa=sfa, b=b, sfb=sfb, d=d):
+                d.fill_(float("nan"))
+                fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
+                return calc_diff(d, R.fp8_gemm_nt(a, sfa, b, sfb))
+
+            impls = {"fp8gemm": ours}
+            if cublas is not None and m > 1:
+                impls["cuBLAS"] = lambda a=a, s=sfa_cm, b=b, sb=sfb: cublas(a, s, b, sb)
+            if dg is not None:
+                impls["DeepGEMM"] = lambda a=a, b=b, sfa=sfa, sfb=sfb, d=d: dg.fp8_gemm_nt((a, sfa), (b, sfb), d)
+            cases.append(Case("dense", f"m{m} n{n} k{k}", 2.0 * m * n * k, m * k + n * k + 2 * m * n + 4 * (m + n) * k / 128,
+                              impls, check, 1e-3))
+    return cases
+
+
+def masked_cases(quick: bool, overlap: bool = False) -> list[Case]:
+    dg = _deep_gemm()
+    cases = []
+    max_m = 4096
+    rows = MASKED[:2] if quick else MASKED
+    nks = GROUPED_NK[:2] if quick else GROUPED_NK
+    for g, expected in rows:
+        for n, k in nks:
+            gen = torch.Generator(device="cpu").manual_seed(g * 1000 + expected)
+            counts = torch.clamp((torch.rand(g, generator=gen) * 0.6 + 0.7) * expected, 1, max_m).int()
+            masked_m = counts.to("cuda")
+            a, b = _fp8((g, max_m, k)), _fp8((g, n, k))
+            sfa, sfb = _scales((g, max_m, k // 128)), _scales((g, math.ceil(n / 128), k // 128))
+            d = torch.empty(g, max_m, n, dtype=torch.bfloat16, device="cuda")
+            signal = fp8gemm.alloc_signal(g, max_m, "cuda") if overlap else None
+
+            def ours(a=a, sfa=sfa, b=b, sfb=sfb, d=d, mm=masked_m, e=expected, s=signal):
+                if s is not None:
+                    s.zero_()
+                fp8gemm.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, mm, e, enable_overlap=s is not None,
+                                                     signal=s)
+
+            def check(a=a, sfa=sfa, b=b, sfb=sfb, d=d, mm=masked_m, e=expected, s=signal, counts=counts, n=n):
+                d.fill_(float("nan"))
+                if s is not None:
+                    s.zero_()
+                out = fp8gemm.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, mm, e,
+                                                           enable_overlap=s is not None, signal=s)
+                if s is not None:
+                    fp8gemm.testing.check_signal(s, mm, max_m, n, out[0], out[1])
+                got = torch.cat([d[i, :c] for i, c in enumerate(counts.tolist())])
+                want = torch.cat([R.fp8_gemm_nt(a[i, :c], sfa[i, :c], b[i], sfb[i]) for i, c in enumerate(counts.tolist())])
+                return calc_diff(got, want)
+
+            impls = {"fp8gemm": ours}
+            if dg is not None:
+                impls["DeepGEMM"] = lambda a=a, b=b, sfa=sfa, sfb=sfb, d=d, mm=masked_m, e=expected: \
+                    dg.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, mm, e)
+            total = int(counts.sum())
+            nbytes = g * n * k + total * k + 2 * total * n
+            name = f"{'sbo ' if overlap else ''}g{g} e{expected} n{n} k{k}"
+            cases.append(Case("masked", name, 2.0 * total * n * k, nbytes, impls, check, 1e-3))
+    return cases
+
+
+def contiguous_cases(quick: bool) -> list[Case]:
+    dg = _deep_gemm()
+    cases = []
+    rows = CONTIGUOUS[:1] if quick else CONTIGUOUS
+    nks = GROUPED_NK[2:3] if quick else GROUPED_NK
+    for g, per in rows:
+        for n, k in nks:
+            gen = torch.Generator(device="cpu").manual_seed(g)
+            real = [int(per * (0.7 + 0.6 * float(torch.rand(1, generator=gen)))) for _ in range(g)]
+            ids = []
+            for e, r in enumerate(real):
+                ids += [e] * r + [-1] * ((-r) % 128)
+            m = len(ids)
+            m_indices = torch.tensor(ids, dtype=torch.int32, device="cuda")
+            a, b = _fp8((m, k)), _fp8((g, n, k))
+            sfa, sfb = _scales((m, k // 128)), _scales((g, math.ceil(n / 128), k // 128))
+            d = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+
+            def ours(a=a, sfa=sfa, b=b, sfb=sfb, d=d, mi=m_indices):
+                fp8gemm.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), d, mi)
+
+            def check(a=a, sfa=sfa, b=b, sfb=sfb, d=d, mi=m_indices):
+                d.fill_(float("nan"))
+                fp8gemm.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), d, mi)
+                ok = mi >= 0
+                if d[~ok].isnan().all().item() is False:
+                    return float("inf")
+                ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, mi, torch.zeros_like(d))
+                return calc_diff(d[ok], ref[ok])
+
+            impls = {"fp8gemm": ours}
+            if dg is not None:
+                impls["DeepGEMM"] = lambda a=a, b=b, sfa=sfa, sfb=sfb, d=d, mi=m_indices: \
+                    dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), d, mi)
+            total = sum(real)
+            cases.append(Case("contig", f"g{g} m~{per} n{n} k{k}", 2.0 * total * n * k,
+                              m * k + g * n * k + 2 * m * n, impls, check, 1e-3))
+    return cases
+
+
+def cases(quick: bool) -> list[Case]:
+    return dense_cases(quick) + masked_cases(quick) + masked_cases(True, overlap=True) + contiguous_cases(quick)

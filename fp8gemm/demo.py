@@ -1,0 +1,108 @@
+"""The demo behind ``python -m fp8gemm demo``: every public kernel once, checked against the reference.
+
+On a GPU it uses realistic DeepSeek-V3 shapes; without one it runs the same kernels through Triton's
+interpreter on small shapes.  Prints one line per operation (where it ran, which backend, the error
+against :mod:`fp8gemm.reference`, pass/fail) and exits non-zero if any check fails.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+import fp8gemm
+from fp8gemm import reference as R
+from fp8gemm import runtime
+from fp8gemm.testing import calc_diff, check_signal
+
+
+def _fp8(*shape, device):
+    return torch.randn(*shape, device=device).to(torch.float8_e4m3fn)
+
+
+def _sc(*shape, device):
+    return torch.rand(*shape, device=device) + 0.5
+
+
+def _checks(device, big: bool):
+    m, n, k = (4096, 7168, 2048) if big else (96, 160, 384)
+
+    def dense():
+        a, b = _fp8(m, k, device=device), _fp8(n, k, device=device)
+        sfa, sfb = _sc(m, k // 128, device=device), _sc(math.ceil(n / 128), k // 128, device=device)
+        d = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=device)
+        fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
+        return f"{m}x{n}x{k}", calc_diff(d, R.fp8_gemm_nt(a, sfa, b, sfb)), 1e-3
+
+    def masked():
+        g, max_m, nn, kk = (8, 256, 4096, 7168) if big else (3, 64, 128, 256)
+        masked_m = torch.tensor([max_m // 2, 0, max_m - 3] + [7] * (g - 3), dtype=torch.int32, device=device)
+        a, b = _fp8(g, max_m, kk, device=device), _fp8(g, nn, kk, device=device)
+        sfa, sfb = _sc(g, max_m, kk // 128, device=device), _sc(g, nn // 128, kk // 128, device=device)
+        d = torch.full((g, max_m, nn), float("nan"), dtype=torch.bfloat16, device=device)
+        signal = fp8gemm.alloc_signal(g, max_m, device)
+        block_m, threshold = fp8gemm.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, masked_m, 16,
+                                                                  enable_overlap=True, signal=signal)
+        check_signal(signal, masked_m, max_m, nn, block_m, threshold)
+        ref = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, torch.zeros_like(d))
+        rows = [(i, int(c)) for i, c in enumerate(masked_m.tolist())]
+        for i, c in rows:
+            if not d[i, c:].isnan().all():
+                return "rows past masked_m written", 1.0, 1e-3
+        got = torch.cat([d[i, :c] for i, c in rows])
+        want = torch.cat([ref[i, :c] for i, c in rows])
+        return f"G{g} max_m{max_m} n{nn} k{kk} +signals", calc_diff(got, want), 1e-3
+
+    def contiguous():
+        g, nn, kk = (4, 4096, 7168) if big else (2, 96, 256)
+        per = 1024 if big else 100
+        ids = []
+        for e in range(g):
+            ids += [e] * per + [-1] * ((-per) % 128)
+        mi = torch.tensor(ids, dtype=torch.int32, device=device)
+        mm = len(ids)
+        a, b = _fp8(mm, kk, device=device), _fp8(g, nn, kk, device=device)
+        sfa, sfb = _sc(mm, kk // 128, device=device), _sc(g, math.ceil(nn / 128), kk // 128, device=device)
+        d = torch.full((mm, nn), float("nan"), dtype=torch.bfloat16, device=device)
+        fp8gemm.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), d, mi)
+        ok = mi >= 0
+        if not d[~ok].isnan().all():
+            return "padding rows written", 1.0, 1e-3
+        ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, mi, torch.zeros_like(d))
+        return f"G{g} rows{mm} n{nn} k{kk}", calc_diff(d[ok], ref[ok]), 1e-3
+
+    checks = [("fp8_gemm_nt", dense), ("m_grouped_fp8_gemm_nt_masked", masked),
+              ("m_grouped_fp8_gemm_nt_contiguous", contiguous)]
+    if hasattr(fp8gemm, "per_token_cast_to_fp8"):
+        def quant():
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            q, s = fp8gemm.per_token_cast_to_fp8(x)
+            rq, rs = R.per_token_cast_to_fp8(x)
+            mismatched = int((q.view(torch.uint8) != rq.view(torch.uint8)).sum()) + int((s != rs).sum())
+            return f"{m}x{k} bf16 (mismatched bytes)", float(mismatched), 0.0
+        checks.append(("per_token_cast_to_fp8", quant))
+    return checks
+
+
+def run_demo(argv: list[str]) -> int:
+    gpu = torch.cuda.is_available() and not runtime.interpreting()
+    device = torch.device("cuda" if gpu else "cpu")
+    where = torch.cuda.get_device_name() if gpu else "CPU, Triton interpreter (TRITON_INTERPRET=1)"
+    backend = runtime.backend()
+    if gpu and runtime.is_sm90(device) and backend != "triton":
+        backend += " (Gluon where supported)"
+    print(f"fp8gemm {fp8gemm.__version__}: running on {where}; backend {backend}; SMs {fp8gemm.get_num_sms()}")
+    torch.manual_seed(0)
+    failures = 0
+    for name, fn in _checks(device, big=gpu):
+        t0 = time.perf_counter()
+        try:
+            shape, err, tol = fn()
+            ok = err <= tol
+        except Exception as exc:  # report and keep going: the summary must show every operation
+            shape, err, ok = f"error: {exc!r}", float("nan"), False
+        failures += not ok
+        print(f"  {'PASS' if ok else 'FAIL'}  {name:34} {shape:36} err {err:.2e}  ({time.perf_counter() - t0:.1f} s)")
+    print("all checks passed" if not failures else f"{failures} check(s) FAILED")
+    return 1 if failures else 0
