@@ -41,8 +41,9 @@ def _scaled_mm():
     except ImportError:
         return None
 
-    def run(a, sfa_colmajor, b, sfb, out_dtype=torch.bfloat16):
-        return F.scaled_mm(a, b.t(), sfa_colmajor, ScalingType.BlockWise1x128, sfb, ScalingType.BlockWise128x128,
+    def run(a, sfa_colmajor, b, sfb_t, out_dtype=torch.bfloat16):
+        # B enters as b.t() [K, N], so its block scales enter transposed too ([K/128, N/128]).
+        return F.scaled_mm(a, b.t(), sfa_colmajor, ScalingType.BlockWise1x128, sfb_t, ScalingType.BlockWise128x128,
                            output_dtype=out_dtype)
     return run
 
@@ -78,7 +79,7 @@ def dense_cases(quick: bool) -> list[Case]:
 
             impls = {"fp8gemm": ours}
             if cublas is not None and m > 1:
-                impls["cuBLAS"] = lambda a=a, s=sfa_cm, b=b, sb=sfb: cublas(a, s, b, sb)
+                impls["cuBLAS"] = lambda a=a, s=sfa_cm, b=b, sb=sfb.t(): cublas(a, s, b, sb)
             if dg is not None:
                 impls["DeepGEMM"] = lambda a=a, b=b, sfa=sfa, sfb=sfb, d=d: dg.fp8_gemm_nt((a, sfa), (b, sfb), d)
             cases.append(Case("dense", f"m{m} n{n} k{k}", 2.0 * m * n * k, m * k + n * k + 2 * m * n + 4 * (m + n) * k / 128,
