@@ -1,0 +1,251 @@
+"""One-call GPU development run for the Gluon FP8 GEMM: correctness, then timings vs cuBLAS.
+
+    PYTHONPATH=. python3 benchmarks/gluon_dev.py [--out DIR] [--phases check,bench] [--quick]
+
+Each phase runs in a subprocess with a time limit (a hung kernel costs that limit, not the whole call).
+Correctness: the ``check_*`` helpers of tests/gpu/test_gemm_gluon_gpu.py (fresh randn, NaN-poisoned
+outputs, calc_diff < 1e-3, untouched rows, exact SBO signals).  Timing: triton.testing.do_bench (median,
+L2 flushed) of our kernel and of cuBLAS block-scaled FP8 (torch.nn.functional.scaled_mm, A 1x128 with
+column-major scales, B 128x128) in the same process on the same inputs; cuBLAS output is checked too.
+Writes JSON to DIR ($OUT by default) and prints a short table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
+
+DENSE_NK = [(2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+
+
+# ------------------------------------------------------------------------------------------------
+# phase: check
+# ------------------------------------------------------------------------------------------------
+
+def phase_check(out_dir: str, quick: bool) -> None:
+    import torch
+
+    import test_gemm_gluon_gpu as T
+    cases = [
+        ("dense", dict(m=4096, n=4096, k=7168)),
+        ("dense", dict(m=4096, n=2112, k=7168)),
+        ("dense", dict(m=4096, n=576, k=7168)),
+        ("dense", dict(m=4096, n=7168, k=2048)),
+        ("dense", dict(m=128, n=2112, k=7168)),
+        ("dense", dict(m=64, n=4096, k=7168)),
+        ("dense", dict(m=1, n=2112, k=7168)),
+        ("dense", dict(m=300, n=1000, k=384)),
+        ("dense", dict(m=129, n=200, k=128)),
+        ("dense", dict(m=64, n=576, k=256)),
+        ("dense", dict(m=1000, n=4100, k=640)),
+        ("dense", dict(m=17, n=136, k=1152)),
+        ("dense", dict(m=257, n=4096, k=1536, sfa_layout="mn")),
+        ("dense", dict(m=300, n=520, k=768, out_dtype=torch.float32, with_c=True)),
+        ("dense", dict(m=1024, n=1024, k=1024, num_sms=7)),
+        ("dense", dict(m=512, n=2048, k=2048, graph=True)),
+        ("masked", dict(groups=6, max_m=256, n=1536, k=512, masked=[20, 0, 7, 33, 1, 64], expected_m=20)),
+        ("masked", dict(groups=6, max_m=256, n=1536, k=512, masked=[192, 250, 0, 129, 64, 256], expected_m=192)),
+        ("masked", dict(groups=6, max_m=256, n=1536, k=512, masked=[192, 250, 0, 129, 64, 256], expected_m=192,
+                        signal=False)),
+        ("masked", dict(groups=3, max_m=200, n=1000, k=384, masked=[200, 77, 3], expected_m=90, num_sms=5)),
+        ("contiguous", dict(sizes=[300, 0, 129, 512], n=1024, k=768)),
+        ("contiguous", dict(sizes=[1, 128, 255], n=4096, k=7168)),
+        ("contiguous", dict(sizes=[77, 333], n=1000, k=384)),
+    ]
+    results = []
+    fn = {"dense": T.check_dense, "masked": T.check_masked, "contiguous": T.check_contiguous}
+    for mode, kw in cases:
+        torch.manual_seed(len(results))
+        t0 = time.time()
+        try:
+            r = fn[mode](**kw)
+            r["ok"] = True
+        except Exception as e:  # noqa: BLE001
+            r = dict(mode=mode, args={k: str(v) for k, v in kw.items()}, ok=False,
+                     error=f"{type(e).__name__}: {str(e)[:800]}", tb=traceback.format_exc()[-1500:])
+        r["secs"] = round(time.time() - t0, 2)
+        results.append({k: (str(v) if not isinstance(v, (int, float, bool, str, list, type(None))) else v)
+                        for k, v in r.items()})
+        print(("PASS " if r["ok"] else "FAIL ") + json.dumps({k: v for k, v in results[-1].items() if k != "tb"}),
+              flush=True)
+        if not r["ok"] and "CUDA" in r.get("error", ""):
+            break    # a sticky CUDA error poisons everything after it
+    json.dump(results, open(os.path.join(out_dir, "gluon_check.json"), "w"), indent=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# phase: bench
+# ------------------------------------------------------------------------------------------------
+
+def _cublas():
+    import torch
+    F = torch.nn.functional
+    if hasattr(F, "scaled_mm"):
+        from torch.nn.functional import ScalingType
+
+        def run(a, sfa_cm, b, sfb):
+            return F.scaled_mm(a, b.t(), sfa_cm, ScalingType.BlockWise1x128, sfb.t(), ScalingType.BlockWise128x128,
+                               output_dtype=torch.bfloat16)
+        return run
+
+    def run_old(a, sfa_cm, b, sfb):
+        return torch._scaled_mm(a, b.t(), sfa_cm, sfb.t(), out_dtype=torch.bfloat16)
+    return run_old
+
+
+def phase_bench(out_dir: str, quick: bool) -> None:
+    import torch
+    import triton
+
+    from fp8gemm import reference as R
+    from fp8gemm.kernels import gemm_gluon as gg
+    from fp8gemm.testing import calc_diff
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cublas = _cublas()
+    rows = []
+
+    def bench(fn):
+        return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    shapes = [(4096, n, k) for n, k in DENSE_NK]
+    shapes += [(128, 2112, 7168), (128, 4096, 7168), (128, 7168, 2048), (64, 4096, 7168), (64, 24576, 1536),
+               (1, 2112, 7168), (1, 4096, 7168)]
+    if quick:
+        shapes = shapes[:3]
+    for m, n, k in shapes:
+        torch.manual_seed(m + n + k)
+        a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
+        sfa = torch.rand(m, k // 128, device="cuda") + 0.5
+        sfb = torch.rand(math.ceil(n / 128), k // 128, device="cuda") + 0.5
+        sfa_cm = sfa.t().contiguous().t()
+        d = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        row = dict(mode="dense", m=m, n=n, k=k, card=torch.cuda.get_device_name())
+        try:
+            blk = gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms)
+            ref = R.fp8_gemm_nt(a, sfa, b, sfb)
+            row["block"] = list(blk)
+            row["diff"] = calc_diff(d, ref)
+            row["us"] = bench(lambda: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms))
+            row["tflops"] = 2 * m * n * k / row["us"] * 1e-6
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if m > 1:
+            try:
+                out = cublas(a, sfa_cm, b, sfb)
+                row["cublas_diff"] = calc_diff(out, ref)
+                row["cublas_us"] = bench(lambda: cublas(a, sfa_cm, b, sfb))
+            except Exception as e:  # noqa: BLE001
+                row["cublas_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if "us" in row and "cublas_us" in row:
+            row["speedup"] = row["cublas_us"] / row["us"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del a, b, d
+
+    # masked (decode) shapes of ANCHORS, max_m 4096
+    masked_shapes = [(32, 192, 6144, 7168), (6, 1024, 4096, 4096), (32, 20, 4096, 2048), (6, 20, 7168, 3072)]
+    if quick:
+        masked_shapes = masked_shapes[:1]
+    max_m = 4096
+    for g, expected, n, k in masked_shapes:
+        torch.manual_seed(g * 1000 + expected)
+        gen = torch.Generator(device="cpu").manual_seed(g * 1000 + expected)
+        counts = torch.clamp((torch.rand(g, generator=gen) * 0.6 + 0.7) * expected, 1, max_m).int()
+        masked_m = counts.to("cuda")
+        a = torch.randn(g, max_m, k, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(g, n, k, device="cuda").to(torch.float8_e4m3fn)
+        sfa = torch.rand(g, max_m, k // 128, device="cuda") + 0.5
+        sfb = torch.rand(g, math.ceil(n / 128), k // 128, device="cuda") + 0.5
+        d = torch.empty(g, max_m, n, device="cuda", dtype=torch.bfloat16)
+        sig = torch.zeros(g * math.ceil(max_m / 64), dtype=torch.int32, device="cuda")
+        row = dict(mode="masked", groups=g, expected_m=expected, n=n, k=k, card=torch.cuda.get_device_name())
+        try:
+            blk = gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m, expected_m=expected, signal=sig,
+                            num_sms=sms)
+            row["block"] = list(blk)
+            row["us"] = bench(lambda: gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m,
+                                                expected_m=expected, signal=sig, num_sms=sms))
+            valid = int(counts.sum())
+            row["tflops"] = 2 * valid * n * k / row["us"] * 1e-6
+            row["gbs"] = (g * n * k + valid * k + valid * n * 2) / row["us"] * 1e-3
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del a, b, d
+        torch.cuda.empty_cache()
+
+    json.dump(rows, open(os.path.join(out_dir, "gluon_bench.json"), "w"), indent=1)
+
+
+# ------------------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gluon_out"))
+    ap.add_argument("--phases", default="check,bench")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--limit", type=int, default=0, help="seconds per phase (0: 150 check, 120 bench)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.phase:
+        {"check": phase_check, "bench": phase_bench}[args.phase](args.out, args.quick)
+        return
+    summary = {}
+    for phase in args.phases.split(","):
+        limit = args.limit or {"check": 150, "bench": 120}[phase]
+        cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--out", args.out]
+        if args.quick:
+            cmd.append("--quick")
+        t0 = time.time()
+        try:
+            proc = subprocess.run(cmd, timeout=limit, capture_output=True, text=True,
+                                  env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            log, rc = proc.stdout + proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as e:
+            log = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            log += "\n[TIMEOUT]"
+            rc = -9
+        open(os.path.join(args.out, f"gluon_{phase}.log"), "w").write(log)
+        summary[phase] = dict(rc=rc, secs=round(time.time() - t0, 1))
+        print(f"===== phase {phase}: rc={rc} in {time.time() - t0:.0f}s =====")
+        print(log[-6000:])
+
+    # short table last
+    print("\n===== SUMMARY =====")
+    print(json.dumps(summary))
+    p = os.path.join(args.out, "gluon_check.json")
+    if os.path.exists(p):
+        res = json.load(open(p))
+        bad = [r for r in res if not r.get("ok")]
+        print(f"check: {len(res) - len(bad)}/{len(res)} passed")
+        for r in bad:
+            print("  FAIL", r.get("mode"), r.get("args"), r.get("error", "")[:300])
+    p = os.path.join(args.out, "gluon_bench.json")
+    if os.path.exists(p):
+        print(f"{'mode':7} {'m/g,e':>9} {'n':>6} {'k':>6} {'block':>9} {'us':>8} {'TFLOPS':>7} {'cuBLAS us':>9} "
+              f"{'x cuBLAS':>8} {'diff':>8}")
+        for r in json.load(open(p)):
+            mm = f"{r['m']}" if r["mode"] == "dense" else f"{r['groups']},{r['expected_m']}"
+            print(f"{r['mode']:7} {mm:>9} {r['n']:>6} {r['k']:>6} {str(r.get('block', '-')):>9} "
+                  f"{r.get('us', float('nan')):8.1f} {r.get('tflops', float('nan')):7.0f} "
+                  f"{r.get('cublas_us', float('nan')):9.1f} {r.get('speedup', float('nan')):8.2f} "
+                  f"{r.get('diff', float('nan')):8.1e} {r.get('error', '')[:60]} {r.get('cublas_error', '')[:60]}")
+        print("card:", json.load(open(p))[0].get("card") if json.load(open(p)) else "?")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,496 @@
+"""Gluon (Triton's low-level dialect) warp-specialised FP8 GEMM for Hopper (SM90), 1D2D scaling.
+
+Computes ``D = C + A @ B.T`` exactly as :func:`fp8gemm.reference.fp8_gemm_nt` (dense),
+:func:`fp8gemm.reference.m_grouped_fp8_gemm_nt_masked` and
+:func:`fp8gemm.reference.m_grouped_fp8_gemm_nt_contiguous` define it.
+
+Structure of the kernel (one persistent program per SM, at most ``num_sms`` programs):
+
+* a 1-warp **producer** partition walks the program's tiles and streams 128-wide K slices of A
+  ([BLOCK_M, 128]) and B ([BLOCK_N, 128]) with TMA into a ``STAGES``-deep shared-memory ring
+  (``full``/``empty`` mbarriers per stage);
+* the **consumer** (default partition, one or two warpgroups) issues one async ``warpgroup_mma``
+  (QGMMA) per K slice into a scratch accumulator, and while the tensor cores run slice k it
+  promotes slice k-1 into the FP32 result: ``acc += partial * sfa[row, k] * sfb[n_block, k]``
+  (``warpgroup_mma_wait(num_outstanding=1)``); the scratch registers of slice k-2 are reused as
+  the input of slice k's MMA (``use_acc=False``), so no zeroing is spent per slice;
+* epilogue: dense BF16 output goes through shared memory and a TMA store (overlapping the next
+  tile's main loop); the grouped modes and FP32/``c`` outputs use masked vector stores, and the
+  masked mode bumps its SBO counter (release, GPU scope) after each stored tile.
+
+Modes: ``dense`` (A [M, K]), ``masked`` (A [G, max_m, K], rows < masked_m[g]),
+``contiguous`` (A [M_total, K], expert id per row, -1 rows untouched).
+Importing this module never fails: without Gluon (old Triton, interpreter) ``supports`` is False.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .. import runtime
+
+try:  # pragma: no cover - depends on the installed triton
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAS_GLUON = True
+except Exception:  # noqa: BLE001
+    HAS_GLUON = False
+
+MODE_DENSE = 0
+MODE_MASKED = 1
+MODE_CONTIGUOUS = 2
+_MODES = {"dense": MODE_DENSE, "masked": MODE_MASKED, "contiguous": MODE_CONTIGUOUS}
+
+BLOCK_K = 128
+_SMEM_BUDGET = 220 * 1024     # of the 227 KB an H100/H200 block may use; the rest is barriers and scratch
+
+
+if HAS_GLUON:
+
+    @gluon.jit
+    def _num_tiles(M, N, G, masked_m_ptr, MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        num_n = gl.cdiv(N, BLOCK_N)
+        if MODE == 1:
+            total = gl.to_tensor(0)
+            for g in range(G):
+                rows = gl.minimum(gl.load(masked_m_ptr + g), M)
+                total += gl.cdiv(rows, BLOCK_M) * num_n
+        else:
+            total = gl.cdiv(M, BLOCK_M) * num_n
+        return total
+
+    @gluon.jit
+    def _first_group_count(M, N, masked_m_ptr, MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        if MODE == 1:
+            cnt = gl.cdiv(gl.minimum(gl.load(masked_m_ptr), M), BLOCK_M) * gl.cdiv(N, BLOCK_N)
+        else:
+            cnt = gl.to_tensor(0)
+        return cnt
+
+    @gluon.jit
+    def _locate(t, cur_g, cur_base, cur_cnt, M, N, masked_m_ptr, m_indices_ptr,
+                MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                IDX_LAYOUT: gl.constexpr):
+        """Tile ``t`` of the persistent walk -> (group, m-block, n-block, first A row, valid, cursor).
+
+        Masked mode enumerates only the m-blocks below ``masked_m[g]``; the cursor (group, first tile
+        of the group, tiles in the group) only moves forward because ``t`` increases.
+        """
+        num_n = gl.cdiv(N, BLOCK_N)
+        if MODE == 1:
+            while t >= cur_base + cur_cnt:
+                cur_base += cur_cnt
+                cur_g += 1
+                cur_cnt = gl.cdiv(gl.minimum(gl.load(masked_m_ptr + cur_g), M), BLOCK_M) * num_n
+            local = t - cur_base
+            num_m_g = cur_cnt // num_n
+            m_blk = local % num_m_g
+            n_blk = local // num_m_g
+            g = cur_g
+            row_a = g * M + m_blk * BLOCK_M
+            valid = t >= 0
+        else:
+            # Grouped rasterisation: GROUP_M m-blocks sweep all n-blocks together (L2 reuse of B).
+            num_m = gl.cdiv(M, BLOCK_M)
+            per_group = GROUP_M * num_n
+            first_m = (t // per_group) * GROUP_M
+            group_rows = gl.minimum(num_m - first_m, GROUP_M)
+            m_blk = first_m + (t % per_group) % group_rows
+            n_blk = (t % per_group) // group_rows
+            row_a = m_blk * BLOCK_M
+            if MODE == 2:
+                offs = row_a + gl.arange(0, BLOCK_M, layout=IDX_LAYOUT)
+                ids = gl.load(m_indices_ptr + offs, mask=offs < M, other=-1)
+                g = gl.max(ids, axis=0)
+                valid = g >= 0
+            else:
+                g = t * 0
+                valid = t >= 0
+        return g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt
+
+    @gluon.jit
+    def _producer(a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
+                  masked_m_ptr, m_indices_ptr,
+                  MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                  STAGES: gl.constexpr):
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        idx_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        total = _num_tiles(M, N, G, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
+        num_k = K // BK
+        cur_g = gl.to_tensor(0)
+        cur_base = gl.to_tensor(0)
+        cur_cnt = _first_group_count(M, N, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
+        it = gl.to_tensor(0)
+        for t in range(pid, total, nprog):
+            g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
+                t, cur_g, cur_base, cur_cnt, M, N, masked_m_ptr, m_indices_ptr,
+                MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
+            if valid:
+                row_b = g * N + n_blk * BLOCK_N
+                for kb in range(num_k):
+                    s = it % STAGES
+                    ph = (it // STAGES) & 1
+                    mbarrier.wait(empty_bars.index(s), ph ^ 1)
+                    bar = full_bars.index(s)
+                    mbarrier.expect(bar, nbytes)
+                    tma.async_copy_global_to_shared(a_desc, [row_a, kb * BK], bar, a_bufs.index(s))
+                    tma.async_copy_global_to_shared(b_desc, [row_b, kb * BK], bar, b_bufs.index(s))
+                    it += 1
+
+    @gluon.jit
+    def _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, kb,
+                     s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR: gl.constexpr):
+        sa = gl.load(sfa_ptr + g64 * s_ag + offs_m * s_am + kb * s_ak, mask=m_ok, other=0.0)
+        sb0 = gl.load(sfb_ptr + g64 * s_bg + nb0 * s_bn + kb * s_bk)
+        if SB_SCALAR:
+            sb1 = sb0
+        else:
+            sb1 = gl.load(sfb_ptr + g64 * s_bg + nb1 * s_bn + kb * s_bk)
+        return sa, sb0, sb1
+
+    @gluon.jit
+    def _promote(acc, part, sa, sb0, sb1, col_lo, SB_SCALAR: gl.constexpr):
+        if SB_SCALAR:
+            scale = sa * sb0
+            acc = acc + part * gl.expand_dims(scale, 1)
+        else:
+            sbv = gl.where(col_lo, sb0, sb1)
+            acc = acc + part * (gl.expand_dims(sa, 1) * gl.expand_dims(sbv, 0))
+        return acc
+
+    @gluon.jit
+    def _issue(a_bufs, b_bufs, full_bars, it, buf, STAGES: gl.constexpr):
+        """Wait for K-slice ``it`` to land, start its MMA into ``buf`` (whose old value is ignored)."""
+        s = it % STAGES
+        mbarrier.wait(full_bars.index(s), (it // STAGES) & 1)
+        return warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), buf, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _retire(tok, empty_bars, it, acc, sa, sb0, sb1, col_lo, SB_SCALAR: gl.constexpr, STAGES: gl.constexpr,
+                OUTSTANDING: gl.constexpr):
+        """Wait for K-slice ``it``'s MMA, free its stage, promote it into ``acc`` with its scales."""
+        done = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(tok, ))
+        mbarrier.arrive(empty_bars.index(it % STAGES), count=1)
+        acc = _promote(acc, done, sa, sb0, sb1, col_lo, SB_SCALAR)
+        # The scratch registers are handed to the next MMA through an identity that also reads ``acc``:
+        # this pins the promotion before that MMA is issued.  Otherwise LLVM may schedule the FMAs after
+        # the issue, the scratch must then be copied while the MMA writes it, and ptxas serialises all
+        # MMAs (C7514).  ptxas coalesces the moves away.
+        free = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [done, acc], dtype=gl.float32,
+                                         is_pure=True, pack=1)
+        return acc, free
+
+    @gluon.jit
+    def _consumer(a_bufs, b_bufs, empty_bars, full_bars, d_desc,
+                  d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
+                  M, N, K, G,
+                  s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
+                  MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                  STAGES: gl.constexpr, TMA_STORE: gl.constexpr, HAS_C: gl.constexpr,
+                  HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr):
+        BK: gl.constexpr = a_bufs.type.shape[2]
+        num_warps: gl.constexpr = gl.num_warps()
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32])
+        row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+        # Epilogue layout for vector stores: 16-byte chunks along N.
+        VEC: gl.constexpr = 8 if d_ptr.dtype.element_ty == gl.bfloat16 else 4
+        TPW_N: gl.constexpr = min(32, BLOCK_N // VEC)
+        TPW_M: gl.constexpr = 32 // TPW_N
+        out_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [TPW_M, TPW_N], [num_warps, 1], [1, 0])
+        idx_layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        out_rows_layout: gl.constexpr = gl.SliceLayout(1, out_layout)
+        out_cols_layout: gl.constexpr = gl.SliceLayout(0, out_layout)
+
+        if TMA_STORE:
+            c_smem = gl.allocate_shared_memory(d_desc.dtype, d_desc.block_type.shape, d_desc.layout)
+
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        total = _num_tiles(M, N, G, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
+        num_k = K // BK
+        num_m_blocks = gl.cdiv(M, BLOCK_M)
+        cur_g = gl.to_tensor(0)
+        cur_base = gl.to_tensor(0)
+        cur_cnt = _first_group_count(M, N, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
+        it = gl.to_tensor(0)
+        X = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
+        Y = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
+        for t in range(pid, total, nprog):
+            g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
+                t, cur_g, cur_base, cur_cnt, M, N, masked_m_ptr, m_indices_ptr,
+                MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
+            if valid:
+                g64 = g.to(gl.int64)
+                off_m = m_blk * BLOCK_M          # row inside the group (dense/contiguous: absolute)
+                off_n = n_blk * BLOCK_N
+                offs_m = off_m + gl.arange(0, BLOCK_M, layout=row_layout)
+                m_ok = offs_m < M
+                nb0 = off_n // 128
+                nb1 = gl.minimum(nb0 + 1, (N - 1) // 128)
+                cols = off_n + gl.arange(0, BLOCK_N, layout=col_layout)
+                col_lo = cols < (nb0 + 1) * 128
+
+                acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
+                # Two scratch accumulators X/Y alternate by K-slice parity (the loop is unrolled by two so
+                # that neither is ever copied while its MMA is in flight: ptxas would serialise the MMAs).
+                # Loop invariant: X holds slice k in flight, Y is free.
+                base = it
+                saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, 0,
+                                               s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
+                X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES)
+                for j in range(0, (num_k - 1) // 2):
+                    k1 = 2 * j + 1
+                    saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, k1,
+                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
+                    Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES)
+                    acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
+                                     SB_SCALAR, STAGES, 1)
+                    saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, k1 + 1,
+                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
+                    X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES)
+                    acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
+                                     SB_SCALAR, STAGES, 1)
+                if num_k % 2 == 0:
+                    saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, num_k - 1,
+                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
+                    Y = _issue(a_bufs, b_bufs, full_bars, base + num_k - 1, Y, STAGES)
+                    acc, Xd = _retire(X, empty_bars, base + num_k - 2, acc, saX, sbX0, sbX1, col_lo,
+                                      SB_SCALAR, STAGES, 1)
+                    acc, Y = _retire(Y, empty_bars, base + num_k - 1, acc, saY, sbY0, sbY1, col_lo,
+                                     SB_SCALAR, STAGES, 0)
+                else:
+                    acc, Xd = _retire(X, empty_bars, base + num_k - 1, acc, saX, sbX0, sbX1, col_lo,
+                                      SB_SCALAR, STAGES, 0)
+                X = Xd
+                it = base + num_k
+
+                # ---------------- epilogue ----------------
+                if TMA_STORE:
+                    tma.store_wait(pendings=0)
+                    c_smem.store(acc.to(d_desc.dtype))
+                    fence_async_shared()
+                    tma.async_copy_shared_to_global(d_desc, [off_m, off_n], c_smem)
+                else:
+                    out = gl.convert_layout(acc, out_layout)
+                    o_rows = off_m + gl.arange(0, BLOCK_M, layout=out_rows_layout)
+                    o_cols = off_n + gl.arange(0, BLOCK_N, layout=out_cols_layout)
+                    if MODE == 1:
+                        row_limit = gl.minimum(gl.load(masked_m_ptr + g), M)
+                        r_ok = o_rows < row_limit
+                    elif MODE == 2:
+                        ids = gl.load(m_indices_ptr + o_rows, mask=o_rows < M, other=-1)
+                        r_ok = ids >= 0
+                    else:
+                        r_ok = o_rows < M
+                    mask = gl.expand_dims(r_ok, 1) & gl.expand_dims(o_cols < N, 0)
+                    o_rows64 = o_rows.to(gl.int64)
+                    if HAS_C:
+                        c_ptrs = (c_ptr + g64 * s_cg + gl.expand_dims(o_rows64 * s_cm, 1)
+                                  + gl.expand_dims(o_cols, 0))
+                        out = out + gl.load(c_ptrs, mask=mask, other=0.0)
+                    d_ptrs = d_ptr + g64 * s_dg + gl.expand_dims(o_rows64 * s_dm, 1) + gl.expand_dims(o_cols, 0)
+                    gl.store(d_ptrs, out.to(d_ptr.dtype.element_ty), mask=mask)
+                    if HAS_SIGNAL:
+                        # Every thread's stores of this tile happen before the barrier; the release
+                        # atomic (one thread) then publishes them at GPU scope.
+                        gl.thread_barrier()
+                        gl.atomic_add(signal_ptr + g * num_m_blocks + m_blk, 1, sem="release", scope="gpu")
+        if TMA_STORE:
+            tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def fp8_gemm_ws_kernel(a_desc, b_desc, d_desc,
+                           d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
+                           M, N, K, G,
+                           s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
+                           MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                           GROUP_M: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr,
+                           HAS_C: gl.constexpr, HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr,
+                           PRODUCER_REGS: gl.constexpr):
+        """Persistent warp-specialised FP8 GEMM (see the module docstring).
+
+        ``a_desc``: TMA over A as 2-D [rows, K] (masked: [G*max_m, K]); ``b_desc``: B as [G*N, K];
+        ``d_desc``: TMA over D (dense BF16 only, ``TMA_STORE``).  ``M`` is the row count of one group
+        (dense: M, masked: max_m, contiguous: M_total).
+        """
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+        empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        full_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(empty_bars.index(i), count=1)
+            mbarrier.init(full_bars.index(i), count=1)
+
+        gl.warp_specialize([
+            (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
+                         d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
+                         M, N, K, G,
+                         s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
+                         MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR)),
+            (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
+                         masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
+        ], [1], [PRODUCER_REGS])
+
+
+# =====================================================================================
+# Host side
+# =====================================================================================
+
+@dataclasses.dataclass(frozen=True)
+class GluonConfig:
+    block_m: int
+    block_n: int
+    stages: int
+    num_warps: int
+    group_m: int = 8
+    producer_regs: int = 40
+
+    @property
+    def maxnreg(self) -> int:
+        # 12 (or 8) warps share 64K registers: the launch cap, setmaxnreg moves them to the consumer.
+        total_warps = self.num_warps + 4
+        return min(255, (65536 // (total_warps * 32)) // 8 * 8)
+
+
+def pick_config(mode: str, m: int, n: int, k: int, *, expected_m: int | None = None, max_block_n: int = 256,
+                tma_store: bool = False, out_bytes: int = 2, has_c: bool = False) -> GluonConfig:
+    """Tile shapes: BLOCK_M 64 (one consumer warpgroup) for few rows, else 128 (two warpgroups)."""
+    rows = expected_m if (mode == "masked" and expected_m) else m
+    if mode == "contiguous":
+        block_m = 128 if runtime.get_mk_alignment_for_contiguous_layout() % 128 == 0 else 64
+    else:
+        block_m = 64 if rows <= 64 else 128
+    block_n = 128 if max_block_n >= 128 else 64
+    num_warps = 8 if block_m == 128 else 4
+    stage_bytes = (block_m + block_n) * BLOCK_K
+    epi = block_m * block_n * out_bytes if tma_store else block_m * block_n * (4 if (has_c or out_bytes == 4) else 2)
+    stages = max(2, min(8, (_SMEM_BUDGET - epi) // stage_bytes))
+    return GluonConfig(block_m, block_n, stages, num_warps)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    if t.stride(-1) != 1 or t.data_ptr() % 16 != 0:
+        return False
+    es = t.element_size()
+    return all((s * es) % 16 == 0 for s in t.stride()[:-1])
+
+
+def _flat_rows_ok(t: torch.Tensor) -> bool:
+    """A 3-D [G, R, K] tensor that is one [G*R, K] matrix (group stride = R * row stride)."""
+    return t.dim() == 3 and (t.shape[0] <= 1 or t.stride(0) == t.shape[1] * t.stride(1))
+
+
+def supports(mode: str, a, sfa, b, sfb, d, c=None) -> bool:
+    """True when the Gluon kernel can run this (validated) call on this device."""
+    if not HAS_GLUON or runtime.interpreting() or mode not in _MODES:
+        return False
+    try:
+        if not (a.is_cuda and runtime.is_sm90(a.device)):
+            return False
+        fp8 = torch.float8_e4m3fn
+        if a.dtype != fp8 or b.dtype != fp8 or sfa is None or sfb is None:
+            return False
+        if sfa.dtype != torch.float32 or sfb.dtype != torch.float32:
+            return False
+        k = a.shape[-1]
+        n = b.shape[-2]
+        if k == 0 or k % BLOCK_K != 0 or n == 0 or b.shape[-1] != k:
+            return False
+        if d.dtype not in (torch.bfloat16, torch.float32) or d.stride(-1) != 1:
+            return False
+        if c is not None and (mode != "dense" or c.dtype != torch.float32 or d.dtype != torch.float32
+                              or c.stride(-1) != 1 or tuple(c.shape) != tuple(d.shape)):
+            return False
+        if not (_tma_ok(a) and _tma_ok(b)):
+            return False
+        if mode == "dense":
+            return a.dim() == 2 and b.dim() == 2 and d.dim() == 2
+        if mode == "masked":
+            return a.dim() == 3 and b.dim() == 3 and d.dim() == 3 and _flat_rows_ok(a) and _flat_rows_ok(b)
+        # contiguous
+        return (a.dim() == 2 and b.dim() == 3 and d.dim() == 2 and _flat_rows_ok(b)
+                and runtime.get_mk_alignment_for_contiguous_layout() % 64 == 0)
+    except Exception:  # noqa: BLE001 - any odd object means "not for us"
+        return False
+
+
+def _nvmma(block, dtype):
+    return gl.NVMMASharedLayout.get_default_for(block, dtype)
+
+
+def _desc2d(t: torch.Tensor, rows: int, block, gl_dtype):
+    """TMA descriptor over ``t`` seen as a 2-D [rows, last] matrix (no copy)."""
+    return TensorDescriptor(t, [rows, t.shape[-1]], [t.stride(-2), 1], list(block), _nvmma(list(block), gl_dtype))
+
+
+def _s3(t: torch.Tensor | None) -> tuple[int, int, int]:
+    if t is None:
+        return (0, 0, 0)
+    s = tuple(t.stride())
+    return (0,) * (3 - len(s)) + s
+
+
+def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=None, expected_m=None,
+           signal=None, num_sms: int, max_block_n: int = 256, config: GluonConfig | None = None) -> tuple[int, int]:
+    """Run ``D = C + A @ B.T`` (1D2D scaling) with the Gluon kernel; returns ``(block_m, block_n)``.
+
+    Arguments arrive validated (see :func:`supports`).  No host synchronisation, no allocation:
+    safe under CUDA-graph capture.  ``signal`` (masked mode): counters ``[G * ceil(max_m / block_m)]``,
+    zeroed by the caller, each ends at ``ceil(N / block_n)`` for m-blocks below ``masked_m[g]``.
+    """
+    mode_id = _MODES[mode]
+    k = a.shape[-1]
+    n = b.shape[-2]
+    if mode == "dense":
+        m, groups = a.shape[0], 1
+    elif mode == "masked":
+        groups, m = a.shape[0], a.shape[1]
+    else:
+        m, groups = a.shape[0], b.shape[0]
+    tma_store = (mode == "dense" and d.dtype == torch.bfloat16 and c is None and _tma_ok(d))
+    cfg = config or pick_config(mode, m, n, k, expected_m=expected_m, max_block_n=max_block_n,
+                                tma_store=tma_store, out_bytes=d.element_size(), has_c=c is not None)
+    bm, bn = cfg.block_m, cfg.block_n
+    if m == 0 or n == 0 or groups == 0:
+        return bm, bn
+    a_rows = a.shape[0] * a.shape[1] if a.dim() == 3 else a.shape[0]
+    b_rows = b.shape[0] * b.shape[1] if b.dim() == 3 else b.shape[0]
+    a_desc = _desc2d(a, a_rows, (bm, BLOCK_K), gl.float8e4nv)
+    b_desc = _desc2d(b, b_rows, (bn, BLOCK_K), gl.float8e4nv)
+    d_desc = _desc2d(d, d.shape[0], (bm, bn), gl.bfloat16) if tma_store else None
+
+    num_n = triton.cdiv(n, bn)
+    max_tiles = groups * triton.cdiv(m, bm) * num_n if mode != "contiguous" else triton.cdiv(m, bm) * num_n
+    grid = (max(1, min(num_sms, max_tiles)),)
+    sd, sc, sa, sb = _s3(d), _s3(c), _s3(sfa), _s3(sfb)
+    dummy_i32 = masked_m if masked_m is not None else (m_indices if m_indices is not None else signal)
+    fp8_gemm_ws_kernel[grid](
+        a_desc, b_desc, d_desc,
+        d, c if c is not None else d, sfa, sfb,
+        masked_m if masked_m is not None else dummy_i32 if dummy_i32 is not None else sfa,
+        m_indices if m_indices is not None else dummy_i32 if dummy_i32 is not None else sfa,
+        signal if signal is not None else dummy_i32 if dummy_i32 is not None else sfa,
+        m, n, k, groups,
+        sd[0], sd[1], sc[0], sc[1], sa[0], sa[1], sa[2], sb[0], sb[1], sb[2],
+        MODE=mode_id, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages,
+        TMA_STORE=tma_store, HAS_C=c is not None, HAS_SIGNAL=signal is not None,
+        SB_SCALAR=(128 % bn == 0), PRODUCER_REGS=cfg.producer_regs,
+        num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
+    )
+    return bm, bn

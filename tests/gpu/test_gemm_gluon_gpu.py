@@ -1,0 +1,205 @@
+"""GPU tests of the Gluon warp-specialised FP8 GEMM (fp8gemm.kernels.gemm_gluon), SM90 only.
+
+Every case: fresh ``randn`` inputs, outputs poisoned with NaN, DeepGEMM's ``calc_diff < 1e-3`` against
+:mod:`fp8gemm.reference` on the rows that must be written, untouched rows still NaN, SBO signals exact.
+The ``check_*`` helpers are also used by ``benchmarks/gluon_dev.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fp8gemm import reference as R
+from fp8gemm.testing import calc_diff, check_signal
+
+FP8 = torch.float8_e4m3fn
+TOL = 1e-3
+
+
+def _gg():
+    from fp8gemm.kernels import gemm_gluon
+    return gemm_gluon
+
+
+def _sms() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def _fp8(*shape):
+    return torch.randn(*shape, device="cuda").to(FP8)
+
+
+def _scales(*shape):
+    return torch.rand(*shape, device="cuda") + 0.5
+
+
+def _mn_major(sf: torch.Tensor) -> torch.Tensor:
+    """The same scales in DeepGEMM's MN-major TMA-aligned layout: stride (1, align(M, 4))."""
+    m, kb = sf.shape
+    pad = (m + 3) // 4 * 4
+    buf = torch.empty(kb, pad, device=sf.device, dtype=sf.dtype)
+    buf[:, :m] = sf.t()
+    return buf[:, :m].t()
+
+
+def check_dense(m, n, k, *, sfa_layout="row", out_dtype=torch.bfloat16, with_c=False, num_sms=None,
+                max_block_n=256, graph=False) -> dict:
+    gg = _gg()
+    a, b = _fp8(m, k), _fp8(n, k)
+    sfa = _scales(m, k // 128)
+    if sfa_layout == "mn":
+        sfa = _mn_major(sfa)
+    sfb = _scales(math.ceil(n / 128), k // 128)
+    d = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
+    c = torch.randn(m, n, device="cuda") if with_c else None
+    assert gg.supports("dense", a, sfa, b, sfb, d, c)
+    kw = dict(c=c, num_sms=num_sms or _sms(), max_block_n=max_block_n)
+    if graph:
+        gg.launch("dense", a, sfa, b, sfb, d, **kw)          # compile outside the capture
+        d.fill_(float("nan"))
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            bm, bn = gg.launch("dense", a, sfa, b, sfb, d, **kw)
+        d.fill_(float("nan"))
+        g.replay()
+    else:
+        bm, bn = gg.launch("dense", a, sfa, b, sfb, d, **kw)
+    torch.cuda.synchronize()
+    ref = R.fp8_gemm_nt(a, sfa, b, sfb, c, out_dtype=out_dtype)
+    nan = int(d.isnan().sum())
+    diff = calc_diff(d, ref)
+    res = dict(mode="dense", m=m, n=n, k=k, block=(bm, bn), diff=diff, nan=nan, sfa=sfa_layout,
+               out=str(out_dtype), c=with_c, graph=graph)
+    assert nan == 0, res
+    assert diff < TOL, res
+    return res
+
+
+def check_masked(groups, max_m, n, k, masked, expected_m, *, signal=True, num_sms=None, max_block_n=256) -> dict:
+    gg = _gg()
+    a, b = _fp8(groups, max_m, k), _fp8(groups, n, k)
+    sfa = _scales(groups, max_m, k // 128)
+    sfb = _scales(groups, math.ceil(n / 128), k // 128)
+    d = torch.full((groups, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    masked_m = torch.tensor(masked, dtype=torch.int32, device="cuda")
+    sig = torch.zeros(groups * math.ceil(max_m / 64), dtype=torch.int32, device="cuda") if signal else None
+    assert gg.supports("masked", a, sfa, b, sfb, d)
+    bm, bn = gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m, expected_m=expected_m, signal=sig,
+                       num_sms=num_sms or _sms(), max_block_n=max_block_n)
+    torch.cuda.synchronize()
+    ref = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, torch.full_like(d, float("nan")))
+    got = torch.cat([d[g, :min(mm, max_m)] for g, mm in enumerate(masked)])
+    want = torch.cat([ref[g, :min(mm, max_m)] for g, mm in enumerate(masked)])
+    untouched_ok = all(bool(d[g, mm:].isnan().all()) for g, mm in enumerate(masked) if mm < max_m)
+    nan = int(got.isnan().sum())
+    diff = calc_diff(got, want) if got.numel() else 0.0
+    res = dict(mode="masked", groups=groups, max_m=max_m, n=n, k=k, masked=list(masked), block=(bm, bn),
+               diff=diff, nan=nan, untouched_ok=untouched_ok, signal=signal)
+    assert nan == 0 and untouched_ok, res
+    assert diff < TOL, res
+    if signal:
+        check_signal(sig, masked_m, max_m, n, bm, math.ceil(n / bn))
+        res["signal_ok"] = True
+    return res
+
+
+def check_contiguous(sizes, n, k, *, trailing_pad_blocks=1, num_sms=None, max_block_n=256) -> dict:
+    """``sizes[g]`` rows for expert g, each segment padded with -1 rows to a multiple of 128."""
+    gg = _gg()
+    ids = []
+    for g, s in enumerate(sizes):
+        pad = (s + 127) // 128 * 128
+        ids += [g] * s + [-1] * (pad - s)
+    ids += [-1] * (128 * trailing_pad_blocks)
+    m = len(ids)
+    groups = len(sizes)
+    m_indices = torch.tensor(ids, dtype=torch.int32, device="cuda")
+    a, b = _fp8(m, k), _fp8(groups, n, k)
+    sfa = _scales(m, k // 128)
+    sfb = _scales(groups, math.ceil(n / 128), k // 128)
+    d = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    assert gg.supports("contiguous", a, sfa, b, sfb, d)
+    bm, bn = gg.launch("contiguous", a, sfa, b, sfb, d, m_indices=m_indices, num_sms=num_sms or _sms(),
+                       max_block_n=max_block_n)
+    torch.cuda.synchronize()
+    ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, torch.full_like(d, float("nan")))
+    valid = m_indices >= 0
+    nan = int(d[valid].isnan().sum())
+    untouched_ok = bool(d[~valid].isnan().all())
+    diff = calc_diff(d[valid], ref[valid])
+    res = dict(mode="contiguous", sizes=list(sizes), n=n, k=k, block=(bm, bn), diff=diff, nan=nan,
+               untouched_ok=untouched_ok)
+    assert nan == 0 and untouched_ok, res
+    assert diff < TOL, res
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest cases
+# ---------------------------------------------------------------------------------------------
+
+DENSE_SHAPES = [
+    # ANCHORS shapes (a subset; the benchmark covers the rest)
+    (4096, 4096, 7168), (4096, 2112, 7168), (4096, 576, 7168), (4096, 7168, 2048), (4096, 24576, 1536),
+    (128, 2112, 7168), (64, 4096, 7168), (1, 2112, 7168), (1, 32768, 512),
+    # odd shapes: ragged M and N, K of 1, 2, 3 slices
+    (300, 1000, 384), (129, 200, 128), (64, 576, 256), (1000, 4100, 640), (17, 136, 1152),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("m,n,k", DENSE_SHAPES)
+def test_dense(m, n, k):
+    check_dense(m, n, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("m,n,k", [(257, 4096, 1536), (4096, 2112, 7168)])
+def test_dense_mn_major_scales(m, n, k):
+    check_dense(m, n, k, sfa_layout="mn")
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_dense_fp32_with_c():
+    check_dense(300, 520, 768, out_dtype=torch.float32, with_c=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_dense_few_sms_and_graph():
+    check_dense(1024, 1024, 1024, num_sms=7)
+    check_dense(512, 2048, 2048, graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("expected_m,masked", [
+    (20, [20, 0, 7, 33, 1, 64]),
+    (192, [192, 250, 0, 129, 64, 256]),
+])
+@pytest.mark.parametrize("signal", [True, False])
+def test_masked(expected_m, masked, signal):
+    check_masked(len(masked), 256, 1536, 512, masked, expected_m, signal=signal)
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_masked_ragged_n_and_few_sms():
+    check_masked(3, 200, 1000, 384, [200, 77, 3], 90, num_sms=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("sizes,n,k", [
+    ([300, 0, 129, 512], 1024, 768),
+    ([1, 128, 255], 4096, 7168),
+    ([77, 333], 1000, 384),
+])
+def test_contiguous(sizes, n, k):
+    check_contiguous(sizes, n, k)
