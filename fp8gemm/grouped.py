@@ -27,22 +27,39 @@ def _check_device(device: torch.device) -> None:
         raise ValueError(f"tensors must be on a CUDA device (or run with TRITON_INTERPRET=1), got {device}")
 
 
+_FP4_DTYPES = tuple(t for t in (torch.uint8, getattr(torch, "float4_e2m1fn_x2", None)) if t is not None)
+
+
 def _operands(a, b, scaled: bool, a_ndim: int):
+    """Validated (a, sfa, b, sfb); FP4 activations come back as uint8 codes with their scale bytes."""
     if scaled:
         a, sfa = check_pair("a", a)
         b, sfb = check_pair("b", b)
-        check_tensor("a[0]", a, dtype=FP8, ndim=a_ndim)
+        check_tensor("a[0]", a, dtype=(FP8,) + _FP4_DTYPES, ndim=a_ndim)
         check_tensor("b[0]", b, dtype=FP8, ndim=3)
     else:
         sfa = sfb = None
         check_tensor("a", a, dtype=torch.bfloat16, ndim=a_ndim)
         check_tensor("b", b, dtype=torch.bfloat16, ndim=3)
-    k = a.shape[-1]
-    if b.shape[-1] != k:
-        raise ValueError(f"b must have shape [G, N, K] with K = {k} (from a), got {list(b.shape)}")
+    k = b.shape[-1]
+    if a.dtype in _FP4_DTYPES:
+        a = a.view(torch.uint8)
+        if a.shape[-1] * 2 != k:
+            raise ValueError(f"a[0] holds two E2M1 codes per byte: its last dim must be K/2 = {k // 2} "
+                             f"(K = {k} from b), got {list(a.shape)}")
+        if k % 32 != 0:
+            raise ValueError(f"K (= {k}) must be a multiple of 32 for FP4 activations (one scale per 32)")
+        check_tensor("a[1]", sfa, dtype=torch.uint8, shape=(*a.shape[:-1], k // 32))
+    elif a.shape[-1] != k:
+        raise ValueError(f"b must have shape [G, N, K] with K = {a.shape[-1]} (from a), got {list(b.shape)}")
     if k % 16 != 0:
         raise ValueError(f"K (= {k}) must be a multiple of 16")
     return a, sfa, b, sfb
+
+
+def _check_sfa(sfa, lead, rows, k):
+    if sfa.dtype != torch.uint8:  # FP4 scale bytes were checked with their codes
+        check_scales("a[1]", sfa, lead, rows, k, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -51,8 +68,8 @@ def _operands(a, b, scaled: bool, a_ndim: int):
 
 def _contiguous(a, b, d, m_indices, recipe, scaled: bool) -> None:
     a, sfa, b, sfb = _operands(a, b, scaled, 2)
-    m, k = a.shape
-    g, n, _ = b.shape
+    m = a.shape[0]
+    g, n, k = b.shape
     check_tensor("d", d, dtype=_OUT_DTYPES, shape=(m, n))
     check_tensor("m_indices", m_indices, dtype=torch.int32, shape=(m,))
     alignment = runtime.get_mk_alignment_for_contiguous_layout()
@@ -62,7 +79,7 @@ def _contiguous(a, b, d, m_indices, recipe, scaled: bool) -> None:
     gran_n = 128
     if scaled:
         gran_n = resolve_recipe(recipe, sfb, n, k)
-        check_scales("a[1]", sfa, (), m, k, 1)
+        _check_sfa(sfa, (), m, k)
         check_scales("b[1]", sfb, (g,), n, k, gran_n)
     _check_device(check_same_device(a=a, b=b, d=d, m_indices=m_indices, sfa=sfa, sfb=sfb))
     if m == 0 or n == 0:
@@ -127,7 +144,8 @@ def alloc_signal(num_groups: int, max_m: int, device) -> torch.Tensor:
 
 def _masked(a, b, d, masked_m, expected_m, recipe, max_block_n, enable_overlap, signal, scaled: bool):
     a, sfa, b, sfb = _operands(a, b, scaled, 3)
-    g, max_m, k = a.shape
+    g, max_m = a.shape[:2]
+    k = b.shape[-1]
     if b.shape[0] != g:
         raise ValueError(f"b must have {g} groups (from a), got shape {list(b.shape)}")
     n = b.shape[1]
@@ -140,7 +158,7 @@ def _masked(a, b, d, masked_m, expected_m, recipe, max_block_n, enable_overlap, 
     gran_n = 128
     if scaled:
         gran_n = resolve_recipe(recipe, sfb, n, k)
-        check_scales("a[1]", sfa, (g,), max_m, k, 1)
+        _check_sfa(sfa, (g,), max_m, k)
         check_scales("b[1]", sfb, (g,), n, k, gran_n)
     device = check_same_device(a=a, b=b, d=d, masked_m=masked_m, sfa=sfa, sfb=sfb, signal=signal)
     _check_device(device)
@@ -177,6 +195,13 @@ def m_grouped_fp8_gemm_nt_masked(a, b, d: torch.Tensor, masked_m: torch.Tensor, 
     ``a = (A [G, max_m, K] FP8, sfa [G, max_m, ceil(K/128)])``, ``b = (B [G, N, K], sfb [G, ceil(N/128), ceil(K/128)])``,
     ``d`` [G, max_m, N] BF16/FP32, ``masked_m`` int32 [G] on the device (values above max_m count as max_m),
     ``expected_m`` a host-side hint of the typical ``masked_m`` (picks the tiles; results never depend on it).
+
+    FP4 activations: ``a = (codes uint8 [G, max_m, K/2], scale bytes uint8 [G, max_m, K/32])`` -- E2M1
+    codes two per byte (low nibble = even column) with one UE8M0 exponent byte per 32 values, as
+    :func:`fp8gemm.per_token_cast_to_fp4` makes them.  They are turned into E4M3 tiles inside the kernel
+    (exact while a 32-chunk's scale is within 2^8 of its 128-block's largest).  The same form is
+    accepted by :func:`m_grouped_fp8_gemm_nt_contiguous`.  Reference:
+    :func:`fp8gemm.reference.dequantize_fp4`.
 
     With ``enable_overlap=True`` (Single Batch Overlap, DESIGN.md §3) the kernel increments
     ``signal[g * ceil(max_m / block_m) + i]`` once per N-tile of m-block i of group g, after that

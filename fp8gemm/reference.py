@@ -50,6 +50,20 @@ def unpack_ue8m0_from_int(packed: torch.Tensor, num_cols: int) -> torch.Tensor:
     return torch.pow(2.0, (b - 127).float())
 
 
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def dequantize_fp4(codes: torch.Tensor, scale_bytes: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """Packed E2M1 (two codes a byte, low nibble = even column) times UE8M0 scales (``2^(byte - 127)``
+    per ``group`` values) -> float32 ``[..., 2 * codes.shape[-1]]``."""
+    c = codes.view(torch.uint8).to(torch.int64)
+    nib = torch.stack([c & 0xF, c >> 4], dim=-1).flatten(-2)
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    vals = table[nib & 7] * torch.where(nib >= 8, -1.0, 1.0)
+    scales = torch.pow(2.0, scale_bytes.to(torch.float32) - 127.0).repeat_interleave(group, dim=-1)
+    return vals * scales[..., :vals.shape[-1]]
+
+
 def fp8_gemm_nt(a: torch.Tensor, sfa: torch.Tensor, b: torch.Tensor, sfb: torch.Tensor,
                 c: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
                 gran_n_b: int = 128, gran_k: int = 128) -> torch.Tensor:
@@ -90,7 +104,7 @@ def m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, d_init: torch.Te
     d = d_init.clone()
     if a.shape[0] == 0:
         return d
-    da = dequantize(a, sfa, 1)
+    da = dequantize_fp4(a, sfa) if a.dtype == torch.uint8 else dequantize(a, sfa, 1)
     for g in range(b.shape[0]):
         rows = (m_indices == g).nonzero().flatten()
         if rows.numel() == 0:
@@ -104,14 +118,18 @@ def m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, d_init: torch.Tensor,
                                  gran_n_b: int = 128) -> torch.Tensor:
     """Masked layout: ``a`` [G, max_m, K]; only rows ``[0, masked_m[g])`` of group g are computed.
 
-    Rows at and past ``masked_m[g]`` keep their ``d_init`` values.  Returns a new tensor.
+    Rows at and past ``masked_m[g]`` keep their ``d_init`` values.  ``a`` may be FP4 (uint8 codes with
+    uint8 scale bytes, see :func:`dequantize_fp4`).  Returns a new tensor.
     """
     d = d_init.clone()
     for g in range(a.shape[0]):
         m = int(masked_m[g])
         if m == 0:
             continue
-        da = dequantize(a[g, :m], sfa[g, :m], 1)
+        if a.dtype == torch.uint8:
+            da = dequantize_fp4(a[g, :m], sfa[g, :m])
+        else:
+            da = dequantize(a[g, :m], sfa[g, :m], 1)
         db = dequantize(b[g], sfb[g], gran_n_b)
         d[g, :m] = (da @ db.T).to(d.dtype)
     return d

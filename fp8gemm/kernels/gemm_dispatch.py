@@ -78,13 +78,14 @@ def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, 
     mode = {"dense": gemm_triton.MODE_DENSE, "contiguous": gemm_triton.MODE_CONTIGUOUS,
             "masked": gemm_triton.MODE_MASKED}[mode_name]
     scaled = sfa is not None
+    a_fp4 = a.dtype == torch.uint8
     num_sms = runtime.get_num_sms()
-    if scaled and gran_n_b == 128 and force_block_m is None and _use_gluon(mode_name, a, sfa, b, sfb, d, c):
+    if scaled and not a_fp4 and gran_n_b == 128 and force_block_m is None and _use_gluon(mode_name, a, sfa, b, sfb, d, c):
         from . import gemm_gluon
         return gemm_gluon.launch(mode_name, a, sfa, b, sfb, d, c=c, m_indices=m_indices, masked_m=masked_m,
                                  expected_m=expected_m, signal=signal, num_sms=num_sms, max_block_n=max_block_n)
 
-    k = a.shape[-1]
+    k = b.shape[-1]
     n = b.shape[-2]
     m = a.shape[-2]
     num_groups = a.shape[0] if a.dim() == 3 else 1
@@ -96,7 +97,7 @@ def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, 
         return cfg.block_m, cfg.block_n
     num_tiles = num_groups * triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     grid = (max(1, min(num_tiles, num_sms)),)
-    sfa_packed = scaled and sfa.dtype == torch.int32
+    sfa_packed = scaled and not a_fp4 and sfa.dtype == torch.int32
     sfb_packed = scaled and sfb.dtype == torch.int32
     dummy = d
     gemm_triton.m_grouped_gemm_kernel[grid](
@@ -112,6 +113,7 @@ def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, 
         SFB_GRAN_N=gran_n_b, HAS_C=c is not None, SIGNAL=signal is not None, SWAP_AB=cfg.swap_ab,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         GROUPS_POW2=triton.next_power_of_2(num_groups), UPCAST_DOT=not scaled and runtime.interpreting(),
+        A_FP4=a_fp4,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return cfg.block_m, cfg.block_n
@@ -138,9 +140,9 @@ def run_k_grouped(a, sfa, b, sfb, d, c, ks_tensor, num_groups: int) -> None:
 def plan_masked(a, sfa, b, sfb, d, expected_m: int, max_block_n: int) -> tuple[int, int]:
     """The ``(block_m, block_n)`` a masked call will use, known before launch (to size/check signals)."""
     scaled = sfa is not None
-    if scaled and _use_gluon("masked", a, sfa, b, sfb, d, None):
+    if scaled and a.dtype != torch.uint8 and _use_gluon("masked", a, sfa, b, sfb, d, None):
         from . import gemm_gluon
         if hasattr(gemm_gluon, "plan"):
             return gemm_gluon.plan("masked", a, sfa, b, sfb, d, expected_m=expected_m, max_block_n=max_block_n)
-    cfg = triton_config(gemm_triton.MODE_MASKED, a.shape[-2], b.shape[-2], a.shape[-1], scaled, expected_m, max_block_n)
+    cfg = triton_config(gemm_triton.MODE_MASKED, a.shape[-2], b.shape[-2], b.shape[-1], scaled, expected_m, max_block_n)
     return cfg.block_m, cfg.block_n

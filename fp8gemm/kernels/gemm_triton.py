@@ -28,6 +28,40 @@ def _load_scale(ptr, row_idx, row_stride, kb, k_stride, mask, PACKED: tl.constex
 
 
 @triton.jit
+def _pow2(exponent):
+    """2^exponent for integer exponents in [-126, 127], built from the bits (exact)."""
+    return ((tl.maximum(exponent, -126) + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_fp4_as_fp8(a_base, sfa_base, offs_m, m_ok, kb, K, stride_am, stride_ak, stride_sam, stride_sak,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_M, BLOCK_K] tile of E2M1 activations (two codes a byte, low nibble first, one UE8M0
+    scale byte per 32) as E4M3 plus one power-of-two scale per row.
+
+    Each row's 32-element chunks are rescaled to the largest scale of the block: the E2M1 values times
+    2^(e_chunk - e_max) stay exact in E4M3 while e_max - e_chunk <= 8 (E4M3 subnormals reach 2^-9);
+    a chunk more than 256x smaller than its row's largest rounds to E4M3's subnormal grid.
+    """
+    offs_b = kb * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    packed = tl.load(a_base + offs_m[:, None].to(tl.int64) * stride_am + offs_b[None, :] * stride_ak,
+                     mask=m_ok[:, None] & (offs_b < K // 2)[None, :], other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(packed & 0xF, (packed >> 4) & 0xF), (BLOCK_M, BLOCK_K))
+    exp_field = (codes >> 1) & 3
+    mant = codes & 1
+    # Twice the magnitude is an integer: 0,1 (subnormal), then (2 + m) << (e - 1).
+    twice = tl.where(exp_field == 0, mant, (2 + mant) << tl.maximum(exp_field - 1, 0))
+    value = tl.where((codes & 8) != 0, -0.5, 0.5) * twice.to(tl.float32)
+    offs_s = kb * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+    exps = tl.load(sfa_base + offs_m[:, None].to(tl.int64) * stride_sam + offs_s[None, :] * stride_sak,
+                   mask=m_ok[:, None] & (offs_s < K // 32)[None, :], other=0).to(tl.int32)
+    e_max = tl.max(exps, axis=1)
+    rel = _pow2(exps - e_max[:, None])
+    value = tl.reshape(tl.reshape(value, (BLOCK_M, BLOCK_K // 32, 32)) * rel[:, :, None], (BLOCK_M, BLOCK_K))
+    return value.to(tl.float8e4nv), _pow2(e_max - 127)
+
+
+@triton.jit
 def m_grouped_gemm_kernel(
     a_ptr, b_ptr, d_ptr, c_ptr, sfa_ptr, sfb_ptr, m_indices_ptr, masked_m_ptr, signal_ptr,
     M, N, K, num_groups, num_b_groups, num_progs,
@@ -40,7 +74,7 @@ def m_grouped_gemm_kernel(
     MODE: tl.constexpr, SCALED: tl.constexpr, SFA_PACKED: tl.constexpr, SFB_PACKED: tl.constexpr,
     SFB_GRAN_N: tl.constexpr, HAS_C: tl.constexpr, SIGNAL: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    GROUPS_POW2: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    GROUPS_POW2: tl.constexpr, UPCAST_DOT: tl.constexpr, A_FP4: tl.constexpr,
 ):
     """``D[g] = C[g] + A[g] @ B[g].T`` tile by tile, persistent over ``num_progs`` programs.
 
@@ -49,7 +83,8 @@ def m_grouped_gemm_kernel(
     nor written.  MODE_MASKED: ``A``/``D`` are [G, M, *]; only rows < ``masked_m[g]`` are touched,
     and with SIGNAL each finished (group, m-block) tile adds 1 to its counter (release, after the
     tile's stores).  SCALED: FP8 operands promoted per 128-K block with the A (per row) and B (per
-    ``SFB_GRAN_N`` rows) scales.  SWAP_AB computes the tile transposed (B rows on the MMA's M side),
+    ``SFB_GRAN_N`` rows) scales.  A_FP4: A holds packed E2M1 codes with UE8M0 scale bytes per 32,
+    turned into E4M3 tiles on the way to the tensor cores (see ``_load_fp4_as_fp8``).  SWAP_AB computes the tile transposed (B rows on the MMA's M side),
     which suits few rows of A.
     """
     pid = tl.program_id(0)
@@ -116,7 +151,11 @@ def m_grouped_gemm_kernel(
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for kb in range(0, num_k_blocks):
                 k_ok = offs_k < K - kb * BLOCK_K
-                a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                if A_FP4:
+                    a, sa = _load_fp4_as_fp8(a_base, sfa_base, offs_m, m_ok, kb, K, stride_am, stride_ak,
+                                             stride_sam, stride_sak, BLOCK_M, BLOCK_K)
+                else:
+                    a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 if UPCAST_DOT:
                     # Triton 3.6's interpreter multiplies BF16 tiles as raw bits; FP32 is exact here.
@@ -127,7 +166,8 @@ def m_grouped_gemm_kernel(
                 else:
                     partial = tl.dot(a, tl.trans(b))
                 if SCALED:
-                    sa = _load_scale(sfa_base, offs_m, stride_sam, kb, stride_sak, m_ok, SFA_PACKED)
+                    if not A_FP4:
+                        sa = _load_scale(sfa_base, offs_m, stride_sam, kb, stride_sak, m_ok, SFA_PACKED)
                     sb = _load_scale(sfb_base, offs_n // SFB_GRAN_N, stride_sbn, kb, stride_sbk, n_ok, SFB_PACKED)
                     if SWAP_AB:
                         acc += partial * sb[:, None] * sa[None, :]

@@ -358,3 +358,58 @@ def test_set_num_sms_validates():
         fp8gemm.set_num_sms(2.5)
     with pytest.raises(ValueError):
         fp8gemm.set_num_sms(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# FP4 (E2M1) activations, turned into E4M3 inside the grouped kernels
+# ------------------------------------------------------------------------------------------------
+
+def fp4_activations(*rows, k, device, spread=6):
+    codes = torch.randint(0, 256, (*rows, k // 2), dtype=torch.uint8, device=device)
+    scale_bytes = torch.randint(127 - spread, 127 + spread + 1, (*rows, k // 32), dtype=torch.uint8, device=device)
+    return codes, scale_bytes
+
+
+def test_masked_fp4_activations(device):
+    g, max_m, n, k = 3, 48, 136, 384
+    codes, sbytes = fp4_activations(g, max_m, k=k, device=device)
+    b = fp8_operand(g, n, k, device=device)
+    sfb = block_scales(g, math.ceil(n / 128), k // 128, device=device)
+    masked_m = torch.tensor([48, 0, 17], dtype=torch.int32, device=device)
+    d = poison_(torch.empty(g, max_m, n, dtype=torch.bfloat16, device=device))
+    fp8gemm.m_grouped_fp8_gemm_nt_masked((codes, sbytes), (b, sfb), d, masked_m, 16)
+    ref = R.m_grouped_fp8_gemm_nt_masked(codes, sbytes, b, sfb, masked_m, torch.zeros_like(d))
+    for gi, mm in enumerate(masked_m.tolist()):
+        assert d[gi, mm:].isnan().all()
+        if mm:
+            assert calc_diff(d[gi, :mm], ref[gi, :mm]) < 1e-3
+    # The dequantised reference really differs from a wrong decoding (e.g. swapped nibbles).
+    swapped = ((codes & 0xF) << 4) | (codes >> 4)
+    wrong = R.m_grouped_fp8_gemm_nt_masked(swapped, sbytes, b, sfb, masked_m, torch.zeros_like(d))
+    assert calc_diff(d[0], wrong[0]) > 1e-2
+
+
+def test_contiguous_fp4_activations(device):
+    a, sfa, b, sfb, m_indices = contiguous_case([60, 128], 64, 256, device)
+    codes, sbytes = fp4_activations(a.shape[0], k=256, device=device)
+    d = poison_(torch.empty(a.shape[0], 64, dtype=torch.bfloat16, device=device))
+    fp8gemm.m_grouped_fp8_gemm_nt_contiguous((codes, sbytes), (b, sfb), d, m_indices)
+    ok = m_indices >= 0
+    ref = R.m_grouped_fp8_gemm_nt_contiguous(codes, sbytes, b, sfb, m_indices, torch.zeros_like(d))
+    assert calc_diff(d[ok], ref[ok]) < 1e-3
+    assert d[~ok].isnan().all()
+
+
+def test_fp4_argument_errors(device):
+    codes, sbytes = fp4_activations(2, 16, k=256, device=device)
+    b = fp8_operand(2, 64, 256, device=device)
+    sfb = block_scales(2, 1, 2, device=device)
+    d = torch.zeros(2, 16, 64, dtype=torch.bfloat16, device=device)
+    mm = torch.tensor([1, 2], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="two E2M1 codes per byte"):
+        fp8gemm.m_grouped_fp8_gemm_nt_masked((codes[..., :64], sbytes), (b, sfb), d, mm, 2)
+    with pytest.raises(ValueError, match="a\\[1\\] must have shape"):
+        fp8gemm.m_grouped_fp8_gemm_nt_masked((codes, sbytes[..., :2]), (b, sfb), d, mm, 2)
+    with pytest.raises(TypeError, match="a\\[1\\] must have dtype uint8"):
+        fp8gemm.m_grouped_fp8_gemm_nt_masked((codes, sbytes.float()), (b, sfb), d, mm, 2)
+    assert d.eq(0).all()

@@ -12,8 +12,8 @@ INTS = ["M", "N", "K", "num_groups", "num_b_groups", "num_progs"] + [
     {"a": "gmk", "b": "gnk", "d": "gmn", "c": "gmn", "sa": "gmk", "sb": "gnk"}[t]]
 
 
-def _signature():
-    sig = dict(PTRS)
+def _signature(**ptr_types):
+    sig = {**PTRS, **ptr_types}
     for name in INTS:
         sig[name] = "i32"
     return sig
@@ -26,17 +26,20 @@ DIVISIBLE = ["a_ptr", "b_ptr", "d_ptr", "c_ptr", "sfa_ptr", "sfb_ptr", "M", "N",
              "stride_dm", "stride_cm", "stride_ag", "stride_bg", "stride_dg", "stride_sbn", "stride_sam"]
 
 BASE = dict(**UNIT_STRIDES, SCALED=True, SFA_PACKED=False, SFB_PACKED=False, SFB_GRAN_N=128, HAS_C=False, SIGNAL=False,
-            BLOCK_K=128, GROUP_M=8, GROUPS_POW2=1, UPCAST_DOT=False)
+            BLOCK_K=128, GROUP_M=8, GROUPS_POW2=1, UPCAST_DOT=False, A_FP4=False)
 
 
 @pytest.mark.parametrize("name,extra,warps", [
     ("dense 128x128", dict(MODE=0, SWAP_AB=False, BLOCK_M=128, BLOCK_N=128), 8),
+    ("masked FP4 activations 64x128", dict(MODE=2, SWAP_AB=False, BLOCK_M=64, BLOCK_N=128, A_FP4=True,
+                                            GROUPS_POW2=8), 4),
     ("masked swap-AB 16x128 + signals", dict(MODE=2, SWAP_AB=True, BLOCK_M=16, BLOCK_N=128, SIGNAL=True,
                                              GROUPS_POW2=32), 4),
 ])
 def test_m_grouped_kernel_sm90(name, extra, warps):
     constexprs = {**BASE, **extra}
-    res = compile_sm90_in_subprocess("fp8gemm.kernels.gemm_triton", "m_grouped_gemm_kernel", _signature(),
+    sig = _signature(a_ptr="*u8", sfa_ptr="*u8") if extra.get("A_FP4") else _signature()
+    res = compile_sm90_in_subprocess("fp8gemm.kernels.gemm_triton", "m_grouped_gemm_kernel", sig,
                                      constexprs, num_warps=warps, num_stages=3,
                                      divisible_by_16=DIVISIBLE)
     assert sass_count(res["sass"], "QGMMA") > 0, f"{name}: no FP8 wgmma in the SASS"
