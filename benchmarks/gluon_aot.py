@@ -10,7 +10,7 @@ from fp8gemm.testing import compile_sm90, sass_count
 
 
 def signature_and_constexprs(mode="dense", bm=128, bn=128, stages=5, tma_store=True, has_c=False,
-                             has_signal=False, out=torch.bfloat16, group_m=8, producer_regs=40):
+                             has_signal=False, out=torch.bfloat16, group_m=8, producer_regs=40, k_rotate=False):
     gl = gg.gl
     m, n, k = 256, 256, 512
     a = torch.empty(m, k, dtype=torch.float8_e4m3fn)
@@ -30,7 +30,7 @@ def signature_and_constexprs(mode="dense", bm=128, bn=128, stages=5, tma_store=T
     mode_id = gg._MODES[mode]
     nw = 8 if bm == 128 else 4
     cx = dict(MODE=mode_id, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, STAGES=stages, TMA_STORE=tma_store,
-              HAS_C=has_c, HAS_SIGNAL=has_signal, SB_SCALAR=(128 % bn == 0), PRODUCER_REGS=producer_regs)
+              HAS_C=has_c, HAS_SIGNAL=has_signal, SB_SCALAR=(128 % bn == 0), PRODUCER_REGS=producer_regs, K_ROTATE=k_rotate)
     if not tma_store:
         cx["d_desc"] = None
     return sig, cx, nw

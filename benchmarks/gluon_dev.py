@@ -62,6 +62,17 @@ def phase_check(out_dir: str, quick: bool) -> None:
         ("contiguous", dict(sizes=[1, 128, 255], n=4096, k=7168)),
         ("contiguous", dict(sizes=[77, 333], n=1000, k=384)),
     ]
+    from fp8gemm.kernels import gemm_gluon as gg
+
+    def cfg(bm, bn, rot):
+        return gg.GluonConfig(bm, bn, gg._stages(bm, bn, bm * bn * 4), 8 if bm == 128 else 4, k_rotate=rot)
+    for bm in (64, 128):
+        for bn in (16, 32, 64, 128):
+            cases.append(("masked", dict(groups=3, max_m=150, n=272, k=384, masked=[150, 0, 65], expected_m=60,
+                                         config=cfg(bm, bn, bn != 64))))
+    cases.append(("contiguous", dict(sizes=[130, 5], n=200, k=384, config=cfg(64, 32, False))))
+    cases.append(("contiguous", dict(sizes=[130, 5], n=200, k=384, config=cfg(128, 16, True))))
+    cases.append(("dense", dict(m=200, n=300, k=640, config=cfg(64, 16, True))))
     results = []
     fn = {"dense": T.check_dense, "masked": T.check_masked, "contiguous": T.check_contiguous}
     for mode, kw in cases:
@@ -191,6 +202,94 @@ def phase_bench(out_dir: str, quick: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# phase: sweep (tile shapes per problem shape, to calibrate pick_config)
+# ------------------------------------------------------------------------------------------------
+
+def phase_sweep(out_dir: str, quick: bool) -> None:
+    import torch
+    import triton
+
+    from fp8gemm import reference as R
+    from fp8gemm.kernels import gemm_gluon as gg
+    from fp8gemm.testing import calc_diff
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cublas = _cublas()
+
+    def bench(fn):
+        return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+    def cfg(bm, bn, rot=False, group_m=8):
+        return gg.GluonConfig(bm, bn, gg._stages(bm, bn, bm * bn * 2), 8 if bm == 128 else 4, group_m=group_m,
+                              k_rotate=rot)
+
+    all_tiles = [(bm, bn) for bm in (64, 128) for bn in (16, 32, 64, 128)]
+    plan = []
+    for shape in [(128, 2112, 7168), (128, 7168, 2048), (64, 4096, 7168), (64, 24576, 1536), (1, 4096, 7168)]:
+        plan.append((shape, [cfg(*t) for t in all_tiles] + [cfg(64, 32, True), cfg(128, 128, True)]))
+    for shape in [(4096, 576, 7168), (4096, 2112, 7168), (4096, 4096, 7168), (4096, 7168, 2048)]:
+        tiles = [(128, 128), (128, 64), (64, 128), (64, 64)]
+        plan.append((shape, [cfg(*t) for t in tiles] + [cfg(*t, True) for t in tiles] + [cfg(128, 128, False, 16),
+                                                                                        cfg(128, 128, False, 4)]))
+    rows = []
+    for (m, n, k), cfgs in plan:
+        torch.manual_seed(m + n + k)
+        a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
+        sfa = torch.rand(m, k // 128, device="cuda") + 0.5
+        sfb = torch.rand(math.ceil(n / 128), k // 128, device="cuda") + 0.5
+        d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        ref = R.fp8_gemm_nt(a, sfa, b, sfb)
+        cub = None
+        if m > 1:
+            sfa_cm = sfa.t().contiguous().t()
+            try:
+                cub = bench(lambda: cublas(a, sfa_cm, b, sfb))
+            except Exception:  # noqa: BLE001
+                cub = None
+        auto = gg.pick_config("dense", m, n, k, num_sms=sms, tma_store=True)
+        for c in cfgs:
+            row = dict(m=m, n=n, k=k, bm=c.block_m, bn=c.block_n, stages=c.stages, rot=c.k_rotate,
+                       group_m=c.group_m, cublas_us=cub, auto=(c.block_m, c.block_n) == (auto.block_m, auto.block_n),
+                       model_us=1e6 * gg.estimate_seconds(m, 1, n, k, c.block_m, c.block_n, sms))
+            try:
+                d.fill_(float("nan"))
+                gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms, config=c)
+                row["diff"] = calc_diff(d, ref)
+                row["us"] = bench(lambda: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms, config=c))
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del a, b, d, ref
+
+    # masked decode shapes: BLOCK_M 64 vs 128 (max_m 4096)
+    max_m = 4096
+    for g, expected, n, k in [(32, 192, 6144, 7168), (6, 1024, 4096, 4096), (32, 20, 4096, 2048)]:
+        gen = torch.Generator(device="cpu").manual_seed(g * 1000 + expected)
+        counts = torch.clamp((torch.rand(g, generator=gen) * 0.6 + 0.7) * expected, 1, max_m).int()
+        masked_m = counts.to("cuda")
+        a = torch.randn(g, max_m, k, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(g, n, k, device="cuda").to(torch.float8_e4m3fn)
+        sfa = torch.rand(g, max_m, k // 128, device="cuda") + 0.5
+        sfb = torch.rand(g, math.ceil(n / 128), k // 128, device="cuda") + 0.5
+        d = torch.empty(g, max_m, n, device="cuda", dtype=torch.bfloat16)
+        for c in [cfg(64, 128), cfg(128, 128), cfg(128, 64), cfg(64, 64), cfg(64, 128, True)]:
+            row = dict(mode="masked", groups=g, expected_m=expected, n=n, k=k, bm=c.block_m, bn=c.block_n,
+                       rot=c.k_rotate)
+            try:
+                row["us"] = bench(lambda: gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m,
+                                                    expected_m=expected, num_sms=sms, config=c))
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del a, b, d
+        torch.cuda.empty_cache()
+    json.dump(rows, open(os.path.join(out_dir, "gluon_sweep.json"), "w"), indent=1)
+
+
+# ------------------------------------------------------------------------------------------------
 
 def main():
     ap = argparse.ArgumentParser()
@@ -202,11 +301,11 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.phase:
-        {"check": phase_check, "bench": phase_bench}[args.phase](args.out, args.quick)
+        {"check": phase_check, "bench": phase_bench, "sweep": phase_sweep}[args.phase](args.out, args.quick)
         return
     summary = {}
     for phase in args.phases.split(","):
-        limit = args.limit or {"check": 150, "bench": 120}[phase]
+        limit = args.limit or {"check": 80, "bench": 60, "sweep": 150}[phase]
         cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--out", args.out]
         if args.quick:
             cmd.append("--quick")
@@ -234,6 +333,19 @@ def main():
         print(f"check: {len(res) - len(bad)}/{len(res)} passed")
         for r in bad:
             print("  FAIL", r.get("mode"), r.get("args"), r.get("error", "")[:300])
+    p = os.path.join(args.out, "gluon_sweep.json")
+    if os.path.exists(p):
+        best = {}
+        for r in json.load(open(p)):
+            if "us" not in r:
+                continue
+            key = (r.get("mode", "dense"), r.get("m", r.get("groups")), r.get("expected_m", ""), r["n"], r["k"])
+            if key not in best or r["us"] < best[key]["us"]:
+                best[key] = r
+        print("sweep best:")
+        for key, r in best.items():
+            print(f"  {key}: bm{r['bm']} bn{r['bn']} rot{int(r['rot'])} g{r.get('group_m', '')} {r['us']:.1f}us "
+                  f"cuBLAS {r.get('cublas_us') or float('nan'):.1f}us")
     p = os.path.join(args.out, "gluon_bench.json")
     if os.path.exists(p):
         print(f"{'mode':7} {'m/g,e':>9} {'n':>6} {'k':>6} {'block':>9} {'us':>8} {'TFLOPS':>7} {'cuBLAS us':>9} "

@@ -123,7 +123,7 @@ if HAS_GLUON:
     def _producer(a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                   masked_m_ptr, m_indices_ptr,
                   MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                  STAGES: gl.constexpr):
+                  STAGES: gl.constexpr, K_ROTATE: gl.constexpr):
         BK: gl.constexpr = a_desc.block_type.shape[1]
         idx_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
         nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
@@ -141,19 +141,37 @@ if HAS_GLUON:
                 MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
             if valid:
                 row_b = g * N + n_blk * BLOCK_N
+                rot = _k_rotation(t, num_k, K_ROTATE)
                 for kb in range(num_k):
                     s = it % STAGES
                     ph = (it // STAGES) & 1
+                    kk = _rotated(kb, rot, num_k) * BK
                     mbarrier.wait(empty_bars.index(s), ph ^ 1)
                     bar = full_bars.index(s)
                     mbarrier.expect(bar, nbytes)
-                    tma.async_copy_global_to_shared(a_desc, [row_a, kb * BK], bar, a_bufs.index(s))
-                    tma.async_copy_global_to_shared(b_desc, [row_b, kb * BK], bar, b_bufs.index(s))
+                    tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(s))
+                    tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s))
                     it += 1
 
     @gluon.jit
-    def _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, kb,
+    def _k_rotation(t, num_k, K_ROTATE: gl.constexpr):
+        """First K-slice of tile ``t``: tiles running side by side start at different K so that they do
+        not all read the same lines of the shared operand at the same moment (the sum is order-free)."""
+        if K_ROTATE:
+            rot = (t * 7) % num_k
+        else:
+            rot = t * 0
+        return rot
+
+    @gluon.jit
+    def _rotated(kb, rot, num_k):
+        kr = kb + rot
+        return gl.where(kr >= num_k, kr - num_k, kr)
+
+    @gluon.jit
+    def _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, kb_logical, rot, num_k,
                      s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR: gl.constexpr):
+        kb = _rotated(kb_logical, rot, num_k)
         sa = gl.load(sfa_ptr + g64 * s_ag + offs_m * s_am + kb * s_ak, mask=m_ok, other=0.0)
         sb0 = gl.load(sfb_ptr + g64 * s_bg + nb0 * s_bn + kb * s_bk)
         if SB_SCALAR:
@@ -201,7 +219,7 @@ if HAS_GLUON:
                   s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
                   MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                   STAGES: gl.constexpr, TMA_STORE: gl.constexpr, HAS_C: gl.constexpr,
-                  HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr):
+                  HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr, K_ROTATE: gl.constexpr):
         BK: gl.constexpr = a_bufs.type.shape[2]
         num_warps: gl.constexpr = gl.num_warps()
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -246,28 +264,29 @@ if HAS_GLUON:
                 cols = off_n + gl.arange(0, BLOCK_N, layout=col_layout)
                 col_lo = cols < (nb0 + 1) * 128
 
+                rot = _k_rotation(t, num_k, K_ROTATE)
                 acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
                 # Two scratch accumulators X/Y alternate by K-slice parity (the loop is unrolled by two so
                 # that neither is ever copied while its MMA is in flight: ptxas would serialise the MMAs).
                 # Loop invariant: X holds slice k in flight, Y is free.
                 base = it
-                saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, 0,
+                saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, 0, rot, num_k,
                                                s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
                 X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES)
                 for j in range(0, (num_k - 1) // 2):
                     k1 = 2 * j + 1
-                    saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, k1,
+                    saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, k1, rot, num_k,
                                                    s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
                     Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES)
                     acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
                                      SB_SCALAR, STAGES, 1)
-                    saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, k1 + 1,
+                    saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, k1 + 1, rot, num_k,
                                                    s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
                     X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES)
                     acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
                                      SB_SCALAR, STAGES, 1)
                 if num_k % 2 == 0:
-                    saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, num_k - 1,
+                    saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, num_k - 1, rot, num_k,
                                                    s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
                     Y = _issue(a_bufs, b_bufs, full_bars, base + num_k - 1, Y, STAGES)
                     acc, Xd = _retire(X, empty_bars, base + num_k - 2, acc, saX, sbX0, sbX1, col_lo,
@@ -322,7 +341,7 @@ if HAS_GLUON:
                            MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            GROUP_M: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr,
                            HAS_C: gl.constexpr, HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr,
-                           PRODUCER_REGS: gl.constexpr):
+                           K_ROTATE: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``a_desc``: TMA over A as 2-D [rows, K] (masked: [G*max_m, K]); ``b_desc``: B as [G*N, K];
@@ -342,9 +361,10 @@ if HAS_GLUON:
                          d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                          M, N, K, G,
                          s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
-                         MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR)),
+                         MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
+                         K_ROTATE)),
             (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
-                         masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES)),
+                         masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE)),
         ], [1], [PRODUCER_REGS])
 
 
@@ -360,6 +380,7 @@ class GluonConfig:
     num_warps: int
     group_m: int = 8
     producer_regs: int = 40
+    k_rotate: bool = False
 
     @property
     def maxnreg(self) -> int:
@@ -368,20 +389,59 @@ class GluonConfig:
         return min(255, (65536 // (total_warps * 32)) // 8 * 8)
 
 
-def pick_config(mode: str, m: int, n: int, k: int, *, expected_m: int | None = None, max_block_n: int = 256,
-                tma_store: bool = False, out_bytes: int = 2, has_c: bool = False) -> GluonConfig:
-    """Tile shapes: BLOCK_M 64 (one consumer warpgroup) for few rows, else 128 (two warpgroups)."""
-    rows = expected_m if (mode == "masked" and expected_m) else m
-    if mode == "contiguous":
-        block_m = 128 if runtime.get_mk_alignment_for_contiguous_layout() % 128 == 0 else 64
+_BLOCK_NS = (16, 32, 64, 128)
+# Per-SM rates for the tile-time model below (H100/H200 class, calibrated on measured tiles).
+_SM_FLOPS = 8.5e12          # FP8 tensor FLOP/s one SM sustains in the 128x128 main loop
+_SM_BYTES = 70e9            # operand bytes/s one SM streams while all SMs stream
+_DRAM_BYTES = 3.5e12        # unique bytes/s from device memory
+_TILE_OVERHEAD = 1.5e-6     # s per tile: prologue, epilogue, pipeline refill
+_BN_EFF = {16: 0.45, 32: 0.65, 64: 0.85, 128: 1.0}
+
+
+def estimate_seconds(rows: int, groups: int, n: int, k: int, bm: int, bn: int, num_sms: int,
+                     b_groups: int = 1) -> float:
+    """Rough time of one launch with (bm, bn) tiles: waves of tiles, each bound by MMA or operand
+    streaming, and never under the device-memory floor.  Used to rank tile shapes, not to predict."""
+    tiles = groups * math.ceil(rows / bm) * math.ceil(n / bn)
+    waves = math.ceil(tiles / max(1, num_sms))
+    eff = _BN_EFF[bn] * (1.0 if bm == 128 else 0.9)
+    t_mma = 2.0 * bm * bn * k / (_SM_FLOPS * eff)
+    t_mem = (bm + bn) * k / _SM_BYTES
+    floor = (groups * rows * k + b_groups * n * k) / _DRAM_BYTES
+    return max(waves * (max(t_mma, t_mem) + _TILE_OVERHEAD), floor)
+
+
+def _stages(bm: int, bn: int, epi_bytes: int) -> int:
+    return max(2, min(16, (_SMEM_BUDGET - epi_bytes) // ((bm + bn) * BLOCK_K)))
+
+
+def pick_config(mode: str, m: int, n: int, k: int, *, groups: int = 1, expected_m: int | None = None,
+                max_block_n: int = 256, num_sms: int = 132, tma_store: bool = False, out_bytes: int = 2,
+                has_c: bool = False) -> GluonConfig:
+    """Tile shape by the model of :func:`estimate_seconds`: BLOCK_M 64 (one consumer warpgroup) or
+    128 (two), BLOCK_N 16..128 (narrow tiles give small-M shapes enough programs to fill the SMs)."""
+    if mode == "masked":
+        rows, g = (expected_m if expected_m else m), groups
+    elif mode == "contiguous":
+        rows, g = m, 1
     else:
-        block_m = 64 if rows <= 64 else 128
-    block_n = 128 if max_block_n >= 128 else 64
-    num_warps = 8 if block_m == 128 else 4
-    stage_bytes = (block_m + block_n) * BLOCK_K
-    epi = block_m * block_n * out_bytes if tma_store else block_m * block_n * (4 if (has_c or out_bytes == 4) else 2)
-    stages = max(2, min(8, (_SMEM_BUDGET - epi) // stage_bytes))
-    return GluonConfig(block_m, block_n, stages, num_warps)
+        rows, g = m, 1
+    bms = (64, 128)
+    if mode == "contiguous" and runtime.get_mk_alignment_for_contiguous_layout() % 128 != 0:
+        bms = (64,)
+    best = None
+    for bm in bms:
+        for bn in _BLOCK_NS:
+            if bn > max(16, max_block_n):
+                continue
+            t = estimate_seconds(rows, g, n, k, bm, bn, num_sms, b_groups=groups if mode != "dense" else 1)
+            waste = math.ceil(rows / bm) * bm - rows
+            key = (t, waste, -bm * bn)   # ties: fewer padded rows, then the larger tile
+            if best is None or key < best[0]:
+                best = (key, bm, bn)
+    _, bm, bn = best
+    epi = bm * bn * out_bytes if tma_store else bm * bn * (4 if (has_c or out_bytes == 4) else 2)
+    return GluonConfig(bm, bn, _stages(bm, bn, epi), 8 if bm == 128 else 4)
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -464,8 +524,10 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     else:
         m, groups = a.shape[0], b.shape[0]
     tma_store = (mode == "dense" and d.dtype == torch.bfloat16 and c is None and _tma_ok(d))
-    cfg = config or pick_config(mode, m, n, k, expected_m=expected_m, max_block_n=max_block_n,
-                                tma_store=tma_store, out_bytes=d.element_size(), has_c=c is not None)
+    if config is None:
+        config = pick_config(mode, m, n, k, groups=groups, expected_m=expected_m, max_block_n=max_block_n,
+                             num_sms=num_sms, tma_store=tma_store, out_bytes=d.element_size(), has_c=c is not None)
+    cfg = config
     bm, bn = cfg.block_m, cfg.block_n
     if m == 0 or n == 0 or groups == 0:
         return bm, bn
@@ -490,7 +552,7 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         sd[0], sd[1], sc[0], sc[1], sa[0], sa[1], sa[2], sb[0], sb[1], sb[2],
         MODE=mode_id, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages,
         TMA_STORE=tma_store, HAS_C=c is not None, HAS_SIGNAL=signal is not None,
-        SB_SCALAR=(128 % bn == 0), PRODUCER_REGS=cfg.producer_regs,
+        SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate, PRODUCER_REGS=cfg.producer_regs,
         num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
     )
     return bm, bn

@@ -45,7 +45,7 @@ def _mn_major(sf: torch.Tensor) -> torch.Tensor:
 
 
 def check_dense(m, n, k, *, sfa_layout="row", out_dtype=torch.bfloat16, with_c=False, num_sms=None,
-                max_block_n=256, graph=False) -> dict:
+                max_block_n=256, graph=False, config=None) -> dict:
     gg = _gg()
     a, b = _fp8(m, k), _fp8(n, k)
     sfa = _scales(m, k // 128)
@@ -55,7 +55,7 @@ def check_dense(m, n, k, *, sfa_layout="row", out_dtype=torch.bfloat16, with_c=F
     d = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
     c = torch.randn(m, n, device="cuda") if with_c else None
     assert gg.supports("dense", a, sfa, b, sfb, d, c)
-    kw = dict(c=c, num_sms=num_sms or _sms(), max_block_n=max_block_n)
+    kw = dict(c=c, num_sms=num_sms or _sms(), max_block_n=max_block_n, config=config)
     if graph:
         gg.launch("dense", a, sfa, b, sfb, d, **kw)          # compile outside the capture
         d.fill_(float("nan"))
@@ -78,7 +78,8 @@ def check_dense(m, n, k, *, sfa_layout="row", out_dtype=torch.bfloat16, with_c=F
     return res
 
 
-def check_masked(groups, max_m, n, k, masked, expected_m, *, signal=True, num_sms=None, max_block_n=256) -> dict:
+def check_masked(groups, max_m, n, k, masked, expected_m, *, signal=True, num_sms=None, max_block_n=256,
+                 config=None) -> dict:
     gg = _gg()
     a, b = _fp8(groups, max_m, k), _fp8(groups, n, k)
     sfa = _scales(groups, max_m, k // 128)
@@ -88,7 +89,7 @@ def check_masked(groups, max_m, n, k, masked, expected_m, *, signal=True, num_sm
     sig = torch.zeros(groups * math.ceil(max_m / 64), dtype=torch.int32, device="cuda") if signal else None
     assert gg.supports("masked", a, sfa, b, sfb, d)
     bm, bn = gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m, expected_m=expected_m, signal=sig,
-                       num_sms=num_sms or _sms(), max_block_n=max_block_n)
+                       num_sms=num_sms or _sms(), max_block_n=max_block_n, config=config)
     torch.cuda.synchronize()
     ref = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, torch.full_like(d, float("nan")))
     got = torch.cat([d[g, :min(mm, max_m)] for g, mm in enumerate(masked)])
@@ -106,7 +107,7 @@ def check_masked(groups, max_m, n, k, masked, expected_m, *, signal=True, num_sm
     return res
 
 
-def check_contiguous(sizes, n, k, *, trailing_pad_blocks=1, num_sms=None, max_block_n=256) -> dict:
+def check_contiguous(sizes, n, k, *, trailing_pad_blocks=1, num_sms=None, max_block_n=256, config=None) -> dict:
     """``sizes[g]`` rows for expert g, each segment padded with -1 rows to a multiple of 128."""
     gg = _gg()
     ids = []
@@ -123,7 +124,7 @@ def check_contiguous(sizes, n, k, *, trailing_pad_blocks=1, num_sms=None, max_bl
     d = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     assert gg.supports("contiguous", a, sfa, b, sfb, d)
     bm, bn = gg.launch("contiguous", a, sfa, b, sfb, d, m_indices=m_indices, num_sms=num_sms or _sms(),
-                       max_block_n=max_block_n)
+                       max_block_n=max_block_n, config=config)
     torch.cuda.synchronize()
     ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, torch.full_like(d, float("nan")))
     valid = m_indices >= 0
@@ -203,3 +204,20 @@ def test_masked_ragged_n_and_few_sms():
 ])
 def test_contiguous(sizes, n, k):
     check_contiguous(sizes, n, k)
+
+
+TILES = [(bm, bn) for bm in (64, 128) for bn in (16, 32, 64, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("bm,bn", TILES)
+@pytest.mark.parametrize("k_rotate", [False, True])
+def test_every_tile_shape(bm, bn, k_rotate):
+    gg = _gg()
+    smem = gg._SMEM_BUDGET - bm * bn * 4
+    cfg = gg.GluonConfig(bm, bn, gg._stages(bm, bn, bm * bn * 4), 8 if bm == 128 else 4, k_rotate=k_rotate)
+    assert cfg.stages >= 2 and smem > 0
+    check_dense(200, 300, 640, config=cfg)
+    check_masked(3, 150, 272, 384, [150, 0, 65], 60, config=cfg)
+    check_contiguous([130, 5], 200, 384, config=cfg)
