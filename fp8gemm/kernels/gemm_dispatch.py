@@ -25,22 +25,42 @@ class TritonConfig:
     group_m: int = 8
 
 
+# Candidate tiles per row class, best first when there is enough parallel work; from the sweep in
+# benchmarks/sweep_triton.py (H200, 2026-11-26, see benchmarks/RESULTS.md).  (block_m, block_n, swap_ab,
+# num_warps, num_stages).
+_CANDIDATES = {
+    16: [(16, 128, True, 4, 6), (16, 64, True, 4, 6), (32, 32, True, 4, 6)],
+    32: [(32, 128, True, 4, 6), (32, 64, True, 4, 6), (32, 32, True, 4, 6)],
+    64: [(64, 128, False, 4, 4), (64, 64, False, 4, 6)],
+    None: [(128, 128, False, 8, 4), (64, 128, False, 4, 4), (64, 64, False, 4, 6)],
+}
+
+
 def triton_config(mode: int, m: int, n: int, k: int, scaled: bool, expected_m: int | None = None,
-                  max_block_n: int = 256) -> TritonConfig:
+                  max_block_n: int = 256, num_groups: int = 1, num_sms: int = 132) -> TritonConfig:
     """Tile shapes for the Triton kernel.
 
     Few rows of A (decode) use swap-A/B: B's rows fill the MMA's 64-row side and the tokens sit on
-    its narrow N side (16 or 32), so no tensor-core work is spent on rows that do not exist.
+    its narrow N side (16 or 32), so no tensor-core work is spent on rows that do not exist.  Within
+    a row class the first candidate that gives every SM (three quarters of them) a tile wins; small
+    problems fall through to narrower tiles rather than leave SMs idle.
     """
     rows = expected_m if (mode == gemm_triton.MODE_MASKED and expected_m) else m
+    rows = max(rows, 1)
     block_k = 128 if scaled else 64
-    bn_cap = max(16, min(max_block_n, 128))
-    if rows <= 32:
-        block_m = 16 if rows <= 16 else 32
-        return TritonConfig(block_m, min(128, bn_cap), block_k, True, 4, 4)
-    if rows <= 64:
-        return TritonConfig(64, min(128, bn_cap), block_k, False, 4, 4)
-    return TritonConfig(128, min(128, bn_cap), block_k, False, 8, 3)
+    cls = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else None
+    cands = [c for c in _CANDIDATES[cls] if c[1] <= max(max_block_n, 32)] or _CANDIDATES[cls][-1:]
+    groups = num_groups if mode == gemm_triton.MODE_MASKED else 1
+    choice = cands[-1]
+    for cand in cands:
+        tiles = groups * triton.cdiv(rows, cand[0]) * triton.cdiv(n, cand[1])
+        if tiles >= 0.75 * num_sms:
+            choice = cand
+            break
+    block_m, block_n, swap, warps, stages = choice
+    if k <= 512:
+        stages = min(stages, 4)  # a short K loop has nothing to fill deeper pipelines with
+    return TritonConfig(block_m, block_n, block_k, swap, warps, stages)
 
 
 def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
@@ -89,7 +109,7 @@ def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, 
     n = b.shape[-2]
     m = a.shape[-2]
     num_groups = a.shape[0] if a.dim() == 3 else 1
-    cfg = triton_config(mode, m, n, k, scaled, expected_m, max_block_n)
+    cfg = triton_config(mode, m, n, k, scaled, expected_m, max_block_n, num_groups, num_sms)
     if force_block_m is not None and force_block_m != cfg.block_m:
         cfg = dataclasses.replace(cfg, block_m=force_block_m, swap_ab=force_block_m <= 32,
                                   num_warps=4 if force_block_m <= 64 else 8)
@@ -144,5 +164,6 @@ def plan_masked(a, sfa, b, sfb, d, expected_m: int, max_block_n: int) -> tuple[i
         from . import gemm_gluon
         if hasattr(gemm_gluon, "plan"):
             return gemm_gluon.plan("masked", a, sfa, b, sfb, d, expected_m=expected_m, max_block_n=max_block_n)
-    cfg = triton_config(gemm_triton.MODE_MASKED, a.shape[-2], b.shape[-2], b.shape[-1], scaled, expected_m, max_block_n)
+    cfg = triton_config(gemm_triton.MODE_MASKED, a.shape[-2], b.shape[-2], b.shape[-1], scaled, expected_m,
+                        max_block_n, a.shape[0], runtime.get_num_sms())
     return cfg.block_m, cfg.block_n
