@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python3 benchmarks/gluon_dev.py [--out DIR] [--phases check,bench] [--quick]
 
-Each phase runs in a subprocess with a time limit (a hung kernel costs that limit, not the whole call).
+Phases: check (correctness), sweep (tile shapes vs the model, CUDA-graph timings), bench (the
+picked configs against cuBLAS).  Each phase runs in a subprocess with a time limit (a hung kernel costs that limit, not the whole call).
 Correctness: the ``check_*`` helpers of tests/gpu/test_gemm_gluon_gpu.py (fresh randn, NaN-poisoned
 outputs, calc_diff < 1e-3, untouched rows, exact SBO signals).  Timing: triton.testing.do_bench (median,
 L2 flushed) of our kernel and of cuBLAS block-scaled FP8 (torch.nn.functional.scaled_mm, A 1x128 with
@@ -114,6 +115,46 @@ def _cublas():
     return run_old
 
 
+def graph_us(fn, iters: int = 20, reps: int = 5) -> float:
+    """Device time of ``fn`` without host launch overhead: ``iters`` x (L2 flush, fn) captured in one CUDA
+    graph, minus the same graph of flushes alone; median over ``reps`` replays."""
+    import statistics
+
+    import torch
+    flush = torch.empty(int(256e6) // 4, dtype=torch.int32, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+
+    def capture(with_fn):
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            with torch.cuda.graph(g, stream=s):
+                for _ in range(iters):
+                    flush.zero_()
+                    if with_fn:
+                        fn()
+        torch.cuda.current_stream().wait_stream(s)
+        return g
+
+    def timed(g):
+        out = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            torch.cuda.synchronize()
+            out.append(a.elapsed_time(b))
+        return statistics.median(out)
+    g1, g0 = capture(True), capture(False)
+    timed(g1)
+    t = (timed(g1) - timed(g0)) / iters
+    del g1, g0
+    return 1e3 * t
+
+
 def phase_bench(out_dir: str, quick: bool) -> None:
     import torch
     import triton
@@ -149,7 +190,8 @@ def phase_bench(out_dir: str, quick: bool) -> None:
             row["block"] = list(blk)
             row["diff"] = calc_diff(d, ref)
             row["us"] = bench(lambda: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms))
-            row["tflops"] = 2 * m * n * k / row["us"] * 1e-6
+            row["graph_us"] = graph_us(lambda: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms))
+            row["tflops"] = 2 * m * n * k / row["graph_us"] * 1e-6
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         if m > 1:
@@ -157,10 +199,13 @@ def phase_bench(out_dir: str, quick: bool) -> None:
                 out = cublas(a, sfa_cm, b, sfb)
                 row["cublas_diff"] = calc_diff(out, ref)
                 row["cublas_us"] = bench(lambda: cublas(a, sfa_cm, b, sfb))
+                row["cublas_graph_us"] = graph_us(lambda: cublas(a, sfa_cm, b, sfb))
             except Exception as e:  # noqa: BLE001
                 row["cublas_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         if "us" in row and "cublas_us" in row:
             row["speedup"] = row["cublas_us"] / row["us"]
+        if "graph_us" in row and "cublas_graph_us" in row:
+            row["graph_speedup"] = row["cublas_graph_us"] / row["graph_us"]
         rows.append(row)
         print(json.dumps(row), flush=True)
         del a, b, d
@@ -188,9 +233,40 @@ def phase_bench(out_dir: str, quick: bool) -> None:
             row["block"] = list(blk)
             row["us"] = bench(lambda: gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m,
                                                 expected_m=expected, signal=sig, num_sms=sms))
+            row["graph_us"] = graph_us(lambda: gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m,
+                                                         expected_m=expected, signal=sig, num_sms=sms))
             valid = int(counts.sum())
-            row["tflops"] = 2 * valid * n * k / row["us"] * 1e-6
-            row["gbs"] = (g * n * k + valid * k + valid * n * 2) / row["us"] * 1e-3
+            row["tflops"] = 2 * valid * n * k / row["graph_us"] * 1e-6
+            row["gbs"] = (g * n * k + valid * k + valid * n * 2) / row["graph_us"] * 1e-3
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del a, b, d
+        torch.cuda.empty_cache()
+
+    # contiguous (prefill) shapes of ANCHORS: 4 experts x ~8192 rows
+    for groups, per, n, k in ([(4, 8192, 4096, 4096), (8, 4096, 7168, 3072)] if not quick else []):
+        gen = torch.Generator(device="cpu").manual_seed(groups * per)
+        sizes = [int(per * (0.8 + 0.4 * float(torch.rand(1, generator=gen)))) for _ in range(groups)]
+        ids = []
+        for e, sz in enumerate(sizes):
+            ids += [e] * sz + [-1] * ((sz + 127) // 128 * 128 - sz)
+        m = len(ids)
+        m_indices = torch.tensor(ids, dtype=torch.int32, device="cuda")
+        a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(groups, n, k, device="cuda").to(torch.float8_e4m3fn)
+        sfa = torch.rand(m, k // 128, device="cuda") + 0.5
+        sfb = torch.rand(groups, math.ceil(n / 128), k // 128, device="cuda") + 0.5
+        d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        row = dict(mode="contiguous", groups=groups, expected_m=per, n=n, k=k, card=torch.cuda.get_device_name())
+        try:
+            blk = gg.launch("contiguous", a, sfa, b, sfb, d, m_indices=m_indices, num_sms=sms)
+            row["block"] = list(blk)
+            row["us"] = bench(lambda: gg.launch("contiguous", a, sfa, b, sfb, d, m_indices=m_indices, num_sms=sms))
+            row["graph_us"] = graph_us(lambda: gg.launch("contiguous", a, sfa, b, sfb, d, m_indices=m_indices,
+                                                         num_sms=sms))
+            row["tflops"] = 2 * sum(sizes) * n * k / row["graph_us"] * 1e-6
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
@@ -225,12 +301,11 @@ def phase_sweep(out_dir: str, quick: bool) -> None:
 
     all_tiles = [(bm, bn) for bm in (64, 128) for bn in (16, 32, 64, 128)]
     plan = []
-    for shape in [(128, 2112, 7168), (128, 7168, 2048), (64, 4096, 7168), (64, 24576, 1536), (1, 4096, 7168)]:
-        plan.append((shape, [cfg(*t) for t in all_tiles] + [cfg(64, 32, True), cfg(128, 128, True)]))
-    for shape in [(4096, 576, 7168), (4096, 2112, 7168), (4096, 4096, 7168), (4096, 7168, 2048)]:
-        tiles = [(128, 128), (128, 64), (64, 128), (64, 64)]
-        plan.append((shape, [cfg(*t) for t in tiles] + [cfg(*t, True) for t in tiles] + [cfg(128, 128, False, 16),
-                                                                                        cfg(128, 128, False, 4)]))
+    for shape in [(128, 2112, 7168), (128, 7168, 2048), (64, 4096, 7168), (64, 24576, 1536), (1, 4096, 7168),
+                  (128, 576, 7168)]:
+        plan.append((shape, [cfg(*t) for t in all_tiles]))
+    for shape in [(4096, 576, 7168), (4096, 2112, 7168), (1024, 4096, 7168)]:
+        plan.append((shape, [cfg(*t) for t in [(128, 128), (128, 64), (64, 128), (128, 32)]]))
     rows = []
     for (m, n, k), cfgs in plan:
         torch.manual_seed(m + n + k)
@@ -244,7 +319,7 @@ def phase_sweep(out_dir: str, quick: bool) -> None:
         if m > 1:
             sfa_cm = sfa.t().contiguous().t()
             try:
-                cub = bench(lambda: cublas(a, sfa_cm, b, sfb))
+                cub = graph_us(lambda: cublas(a, sfa_cm, b, sfb))
             except Exception:  # noqa: BLE001
                 cub = None
         auto = gg.pick_config("dense", m, n, k, num_sms=sms, tma_store=True)
@@ -256,36 +331,13 @@ def phase_sweep(out_dir: str, quick: bool) -> None:
                 d.fill_(float("nan"))
                 gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms, config=c)
                 row["diff"] = calc_diff(d, ref)
-                row["us"] = bench(lambda: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms, config=c))
+                row["us"] = graph_us(lambda: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms, config=c))
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
             print(json.dumps(row), flush=True)
         del a, b, d, ref
 
-    # masked decode shapes: BLOCK_M 64 vs 128 (max_m 4096)
-    max_m = 4096
-    for g, expected, n, k in [(32, 192, 6144, 7168), (6, 1024, 4096, 4096), (32, 20, 4096, 2048)]:
-        gen = torch.Generator(device="cpu").manual_seed(g * 1000 + expected)
-        counts = torch.clamp((torch.rand(g, generator=gen) * 0.6 + 0.7) * expected, 1, max_m).int()
-        masked_m = counts.to("cuda")
-        a = torch.randn(g, max_m, k, device="cuda").to(torch.float8_e4m3fn)
-        b = torch.randn(g, n, k, device="cuda").to(torch.float8_e4m3fn)
-        sfa = torch.rand(g, max_m, k // 128, device="cuda") + 0.5
-        sfb = torch.rand(g, math.ceil(n / 128), k // 128, device="cuda") + 0.5
-        d = torch.empty(g, max_m, n, device="cuda", dtype=torch.bfloat16)
-        for c in [cfg(64, 128), cfg(128, 128), cfg(128, 64), cfg(64, 64), cfg(64, 128, True)]:
-            row = dict(mode="masked", groups=g, expected_m=expected, n=n, k=k, bm=c.block_m, bn=c.block_n,
-                       rot=c.k_rotate)
-            try:
-                row["us"] = bench(lambda: gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m,
-                                                    expected_m=expected, num_sms=sms, config=c))
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        del a, b, d
-        torch.cuda.empty_cache()
     json.dump(rows, open(os.path.join(out_dir, "gluon_sweep.json"), "w"), indent=1)
 
 
@@ -294,7 +346,7 @@ def phase_sweep(out_dir: str, quick: bool) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gluon_out"))
-    ap.add_argument("--phases", default="check,bench")
+    ap.add_argument("--phases", default="check,sweep,bench")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--limit", type=int, default=0, help="seconds per phase (0: 150 check, 120 bench)")
@@ -305,7 +357,7 @@ def main():
         return
     summary = {}
     for phase in args.phases.split(","):
-        limit = args.limit or {"check": 80, "bench": 60, "sweep": 150}[phase]
+        limit = args.limit or {"check": 80, "bench": 110, "sweep": 90}[phase]
         cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--out", args.out]
         if args.quick:
             cmd.append("--quick")
@@ -348,14 +400,18 @@ def main():
                   f"cuBLAS {r.get('cublas_us') or float('nan'):.1f}us")
     p = os.path.join(args.out, "gluon_bench.json")
     if os.path.exists(p):
-        print(f"{'mode':7} {'m/g,e':>9} {'n':>6} {'k':>6} {'block':>9} {'us':>8} {'TFLOPS':>7} {'cuBLAS us':>9} "
-              f"{'x cuBLAS':>8} {'diff':>8}")
+        nan = float("nan")
+        print("us: do_bench median incl. host launch; graph: CUDA-graph device time; both L2-flushed; "
+              "TFLOPS from graph")
+        print(f"{'mode':6} {'m/g,e':>9} {'n':>6} {'k':>6} {'block':>9} {'us':>7} {'graph':>7} {'TFLOPS':>6} "
+              f"{'cuBLAS':>7} {'cuB grf':>7} {'x cuB':>6} {'x grf':>6} {'diff':>7}")
         for r in json.load(open(p)):
             mm = f"{r['m']}" if r["mode"] == "dense" else f"{r['groups']},{r['expected_m']}"
-            print(f"{r['mode']:7} {mm:>9} {r['n']:>6} {r['k']:>6} {str(r.get('block', '-')):>9} "
-                  f"{r.get('us', float('nan')):8.1f} {r.get('tflops', float('nan')):7.0f} "
-                  f"{r.get('cublas_us', float('nan')):9.1f} {r.get('speedup', float('nan')):8.2f} "
-                  f"{r.get('diff', float('nan')):8.1e} {r.get('error', '')[:60]} {r.get('cublas_error', '')[:60]}")
+            print(f"{r['mode'][:6]:6} {mm:>9} {r['n']:>6} {r['k']:>6} {str(r.get('block', '-')):>9} "
+                  f"{r.get('us', nan):7.1f} {r.get('graph_us', nan):7.1f} {r.get('tflops', nan):6.0f} "
+                  f"{r.get('cublas_us', nan):7.1f} {r.get('cublas_graph_us', nan):7.1f} "
+                  f"{r.get('speedup', nan):6.2f} {r.get('graph_speedup', nan):6.2f} "
+                  f"{r.get('diff', nan):7.1e} {r.get('error', '')[:50]} {r.get('cublas_error', '')[:50]}")
         print("card:", json.load(open(p))[0].get("card") if json.load(open(p)) else "?")
 
 

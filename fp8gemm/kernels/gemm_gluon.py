@@ -25,6 +25,7 @@ Importing this module never fails: without Gluon (old Triton, interpreter) ``sup
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -46,6 +47,11 @@ try:  # pragma: no cover - depends on the installed triton
     HAS_GLUON = True
 except Exception:  # noqa: BLE001
     HAS_GLUON = False
+
+if HAS_GLUON:
+    _GL_DTYPES_INIT = {"fp8": gl.float8e4nv, "bf16": gl.bfloat16}
+else:
+    _GL_DTYPES_INIT = {}
 
 MODE_DENSE = 0
 MODE_MASKED = 1
@@ -268,33 +274,40 @@ if HAS_GLUON:
                 acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
                 # Two scratch accumulators X/Y alternate by K-slice parity (the loop is unrolled by two so
                 # that neither is ever copied while its MMA is in flight: ptxas would serialise the MMAs).
-                # Loop invariant: X holds slice k in flight, Y is free.
+                # Loop invariant: X holds slice 2j in flight, Y is free; the scales of slices 2j (sX) and
+                # 2j+1 (sY) are in registers: each scale load is issued two slices before its use.
                 base = it
+                last = num_k - 1
                 saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, 0, rot, num_k,
                                                s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
+                saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
+                                               gl.minimum(1, last), rot, num_k,
+                                               s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
                 X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES)
-                for j in range(0, (num_k - 1) // 2):
+                for j in range(0, last // 2):
                     k1 = 2 * j + 1
-                    saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, k1, rot, num_k,
+                    naX, nbX0, nbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
+                                                   k1 + 1, rot, num_k,
+                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
+                    naY, nbY0, nbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
+                                                   gl.minimum(k1 + 2, last), rot, num_k,
                                                    s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
                     Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES)
                     acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
                                      SB_SCALAR, STAGES, 1)
-                    saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, k1 + 1, rot, num_k,
-                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
                     X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES)
                     acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
                                      SB_SCALAR, STAGES, 1)
+                    saX, sbX0, sbX1 = naX, nbX0, nbX1
+                    saY, sbY0, sbY1 = naY, nbY0, nbY1
                 if num_k % 2 == 0:
-                    saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, num_k - 1, rot, num_k,
-                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
-                    Y = _issue(a_bufs, b_bufs, full_bars, base + num_k - 1, Y, STAGES)
-                    acc, Xd = _retire(X, empty_bars, base + num_k - 2, acc, saX, sbX0, sbX1, col_lo,
+                    Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES)
+                    acc, Xd = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
                                       SB_SCALAR, STAGES, 1)
-                    acc, Y = _retire(Y, empty_bars, base + num_k - 1, acc, saY, sbY0, sbY1, col_lo,
+                    acc, Y = _retire(Y, empty_bars, base + last, acc, saY, sbY0, sbY1, col_lo,
                                      SB_SCALAR, STAGES, 0)
                 else:
-                    acc, Xd = _retire(X, empty_bars, base + num_k - 1, acc, saX, sbX0, sbX1, col_lo,
+                    acc, Xd = _retire(X, empty_bars, base + last, acc, saX, sbX0, sbX1, col_lo,
                                       SB_SCALAR, STAGES, 0)
                 X = Xd
                 it = base + num_k
@@ -420,6 +433,13 @@ def pick_config(mode: str, m: int, n: int, k: int, *, groups: int = 1, expected_
                 has_c: bool = False) -> GluonConfig:
     """Tile shape by the model of :func:`estimate_seconds`: BLOCK_M 64 (one consumer warpgroup) or
     128 (two), BLOCK_N 16..128 (narrow tiles give small-M shapes enough programs to fill the SMs)."""
+    return _pick_config(mode, m, n, k, groups, expected_m, max_block_n, num_sms, tma_store, out_bytes, has_c,
+                        runtime.get_mk_alignment_for_contiguous_layout())
+
+
+@functools.lru_cache(maxsize=4096)
+def _pick_config(mode, m, n, k, groups, expected_m, max_block_n, num_sms, tma_store, out_bytes, has_c,
+                 alignment) -> GluonConfig:
     if mode == "masked":
         rows, g = (expected_m if expected_m else m), groups
     elif mode == "contiguous":
@@ -427,7 +447,7 @@ def pick_config(mode: str, m: int, n: int, k: int, *, groups: int = 1, expected_
     else:
         rows, g = m, 1
     bms = (64, 128)
-    if mode == "contiguous" and runtime.get_mk_alignment_for_contiguous_layout() % 128 != 0:
+    if mode == "contiguous" and alignment % 128 != 0:
         bms = (64,)
     best = None
     for bm in bms:
@@ -490,13 +510,28 @@ def supports(mode: str, a, sfa, b, sfb, d, c=None) -> bool:
         return False
 
 
-def _nvmma(block, dtype):
-    return gl.NVMMASharedLayout.get_default_for(block, dtype)
+_GL_DTYPES = _GL_DTYPES_INIT
 
 
-def _desc2d(t: torch.Tensor, rows: int, block, gl_dtype):
-    """TMA descriptor over ``t`` seen as a 2-D [rows, last] matrix (no copy)."""
-    return TensorDescriptor(t, [rows, t.shape[-1]], [t.stride(-2), 1], list(block), _nvmma(list(block), gl_dtype))
+@functools.lru_cache(maxsize=None)
+def _nvmma(block: tuple, dtype_name: str):
+    return gl.NVMMASharedLayout.get_default_for(list(block), _GL_DTYPES[dtype_name])
+
+
+def _desc2d(t: torch.Tensor, rows: int, block: tuple, dtype_name: str):
+    """TMA descriptor over ``t`` seen as a 2-D [rows, last] matrix (no copy).
+
+    Built without the dataclass' checks (``supports`` has checked alignment and strides): the
+    host path of a launch must stay in the microseconds for decode-sized problems.
+    """
+    desc = object.__new__(TensorDescriptor)
+    desc.base = t
+    desc.shape = [rows, t.shape[-1]]
+    desc.strides = [t.stride(-2), 1]
+    desc.block_shape = list(block)
+    desc.layout = _nvmma(block, dtype_name)
+    desc.padding = "zero"
+    return desc
 
 
 def _s3(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -533,9 +568,9 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         return bm, bn
     a_rows = a.shape[0] * a.shape[1] if a.dim() == 3 else a.shape[0]
     b_rows = b.shape[0] * b.shape[1] if b.dim() == 3 else b.shape[0]
-    a_desc = _desc2d(a, a_rows, (bm, BLOCK_K), gl.float8e4nv)
-    b_desc = _desc2d(b, b_rows, (bn, BLOCK_K), gl.float8e4nv)
-    d_desc = _desc2d(d, d.shape[0], (bm, bn), gl.bfloat16) if tma_store else None
+    a_desc = _desc2d(a, a_rows, (bm, BLOCK_K), "fp8")
+    b_desc = _desc2d(b, b_rows, (bn, BLOCK_K), "fp8")
+    d_desc = _desc2d(d, d.shape[0], (bm, bn), "bf16") if tma_store else None
 
     num_n = triton.cdiv(n, bn)
     max_tiles = groups * triton.cdiv(m, bm) * num_n if mode != "contiguous" else triton.cdiv(m, bm) * num_n

@@ -1,0 +1,98 @@
+"""CPU tests of the Gluon FP8 GEMM (fp8gemm.kernels.gemm_gluon): it imports without a GPU, declines
+CPU tensors, picks sane tiles, and compiles ahead of time for sm_90a with QGMMA, no local memory, and
+without ptxas serialising its asynchronous MMAs (the overlap of MMA and scale promotion depends on it).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+from fp8gemm.kernels import gemm_gluon as gg
+from fp8gemm.testing import _triton_bin, compile_sm90_in_subprocess, sass_count
+
+FP8 = torch.float8_e4m3fn
+
+
+def test_import_and_supports_on_cpu():
+    a = torch.zeros(128, 256, dtype=FP8)
+    assert gg.supports("dense", a, torch.ones(128, 2), a, torch.ones(1, 2),
+                       torch.zeros(128, 128, dtype=torch.bfloat16)) is False
+    assert gg.supports("nonsense", a, None, a, None, None) is False
+
+
+def test_pick_config():
+    big = gg.pick_config("dense", 4096, 4096, 7168, tma_store=True)
+    assert (big.block_m, big.block_n, big.num_warps) == (128, 128, 8)
+    small = gg.pick_config("dense", 64, 4096, 7168)
+    assert small.block_m == 64 and small.block_n <= 64 and small.num_warps == 4
+    capped = gg.pick_config("dense", 4096, 4096, 7168, max_block_n=64)
+    assert capped.block_n <= 64
+    for cfg in (big, small, capped):
+        assert cfg.stages >= 2
+        stage = (cfg.block_m + cfg.block_n) * gg.BLOCK_K
+        assert cfg.stages * stage + cfg.block_m * cfg.block_n * 4 <= 227 * 1024
+    # 12 warps (8 consumer + a producer warpgroup) share the register file at launch
+    assert big.maxnreg * (8 + 4) * 32 <= 65536 and small.maxnreg <= 255
+
+
+if not gg.HAS_GLUON:  # pragma: no cover
+    pytest.skip("triton without Gluon", allow_module_level=True)
+
+
+def _signature(mode, bm, bn, tma_store, out_dtype, has_c):
+    from triton.runtime.jit import mangle_type
+    a = torch.empty(256, 512, dtype=FP8)
+    d = torch.empty(256, 256, dtype=out_dtype)
+    sig = {
+        "a_desc": mangle_type(gg._desc2d(a, 256, (bm, 128), "fp8")),
+        "b_desc": mangle_type(gg._desc2d(a, 256, (bn, 128), "fp8")),
+        "d_ptr": "*bf16" if out_dtype == torch.bfloat16 else "*fp32",
+        "c_ptr": "*fp32" if has_c else ("*bf16" if out_dtype == torch.bfloat16 else "*fp32"),
+        "sfa_ptr": "*fp32", "sfb_ptr": "*fp32", "masked_m_ptr": "*i32", "m_indices_ptr": "*i32",
+        "signal_ptr": "*i32",
+    }
+    if tma_store:
+        sig["d_desc"] = mangle_type(gg._desc2d(d, 256, (bm, bn), "bf16"))
+    for name in ("M", "N", "K", "G", "s_dg", "s_dm", "s_cg", "s_cm", "s_ag", "s_am", "s_ak", "s_bg", "s_bn", "s_bk"):
+        sig[name] = "i32"
+    return sig
+
+
+VARIANTS = [
+    # mode, block_m, block_n, tma_store, out, has_c, signal, k_rotate
+    ("dense", 128, 128, True, torch.bfloat16, False, False, False),
+    ("dense", 64, 32, True, torch.bfloat16, False, False, True),
+    ("dense", 128, 128, False, torch.float32, True, False, False),
+    ("masked", 64, 128, False, torch.bfloat16, False, True, False),
+    ("contiguous", 128, 64, False, torch.bfloat16, False, False, False),
+]
+
+
+@pytest.mark.parametrize("mode,bm,bn,tma_store,out,has_c,signal,k_rotate", VARIANTS)
+def test_aot_sm90a(tmp_path, mode, bm, bn, tma_store, out, has_c, signal, k_rotate):
+    cfg = gg.GluonConfig(bm, bn, gg._stages(bm, bn, bm * bn * 4), 8 if bm == 128 else 4, k_rotate=k_rotate)
+    constexprs = dict(MODE=gg._MODES[mode], BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages,
+                      TMA_STORE=tma_store, HAS_C=has_c, HAS_SIGNAL=signal, SB_SCALAR=(128 % bn == 0),
+                      K_ROTATE=k_rotate, PRODUCER_REGS=cfg.producer_regs)
+    if not tma_store:
+        constexprs["d_desc"] = None
+    r = compile_sm90_in_subprocess("fp8gemm.kernels.gemm_gluon", "fp8_gemm_ws_kernel",
+                                   _signature(mode, bm, bn, tma_store, out, has_c), constexprs,
+                                   num_warps=cfg.num_warps, gluon=True, maxnreg=cfg.maxnreg,
+                                   divisible_by_16=["sfa_ptr", "sfb_ptr", "d_ptr", "c_ptr", "N", "K", "s_dm"])
+    assert sass_count(r["sass"], "QGMMA") >= 8, "no FP8 tensor-core MMA in the SASS"
+    assert r["local"] == 0 and r["stack"] == 0, (r["local"], r["stack"])
+    assert sass_count(r["sass"], "LDL") == 0 and sass_count(r["sass"], "STL") == 0
+    assert 0 < r["regs"] <= 255
+    assert r["shared"] <= 227 * 1024
+    if signal:
+        assert "atom.global.gpu.release.add" in r["ptx"]
+    # ptxas must keep the MMAs asynchronous: C7514/C7515 mean it serialised them (waits after each).
+    ptx = tmp_path / "k.ptx"
+    ptx.write_text(r["ptx"])
+    log = subprocess.run([_triton_bin("ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
+                         capture_output=True, text=True).stderr
+    assert "C7514" not in log and "C7515" not in log, log
