@@ -3,7 +3,8 @@
     PYTHONPATH=. python3 benchmarks/gluon_dev.py [--out DIR] [--phases check,bench] [--quick]
 
 Phases: check (correctness), sweep (tile shapes vs the model, CUDA-graph timings), bench (the
-picked configs against cuBLAS).  Each phase runs in a subprocess with a time limit (a hung kernel costs that limit, not the whole call).
+picked configs against cuBLAS).  Each phase runs in a subprocess with a time limit (a hung kernel costs
+that limit, not the whole call).
 Correctness: the ``check_*`` helpers of tests/gpu/test_gemm_gluon_gpu.py (fresh randn, NaN-poisoned
 outputs, calc_diff < 1e-3, untouched rows, exact SBO signals).  Timing: triton.testing.do_bench (median,
 L2 flushed) of our kernel and of cuBLAS block-scaled FP8 (torch.nn.functional.scaled_mm, A 1x128 with

@@ -16,7 +16,12 @@ Structure of the kernel (one persistent program per SM, at most ``num_sms`` prog
   the input of slice k's MMA (``use_acc=False``), so no zeroing is spent per slice;
 * epilogue: dense BF16 output goes through shared memory and a TMA store (overlapping the next
   tile's main loop); the grouped modes and FP32/``c`` outputs use masked vector stores, and the
-  masked mode bumps its SBO counter (release, GPU scope) after each stored tile.
+  masked mode bumps its SBO counter (release, GPU scope) after each stored tile;
+* tiles: BLOCK_M 64 (one consumer warpgroup) or 128 (two), BLOCK_N 16..128, chosen per shape by
+  :func:`pick_config` (narrow tiles give small-M shapes enough programs); scale factors are read
+  in any strides straight from global memory, two K-slices ahead of their use.
+
+Measured numbers and the history of each version: ``benchmarks/GLUON_NOTES.md``.
 
 Modes: ``dense`` (A [M, K]), ``masked`` (A [G, max_m, K], rows < masked_m[g]),
 ``contiguous`` (A [M_total, K], expert id per row, -1 rows untouched).
