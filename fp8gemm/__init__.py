@@ -7,6 +7,9 @@ from ._version import __version__
 from .runtime import (get_mk_alignment_for_contiguous_layout, get_num_sms,
                       set_mk_alignment_for_contiguous_layout, set_num_sms)
 from . import reference, testing  # noqa: F401
+from .quant import (ceil_to_ue8m0, get_mn_major_tma_aligned_tensor, pack_ue8m0_to_int, per_block_cast_to_fp8,
+                    per_channel_cast_to_fp8, per_token_cast_to_fp4, per_token_cast_to_fp8,
+                    transform_sf_into_required_layout)
 from .gemm import (bf16_gemm_nn, bf16_gemm_nt, bf16_gemm_tn, bf16_gemm_tt, fp8_gemm_nn, fp8_gemm_nt,
                    fp8_gemm_tn, fp8_gemm_tt)
 from .grouped import (alloc_signal, get_masked_signal_size, k_grouped_fp8_gemm_tn_contiguous,

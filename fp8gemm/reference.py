@@ -19,7 +19,161 @@ FP8_MAX = 448.0
 # =====================================================================================
 # Scale factors and quantisation
 # =====================================================================================
-# (filled in by the quantisation work: ceil_to_ue8m0, per_token_cast_to_fp8, ...)
+# Conventions shared by every cast (DeepGEMM's, made exact where DeepGEMM leaves room):
+#
+# * a "group" is the block of elements that shares one scale; the tensor is zero-padded up to
+#   whole groups first (padding never changes an amax, it is |x| >= 0);
+# * amax = max |x| over the group in FP32, clamped below at 1e-4 (so all-zero groups get a
+#   finite, non-zero scale); sf = amax / fmt_max (448 for E4M3, 6 for E2M1), IEEE division;
+# * with UE8M0, sf is rounded up to a power of two by :func:`ceil_to_ue8m0`;
+# * codes = cast(x_fp32 * (1 / sf)): the reciprocal is taken once (IEEE division) and multiplied,
+#   as DeepGEMM does; the product is cast with round-to-nearest-even;
+# * inf / NaN: NaN propagates: a group holding a NaN gets a NaN scale (canonical bits 0x7FC00000)
+#   and NaN codes throughout (E4M3 NaN is the positive code 0x7F); a group holding +-inf (and no
+#   NaN) gets an inf scale, its infinite elements become NaN (inf * 1/inf = inf * 0) and its finite
+#   elements 0 (signed zero, E4M3 0x00 / 0x80).  E2M1 has no NaN: NaN values become code 0 and the
+#   scale carries the NaN (its UE8M0 byte is 0xFF).
+#
+# The E4M3 codes never need saturation: |x * (1/sf)| <= amax * (1/sf) <= 448 * (1 + 2^-22), which
+# rounds to 448.
+
+_NAN_BITS = 0x7FC00000      # the canonical (quiet, positive) FP32 NaN every scale NaN is written as
+E4M3_NAN = 0x7F             # the E4M3 NaN code every NaN code is written as (positive sign)
+AMAX_FLOOR = 1e-4           # DeepGEMM's clamp of the group amax
+E2M1_MAX = 6.0
+
+
+def _canonical_nan(sf: torch.Tensor) -> torch.Tensor:
+    nan = torch.tensor(_NAN_BITS, dtype=torch.int32, device=sf.device).view(torch.float32)
+    return torch.where(sf.isnan(), nan, sf)
+
+
+def ceil_to_ue8m0(x: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two ``>= |x|``, elementwise, as FP32 (the UE8M0 rounding of a scale).
+
+    Defined on the bits, not through ``log2`` (a float ``log2`` of ``2^k * (1 + 2^-23)`` rounds to
+    ``k`` for large ``k`` and would round down): with ``b`` the bits of ``|x|`` as FP32,
+    ``result_bits = (b + 0x007FFFFF) & 0x7F800000`` -- any non-zero mantissa carries into the exponent
+    and the mantissa is cleared.  Hence: exact powers of two map to themselves; values above
+    ``2^127`` and ``inf`` give ``inf``; ``0`` gives ``0``; subnormals give ``2^-126`` (the smallest
+    normal power of two, so every non-zero result has a UE8M0 byte); NaN gives NaN (0x7FC00000).
+    The sign is dropped.  The casts never feed it zeros or subnormals (amax >= 1e-4).
+    """
+    bits = x.float().abs().view(torch.int32).to(torch.int64)
+    out = ((bits + 0x007FFFFF) & 0x7F800000).to(torch.int32).view(torch.float32)
+    return _canonical_nan(torch.where(x.isnan(), float("nan"), out))
+
+
+def to_ue8m0_bytes(sf: torch.Tensor) -> torch.Tensor:
+    """The UE8M0 byte of FP32 scales: the FP32 exponent field, uint8 (``2^(byte - 127)``).
+
+    Exact for (non-negative) powers of two in ``[2^-126, 2^127]``; ``inf`` and NaN give 0xFF, 0 gives 0.
+    """
+    return ((sf.float().view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+
+
+def pack_ue8m0_to_int(sf: torch.Tensor) -> torch.Tensor:
+    """FP32 powers of two ``[..., n]`` -> int32 ``[..., ceil(n / 4)]``, four UE8M0 bytes a word.
+
+    The byte of element ``4j + i`` is byte ``i`` (little endian: bits ``8i .. 8i+7``) of word ``j``;
+    missing elements of the last word are 0 bytes.  Inverse: :func:`unpack_ue8m0_from_int`.
+    """
+    b = to_ue8m0_bytes(sf)
+    pad = (-b.shape[-1]) % 4
+    if pad:
+        b = torch.nn.functional.pad(b, (0, pad))
+    words = b.to(torch.int64).reshape(*b.shape[:-1], -1, 4)
+    packed = words[..., 0] | (words[..., 1] << 8) | (words[..., 2] << 16) | (words[..., 3] << 24)
+    return (packed - ((packed >> 31) << 32)).to(torch.int32)     # the uint32 word read as int32
+
+
+def to_e4m3(y: torch.Tensor) -> torch.Tensor:
+    """FP32 -> E4M3 with round-to-nearest-even (torch's cast), every NaN written as the code 0x7F."""
+    q = y.float().to(FP8)
+    bits = q.view(torch.uint8)
+    return torch.where(y.isnan(), torch.full_like(bits, E4M3_NAN), bits).view(FP8)
+
+
+def _group_scales(x: torch.Tensor, rows: int, cols: int, fmt_max: float, use_ue8m0: bool):
+    """Zero-padded ``x`` as ``[Mb, rows, Kb, cols]`` (FP32) and its scales ``[Mb, Kb]``."""
+    m, k = x.shape
+    mp, kp = -(-m // rows) * rows, -(-k // cols) * cols
+    xp = torch.zeros(mp, kp, dtype=torch.float32, device=x.device)
+    xp[:m, :k] = x.float()
+    xv = xp.view(mp // rows, rows, kp // cols, cols)
+    if xv.numel() == 0:
+        return xv, torch.zeros(mp // rows, kp // cols, dtype=torch.float32, device=x.device)
+    amax = xv.abs().amax(dim=(1, 3)).clamp(min=AMAX_FLOOR)      # amax and clamp both propagate NaN
+    sf = amax / fmt_max
+    if use_ue8m0:
+        sf = ceil_to_ue8m0(sf)
+    return xv, _canonical_nan(sf)
+
+
+def _cast_fp8(x, rows, cols, use_ue8m0):
+    m, k = x.shape
+    xv, sf = _group_scales(x, rows, cols, FP8_MAX, use_ue8m0)
+    inv = 1.0 / sf
+    y = xv * inv[:, None, :, None]
+    q = to_e4m3(y.reshape(xv.shape[0] * rows, -1)[:m, :k])
+    return q.contiguous(), sf
+
+
+def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int = 128):
+    """``x`` [M, K] -> (E4M3 [M, K], FP32 scales [M, ceil(K / gran_k)]): one scale per row per ``gran_k`` columns.
+
+    The last group of a row may be partial (K need not be a multiple of ``gran_k``).  See the
+    section's conventions for the scale, the rounding and inf/NaN.
+    """
+    return _cast_fp8(x, 1, gran_k, use_ue8m0)
+
+
+def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int = 128):
+    """``x`` [M, K] -> (E4M3 [M, K], FP32 scales [ceil(M / 128), ceil(K / gran_k)]): one scale per 128 x gran_k block."""
+    return _cast_fp8(x, 128, gran_k, use_ue8m0)
+
+
+def per_channel_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int = 128):
+    """``x`` [M, N] -> (E4M3 [M, N], FP32 scales [ceil(M / gran_k), N]): one scale per column per ``gran_k`` rows.
+
+    The layout the K-grouped GEMM takes (M is the K dimension there).
+    """
+    return _cast_fp8(x, gran_k, 1, use_ue8m0)
+
+
+def e2m1_codes(y: torch.Tensor) -> torch.Tensor:
+    """FP32 -> E2M1 codes (uint8 0..15: bit 3 the sign, bits 0-2 the index into ``E2M1_VALUES``).
+
+    Definition: the magnitude goes to the nearest of {0, 0.5, 1, 1.5, 2, 3, 4, 6}; a value exactly
+    half-way between two goes to the one with the even code (0.25 -> 0, 0.75 -> 1, 1.25 -> 1,
+    1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4), as IEEE round-to-nearest-even does; magnitudes above 6
+    (and inf) saturate to 6.  A result of magnitude 0 is always code 0 (no negative zero).  NaN -> 0.
+    """
+    mag = y.double().abs().clamp(max=E2M1_MAX)
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float64, device=y.device)
+    dist = (mag.unsqueeze(-1) - table).abs()
+    nearest = dist == dist.min(dim=-1, keepdim=True).values
+    even = (torch.arange(8, device=y.device) % 2) == 0
+    code = (nearest.to(torch.int64) * 2 + (nearest & even).to(torch.int64)).argmax(dim=-1)  # nearest, even first
+    code = torch.where(y.isnan(), 0, code)
+    negative = (y < 0) & (code != 0)
+    return (code | (negative.to(torch.int64) << 3)).to(torch.uint8)
+
+
+def per_token_cast_to_fp4(x: torch.Tensor, use_ue8m0: bool = True, gran_k: int = 32, ue8m0_bytes: bool = False):
+    """``x`` [M, K] (K even) -> (E2M1 codes uint8 [M, K / 2], scales [M, ceil(K / gran_k)]).
+
+    Two codes a byte: the even column in the low nibble, the odd column in the high nibble
+    (:func:`e2m1_codes` for the rounding).  sf = max(amax, 1e-4) / 6, rounded up to a power of two
+    when ``use_ue8m0`` (the default, what the FP4 GEMMs take).  Scales come back as FP32, or with
+    ``ue8m0_bytes=True`` (needs ``use_ue8m0``) as their uint8 UE8M0 bytes (:func:`to_ue8m0_bytes`).
+    """
+    m, k = x.shape
+    xv, sf = _group_scales(x, 1, gran_k, E2M1_MAX, use_ue8m0)
+    y = (xv * (1.0 / sf)[:, None, :, None]).reshape(m, -1)[:, :k]
+    codes = e2m1_codes(y)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return packed.contiguous(), (to_ue8m0_bytes(sf) if ue8m0_bytes else sf)
 
 
 # =====================================================================================
