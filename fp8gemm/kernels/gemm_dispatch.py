@@ -162,8 +162,8 @@ def plan_masked(a, sfa, b, sfb, d, expected_m: int, max_block_n: int) -> tuple[i
     scaled = sfa is not None
     if scaled and a.dtype != torch.uint8 and _use_gluon("masked", a, sfa, b, sfb, d, None):
         from . import gemm_gluon
-        if hasattr(gemm_gluon, "plan"):
-            return gemm_gluon.plan("masked", a, sfa, b, sfb, d, expected_m=expected_m, max_block_n=max_block_n)
+        return gemm_gluon.plan("masked", a, sfa, b, sfb, d, expected_m=expected_m, max_block_n=max_block_n,
+                               num_sms=runtime.get_num_sms())
     cfg = triton_config(gemm_triton.MODE_MASKED, a.shape[-2], b.shape[-2], b.shape[-1], scaled, expected_m,
                         max_block_n, a.shape[0], runtime.get_num_sms())
     return cfg.block_m, cfg.block_n

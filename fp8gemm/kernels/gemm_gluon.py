@@ -546,6 +546,28 @@ def _s3(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0,) * (3 - len(s)) + s
 
 
+def plan(mode: str, a, sfa, b, sfb, d, *, expected_m=None, max_block_n: int = 256, num_sms: int,
+         c=None) -> tuple[int, int]:
+    """The ``(block_m, block_n)`` that :func:`launch` will use for the same call (known before launch, so
+    callers can size and check the SBO signal array)."""
+    cfg = _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms)
+    return cfg.block_m, cfg.block_n
+
+
+def _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms) -> GluonConfig:
+    k = a.shape[-1]
+    n = b.shape[-2]
+    if mode == "dense":
+        m, groups = a.shape[0], 1
+    elif mode == "masked":
+        groups, m = a.shape[0], a.shape[1]
+    else:
+        m, groups = a.shape[0], b.shape[0]
+    tma_store = (mode == "dense" and d.dtype == torch.bfloat16 and c is None and _tma_ok(d))
+    return pick_config(mode, m, n, k, groups=groups, expected_m=expected_m, max_block_n=max_block_n,
+                       num_sms=num_sms, tma_store=tma_store, out_bytes=d.element_size(), has_c=c is not None)
+
+
 def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=None, expected_m=None,
            signal=None, num_sms: int, max_block_n: int = 256, config: GluonConfig | None = None) -> tuple[int, int]:
     """Run ``D = C + A @ B.T`` (1D2D scaling) with the Gluon kernel; returns ``(block_m, block_n)``.
@@ -564,10 +586,7 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     else:
         m, groups = a.shape[0], b.shape[0]
     tma_store = (mode == "dense" and d.dtype == torch.bfloat16 and c is None and _tma_ok(d))
-    if config is None:
-        config = pick_config(mode, m, n, k, groups=groups, expected_m=expected_m, max_block_n=max_block_n,
-                             num_sms=num_sms, tma_store=tma_store, out_bytes=d.element_size(), has_c=c is not None)
-    cfg = config
+    cfg = config if config is not None else _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms)
     bm, bn = cfg.block_m, cfg.block_n
     if m == 0 or n == 0 or groups == 0:
         return bm, bn
