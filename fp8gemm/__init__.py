@@ -15,3 +15,4 @@ from .gemm import (bf16_gemm_nn, bf16_gemm_nt, bf16_gemm_tn, bf16_gemm_tt, fp8_g
 from .grouped import (alloc_signal, get_masked_signal_size, k_grouped_fp8_gemm_tn_contiguous,
                       m_grouped_bf16_gemm_nt_contiguous, m_grouped_bf16_gemm_nt_masked,
                       m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked)
+from .attention import fp8_mqa_logits, fp8_paged_mqa_logits, get_paged_mqa_logits_metadata

@@ -328,7 +328,178 @@ def k_grouped_fp8_gemm_tn_contiguous(a, sfa, b, sfb, ks, c: torch.Tensor | None,
 # =====================================================================================
 # MQA logits (DeepSeek-V3.2 lightning indexer)
 # =====================================================================================
-# (filled in by the MQA-logits work)
+# Semantics shared by the prefill and the paged (decode) kernels:
+#   logit[i, j] = sum_h relu(q[i, h, :] . (kv[j, :] * kv_scale[j])) * weights[i, h]
+# for every key j that query i may see; every other position is -inf (what the kernels write with
+# ``clean_logits=True``; without it they leave those positions unspecified).
+
+def quantize_kv_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (per-row) absmax FP8 cast of keys ``x [..., D]``: ``(E4M3 [..., D], FP32 scales [...])``.
+
+    ``scale = max(amax, 1e-4) / 448`` and ``x ~= fp8 * scale``: the layout the MQA kernels consume
+    (DeepSeek-V3.2's indexer keys are cast this way).  Scales are always positive.
+    """
+    amax = x.abs().float().amax(dim=-1).clamp(min=1e-4)
+    scale = amax / FP8_MAX
+    return (x.float() / scale.unsqueeze(-1)).to(FP8), scale
+
+
+def _weighted_relu_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
+                          chunk_elems: int = 1 << 27) -> torch.Tensor:
+    """``sum_h relu(q[i, h] . k[j]) * weights[i, h]`` for all (i, j): q [M, H, D], k [N, D] (FP32) -> [M, N].
+
+    Chunked over queries so the [H, rows, N] temporary stays under ``chunk_elems`` elements.
+    """
+    m, h, _ = q.shape
+    n = k.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32, device=q.device)
+    rows = max(1, chunk_elems // max(1, h * n))
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        score = torch.einsum("mhd,nd->mhn", q[r0:r1], k)
+        out[r0:r1] = (score.relu() * weights[r0:r1, :, None]).sum(dim=1)
+    return out
+
+
+def mqa_logits_valid_mask(ks: torch.Tensor, ke: torch.Tensor, seq_len_kv: int,
+                          max_seqlen_k: int = 0) -> torch.Tensor:
+    """Which output positions of :func:`fp8_mqa_logits` hold a logit (the rest are -inf).
+
+    Plain form (``max_seqlen_k == 0``): ``[seq_len, seq_len_kv]``, position (i, j) valid iff
+    ``ks[i] <= j < ke[i]`` (j is always in ``[0, seq_len_kv)``).  Compressed form: ``[seq_len, max_seqlen_k]``,
+    column c of row i stands for key ``ks[i] + c`` and is valid iff that key is valid for row i.
+    """
+    ks = ks.long()[:, None]
+    ke = ke.long()[:, None]
+    if max_seqlen_k == 0:
+        j = torch.arange(seq_len_kv, device=ks.device)[None, :]
+    else:
+        j = ks + torch.arange(max_seqlen_k, device=ks.device)[None, :]
+    return (j >= ks) & (j < ke) & (j >= 0) & (j < seq_len_kv)
+
+
+def fp8_mqa_logits(q: torch.Tensor, kv: torch.Tensor, kv_scales: torch.Tensor, weights: torch.Tensor,
+                   ks: torch.Tensor, ke: torch.Tensor, max_seqlen_k: int = 0) -> torch.Tensor:
+    """Prefill MQA logits (DeepGEMM's ``fp8_mqa_logits``), all invalid positions -inf.
+
+    ``q`` FP8 [seq_len, H, D]; ``kv`` FP8 [seq_len_kv, D] with ``kv_scales`` FP32 [seq_len_kv];
+    ``weights`` FP32 [seq_len, H]; ``ks``/``ke`` int [seq_len]: query i sees keys ``[ks[i], ke[i])``
+    (clipped to ``[0, seq_len_kv)``).  ``max_seqlen_k == 0`` gives FP32 ``[seq_len, seq_len_kv]``;
+    ``max_seqlen_k > 0`` the compressed form ``[seq_len, max_seqlen_k]`` whose column c of row i holds
+    key ``ks[i] + c`` (keys past ``ks[i] + max_seqlen_k`` are dropped).  Inputs may also be
+    already-dequantised floats (then pass ``kv_scales`` of ones).
+    """
+    seq_len_kv = kv.shape[0]
+    k = kv.float() * kv_scales.float()[:, None]
+    dense = _weighted_relu_logits(q.float(), k, weights.float())
+    if max_seqlen_k == 0:
+        return dense.masked_fill(~mqa_logits_valid_mask(ks, ke, seq_len_kv), float("-inf"))
+    valid = mqa_logits_valid_mask(ks, ke, seq_len_kv, max_seqlen_k)
+    cols = (ks.long()[:, None] + torch.arange(max_seqlen_k, device=q.device)[None, :]).clamp(0, max(seq_len_kv - 1, 0))
+    if seq_len_kv == 0:
+        return torch.full((q.shape[0], max_seqlen_k), float("-inf"), device=q.device)
+    return torch.gather(dense, 1, cols).masked_fill(~valid, float("-inf"))
+
+
+def pack_paged_kv_cache(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """DeepGEMM's fused paged KV cache: uint8 ``[num_blocks, block_kv, 1, D + 4]``.
+
+    Each block (``block_kv * (D + 4)`` bytes) holds its ``block_kv`` tokens' FP8 values first
+    (``block_kv * D`` bytes, token-major) and then their ``block_kv`` FP32 scales; the 4-D shape is
+    only a view of those bytes.  ``values`` FP8 [num_blocks, block_kv, D] (or with a 1 at dim 2),
+    ``scales`` FP32 [num_blocks, block_kv].
+    """
+    if values.dim() == 4:
+        values = values.squeeze(2)
+    nb, bk, d = values.shape
+    out = torch.empty(nb, bk * (d + 4), dtype=torch.uint8, device=values.device)
+    out[:, :bk * d] = values.reshape(nb, bk * d).view(torch.uint8)
+    out[:, bk * d:] = scales.float().reshape(nb, bk).contiguous().view(torch.uint8)
+    return out.view(nb, bk, 1, d + 4)
+
+
+def unpack_paged_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_paged_kv_cache`: ``(FP8 [num_blocks, block_kv, D], FP32 [num_blocks, block_kv])``."""
+    nb, bk, _, dp4 = kv_cache.shape
+    d = dp4 - 4
+    flat = kv_cache.reshape(nb, bk * dp4)
+    values = flat[:, :bk * d].contiguous().view(FP8).view(nb, bk, d)
+    scales = flat[:, bk * d:].contiguous().view(torch.float32).view(nb, bk)
+    return values, scales
+
+
+def paged_mqa_logits_limits(context_lens: torch.Tensor, next_n: int) -> torch.Tensor:
+    """How many keys each query row of :func:`fp8_paged_mqa_logits` sees (int64 [batch * next_n]).
+
+    Row ``b * next_n + t`` sees keys ``[0, limit)``: with 1-D ``context_lens`` [batch] the causal rule
+    of speculative decoding, ``limit = context_lens[b] - next_n + t + 1`` (the last of the next_n
+    tokens sees the whole context, each earlier one a key fewer); with 2-D ``context_lens``
+    [batch, next_n] each row's own length, ``limit = context_lens[b, t]``.  Negative limits mean none.
+    """
+    c = context_lens.long()
+    if c.dim() == 2:
+        return c.reshape(-1).clamp(min=0)
+    t = torch.arange(next_n, device=c.device)
+    return (c[:, None] - next_n + 1 + t[None, :]).reshape(-1).clamp(min=0)
+
+
+def paged_mqa_logits_valid_mask(context_lens: torch.Tensor, next_n: int, max_context_len: int) -> torch.Tensor:
+    """Bool ``[batch * next_n, max_context_len]``: positions of the paged logits that hold a logit."""
+    lim = paged_mqa_logits_limits(context_lens, next_n)
+    return torch.arange(max_context_len, device=lim.device)[None, :] < lim[:, None]
+
+
+def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
+                         context_lens: torch.Tensor, block_table: torch.Tensor,
+                         max_context_len: int) -> torch.Tensor:
+    """Decode MQA logits over a paged KV cache (DeepGEMM's ``fp8_paged_mqa_logits``), invalid positions -inf.
+
+    ``q`` FP8 [batch, next_n, H, D]; ``kv_cache`` uint8 [num_blocks, block_kv, 1, D + 4] in the layout of
+    :func:`pack_paged_kv_cache`; ``weights`` FP32 [batch * next_n, H]; ``context_lens`` int [batch] or
+    [batch, next_n] (see :func:`paged_mqa_logits_limits` for which keys each row sees); ``block_table``
+    int [batch, max_blocks]: key j of sequence b lives at slot ``j % block_kv`` of block
+    ``block_table[b, j // block_kv]``.  Output FP32 [batch * next_n, max_context_len].
+    """
+    batch, next_n, h, d = q.shape
+    values, scales = unpack_paged_kv_cache(kv_cache)
+    bk = values.shape[1]
+    lim = paged_mqa_logits_limits(context_lens, next_n).view(batch, next_n)
+    out = torch.full((batch * next_n, max_context_len), float("-inf"), dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        n = min(int(lim[b].max()), max_context_len)
+        if n <= 0:
+            continue
+        blocks = block_table[b, :math.ceil(n / bk)].long()
+        k = (values[blocks].float() * scales[blocks].float()[..., None]).reshape(-1, d)[:n]
+        rows = _weighted_relu_logits(q[b].float(), k, weights[b * next_n:(b + 1) * next_n].float())
+        keep = torch.arange(n, device=q.device)[None, :] < lim[b][:, None]
+        out[b * next_n:(b + 1) * next_n, :n] = rows.masked_fill(~keep, float("-inf"))
+    return out
+
+
+def paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num_sms: int) -> torch.Tensor:
+    """The persistent-SM work split of :func:`fp8gemm.get_paged_mqa_logits_metadata` (int32 [num_sms + 1, 2]).
+
+    Sequence b is cut into ``ceil(len_b / (4 * block_kv))`` splits (``len_b`` = ``context_lens[b]``, or
+    ``max_t context_lens[b, t]`` for 2-D lengths); the splits of all sequences, in order, are dealt out
+    to ``num_sms`` workers as evenly as possible (the first ``total % num_sms`` get one more).  Row s is
+    the (sequence, split) where worker s starts; row ``num_sms`` is ``(batch, 0)``, the end.
+    """
+    c = context_lens.long().cpu()
+    lens = (c.amax(dim=1) if c.dim() == 2 else c).clamp(min=0).tolist()
+    split = 4 * block_kv
+    segs = [(n + split - 1) // split for n in lens]
+    total = sum(segs)
+    base, extra = divmod(total, num_sms)
+    out = []
+    for s in range(num_sms + 1):
+        start = s * base + min(s, extra)
+        b, acc = 0, 0
+        while b < len(segs) and acc + segs[b] <= start:
+            acc += segs[b]
+            b += 1
+        out.append((b, start - acc))
+    return torch.tensor(out, dtype=torch.int32)
 
 
 # =====================================================================================
