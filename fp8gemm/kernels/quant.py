@@ -19,10 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-AMAX_FLOOR = 1e-4
-E4M3_MAX = 448.0
-E2M1_MAX = 6.0
-
 
 # -------------------------------------------------------------------------------------
 # Device helpers (shared with the MoE pre-dispatch kernel)

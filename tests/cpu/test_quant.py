@@ -4,7 +4,6 @@ byte for byte (the interpreter on CPU), argument validation, scale layouts, and 
 Reference: the "Scale factors and quantisation" section of fp8gemm.reference.
 """
 import math
-import warnings
 
 import pytest
 import torch
