@@ -172,5 +172,38 @@ def contiguous_cases(quick: bool) -> list[Case]:
     return cases
 
 
+def masked_fp4_cases(quick: bool) -> list[Case]:
+    """FP4 activations (dequantised to E4M3 inside the kernel) vs the same GEMM fed FP8 activations."""
+    cases = []
+    max_m = 4096
+    for g, expected in [(32, 20), (6, 20)] if quick else [(32, 20), (6, 20), (32, 192)]:
+        for n, k in GROUPED_NK[:2] if quick else GROUPED_NK:
+            masked_m = torch.full((g,), expected, dtype=torch.int32, device="cuda")
+            codes = torch.randint(0, 256, (g, max_m, k // 2), dtype=torch.uint8, device="cuda")
+            sbytes = torch.randint(120, 131, (g, max_m, k // 32), dtype=torch.uint8, device="cuda")
+            a8, sfa8 = _fp8((g, max_m, k)), _scales((g, max_m, k // 128))
+            b, sfb = _fp8((g, n, k)), _scales((g, math.ceil(n / 128), k // 128))
+            d = torch.empty(g, max_m, n, dtype=torch.bfloat16, device="cuda")
+
+            def ours(c=codes, s=sbytes, b=b, sfb=sfb, d=d, mm=masked_m, e=expected):
+                fp8gemm.m_grouped_fp8_gemm_nt_masked((c, s), (b, sfb), d, mm, e)
+
+            def fp8_input(a=a8, sfa=sfa8, b=b, sfb=sfb, d=d, mm=masked_m, e=expected):
+                fp8gemm.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, mm, e)
+
+            def check(c=codes, s=sbytes, b=b, sfb=sfb, d=d, mm=masked_m, e=expected):
+                d.fill_(float("nan"))
+                fp8gemm.m_grouped_fp8_gemm_nt_masked((c, s), (b, sfb), d, mm, e)
+                ref = R.m_grouped_fp8_gemm_nt_masked(c[:, :e], s[:, :e], b, sfb, mm, torch.zeros_like(d[:, :e]))
+                return calc_diff(d[:, :e], ref)
+
+            total = g * expected
+            cases.append(Case("masked", f"fp4-act g{g} e{expected} n{n} k{k}", 2.0 * total * n * k,
+                              g * n * k + total * k // 2 + 2 * total * n, {"fp8gemm": ours, "fp8-input": fp8_input},
+                              check, 1e-3))
+    return cases
+
+
 def cases(quick: bool) -> list[Case]:
-    return dense_cases(quick) + masked_cases(quick) + masked_cases(True, overlap=True) + contiguous_cases(quick)
+    return (dense_cases(quick) + masked_cases(quick) + masked_cases(True, overlap=True) + contiguous_cases(quick)
+            + masked_fp4_cases(quick))
