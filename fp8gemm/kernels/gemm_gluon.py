@@ -554,7 +554,8 @@ def plan(mode: str, a, sfa, b, sfb, d, *, expected_m=None, max_block_n: int = 25
     return cfg.block_m, cfg.block_n
 
 
-def _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms) -> GluonConfig:
+def _problem(mode, a, b, d, c):
+    """(m, n, k, groups, tma_store) of a validated call; m is the row count of one group."""
     k = a.shape[-1]
     n = b.shape[-2]
     if mode == "dense":
@@ -564,6 +565,11 @@ def _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms) -> GluonConf
     else:
         m, groups = a.shape[0], b.shape[0]
     tma_store = (mode == "dense" and d.dtype == torch.bfloat16 and c is None and _tma_ok(d))
+    return m, n, k, groups, tma_store
+
+
+def _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms) -> GluonConfig:
+    m, n, k, groups, tma_store = _problem(mode, a, b, d, c)
     return pick_config(mode, m, n, k, groups=groups, expected_m=expected_m, max_block_n=max_block_n,
                        num_sms=num_sms, tma_store=tma_store, out_bytes=d.element_size(), has_c=c is not None)
 
@@ -577,15 +583,7 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     zeroed by the caller, each ends at ``ceil(N / block_n)`` for m-blocks below ``masked_m[g]``.
     """
     mode_id = _MODES[mode]
-    k = a.shape[-1]
-    n = b.shape[-2]
-    if mode == "dense":
-        m, groups = a.shape[0], 1
-    elif mode == "masked":
-        groups, m = a.shape[0], a.shape[1]
-    else:
-        m, groups = a.shape[0], b.shape[0]
-    tma_store = (mode == "dense" and d.dtype == torch.bfloat16 and c is None and _tma_ok(d))
+    m, n, k, groups, tma_store = _problem(mode, a, b, d, c)
     cfg = config if config is not None else _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms)
     bm, bn = cfg.block_m, cfg.block_n
     if m == 0 or n == 0 or groups == 0:
