@@ -109,16 +109,23 @@ def fp8_mqa_logits(q: torch.Tensor, kv, weights: torch.Tensor, cu_seq_len_k_star
                                cu_seq_len_k_end=cu_seq_len_k_end)
     _check_device(device)
 
+    return _run_prefill(q, kv_t, kv_sf, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k)
+
+
+def _run_prefill(q, kv_t, kv_sf, weights, ks, ke, clean_logits: bool, max_seqlen_k: int,
+                 cfg: K.PrefillConfig | None = None) -> torch.Tensor:
+    """Allocate the output and launch the prefill kernel on validated arguments (``cfg``: tile override)."""
+    seq_len, num_heads, head_dim = q.shape
     compressed = max_seqlen_k > 0
-    width = max_seqlen_k if compressed else seq_len_kv
-    out = _padded_output(seq_len, width, device)
+    width = max_seqlen_k if compressed else kv_t.shape[0]
+    out = _padded_output(seq_len, width, q.device)
     if seq_len == 0 or width == 0:
         return out
-    cfg = K.prefill_config(num_heads, head_dim)
+    cfg = cfg or K.prefill_config(num_heads, head_dim)
     grid = (triton_cdiv(seq_len, cfg.block_q),)
     K.mqa_logits_kernel[grid](
-        q, kv_t, kv_sf, weights, cu_seq_len_k_start, cu_seq_len_k_end, out,
-        seq_len, seq_len_kv, max_seqlen_k, weights.stride(0), out.stride(0),
+        q, kv_t, kv_sf, weights, ks, ke, out,
+        seq_len, kv_t.shape[0], max_seqlen_k, weights.stride(0), out.stride(0),
         H=num_heads, D=head_dim, BLOCK_Q=cfg.block_q, BLOCK_K=cfg.block_k,
         COMPRESSED=compressed, CLEAN=clean_logits, CLEAN_BLOCK=K.CLEAN_BLOCK,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -239,16 +246,24 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
                                block_table=block_table, schedule_meta=schedule_meta)
     _check_device(device)
 
-    out = _padded_output(batch * next_n, max_context_len, device)
+    return _run_paged(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits)
+
+
+def _run_paged(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len: int,
+               clean_logits: bool, cfg: K.PagedConfig | None = None) -> torch.Tensor:
+    """Allocate the output and launch the paged kernel on validated arguments (``cfg``: tile override)."""
+    batch, next_n, num_heads, head_dim = q.shape
+    num_blocks, block_kv, _, dp4 = kv_cache.shape
+    out = _padded_output(batch * next_n, max_context_len, q.device)
     if batch == 0 or max_context_len == 0:
         return out
-    cfg = K.paged_config(num_heads, head_dim, next_n, block_kv)
+    cfg = cfg or K.paged_config(num_heads, head_dim, next_n, block_kv)
     workers = schedule_meta.shape[0] - 1
+    block_stride = kv_cache.stride(0) if num_blocks > 1 else block_kv * dp4
     # The FP8 values and the FP32 scales are two typed views of the same bytes (no copy).
     K.paged_mqa_logits_kernel[(workers * cfg.sub,)](
         q, kv_cache.view(FP8), kv_cache.view(torch.float32), weights, context_lens, block_table, schedule_meta, out,
-        batch, max_context_len, block_table.shape[1], s0 if num_blocks > 1 else block_kv * dp4,
-        block_table.stride(0), out.stride(0),
+        batch, max_context_len, block_table.shape[1], block_stride, block_table.stride(0), out.stride(0),
         NEXT_N=next_n, H=num_heads, D=head_dim, BLOCK_KV=block_kv, CTX_2D=context_lens.dim() == 2,
         CLEAN=clean_logits, TILE=cfg.tile, SUB=cfg.sub, CLEAN_BLOCK=K.CLEAN_BLOCK,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -88,7 +88,9 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
     every other column of ``[0, max_seqlen_k)``.
     """
     QH: tl.constexpr = BLOCK_Q * H
-    pid = tl.program_id(0)
+    # Last query block first: in causal prefill later queries see more keys, and starting the longest
+    # programs first shortens the tail of the launch.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     q0 = pid * BLOCK_Q
     rq = q0 + tl.arange(0, BLOCK_Q)
     q_ok = rq < seq_len
