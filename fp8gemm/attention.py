@@ -172,7 +172,8 @@ def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num
     meta = torch.empty(num_sms + 1, 2, dtype=torch.int32, device=context_lens.device)
     K.paged_mqa_metadata_kernel[(1,)](
         context_lens, meta, batch, num_sms, SPLIT=K.SPLIT_PAGES * block_kv, NEXT_N=next_n,
-        CTX_2D=context_lens.dim() == 2, BLOCK_B=256, BLOCK_S=128, num_warps=4)
+        CTX_2D=context_lens.dim() == 2, BLOCK_B=K.META_BLOCK_B, BLOCK_S=K.META_BLOCK_S,
+        num_warps=K.META_WARPS)
     return meta
 
 

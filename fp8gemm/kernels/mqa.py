@@ -27,6 +27,9 @@ BLOCK_KVS = (16, 32, 64, 128)
 SPLIT_PAGES = 4
 # Rows of output stored by one -inf fill step; 1024-byte runs keep the fill at full write bandwidth.
 CLEAN_BLOCK = 256
+# The metadata kernel compares BLOCK_S workers with BLOCK_B sequences at a time; 256 x 32 on 8 warps
+# stays in registers (256 x 128 on 4 warps spills to the stack).
+META_BLOCK_B, META_BLOCK_S, META_WARPS = 256, 32, 8
 
 
 # -------------------------------------------------------------------------------------
