@@ -164,7 +164,7 @@ def test_metadata_matches_reference():
 def test_paged_cuda_graph_replay(next_n):
     """Capture metadata + logits once; replay with new context lengths and block tables written in place."""
     batch, h, d, block_kv = 128, 64, 128, 64
-    q, cache, w, ctx, table, max_len = _paged_inputs(batch, next_n, h, d, block_kv, 4096, pool_extra=4096)
+    q, cache, w, ctx, table, max_len = _paged_inputs(batch, next_n, h, d, block_kv, 4096)
     num_sms = fp8gemm.get_num_sms()
     static = dict(q=q.clone(), w=w.clone(), ctx=ctx.clone(), table=table.clone())
 
@@ -188,8 +188,7 @@ def test_paged_cuda_graph_replay(next_n):
         new_ctx[0] = 0
         new_ctx[1] = max_len
         need = (new_ctx + block_kv - 1) // block_kv
-        new_table = torch.randperm(cache.shape[0], device="cuda", dtype=torch.int32)[:batch * table.shape[1]]
-        new_table = new_table.view(batch, table.shape[1])
+        new_table = torch.randint(0, cache.shape[0], table.shape, dtype=torch.int32, device="cuda")
         static["ctx"].copy_(new_ctx)
         static["table"].copy_(new_table)
         static["q"].copy_(torch.randn(batch, next_n, h, d, device="cuda").to(FP8))
