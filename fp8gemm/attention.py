@@ -122,7 +122,7 @@ def _run_prefill(q, kv_t, kv_sf, weights, ks, ke, clean_logits: bool, max_seqlen
     if seq_len == 0 or width == 0:
         return out
     cfg = cfg or K.prefill_config(num_heads, head_dim)
-    grid = (triton_cdiv(seq_len, cfg.block_q),)
+    grid = (_cdiv(seq_len, cfg.block_q),)
     K.mqa_logits_kernel[grid](
         q, kv_t, kv_sf, weights, ks, ke, out,
         seq_len, kv_t.shape[0], max_seqlen_k, weights.stride(0), out.stride(0),
@@ -132,7 +132,7 @@ def _run_prefill(q, kv_t, kv_sf, weights, ks, ke, clean_logits: bool, max_seqlen
     return out
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
