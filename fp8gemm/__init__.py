@@ -10,6 +10,7 @@ from . import reference, testing  # noqa: F401
 from .quant import (ceil_to_ue8m0, get_mn_major_tma_aligned_tensor, pack_ue8m0_to_int, per_block_cast_to_fp8,
                     per_channel_cast_to_fp8, per_token_cast_to_fp4, per_token_cast_to_fp8,
                     transform_sf_into_required_layout)
+from .moe import mega_moe_pre_dispatch  # noqa: F401  (fp8gemm.moe also has the combine payload helpers)
 from .gemm import (bf16_gemm_nn, bf16_gemm_nt, bf16_gemm_tn, bf16_gemm_tt, fp8_gemm_nn, fp8_gemm_nt,
                    fp8_gemm_tn, fp8_gemm_tt)
 from .grouped import (alloc_signal, get_masked_signal_size, k_grouped_fp8_gemm_tn_contiguous,

@@ -115,7 +115,7 @@ def _cast_fp8(x, rows, cols, use_ue8m0):
     xv, sf = _group_scales(x, rows, cols, FP8_MAX, use_ue8m0)
     inv = 1.0 / sf
     y = xv * inv[:, None, :, None]
-    q = to_e4m3(y.reshape(xv.shape[0] * rows, -1)[:m, :k])
+    q = to_e4m3(y.reshape(xv.shape[0] * rows, xv.shape[2] * cols)[:m, :k])
     return q.contiguous(), sf
 
 
@@ -170,7 +170,7 @@ def per_token_cast_to_fp4(x: torch.Tensor, use_ue8m0: bool = True, gran_k: int =
     """
     m, k = x.shape
     xv, sf = _group_scales(x, 1, gran_k, E2M1_MAX, use_ue8m0)
-    y = (xv * (1.0 / sf)[:, None, :, None]).reshape(m, -1)[:, :k]
+    y = (xv * (1.0 / sf)[:, None, :, None]).reshape(m, xv.shape[2] * gran_k)[:, :k]
     codes = e2m1_codes(y)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
     return packed.contiguous(), (to_ue8m0_bytes(sf) if ue8m0_bytes else sf)
@@ -505,4 +505,78 @@ def paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num_sms
 # =====================================================================================
 # MoE activations (pre-dispatch, FP8 combine payload)
 # =====================================================================================
-# (filled in by the MoE activation-path work)
+# Buffer layout of the pre-dispatch (what the EP dispatch reads), for a buffer capacity C >= num_tokens:
+#   buf_x            E4M3 [C, hidden]  or packed E2M1 uint8 [C, hidden / 2] (two codes a byte, low nibble first)
+#   buf_x_sf         UE8M0 bytes uint8 [C, hidden / group_size]  (or FP32 [C, hidden / 128], ``fp32_scales``)
+#   buf_topk_idx     int64 or int32 [C, topk]   (the buffer's dtype decides)
+#   buf_topk_weights FP32 [C, topk]
+# Rows < num_tokens hold the token's quantised activations (exactly the per-token casts above) and its
+# routing; rows >= num_tokens are padding: ids -1, weights 0, activation bytes 0, scales 0.
+
+def ue8m0_to_fp32(b: torch.Tensor) -> torch.Tensor:
+    """UE8M0 bytes -> FP32 ``2^(b - 127)``, exactly (byte 0 is the subnormal 2^-127, 255 gives inf)."""
+    e = b.to(torch.int32)
+    return torch.where(e == 0, 0x00400000, e << 23).view(torch.float32)
+
+
+def mega_moe_pre_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_tokens: int,
+                          capacity: int, group_size: int, use_fp4_acts: bool, fp32_scales: bool = False,
+                          use_ue8m0: bool = True, idx_dtype: torch.dtype = torch.int64):
+    """What the pre-dispatch buffers hold afterwards: ``(buf_x, buf_x_sf, buf_topk_idx, buf_topk_weights)``.
+
+    Activations: :func:`per_token_cast_to_fp8` (``use_ue8m0``, ``gran_k=group_size``) with the scales as
+    UE8M0 bytes, or with ``fp32_scales`` as FP32 (``gran_k`` 128); with ``use_fp4_acts``
+    :func:`per_token_cast_to_fp4` (UE8M0 bytes).  Routing: ``topk_idx`` cast to ``idx_dtype``,
+    ``topk_weights`` as FP32.  Padding rows as in the section header.
+    """
+    t = num_tokens
+    xs = x[:t]
+    if use_fp4_acts:
+        q, sf = per_token_cast_to_fp4(xs, True, group_size, ue8m0_bytes=True)
+    else:
+        q, sf = per_token_cast_to_fp8(xs, use_ue8m0, group_size)
+        sf = sf if fp32_scales else to_ue8m0_bytes(sf)
+    buf_x = torch.zeros(capacity, *q.shape[1:], dtype=q.dtype, device=x.device)
+    buf_x_sf = torch.zeros(capacity, *sf.shape[1:], dtype=sf.dtype, device=x.device)
+    buf_x.view(torch.uint8)[:t] = q.view(torch.uint8)
+    buf_x_sf[:t] = sf
+    buf_idx = torch.full((capacity, topk_idx.shape[1]), -1, dtype=idx_dtype, device=x.device)
+    buf_idx[:t] = topk_idx[:t].to(idx_dtype)
+    buf_w = torch.zeros(capacity, topk_weights.shape[1], dtype=torch.float32, device=x.device)
+    buf_w[:t] = topk_weights[:t].float()
+    return buf_x, buf_x_sf, buf_idx, buf_w
+
+
+def quantize_combine_payload(x: torch.Tensor):
+    """The FP8 combine payload of BF16 expert outputs ``x`` [..., hidden]: E4M3 codes [..., hidden] with one
+    UE8M0 scale byte per (token, 128 columns), uint8 [..., ceil(hidden / 128)].
+
+    Exactly :func:`per_token_cast_to_fp8` with ``use_ue8m0=True, gran_k=128`` on the rows, scales as bytes.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    q, sf = per_token_cast_to_fp8(rows, True, 128)
+    return q.view(x.shape), to_ue8m0_bytes(sf).view(*x.shape[:-1], -1)
+
+
+def combine_reduce(payload: torch.Tensor, sf: torch.Tensor, weights: torch.Tensor,
+                   topk_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sum of each token's top-k expert outputs, de-quantised, accumulated in FP32, cast to BF16.
+
+    ``payload`` E4M3 [T, topk, hidden], ``sf`` UE8M0 bytes [T, topk, ceil(hidden / 128)], ``weights``
+    [T, topk] (FP32 or BF16).  ``out[t] = bf16(sum_k weights[t, k] * payload[t, k] * 2^(sf[t, k] - 127))``,
+    the sum taken in order k = 0, 1, ... in FP32 with each product rounded before it is added (no FMA),
+    starting from 0.  Slots with ``topk_idx[t, k] < 0`` (when given) are skipped, whatever their payload
+    holds.  The BF16 cast rounds to nearest even; a NaN result is written as 0x7FC0.
+    """
+    t, topk, hidden = payload.shape
+    acc = torch.zeros(t, hidden, dtype=torch.float32, device=payload.device)
+    scale = ue8m0_to_fp32(sf).repeat_interleave(128, dim=-1)[..., :hidden]
+    w = weights.float()
+    for k in range(topk):
+        value = payload[:, k].float() * scale[:, k]
+        prod = w[:, k, None] * value
+        summed = acc + prod
+        acc = summed if topk_idx is None else torch.where(topk_idx[:, k, None] >= 0, summed, acc)
+    out = acc.to(torch.bfloat16)
+    return torch.where(acc.isnan(), torch.tensor(0x7FC0, dtype=torch.int16, device=acc.device).view(torch.bfloat16),
+                       out)

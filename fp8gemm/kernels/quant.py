@@ -109,10 +109,10 @@ def e2m1_codes(y):
 @triton.jit
 def per_token_cast_kernel(x_ptr, q_ptr, sf_ptr, M, K, stride_xm, stride_xk, stride_qm, stride_sm,
                           BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr,
-                          USE_UE8M0: tl.constexpr, SOFT_CVT: tl.constexpr):
-    """E4M3 codes + one FP32 scale per (row, GRAN columns).  Program (i, j): rows
-    ``[i*BLOCK_M, (i+1)*BLOCK_M)``, groups ``[j*GROUPS, (j+1)*GROUPS)``; the tile is
-    ``[BLOCK_M, GROUPS, GRAN]`` so each group reduces along the last (contiguous) axis.
+                          USE_UE8M0: tl.constexpr, SOFT_CVT: tl.constexpr, SF_BYTES: tl.constexpr = False):
+    """E4M3 codes + one FP32 scale per (row, GRAN columns) (with ``SF_BYTES`` its UE8M0 byte instead).
+    Program (i, j): rows ``[i*BLOCK_M, (i+1)*BLOCK_M)``, groups ``[j*GROUPS, (j+1)*GROUPS)``; the tile
+    is ``[BLOCK_M, GROUPS, GRAN]`` so each group reduces along the last (contiguous) axis.
     ``q_ptr`` is the output viewed as uint8 (unit column stride)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
@@ -124,7 +124,11 @@ def per_token_cast_kernel(x_ptr, q_ptr, sf_ptr, M, K, stride_xm, stride_xk, stri
     q = e4m3_bytes(x.to(tl.float32) * inv[:, :, None], SOFT_CVT)
     tl.store(q_ptr + rows64 * stride_qm + cols[None, :, :], q, mask=mask)
     sf_mask = (rows[:, None] < M) & (groups[None, :] < tl.cdiv(K, GRAN))
-    tl.store(sf_ptr + rows.to(tl.int64)[:, None] * stride_sm + groups[None, :], sf, mask=sf_mask)
+    sf_offs = rows.to(tl.int64)[:, None] * stride_sm + groups[None, :]
+    if SF_BYTES:
+        tl.store(sf_ptr + sf_offs, ue8m0_byte(sf), mask=sf_mask)
+    else:
+        tl.store(sf_ptr + sf_offs, sf, mask=sf_mask)
 
 
 @triton.jit
@@ -215,12 +219,13 @@ def row_group_config(m: int, k: int, gran: int, elem_bytes: int, target_bytes: i
 
 
 def launch_per_token(x, q, sf, gran: int, use_ue8m0: bool, soft: bool, config=None) -> None:
+    """``sf`` FP32 scales, or uint8 for UE8M0 bytes (then ``use_ue8m0`` must be set)."""
     m, k = x.shape
     block_m, groups, warps = config or row_group_config(m, k, gran, x.element_size())
     grid = (triton.cdiv(m, block_m), triton.cdiv(triton.cdiv(k, gran), groups))
     per_token_cast_kernel[grid](x, q.view(torch.uint8), sf, m, k, x.stride(0), x.stride(1), q.stride(0),
                                 sf.stride(0), BLOCK_M=block_m, GROUPS=groups, GRAN=gran, USE_UE8M0=use_ue8m0,
-                                SOFT_CVT=soft, num_warps=warps)
+                                SOFT_CVT=soft, SF_BYTES=sf.dtype == torch.uint8, num_warps=warps)
 
 
 def launch_per_block(x, q, sf, gran: int, use_ue8m0: bool, soft: bool, config=None) -> None:

@@ -346,8 +346,10 @@ def test_kernels_write_everything_and_nothing_more(poison, device):
 
 def test_empty_inputs(device):
     for name in CASTS_FP8:
-        q, sf = getattr(fp8gemm, name)(torch.empty(0, 256, device=device))
-        assert q.shape == (0, 256)
+        for shape in ((0, 256), (5, 0)):
+            q, sf = getattr(fp8gemm, name)(torch.empty(*shape, device=device))
+            rq, rsf = getattr(R, name)(torch.empty(*shape))
+            assert q.shape == rq.shape == shape and sf.shape == rsf.shape
     q, sf = fp8gemm.per_token_cast_to_fp8(torch.empty(0, 300, device=device))
     assert sf.shape == (0, 3)
     q, sf = fp8gemm.per_token_cast_to_fp4(torch.empty(0, 64, device=device))

@@ -1,0 +1,171 @@
+"""Triton kernels of the MoE activation path: the fused pre-dispatch (cast + routing copy + padding in one
+launch) and the FP8 combine reduction.  Semantics: the "MoE activations" section of :mod:`fp8gemm.reference`.
+
+The cast itself reuses the device helpers of :mod:`fp8gemm.kernels.quant` (same amax, scale and rounding
+code, hence the same bytes as the public casts).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant import e2m1_codes, e4m3_bytes, group_amax, row_group_config, scale_from_amax, ue8m0_byte
+
+
+@triton.jit
+def pre_dispatch_kernel(x_ptr, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr,
+                        num_tokens, capacity, hidden, topk,
+                        stride_xm, stride_xk, stride_im, stride_ik, stride_wm, stride_wk,
+                        stride_bxm, stride_bsm, stride_bim, stride_bwm,
+                        BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr, TOPK_P2: tl.constexpr,
+                        FP4: tl.constexpr, SF_FP32: tl.constexpr, USE_UE8M0: tl.constexpr,
+                        SOFT_CVT: tl.constexpr):
+    """Program (i, j) covers buffer rows ``[i*BLOCK_M, (i+1)*BLOCK_M)`` and scale groups
+    ``[j*GROUPS, (j+1)*GROUPS)`` of every buffer; rows below ``num_tokens`` get the token's cast, rows
+    from ``num_tokens`` to ``capacity`` the padding values.  The programs with j == 0 also write the
+    rows' routing (top-k ids and weights), so one launch fills all four buffers."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = groups[:, None] * GRAN + tl.arange(0, GRAN)[None, :]                # [GROUPS, GRAN]
+    rows64 = rows.to(tl.int64)
+    token = rows < num_tokens
+    in_buf = rows < capacity
+    col_ok = cols[None, :, :] < hidden
+    x = tl.load(x_ptr + rows64[:, None, None] * stride_xm + cols[None, :, :] * stride_xk,
+                mask=token[:, None, None] & col_ok, other=0.0)
+    if FP4:
+        sf, inv = scale_from_amax(group_amax(x, 2), 6.0, True)
+        codes = tl.where(token[:, None, None], e2m1_codes(x.to(tl.float32) * inv[:, :, None]), 0)
+        even, odd = tl.split(tl.reshape(codes, [BLOCK_M, GROUPS, GRAN // 2, 2]))
+        pairs = groups[:, None] * (GRAN // 2) + tl.arange(0, GRAN // 2)[None, :]
+        tl.store(bx_ptr + rows64[:, None, None] * stride_bxm + pairs[None, :, :], (even | (odd << 4)).to(tl.uint8),
+                 mask=in_buf[:, None, None] & (pairs[None, :, :] < hidden // 2))
+    else:
+        sf, inv = scale_from_amax(group_amax(x, 2), 448.0, USE_UE8M0)
+        q = e4m3_bytes(x.to(tl.float32) * inv[:, :, None], SOFT_CVT)
+        q = tl.where(token[:, None, None], q, 0).to(tl.uint8)
+        tl.store(bx_ptr + rows64[:, None, None] * stride_bxm + cols[None, :, :], q,
+                 mask=in_buf[:, None, None] & col_ok)
+    sf_offs = rows64[:, None] * stride_bsm + groups[None, :]
+    sf_mask = in_buf[:, None] & (groups[None, :] < tl.cdiv(hidden, GRAN))
+    if SF_FP32:
+        tl.store(bsf_ptr + sf_offs, tl.where(token[:, None], sf, 0.0), mask=sf_mask)
+    else:
+        tl.store(bsf_ptr + sf_offs, tl.where(token[:, None], ue8m0_byte(sf), 0).to(tl.uint8), mask=sf_mask)
+
+    if tl.program_id(1) == 0:
+        k = tl.arange(0, TOPK_P2)
+        k_ok = k[None, :] < topk
+        # Padding rows read nothing: the masked loads' fill values (-1, 0) are their routing.
+        src = token[:, None] & k_ok
+        ids = tl.load(idx_ptr + rows64[:, None] * stride_im + k[None, :] * stride_ik, mask=src, other=-1)
+        ws = tl.load(w_ptr + rows64[:, None] * stride_wm + k[None, :] * stride_wk, mask=src, other=0.0)
+        dst = in_buf[:, None] & k_ok
+        tl.store(bidx_ptr + rows64[:, None] * stride_bim + k[None, :], ids.to(bidx_ptr.dtype.element_ty), mask=dst)
+        tl.store(bw_ptr + rows64[:, None] * stride_bwm + k[None, :], ws.to(tl.float32), mask=dst)
+
+
+@triton.jit
+def e4m3_to_f32(codes, SOFT: tl.constexpr):
+    """E4M3 bytes (uint8) -> FP32, exact; 0x7F / 0xFF -> NaN.  ``SOFT`` decodes on the bits (the
+    interpreter's conversion does not know E4M3's NaN), else the hardware conversion is used."""
+    if SOFT:
+        c = codes.to(tl.int32)
+        e = (c >> 3) & 0xF
+        m = c & 7
+        normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+        sub = m.to(tl.float32) * 0.001953125                                      # m * 2^-9, exact
+        mag = tl.where(e == 0, sub, normal)
+        val = tl.where((c & 0x80) != 0, -mag, mag)
+        return tl.where((c & 0x7F) == 0x7F, float("nan"), val)
+    else:
+        return codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def ue8m0_to_f32(b):
+    """UE8M0 bytes -> FP32 2^(b - 127), exact (byte 0 is the subnormal 2^-127)."""
+    e = b.to(tl.int32)
+    return tl.where(e == 0, 0x00400000, e << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def bf16_bits(acc, SOFT: tl.constexpr):
+    """FP32 -> BF16 bits (int16), round to nearest even, NaN -> 0x7FC0.  ``SOFT`` rounds on the bits (the
+    interpreter's conversion truncates)."""
+    if SOFT:
+        bits = acc.to(tl.int32, bitcast=True)
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        r = tl.where(acc != acc, 0x7FC0, r & 0xFFFF)
+        return r.to(tl.int16)
+    else:
+        b = acc.to(tl.bfloat16).to(tl.int16, bitcast=True)
+        return tl.where(acc != acc, 0x7FC0, b).to(tl.int16)
+
+
+@triton.jit
+def combine_reduce_kernel(p_ptr, sf_ptr, w_ptr, idx_ptr, out_ptr, T, hidden, topk,
+                          stride_pt, stride_pk, stride_st, stride_sk, stride_wt, stride_wk, stride_it, stride_ik,
+                          stride_ot,
+                          BLOCK_T: tl.constexpr, GROUPS: tl.constexpr, HAS_IDX: tl.constexpr, SOFT: tl.constexpr):
+    """Program (i, j): tokens ``[i*BLOCK_T, (i+1)*BLOCK_T)``, 128-column groups ``[j*GROUPS, (j+1)*GROUPS)``;
+    loops over the top-k slots in order, accumulating ``w * (code * scale)`` in FP32 registers.  Launched
+    with FP contraction off so that ``acc + w * v`` rounds twice, as the reference does."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = groups[:, None] * 128 + tl.arange(0, 128)[None, :]
+    rows64 = rows.to(tl.int64)
+    row_ok = rows < T
+    mask = row_ok[:, None, None] & (cols[None, :, :] < hidden)
+    sf_mask = row_ok[:, None] & (groups[None, :] < tl.cdiv(hidden, 128))
+    acc = tl.zeros([BLOCK_T, GROUPS, 128], dtype=tl.float32)
+    for k in range(0, topk):
+        codes = tl.load(p_ptr + rows64[:, None, None] * stride_pt + k * stride_pk + cols[None, :, :], mask=mask,
+                        other=0)
+        b = tl.load(sf_ptr + rows64[:, None] * stride_st + k * stride_sk + groups[None, :], mask=sf_mask, other=127)
+        w = tl.load(w_ptr + rows64 * stride_wt + k * stride_wk, mask=row_ok, other=0.0).to(tl.float32)
+        value = e4m3_to_f32(codes, SOFT) * ue8m0_to_f32(b)[:, :, None]
+        summed = acc + w[:, None, None] * value
+        if HAS_IDX:
+            idx = tl.load(idx_ptr + rows64 * stride_it + k * stride_ik, mask=row_ok, other=-1)
+            acc = tl.where((idx >= 0)[:, None, None], summed, acc)
+        else:
+            acc = summed
+    tl.store(out_ptr + rows64[:, None, None] * stride_ot + cols[None, :, :], bf16_bits(acc, SOFT), mask=mask)
+
+
+def launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx, buf_topk_weights,
+                        num_tokens: int, group_size: int, use_fp4_acts: bool, fp32_scales: bool, use_ue8m0: bool,
+                        soft: bool, config=None) -> None:
+    capacity, hidden = buf_x.shape[0], x.shape[1]
+    topk = buf_topk_idx.shape[1]
+    block_m, groups, warps = config or row_group_config(capacity, hidden, group_size, x.element_size())
+    grid = (triton.cdiv(capacity, block_m), triton.cdiv(triton.cdiv(hidden, group_size), groups))
+    pre_dispatch_kernel[grid](
+        x, topk_idx, topk_weights, buf_x.view(torch.uint8), buf_x_sf, buf_topk_idx, buf_topk_weights,
+        num_tokens, capacity, hidden, topk,
+        x.stride(0), x.stride(1), topk_idx.stride(0), topk_idx.stride(1), topk_weights.stride(0),
+        topk_weights.stride(1), buf_x.stride(0), buf_x_sf.stride(0), buf_topk_idx.stride(0),
+        buf_topk_weights.stride(0),
+        BLOCK_M=block_m, GROUPS=groups, GRAN=group_size, TOPK_P2=triton.next_power_of_2(max(topk, 1)),
+        FP4=use_fp4_acts, SF_FP32=fp32_scales, USE_UE8M0=use_ue8m0, SOFT_CVT=soft, num_warps=warps)
+
+
+def launch_combine_reduce(payload, sf, weights, topk_idx, out, soft: bool, config=None) -> None:
+    t, topk, hidden = payload.shape
+    groups_total = triton.cdiv(hidden, 128)
+    if config is None:
+        groups = min(triton.next_power_of_2(groups_total), 4)
+        block_t = min(triton.next_power_of_2(t), max(1, 4096 // (groups * 128)))
+        warps = 8 if block_t * groups * 128 >= 4096 else 4
+    else:
+        block_t, groups, warps = config
+    grid = (triton.cdiv(t, block_t), triton.cdiv(groups_total, groups))
+    idx = topk_idx if topk_idx is not None else weights      # any pointer; not read without HAS_IDX
+    combine_reduce_kernel[grid](
+        payload.view(torch.uint8), sf, weights, idx, out.view(torch.int16), t, hidden, topk,
+        payload.stride(0), payload.stride(1), sf.stride(0), sf.stride(1), weights.stride(0), weights.stride(1),
+        idx.stride(0), idx.stride(1), out.stride(0),
+        BLOCK_T=block_t, GROUPS=groups, HAS_IDX=topk_idx is not None, SOFT=soft, num_warps=warps,
+        enable_fp_fusion=False)
