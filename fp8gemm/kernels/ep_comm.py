@@ -1,0 +1,234 @@
+"""Triton kernels of the expert-parallel dispatch and combine over peer-mapped (symmetric) memory.
+
+Every rank owns one symmetric byte region (``fp8gemm.moe.ep.SymmLayout`` gives the byte offsets of its
+sections); a kernel reaches rank ``r``'s region through ``tab[r]``, an int64 table of the regions' base
+addresses (peer addresses come from ``torch.distributed._symmetric_memory``; in the CPU tests the
+"peers" are plain tensors of one process).  Protocol (DESIGN.md §4):
+
+- **dispatch send** (grid of any size): each (token, k) claims a slot of the owner's per-expert
+  counter with a relaxed ``sys``-scope atomic and stores its FP8 row, its scales and its routing word
+  (``src_rank * TMAX * TOPK + token * TOPK + k``) into the owner's masked buffer.  Every program then
+  bumps a local done-counter (``acq_rel``, ``sys``); the last one resets it and adds 1 to
+  ``DFLAG[rank]`` on every rank with a ``release``/``sys`` atomic.
+- **dispatch recv** (one program): spin (``acquire``/``sys``) until every ``DFLAG[p] >= 1``, consume
+  it by subtracting 1 (never a plain reset, which could erase an early arrival), then swap the slot
+  counters to 0 (they become ``masked_m``) and add them to the cumulative receive statistics.
+- **combine send** (grid = the SMs left to communication): per (local expert, m-block), optionally spin
+  until the masked GEMM's SBO counter reaches the threshold (then zero it for the next call), and store
+  the block's BF16 rows into their source rank's receive buffer at slot (token, k); then the same
+  done-counter / ``CFLAG`` arrival as the dispatch.
+- **combine recv** (one program): spin on ``CFLAG``, consume it.
+- **combine reduce** (local): ``y[t] = sum_k w[t, k] * recv[t, k]`` in FP32, over the k whose expert
+  id is valid, cast to BF16.
+
+Every spin is bounded: by ``timeout_ns`` of ``%globaltimer`` on the GPU, by ``max_iters`` iterations in
+the interpreter.  A spin that runs out records the first error in ``err`` (int32 [4]: code, a, b, c;
+codes in :data:`ERROR_CODES`) and the kernel goes on, so no call ever hangs; the host reads ``err``
+after the call.  Slot overflow (more rows than ``MAX_M`` for one expert) is recorded the same way.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+ERROR_CODES = {
+    1: "dispatch: timed out waiting for the arrival signal of rank {a}",
+    2: "combine: timed out waiting for the GEMM signal of local expert {a} (global expert {g}), m-block {b}",
+    3: "combine: timed out waiting for the arrival signal of rank {a}",
+    4: "dispatch: local expert {a} (global expert {g}) received {b} rows, more than its capacity max_m={c}",
+}
+
+
+@triton.jit
+def _now(USE_TIMER: tl.constexpr):
+    if USE_TIMER:
+        return tl.extra.cuda.globaltimer()
+    else:
+        return tl.zeros((), tl.int64)
+
+
+@triton.jit
+def _set_error(err_ptr, code, a, b, c):
+    old = tl.atomic_cas(err_ptr, 0, code)
+    if old == 0:
+        tl.store(err_ptr + 1, a)
+        tl.store(err_ptr + 2, b)
+        tl.store(err_ptr + 3, c)
+
+
+@triton.jit
+def _spin_sys(ptr, target, max_iters, timeout_ns, USE_TIMER: tl.constexpr):
+    """Spin until ``*ptr >= target`` (acquire, system scope); False if the bound ran out first."""
+    start = _now(USE_TIMER)
+    it = 0
+    v = tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+    budget = True
+    while (v < target) & budget:
+        v = tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+        it += 1
+        if USE_TIMER:
+            budget = (_now(USE_TIMER) - start) < timeout_ns
+        else:
+            budget = it < max_iters
+    return v >= target
+
+
+@triton.jit
+def _spin_gpu(ptr, target, max_iters, timeout_ns, USE_TIMER: tl.constexpr):
+    """Spin until ``*ptr >= target`` (acquire, GPU scope: the producer is a kernel on this GPU)."""
+    start = _now(USE_TIMER)
+    it = 0
+    v = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+    budget = True
+    while (v < target) & budget:
+        v = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+        it += 1
+        if USE_TIMER:
+            budget = (_now(USE_TIMER) - start) < timeout_ns
+        else:
+            budget = it < max_iters
+    return v >= target
+
+
+@triton.jit
+def _arrive_all(tab_ptr, done_ptr, rank, OFF_FLAG, W: tl.constexpr):
+    """Grid completion: the last program to finish adds 1 to ``FLAG[rank]`` on every rank."""
+    tl.debug_barrier()
+    prev = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="sys")
+    if prev == tl.num_programs(0) - 1:
+        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
+        for o in range(W):
+            base = tl.load(tab_ptr + o)
+            flag = (base + OFF_FLAG).to(tl.pointer_type(tl.int32)) + rank
+            tl.atomic_add(flag, 1, sem="release", scope="sys")
+
+
+@triton.jit
+def dispatch_send_kernel(xq_ptr, xsf_ptr, idx_ptr, tab_ptr, done_ptr, T, rank, num_experts,
+                         stride_xq, stride_xsf, stride_it, stride_ik,
+                         OFF_X, OFF_SF, OFF_META, OFF_CNT, OFF_DFLAG, MAX_M, TMAX,
+                         H: tl.constexpr, SFH: tl.constexpr, TOPK: tl.constexpr, L: tl.constexpr,
+                         W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SF: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_H)
+    soffs = tl.arange(0, BLOCK_SF)
+    smask = soffs < SFH
+    for t in range(pid, T, tl.num_programs(0)):
+        t64 = t + tl.zeros((), tl.int64)
+        sf = tl.load(xsf_ptr + t64 * stride_xsf + soffs, mask=smask)
+        for k in range(TOPK):
+            e = tl.load(idx_ptr + t64 * stride_it + k * stride_ik).to(tl.int32)
+            if (e >= 0) & (e < num_experts):
+                o = e // L
+                le = e - o * L
+                base = tl.load(tab_ptr + o)
+                cnt_ptr = (base + OFF_CNT).to(tl.pointer_type(tl.int32)) + le
+                slot = tl.atomic_add(cnt_ptr, 1, sem="relaxed", scope="sys")
+                if slot < MAX_M:
+                    row = le.to(tl.int64) * MAX_M + slot
+                    xdst = tl.multiple_of((base + OFF_X + row * H).to(tl.pointer_type(tl.uint8)), 16)
+                    xsrc = xq_ptr + t64 * stride_xq
+                    for h0 in range(0, H, BLOCK_H):
+                        m = (h0 + offs) < H
+                        tl.store(xdst + h0 + offs, tl.load(xsrc + h0 + offs, mask=m), mask=m)
+                    sdst = (base + OFF_SF + row * (SFH * 4)).to(tl.pointer_type(tl.float32))
+                    tl.store(sdst + soffs, sf, mask=smask)
+                    mdst = (base + OFF_META).to(tl.pointer_type(tl.int32)) + row
+                    tl.store(mdst, rank * TMAX * TOPK + t * TOPK + k)
+    _arrive_all(tab_ptr, done_ptr, rank, OFF_DFLAG, W)
+
+
+@triton.jit
+def dispatch_recv_kernel(buf_ptr, err_ptr, masked_m_ptr, stats_ptr, OFF_CNT, OFF_DFLAG, MAX_M,
+                         max_iters, timeout_ns, W: tl.constexpr, L: tl.constexpr, BLOCK_L: tl.constexpr,
+                         USE_TIMER: tl.constexpr):
+    flags = (buf_ptr + OFF_DFLAG).to(tl.pointer_type(tl.int32))
+    for p in range(W):
+        ok = _spin_sys(flags + p, 1, max_iters, timeout_ns, USE_TIMER)
+        if ok:
+            tl.atomic_add(flags + p, -1, sem="relaxed", scope="sys")
+        else:
+            _set_error(err_ptr, 1, p, 0, 0)
+    tl.debug_barrier()
+    le = tl.arange(0, BLOCK_L)
+    lmask = le < L
+    cnts = (buf_ptr + OFF_CNT).to(tl.pointer_type(tl.int32))
+    cnt = tl.atomic_xchg(cnts + le, tl.zeros((BLOCK_L,), tl.int32), mask=lmask, sem="acq_rel", scope="sys")
+    cnt = tl.where(lmask, cnt, 0)
+    over = tl.max(tl.where(cnt > MAX_M, le, -1), 0)
+    if over >= 0:
+        _set_error(err_ptr, 4, over, tl.sum(tl.where(le == over, cnt, 0), 0), MAX_M)
+    m = tl.minimum(cnt, MAX_M)
+    tl.store(masked_m_ptr + le, m, mask=lmask)
+    tl.store(stats_ptr + le, tl.load(stats_ptr + le, mask=lmask) + m, mask=lmask)
+
+
+@triton.jit
+def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_ptr, done_ptr, rank,
+                        stride_dg, stride_dm, OFF_META, OFF_RECV, OFF_CFLAG, MAX_M, TMAX,
+                        block_m, threshold, nb, max_iters, timeout_ns,
+                        H: tl.constexpr, TOPK: tl.constexpr, L: tl.constexpr, W: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK_H: tl.constexpr, WAIT_SIGNAL: tl.constexpr,
+                        USE_TIMER: tl.constexpr):
+    pid = tl.program_id(0)
+    meta_base = (buf_ptr + OFF_META).to(tl.pointer_type(tl.int32))
+    cols = tl.arange(0, BLOCK_H)
+    rr = tl.arange(0, ROWS)
+    for u in range(pid, L * nb, tl.num_programs(0)):
+        g = u // nb
+        i = u - g * nb
+        m = tl.minimum(tl.load(masked_m_ptr + g), MAX_M)
+        r_start = i * block_m
+        if r_start < m:
+            if WAIT_SIGNAL:
+                ok = _spin_gpu(signal_ptr + u, threshold, max_iters, timeout_ns, USE_TIMER)
+                if ok:
+                    tl.atomic_xchg(signal_ptr + u, 0, sem="relaxed", scope="gpu")
+                else:
+                    _set_error(err_ptr, 2, g, i, 0)
+                tl.debug_barrier()
+            r_end = tl.minimum(r_start + block_m, m)
+            for r0 in range(r_start, r_end, ROWS):
+                rows = r0 + rr
+                rm = rows < r_end
+                meta = tl.load(meta_base + (g + tl.zeros((), tl.int64)) * MAX_M + rows, mask=rm, other=0)
+                src = meta // (TMAX * TOPK)
+                tk = (meta - src * (TMAX * TOPK)).to(tl.int64)
+                bases = tl.load(tab_ptr + src, mask=rm, other=0)
+                dst = tl.multiple_of((bases + OFF_RECV + tk * (H * 2)).to(tl.pointer_type(tl.bfloat16)), 16)
+                srow = d_ptr + (g + tl.zeros((), tl.int64)) * stride_dg + rows.to(tl.int64) * stride_dm
+                for h0 in range(0, H, BLOCK_H):
+                    c = h0 + cols
+                    mk = rm[:, None] & (c[None, :] < H)
+                    v = tl.load(srow[:, None] + c[None, :], mask=mk, cache_modifier=".cg")
+                    tl.store(dst[:, None] + c[None, :], v, mask=mk)
+    _arrive_all(tab_ptr, done_ptr, rank, OFF_CFLAG, W)
+
+
+@triton.jit
+def combine_recv_kernel(buf_ptr, err_ptr, OFF_CFLAG, max_iters, timeout_ns, W: tl.constexpr,
+                        USE_TIMER: tl.constexpr):
+    flags = (buf_ptr + OFF_CFLAG).to(tl.pointer_type(tl.int32))
+    for p in range(W):
+        ok = _spin_sys(flags + p, 1, max_iters, timeout_ns, USE_TIMER)
+        if ok:
+            tl.atomic_add(flags + p, -1, sem="relaxed", scope="sys")
+        else:
+            _set_error(err_ptr, 3, p, 0, 0)
+
+
+@triton.jit
+def combine_reduce_kernel(recv_ptr, idx_ptr, w_ptr, out_ptr, num_experts,
+                          stride_rt, stride_rk, stride_it, stride_ik, stride_wt, stride_wk, stride_ot,
+                          H: tl.constexpr, TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cm = c < H
+    acc = tl.zeros((BLOCK_H,), tl.float32)
+    for k in range(TOPK):
+        e = tl.load(idx_ptr + t * stride_it + k * stride_ik)
+        w = tl.load(w_ptr + t * stride_wt + k * stride_wk).to(tl.float32)
+        valid = (e >= 0) & (e < num_experts)
+        v = tl.load(recv_ptr + t * stride_rt + k * stride_rk + c, mask=cm & valid, other=0.0).to(tl.float32)
+        acc += tl.where(valid, w * v, 0.0)
+    tl.store(out_ptr + t * stride_ot + c, acc.to(tl.bfloat16), mask=cm)

@@ -1,0 +1,407 @@
+"""Expert-parallel communicator: dispatch tokens to the ranks that own their experts, combine the
+expert outputs back, inside one NVLink domain (torch symmetric memory + Triton kernels) or across
+nodes (NCCL ``all_to_all_single``).
+
+Experts are split evenly: rank ``r`` owns global experts ``[r * L, (r + 1) * L)`` with
+``L = num_experts // world_size``.  Received tokens land in the masked layout of the grouped GEMM:
+FP8 ``[L, max_m, hidden]`` + FP32 scales ``[L, max_m, hidden / 128]`` with the per-expert counts
+``masked_m`` (int32 [L], on the device).  ``max_m`` (capacity per expert) defaults to
+``world_size * max_tokens_per_rank``, which never overflows when a token's top-k experts are distinct;
+a smaller capacity is checked and overflow is reported as an error, never silently wrong.
+
+Routing word of a received row (``recv_src_info``, int32 [L, max_m]):
+``src_rank * max_tokens_per_rank * topk + token * topk + k``; the combine sends the expert output of
+that row back to rank ``src_rank``'s receive buffer ``[max_tokens_per_rank, topk, hidden]`` BF16 at
+``(token, k)``, where ``y[t] = sum_k topk_weights[t, k] * recv[t, k]`` (FP32, then BF16) reduces it.
+Entries of ``topk_idx`` that are negative (or >= num_experts) are skipped throughout.
+
+Backends
+--------
+``"symm"`` (default, one NVLink domain): one symmetric byte region per rank
+(``torch.distributed._symmetric_memory``, multicast not used) written directly by Triton kernels
+(:mod:`fp8gemm.kernels.ep_comm` describes the protocol).  No host synchronisation and no allocation:
+capturable in a CUDA graph with a fixed batch size.  Every wait is bounded (``timeout_s`` on the GPU,
+``max_spin_iters`` in the interpreter); a peer that never signals leaves an error that
+:meth:`EPCommunicator.check` turns into a ``RuntimeError`` naming the rank (and expert), never a hang.
+After such an error the communicator's state is undefined: create a new one.
+
+``"nccl"`` (the multi-node path, for users who outgrow one NVLink domain): the same API over
+``torch.distributed.all_to_all_single`` (any backend that has it: NCCL on GPUs, gloo on CPUs).  It
+synchronises with the host (split sizes) and is therefore not graph-capturable; slot order is
+deterministic (source rank, token, k).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import runtime
+from .._checks import FP8, check_tensor
+from ..kernels import ep_comm as K
+
+_BACKENDS = ("symm", "nccl")
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _align(n: int, a: int = 256) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class SymmLayout:
+    """Byte offsets of the sections of one rank's symmetric region (all 256-byte aligned)."""
+    num_local_experts: int
+    max_m: int
+    hidden: int
+    max_tokens: int
+    topk: int
+    world_size: int
+
+    @property
+    def sf_cols(self) -> int:
+        return math.ceil(self.hidden / 128)
+
+    def sections(self) -> dict:
+        L, M, H = self.num_local_experts, self.max_m, self.hidden
+        sizes = {"x": L * M * H, "sf": L * M * self.sf_cols * 4, "meta": L * M * 4, "cnt": L * 4,
+                 "dflag": self.world_size * 4, "cflag": self.world_size * 4,
+                 "recv": self.max_tokens * self.topk * H * 2}
+        out, off = {}, 0
+        for name, size in sizes.items():
+            out[name] = (off, size)
+            off = _align(off + size)
+        out["total"] = (0, off)
+        return out
+
+
+@dataclass
+class DispatchOutput:
+    """What the dispatch leaves on the owner rank (views of persistent buffers, valid until the next call)."""
+    recv_x: torch.Tensor          # FP8 [L, max_m, hidden]
+    recv_x_sf: torch.Tensor       # FP32 [L, max_m, hidden / 128]
+    masked_m: torch.Tensor        # int32 [L]
+    recv_src_info: torch.Tensor   # int32 [L, max_m], routing words (module docstring)
+
+
+class EPCommunicator:
+    """Dispatch / combine between the ranks of ``group`` (see the module docstring).
+
+    Parameters: ``num_experts`` (a multiple of the group size), ``max_tokens_per_rank`` (the most
+    tokens one rank passes per call), ``topk``, ``hidden`` (a multiple of 128), ``max_m`` (capacity per
+    local expert, default ``world_size * max_tokens_per_rank``), ``backend`` ``"symm"`` or ``"nccl"``,
+    ``timeout_s`` (bound of every wait on the GPU), ``max_spin_iters`` (bound in the interpreter),
+    ``num_sms`` (programs of the dispatch kernel and of the combine without overlap; default all SMs).
+    """
+
+    def __init__(self, group=None, *, num_experts: int, max_tokens_per_rank: int, topk: int, hidden: int,
+                 max_m: int | None = None, backend: str = "symm", timeout_s: float = 10.0,
+                 max_spin_iters: int = 1 << 16, num_sms: int | None = None, device=None, _simulated=None):
+        import torch.distributed as dist
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if _simulated is not None:
+            rank, world = _simulated["rank"], _simulated["world_size"]
+        else:
+            if group is None:
+                group = dist.group.WORLD
+            rank, world = dist.get_rank(group), dist.get_world_size(group)
+        self.group, self.backend, self.rank, self.world_size = group, backend, rank, world
+        _check_int("num_experts", num_experts)
+        _check_int("max_tokens_per_rank", max_tokens_per_rank)
+        _check_int("topk", topk)
+        _check_int("hidden", hidden)
+        if num_experts % world:
+            raise ValueError(f"num_experts ({num_experts}) must be a multiple of the world size ({world})")
+        if hidden % 128:
+            raise ValueError(f"hidden must be a multiple of 128, got {hidden}")
+        if topk > num_experts:
+            raise ValueError(f"topk ({topk}) must be <= num_experts ({num_experts})")
+        self.num_experts, self.topk, self.hidden = num_experts, topk, hidden
+        self.max_tokens = max_tokens_per_rank
+        self.num_local_experts = num_experts // world
+        self.max_m = _check_int("max_m", max_m) if max_m is not None else world * max_tokens_per_rank
+        if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+            raise ValueError(f"timeout_s must be a positive number, got {timeout_s!r}")
+        self.timeout_ns = int(timeout_s * 1e9)
+        self.max_spin_iters = _check_int("max_spin_iters", max_spin_iters)
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+                else torch.device("cpu")
+        self.device = torch.device(device)
+        if self.device.type != "cuda" and not runtime.interpreting() and backend == "symm":
+            raise ValueError("the symm backend needs a CUDA device (or TRITON_INTERPRET=1 in a simulated world)")
+        self.num_sms = num_sms if num_sms is not None else runtime._default_sms()
+        self.use_timer = self.device.type == "cuda" and not runtime.interpreting()
+        L, M, H = self.num_local_experts, self.max_m, hidden
+        self.layout = SymmLayout(L, M, H, max_tokens_per_rank, topk, world)
+        self.sf_cols = self.layout.sf_cols
+        dev = self.device
+        self.err = torch.zeros(4, dtype=torch.int32, device=dev)
+        self.done = torch.zeros(2, dtype=torch.int32, device=dev)
+        self.masked_m = torch.zeros(L, dtype=torch.int32, device=dev)
+        self.cumulative_local_expert_recv_stats = torch.zeros(L, dtype=torch.int32, device=dev)
+        self._handle = None
+        if backend == "symm":
+            if _simulated is not None:
+                self.region, self.tab = _simulated["region"], _simulated["tab"]
+            else:
+                self.region, self.tab = self._alloc_symmetric()
+            self._views_from_region()
+        else:
+            self.recv_x = torch.zeros(L, M, H, dtype=FP8, device=dev)
+            self.recv_x_sf = torch.zeros(L, M, self.sf_cols, dtype=torch.float32, device=dev)
+            self.recv_src_info = torch.zeros(L, M, dtype=torch.int32, device=dev)
+            self.combine_recv_buf = torch.zeros(max_tokens_per_rank, topk, H, dtype=torch.bfloat16, device=dev)
+
+    # ------------------------------------------------------------------ symmetric memory set-up
+    def _alloc_symmetric(self):
+        import torch.distributed as dist
+        import torch.distributed._symmetric_memory as symm_mem
+        nbytes = self.layout.sections()["total"][1]
+        region = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
+        region.zero_()
+        torch.cuda.synchronize(self.device)
+        group_name = self.group.group_name if hasattr(self.group, "group_name") else self.group
+        hdl = symm_mem.rendezvous(region, group_name)
+        ptrs = []
+        for p in range(self.world_size):
+            peer = region if p == self.rank else hdl.get_buffer(p, (nbytes,), torch.uint8,
+                                                                region.data_ptr() - hdl.buffer_ptrs[self.rank])
+            ptrs.append(peer.data_ptr())
+        self._handle = hdl
+        dist.barrier(group=self.group)      # every region is zeroed before any peer writes into it
+        return region, torch.tensor(ptrs, dtype=torch.int64, device=self.device)
+
+    def _views_from_region(self):
+        s, r = self.layout.sections(), self.region
+        L, M, H = self.num_local_experts, self.max_m, self.hidden
+
+        def sec(name, dtype, shape):
+            off, size = s[name]
+            return r[off:off + size].view(dtype).view(*shape)
+        self.recv_x = sec("x", torch.uint8, (L, M, H)).view(FP8)
+        self.recv_x_sf = sec("sf", torch.float32, (L, M, self.sf_cols))
+        self.recv_src_info = sec("meta", torch.int32, (L, M))
+        self.combine_recv_buf = sec("recv", torch.bfloat16, (self.max_tokens, self.topk, H))
+        self.offsets = {k: v[0] for k, v in s.items()}
+
+    # ------------------------------------------------------------------ argument checks
+    def _check_tokens(self, xq, xsf, topk_idx):
+        check_tensor("x", xq, dtype=FP8, ndim=2)
+        t = xq.shape[0]
+        if xq.shape[1] != self.hidden:
+            raise ValueError(f"x must have shape [T, {self.hidden}], got {list(xq.shape)}")
+        if t > self.max_tokens:
+            raise ValueError(f"x has {t} tokens, more than max_tokens_per_rank={self.max_tokens}")
+        check_tensor("x_sf", xsf, dtype=torch.float32, shape=(t, self.sf_cols))
+        check_tensor("topk_idx", topk_idx, dtype=(torch.int64, torch.int32), shape=(t, self.topk))
+        for name, v in (("x", xq), ("x_sf", xsf), ("topk_idx", topk_idx)):
+            if v.device != self.device:
+                raise ValueError(f"{name} must be on {self.device}, got {v.device}")
+        if xq.stride(1) != 1 or xsf.stride(1) != 1:
+            raise ValueError("x and x_sf must be row-major (unit stride along the last dim)")
+
+    def check(self) -> None:
+        """Raise ``RuntimeError`` if a kernel of this communicator recorded an error (synchronises)."""
+        err = self.err.tolist()
+        if err[0] == 0:
+            return
+        code, a, b, c = err
+        g = self.rank * self.num_local_experts + a
+        what = K.ERROR_CODES.get(code, "unknown error {a} {b} {c}").format(a=a, b=b, c=c, g=g)
+        if code in (1, 3):
+            lo = a * self.num_local_experts
+            what += f" (owner of experts {lo}..{lo + self.num_local_experts - 1})"
+        raise RuntimeError(f"EP rank {self.rank}/{self.world_size}: {what}")
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch_send(self, xq: torch.Tensor, xsf: torch.Tensor, topk_idx: torch.Tensor) -> None:
+        """Send every (token, k) to its expert's owner (first half of :meth:`dispatch`)."""
+        self._check_tokens(xq, xsf, topk_idx)
+        if self.backend == "nccl":
+            self._nccl_dispatch(xq, xsf, topk_idx)
+            return
+        o = self.offsets
+        t = xq.shape[0]
+        grid = (max(1, min(t, self.num_sms)),)
+        K.dispatch_send_kernel[grid](
+            xq.view(torch.uint8), xsf, topk_idx, self.tab, self.done[0:], t, self.rank, self.num_experts,
+            xq.stride(0), xsf.stride(0), topk_idx.stride(0), topk_idx.stride(1),
+            o["x"], o["sf"], o["meta"], o["cnt"], o["dflag"], self.max_m, self.max_tokens,
+            H=self.hidden, SFH=self.sf_cols, TOPK=self.topk, L=self.num_local_experts, W=self.world_size,
+            BLOCK_H=min(1024, triton_next_pow2(self.hidden)), BLOCK_SF=triton_next_pow2(self.sf_cols),
+            num_warps=4)
+
+    def dispatch_recv(self) -> DispatchOutput:
+        """Wait for every peer's tokens and publish ``masked_m`` (second half of :meth:`dispatch`)."""
+        if self.backend == "symm":
+            o = self.offsets
+            K.dispatch_recv_kernel[(1,)](
+                self.region, self.err, self.masked_m, self.cumulative_local_expert_recv_stats,
+                o["cnt"], o["dflag"], self.max_m, self.max_spin_iters, self.timeout_ns,
+                W=self.world_size, L=self.num_local_experts, BLOCK_L=triton_next_pow2(self.num_local_experts),
+                USE_TIMER=self.use_timer, num_warps=4)
+        return DispatchOutput(self.recv_x, self.recv_x_sf, self.masked_m, self.recv_src_info)
+
+    def dispatch(self, xq: torch.Tensor, xsf: torch.Tensor, topk_idx: torch.Tensor) -> DispatchOutput:
+        """Quantised tokens (``xq`` FP8 [T, hidden], ``xsf`` FP32 [T, hidden/128]) and their experts
+        (``topk_idx`` [T, topk]) -> the masked receive buffers of this rank's experts."""
+        self.dispatch_send(xq, xsf, topk_idx)
+        return self.dispatch_recv()
+
+    # ------------------------------------------------------------------ combine
+    def combine_send(self, expert_out: torch.Tensor, *, signal: torch.Tensor | None = None,
+                     block_m: int | None = None, threshold: int | None = None,
+                     num_sms: int | None = None) -> None:
+        """Send the rows ``< masked_m`` of ``expert_out`` (BF16 [L, max_m, hidden]) back to their sources.
+
+        With ``signal`` (the SBO counters of the masked GEMM that is producing ``expert_out``, and the
+        ``(block_m, threshold)`` it returned) each m-block is sent as soon as its counter reaches the
+        threshold; the kernel zeroes each counter it consumed, so the array is ready for the next call.
+        """
+        L, M, H = self.num_local_experts, self.max_m, self.hidden
+        check_tensor("expert_out", expert_out, dtype=torch.bfloat16, shape=(L, M, H))
+        if expert_out.stride(2) != 1:
+            raise ValueError("expert_out must be row-major (unit stride along hidden)")
+        if self.backend == "nccl":
+            if signal is not None:
+                raise ValueError("signal (overlap) is only supported by the symm backend")
+            self._nccl_combine(expert_out)
+            return
+        wait = signal is not None
+        if wait:
+            check_tensor("signal", signal, dtype=torch.int32, ndim=1)
+            _check_int("block_m", block_m)
+            _check_int("threshold", threshold, 0)
+            if signal.numel() < L * math.ceil(M / block_m):
+                raise ValueError(f"signal must hold L * ceil(max_m / block_m) = {L * math.ceil(M / block_m)} "
+                                 f"counters, got {signal.numel()}")
+        else:
+            block_m, threshold, signal = 64, 0, self.err    # signal unused
+        nb = math.ceil(M / block_m)
+        o = self.offsets
+        programs = max(1, min(num_sms or self.num_sms, L * nb))
+        K.combine_send_kernel[(programs,)](
+            expert_out, self.region, self.tab, self.masked_m, signal, self.err, self.done[1:], self.rank,
+            expert_out.stride(0), expert_out.stride(1), o["meta"], o["recv"], o["cflag"], M, self.max_tokens,
+            block_m, threshold, nb, self.max_spin_iters, self.timeout_ns,
+            H=H, TOPK=self.topk, L=L, W=self.world_size, ROWS=8, BLOCK_H=min(512, triton_next_pow2(H)),
+            WAIT_SIGNAL=wait, USE_TIMER=self.use_timer, num_warps=4)
+
+    def combine_recv(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+        """Wait for every peer's rows and reduce: ``out[t] = sum_k w[t, k] * recv[t, k]`` (BF16 [T, hidden])."""
+        t = topk_idx.shape[0] if isinstance(topk_idx, torch.Tensor) else 0
+        check_tensor("topk_idx", topk_idx, dtype=(torch.int64, torch.int32), shape=(t, self.topk))
+        check_tensor("topk_weights", topk_weights, dtype=(torch.float32, torch.bfloat16), shape=(t, self.topk))
+        if out is None:
+            out = torch.empty(t, self.hidden, dtype=torch.bfloat16, device=self.device)
+        check_tensor("out", out, dtype=torch.bfloat16, shape=(t, self.hidden))
+        if self.backend == "symm":
+            K.combine_recv_kernel[(1,)](self.region, self.err, self.offsets["cflag"], self.max_spin_iters,
+                                        self.timeout_ns, W=self.world_size, USE_TIMER=self.use_timer, num_warps=1)
+        return combine_reduce_bf16(self.combine_recv_buf, topk_idx, topk_weights, out, self.num_experts)
+
+    def combine(self, expert_out, topk_idx, topk_weights, out=None, **kw) -> torch.Tensor:
+        self.combine_send(expert_out, **kw)
+        return self.combine_recv(topk_idx, topk_weights, out)
+
+    # ------------------------------------------------------------------ NCCL (all_to_all_single) path
+    def _nccl_dispatch(self, xq, xsf, topk_idx):
+        import torch.distributed as dist
+        W, L, E, K_ = self.world_size, self.num_local_experts, self.num_experts, self.topk
+        T, H, dev = xq.shape[0], self.hidden, self.device
+        idx = topk_idx.long()
+        valid = (idx >= 0) & (idx < E)
+        t_i, k_i = valid.nonzero(as_tuple=True)
+        e = idx[t_i, k_i]
+        order = torch.argsort(e * (T * K_) + t_i * K_ + k_i)       # by owner, expert, token, k
+        t_i, k_i, e = t_i[order], k_i[order], e[order]
+        dest = e // L
+        send_counts = torch.bincount(dest, minlength=W)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+        word = (self.rank * self.max_tokens * K_ + t_i * K_ + k_i).to(torch.int32)
+        ints = torch.stack([(e - dest * L).to(torch.int32), word], dim=1)
+        payload = torch.cat([xq[t_i].view(torch.uint8), xsf[t_i].contiguous().view(torch.uint8),
+                             ints.view(torch.uint8)], dim=1)
+        rb = payload.shape[1]
+        n_recv = sum(recv_splits)
+        recv = torch.empty(n_recv, rb, dtype=torch.uint8, device=dev)
+        dist.all_to_all_single(recv, payload.contiguous(), recv_splits, send_splits, group=self.group)
+        rx = recv[:, :H].contiguous().view(FP8)
+        rsf = recv[:, H:H + 4 * self.sf_cols].contiguous().view(torch.float32)
+        rints = recv[:, H + 4 * self.sf_cols:].contiguous().view(torch.int32)
+        le, rword = rints[:, 0].long(), rints[:, 1]
+        counts = torch.bincount(le, minlength=L)
+        starts = torch.cumsum(counts, 0) - counts
+        grp_order = torch.argsort(le, stable=True)                  # keeps (source rank, token, k) order
+        slot = torch.empty_like(le)
+        slot[grp_order] = torch.arange(n_recv, device=dev) - starts[le[grp_order]]
+        over = (counts > self.max_m).nonzero().flatten()
+        if over.numel():
+            a = int(over[0])
+            self.err.copy_(torch.tensor([4, a, int(counts[a]), self.max_m], dtype=torch.int32))
+            self.check()
+        self.recv_x[le, slot] = rx
+        self.recv_x_sf[le, slot] = rsf
+        self.recv_src_info[le, slot] = rword
+        self.masked_m.copy_(counts.to(torch.int32))
+        self.cumulative_local_expert_recv_stats += self.masked_m
+        self._nccl_handle = (send_splits, recv_splits, le, slot, t_i, k_i)
+
+    def _nccl_combine(self, expert_out):
+        import torch.distributed as dist
+        send_splits, recv_splits, le, slot, t_i, k_i = self._nccl_handle
+        rows = expert_out[le, slot].contiguous().view(torch.int16)   # BF16 bits (gloo has no BF16)
+        back = torch.empty(len(t_i), self.hidden, dtype=torch.int16, device=self.device)
+        dist.all_to_all_single(back, rows, send_splits, recv_splits, group=self.group)
+        self.combine_recv_buf[t_i, k_i] = back.view(torch.bfloat16)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def combine_reduce_bf16(recv: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                        out: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``out[t] = bf16(sum_k w[t, k] * recv[t, k])`` over valid experts, FP32 accumulation in k order."""
+    t, h = out.shape
+    if t == 0:
+        return out
+    block_h = min(1024, triton_next_pow2(h))
+    K.combine_reduce_kernel[(t, math.ceil(h / block_h))](
+        recv, topk_idx, topk_weights, out, num_experts,
+        recv.stride(0), recv.stride(1), topk_idx.stride(0), topk_idx.stride(1),
+        topk_weights.stride(0), topk_weights.stride(1), out.stride(0),
+        H=h, TOPK=topk_idx.shape[1], BLOCK_H=block_h, num_warps=4)
+    return out
+
+
+def make_simulated_world(world_size: int, **kwargs) -> list[EPCommunicator]:
+    """``world_size`` symm-backend communicators living in one process (regions are plain tensors).
+
+    For tests in the interpreter: run every rank's ``*_send`` before any rank's ``*_recv`` (the
+    kernels of one process run one after another).  ``kwargs`` as for :class:`EPCommunicator`.
+    """
+    _check_int("world_size", world_size)
+    device = torch.device(kwargs.pop("device", "cpu"))
+    probe = SymmLayout(kwargs["num_experts"] // world_size,
+                       kwargs.get("max_m") or world_size * kwargs["max_tokens_per_rank"], kwargs["hidden"],
+                       kwargs["max_tokens_per_rank"], kwargs["topk"], world_size)
+    nbytes = probe.sections()["total"][1]
+    regions = [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(world_size)]
+    tab = torch.tensor([r.data_ptr() for r in regions], dtype=torch.int64, device=device)
+    return [EPCommunicator(None, device=device, _simulated={"rank": r, "world_size": world_size,
+                                                             "region": regions[r], "tab": tab.clone()}, **kwargs)
+            for r in range(world_size)]

@@ -1,0 +1,200 @@
+"""Expert-parallel MoE layer with Single Batch Overlap (SBO).
+
+``MoELayer(comm, w13, w2).forward(x, topk_idx, topk_weights, overlap=True) -> y``:
+
+1. quantise the tokens once (FP8, one scale per token per 128 columns) and **dispatch** them into the
+   owners' masked buffers ``[L, max_m, hidden]`` (:class:`fp8gemm.moe.ep.EPCommunicator`);
+2. **expert compute** on the owner: masked L1 GEMM (gate and up fused, ``N = 2 * inter``), SwiGLU
+   fused with the FP8 re-quantisation of its output (:mod:`fp8gemm.kernels.swiglu`, rows < masked_m
+   only), masked L2 GEMM;
+3. **combine**: the L2 rows go back to their source ranks, which reduce ``y[t] = sum_k w[t, k] * o[t, k]``.
+
+With ``overlap=True`` (symm backend on a GPU) the L2 GEMM runs with ``enable_overlap=True`` on
+``num_gemm_sms`` SMs while the combine kernel runs on a second stream with the other SMs, sending each
+m-block as soon as the GEMM's counter for it reaches the threshold (DESIGN.md §3).  ``overlap=False``
+runs the same stages back to back (the safe default where overlap is unavailable; the NCCL backend
+always runs this way).
+
+Semantics: :func:`fp8gemm.moe.reference_layer.moe_layer_reference`.  Every step of the symm backend
+is free of host synchronisation and allocation except the final error check (``check=False`` skips
+it; call ``layer.comm.check()`` later, e.g. after a CUDA-graph replay).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import runtime
+from .._checks import FP8, check_pair, check_tensor
+from ..kernels.swiglu import launch_swiglu_quant
+from .ep import EPCommunicator
+
+
+def _default_gemm():
+    from ..grouped import m_grouped_fp8_gemm_nt_masked
+    return m_grouped_fp8_gemm_nt_masked
+
+
+def _default_quant():
+    from ..quant import per_token_cast_to_fp8
+    return per_token_cast_to_fp8
+
+
+class MoELayer:
+    """The layer on one rank; ``w13``/``w2`` hold this rank's ``L`` local experts.
+
+    ``w13 = (FP8 [L, 2*inter, hidden], FP32 [L, ceil(2*inter/128), hidden/128])`` (rows ``[0, inter)``
+    gate, ``[inter, 2 inter)`` up); ``w2 = (FP8 [L, hidden, inter], FP32 [L, hidden/128, ceil(inter/128)])``.
+    ``num_comm_sms``: SMs left to the combine while the L2 GEMM runs with overlap (default 1/6 of the
+    device, at least 1).  ``gemm`` / ``quant``: injectable masked GEMM and token cast (DeepGEMM
+    signatures), defaulting to fp8gemm's own.
+    """
+
+    def __init__(self, comm: EPCommunicator, w13, w2, *, num_comm_sms: int | None = None,
+                 use_ue8m0: bool = False, gemm=None, quant=None):
+        if not isinstance(comm, EPCommunicator):
+            raise TypeError(f"comm must be an EPCommunicator, got {type(comm).__name__}")
+        L, H = comm.num_local_experts, comm.hidden
+        w13q, w13sf = check_pair("w13", w13)
+        w2q, w2sf = check_pair("w2", w2)
+        check_tensor("w13[0]", w13q, dtype=FP8, ndim=3)
+        two_i = w13q.shape[1]
+        if w13q.shape[0] != L or w13q.shape[2] != H or two_i % 2:
+            raise ValueError(f"w13[0] must have shape [{L}, 2*inter, {H}], got {list(w13q.shape)}")
+        inter = two_i // 2
+        if inter % 128:
+            raise ValueError(f"inter (w13[0].shape[1] / 2 = {inter}) must be a multiple of 128")
+        check_tensor("w13[1]", w13sf, dtype=torch.float32, shape=(L, math.ceil(two_i / 128), H // 128))
+        check_tensor("w2[0]", w2q, dtype=FP8, shape=(L, H, inter))
+        check_tensor("w2[1]", w2sf, dtype=torch.float32, shape=(L, H // 128, inter // 128))
+        for name, t in (("w13[0]", w13q), ("w13[1]", w13sf), ("w2[0]", w2q), ("w2[1]", w2sf)):
+            if t.device != comm.device:
+                raise ValueError(f"{name} must be on {comm.device}, got {t.device}")
+        if not isinstance(use_ue8m0, bool):
+            raise TypeError(f"use_ue8m0 must be a bool, got {type(use_ue8m0).__name__}")
+        self.comm, self.w13, self.w2, self.inter, self.use_ue8m0 = comm, (w13q, w13sf), (w2q, w2sf), inter, use_ue8m0
+        self.gemm = gemm or _default_gemm()
+        self.quant = quant or _default_quant()
+        total = runtime._default_sms()
+        if num_comm_sms is None:
+            num_comm_sms = max(1, total // 6)
+        if not isinstance(num_comm_sms, int) or isinstance(num_comm_sms, bool):
+            raise TypeError(f"num_comm_sms must be an int, got {type(num_comm_sms).__name__}")
+        if not 1 <= num_comm_sms < max(total, 2):
+            raise ValueError(f"num_comm_sms must be in [1, {total - 1}], got {num_comm_sms}")
+        self.num_comm_sms, self.num_gemm_sms = num_comm_sms, max(1, total - num_comm_sms)
+        M, dev = comm.max_m, comm.device
+        self.h1 = torch.empty(L, M, two_i, dtype=torch.bfloat16, device=dev)
+        self.a2 = torch.empty(L, M, inter, dtype=FP8, device=dev)
+        self.a2_sf = torch.empty(L, M, inter // 128, dtype=torch.float32, device=dev)
+        self.out2 = torch.empty(L, M, H, dtype=torch.bfloat16, device=dev)
+        from ..grouped import alloc_signal
+        self.signal = alloc_signal(L, M, dev)
+        self.on_gpu = dev.type == "cuda" and not runtime.interpreting()
+        self.comm_stream = torch.cuda.Stream(dev) if self.on_gpu else None
+        self.last_block_m = None
+
+    # ------------------------------------------------------------------ stages
+    def expected_m(self, num_tokens: int) -> int:
+        c = self.comm
+        return max(1, math.ceil(num_tokens * c.topk * c.world_size / c.num_experts))
+
+    def expert_compute(self, masked_m: torch.Tensor, expected_m: int) -> None:
+        """L1 GEMM (gate and up fused) and SwiGLU + FP8 re-quantisation, rows < masked_m."""
+        c = self.comm
+        self.gemm((c.recv_x, c.recv_x_sf), self.w13, self.h1, masked_m, expected_m)
+        launch_swiglu_quant(self.h1, self.a2, self.a2_sf, masked_m, self.use_ue8m0,
+                            soft=runtime.interpreting(), num_sms=runtime.get_num_sms())
+
+    def down_proj(self, masked_m: torch.Tensor, expected_m: int, overlap: bool):
+        """L2 GEMM; with ``overlap`` on ``num_gemm_sms`` SMs with SBO signals, returning ``(block_m, threshold)``."""
+        if not overlap:
+            self.gemm((self.a2, self.a2_sf), self.w2, self.out2, masked_m, expected_m)
+            return None
+        old = runtime.get_num_sms()
+        runtime.set_num_sms(self.num_gemm_sms)
+        try:
+            block_m, threshold = self.gemm((self.a2, self.a2_sf), self.w2, self.out2, masked_m, expected_m,
+                                           enable_overlap=True, signal=self.signal)
+        finally:
+            runtime.set_num_sms(old)
+        self.last_block_m = block_m
+        return block_m, threshold
+
+    def steps(self, x, topk_idx, topk_weights, overlap=True, out=None):
+        """The forward pass as a generator that yields where every rank must have reached the same
+        point (after the dispatch send, after the combine send); :meth:`forward` runs it through, a
+        simulated world (tests) interleaves the ranks' generators.  Returns ``y`` (StopIteration.value)."""
+        c = self.comm
+        check_tensor("x", x, dtype=torch.bfloat16, ndim=2)
+        if x.shape[1] != c.hidden:
+            raise ValueError(f"x must have shape [T, {c.hidden}], got {list(x.shape)}")
+        if not isinstance(overlap, bool):
+            raise TypeError(f"overlap must be a bool, got {type(overlap).__name__}")
+        overlap = overlap and c.backend == "symm"
+        t = x.shape[0]
+        check_tensor("topk_weights", topk_weights, dtype=(torch.float32, torch.bfloat16), shape=(t, c.topk))
+        xq, xsf = self.quant(x, use_ue8m0=self.use_ue8m0)
+        c.dispatch_send(xq, xsf, topk_idx)
+        yield "dispatch_sent"
+        d = c.dispatch_recv()
+        em = self.expected_m(t)
+        self.expert_compute(d.masked_m, em)
+        if overlap:
+            main = torch.cuda.current_stream(c.device) if self.on_gpu else None
+            if main is not None:
+                # The combine stream waits for what is queued so far (dispatch, L1, SwiGLU), not for
+                # the L2 GEMM launched next: the two then run side by side on disjoint SM budgets.
+                self.comm_stream.wait_stream(main)
+            block_m, threshold = self.down_proj(d.masked_m, em, True)
+            if main is not None:
+                with torch.cuda.stream(self.comm_stream):
+                    c.combine_send(self.out2, signal=self.signal, block_m=block_m, threshold=threshold,
+                                   num_sms=self.num_comm_sms)
+                main.wait_stream(self.comm_stream)
+            else:
+                c.combine_send(self.out2, signal=self.signal, block_m=block_m, threshold=threshold,
+                               num_sms=self.num_comm_sms)
+        else:
+            self.down_proj(d.masked_m, em, False)
+            c.combine_send(self.out2)
+        yield "combine_sent"
+        return c.combine_recv(topk_idx, topk_weights, out)
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                overlap: bool = True, out: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+        """``x`` BF16 [T, hidden] (T <= max_tokens_per_rank), ``topk_idx`` int64/int32 [T, topk]
+        (negative = no expert), ``topk_weights`` FP32/BF16 [T, topk] -> ``y`` BF16 [T, hidden]."""
+        gen = self.steps(x, topk_idx, topk_weights, overlap, out)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                y = stop.value
+                break
+        if check and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            self.comm.check()
+        return y
+
+    __call__ = forward
+
+
+def run_simulated(layers: list, xs, idxs, ws, overlap: bool = True) -> list[torch.Tensor]:
+    """Run one forward of every rank of a simulated world (:func:`fp8gemm.moe.ep.make_simulated_world`),
+    stage by stage, and check each rank's error flag."""
+    gens = [layer.steps(x, i, w, overlap) for layer, x, i, w in zip(layers, xs, idxs, ws)]
+    outs = [None] * len(gens)
+    live = list(range(len(gens)))
+    while live:
+        nxt = []
+        for r in live:
+            try:
+                next(gens[r])
+                nxt.append(r)
+            except StopIteration as stop:
+                outs[r] = stop.value
+        live = nxt
+    for layer in layers:
+        layer.comm.check()
+    return outs
