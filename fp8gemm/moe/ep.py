@@ -363,8 +363,8 @@ class EPCommunicator:
     def _nccl_combine(self, expert_out):
         import torch.distributed as dist
         send_splits, recv_splits, le, slot, t_i, k_i = self._nccl_handle
-        rows = expert_out[le, slot].contiguous().view(torch.int16)   # BF16 bits (gloo has no BF16)
-        back = torch.empty(len(t_i), self.hidden, dtype=torch.int16, device=self.device)
+        rows = expert_out[le, slot].contiguous().view(torch.uint8)   # BF16 bytes (gloo has no BF16/int16)
+        back = torch.empty(len(t_i), 2 * self.hidden, dtype=torch.uint8, device=self.device)
         dist.all_to_all_single(back, rows, send_splits, recv_splits, group=self.group)
         self.combine_recv_buf[t_i, k_i] = back.view(torch.bfloat16)
 

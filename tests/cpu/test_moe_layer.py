@@ -1,0 +1,273 @@
+"""Expert-parallel MoE layer on the CPU: the SwiGLU + FP8 kernel, the symmetric-memory protocol in a
+simulated world (every rank in this process, regions are plain tensors, kernels in the interpreter),
+routing metadata, bounded waits, and the NCCL (all_to_all_single) path over gloo with 2 processes."""
+import os
+import socket
+
+import pytest
+import torch
+
+from fp8gemm import reference as R
+from fp8gemm import testing
+from fp8gemm.kernels.swiglu import launch_swiglu_quant
+from fp8gemm.moe import reference_layer as RL
+from fp8gemm.moe.ep import EPCommunicator, make_simulated_world
+from fp8gemm.moe.layer import MoELayer, run_simulated
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (interpreter) tests")
+
+H, I = 256, 128
+
+
+def _local(w, r, L):
+    return (w[0][r * L:(r + 1) * L].contiguous(), w[1][r * L:(r + 1) * L].contiguous())
+
+
+def _world(world, num_experts, max_tokens, topk, seed=1, **kw):
+    w13, w2 = RL.make_weights(num_experts, H, I, seed=seed)
+    comms = make_simulated_world(world, num_experts=num_experts, max_tokens_per_rank=max_tokens, topk=topk,
+                                 hidden=H, max_spin_iters=200, **kw)
+    L = num_experts // world
+    layers = [MoELayer(c, _local(w13, r, L), _local(w2, r, L), num_comm_sms=2) for r, c in enumerate(comms)]
+    return layers, w13, w2
+
+
+def _routing(kind, world, tokens, num_experts, topk, gen):
+    idxs = []
+    L = num_experts // world
+    for r in range(world):
+        if kind == "random":
+            idx = torch.stack([torch.randperm(num_experts, generator=gen)[:topk] for _ in range(tokens)])
+        elif kind == "one_expert":          # every token's first choice is expert 1, the rest -1
+            idx = torch.full((tokens, topk), -1, dtype=torch.int64)
+            idx[:, 0] = 1
+        elif kind == "remote":              # every expert of every token lives on the next rank
+            other = (r + 1) % world
+            idx = torch.stack([other * L + torch.randperm(L, generator=gen)[:topk] for _ in range(tokens)])
+        else:
+            raise AssertionError(kind)
+        idxs.append(idx.to(torch.int64))
+    return idxs
+
+
+def _check_layer(layers, w13, w2, idxs, tokens, overlap, gen):
+    world = len(layers)
+    xs = [torch.randn(tokens, H, generator=gen).bfloat16() for _ in range(world)]
+    ws = [torch.rand(tokens, idxs[0].shape[1], generator=gen) for _ in range(world)]
+    before = [layer.comm.cumulative_local_expert_recv_stats.clone() for layer in layers]
+    ys = run_simulated(layers, xs, idxs, ws, overlap=overlap)
+    num_experts = w13[0].shape[0]
+    counts = RL.dispatch_counts_reference(idxs, num_experts, world)
+    for r, layer in enumerate(layers):
+        assert torch.equal(layer.comm.masked_m, counts[r]), (r, layer.comm.masked_m, counts[r])
+        assert torch.equal(layer.comm.cumulative_local_expert_recv_stats - before[r], counts[r])
+        ref = RL.moe_layer_reference(xs[r], idxs[r], ws[r], w13, w2)
+        assert ys[r].shape == ref.shape and ys[r].dtype == torch.bfloat16
+        assert not ys[r].isnan().any()
+        diff = testing.calc_diff(ys[r], ref)
+        assert diff < 1e-3, (r, diff)
+        valid = ((idxs[r] >= 0).any(dim=1))
+        assert torch.all(ys[r][~valid] == 0)            # tokens without an expert reduce to 0
+    if overlap:
+        for layer in layers:                             # consumed SBO counters are zeroed by the combine
+            assert int(layer.signal.abs().sum()) == 0
+    return xs
+
+
+# --------------------------------------------------------------------------------------------
+# SwiGLU + FP8 re-quantisation
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("inter", [128, 192, 384])
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+def test_swiglu_quant_kernel(inter, use_ue8m0):
+    g, max_m = 3, 11
+    h = (torch.randn(g, max_m, 2 * inter) * 3).bfloat16()
+    masked_m = torch.tensor([0, 4, 11], dtype=torch.int32)
+    q = torch.full((g, max_m, inter), 0x55, dtype=torch.uint8).view(R.FP8)
+    sf = torch.full((g, max_m, -(-inter // 128)), float("nan"))
+    launch_swiglu_quant(h, q, sf, masked_m, use_ue8m0, soft=True, num_sms=4)
+    rq, rsf = RL.swiglu_quant_reference(h, masked_m, use_ue8m0)
+    for gi, m in enumerate(masked_m.tolist()):
+        # rows past masked_m are untouched
+        assert torch.all(q[gi, m:].view(torch.uint8) == 0x55) and sf[gi, m:].isnan().all()
+        if m == 0:
+            continue
+        torch.testing.assert_close(sf[gi, :m], rsf[gi, :m], rtol=1e-6, atol=0)
+        same = (q[gi, :m].view(torch.uint8) == rq[gi, :m].view(torch.uint8)).float().mean().item()
+        assert same > 0.995, same      # exp() may differ by an ulp; at most a rare one-step code flip
+        deq = R.dequantize(q[gi, :m], sf[gi, :m], 1)
+        ref = R.dequantize(rq[gi, :m], rsf[gi, :m], 1)
+        assert testing.calc_diff(deq, ref) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# The layer in a simulated world (symmetric-memory protocol in the interpreter)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world,num_experts,topk", [(2, 4, 2), (4, 8, 3)])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_layer_random_routing(world, num_experts, topk, overlap):
+    gen = torch.Generator().manual_seed(7)
+    layers, w13, w2 = _world(world, num_experts, 6, topk)
+    idxs = _routing("random", world, 5, num_experts, topk, gen)
+    idxs[0][1, 1] = -1                                   # a skipped slot
+    idxs[1][2, :] = -1                                   # a token with no expert at all
+    _check_layer(layers, w13, w2, idxs, 5, overlap, gen)
+    # a second call through the same buffers (flags and counters were consumed, not reset)
+    idxs = _routing("random", world, 4, num_experts, topk, gen)
+    _check_layer(layers, w13, w2, idxs, 4, overlap, gen)
+
+
+@pytest.mark.parametrize("kind", ["one_expert", "remote"])
+def test_layer_skewed_routing(kind):
+    gen = torch.Generator().manual_seed(3)
+    world, num_experts, topk = 2, 4, 2
+    layers, w13, w2 = _world(world, num_experts, 8, topk)
+    idxs = _routing(kind, world, 8, num_experts, topk, gen)
+    _check_layer(layers, w13, w2, idxs, 8, True, gen)
+    if kind == "one_expert":                             # 16 rows for expert 1, nothing for the others
+        assert layers[0].comm.masked_m.tolist() == [0, 16] and layers[1].comm.masked_m.tolist() == [0, 0]
+
+
+def test_dispatch_routing_metadata():
+    gen = torch.Generator().manual_seed(5)
+    world, num_experts, topk, tokens, tmax = 2, 4, 2, 5, 6
+    comms = make_simulated_world(world, num_experts=num_experts, max_tokens_per_rank=tmax, topk=topk, hidden=H,
+                                 max_spin_iters=100)
+    idxs = _routing("random", world, tokens, num_experts, topk, gen)
+    xs = [torch.randn(tokens, H, generator=gen) for _ in range(world)]
+    qs = [R.per_token_cast_to_fp8(x) for x in xs]
+    for c, (xq, xsf), idx in zip(comms, qs, idxs):
+        c.dispatch_send(xq, xsf, idx)
+    outs = [c.dispatch_recv() for c in comms]
+    for c in comms:
+        c.check()
+    L = num_experts // world
+    for r, out in enumerate(outs):
+        for le in range(L):
+            e = r * L + le
+            m = int(out.masked_m[le])
+            want = sorted(s * tmax * topk + t * topk + k for s in range(world)
+                          for t, k in (idxs[s] == e).nonzero().tolist())
+            words = out.recv_src_info[le, :m].tolist()
+            assert sorted(words) == want
+            for j, word in enumerate(words):             # each row carries its token's codes and scales
+                s, rest = divmod(word, tmax * topk)
+                t = rest // topk
+                assert torch.equal(out.recv_x[le, j].view(torch.uint8), qs[s][0][t].view(torch.uint8))
+                assert torch.equal(out.recv_x_sf[le, j], qs[s][1][t])
+
+
+def test_peer_that_never_sends_times_out():
+    gen = torch.Generator().manual_seed(1)
+    comms = make_simulated_world(2, num_experts=4, max_tokens_per_rank=4, topk=2, hidden=H, max_spin_iters=50)
+    idxs = _routing("random", 2, 3, 4, 2, gen)
+    xq, xsf = R.per_token_cast_to_fp8(torch.randn(3, H))
+    comms[0].dispatch_send(xq, xsf, idxs[0])             # rank 1 deliberately skips its send
+    comms[0].dispatch_recv()
+    with pytest.raises(RuntimeError, match=r"rank 0/2: dispatch: timed out .* rank 1 \(owner of experts 2\.\.3\)"):
+        comms[0].check()
+
+
+def test_gemm_signal_that_never_arrives_times_out():
+    comms = make_simulated_world(1, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, max_spin_iters=50)
+    c = comms[0]
+    xq, xsf = R.per_token_cast_to_fp8(torch.randn(3, H))
+    c.dispatch(xq, xsf, torch.tensor([[0], [1], [1]]))
+    c.check()
+    signal = torch.zeros(8, dtype=torch.int32)
+    signal[0] = 2                                        # expert 0's block is done, expert 1's never is
+    c.combine_send(torch.zeros(2, 4, H, dtype=torch.bfloat16), signal=signal, block_m=4, threshold=2)
+    with pytest.raises(RuntimeError, match=r"GEMM signal of local expert 1 \(global expert 1\), m-block 0"):
+        c.check()
+
+
+def test_capacity_overflow_is_an_error():
+    comms = make_simulated_world(1, num_experts=2, max_tokens_per_rank=6, topk=1, hidden=H, max_m=4,
+                                 max_spin_iters=50)
+    xq, xsf = R.per_token_cast_to_fp8(torch.randn(6, H))
+    out = comms[0].dispatch(xq, xsf, torch.zeros(6, 1, dtype=torch.int64))
+    assert out.masked_m.tolist() == [4, 0]
+    with pytest.raises(RuntimeError, match=r"local expert 0 .* received 6 rows, more than its capacity max_m=4"):
+        comms[0].check()
+
+
+def test_validation():
+    layers, w13, w2 = _world(2, 4, 4, 2)
+    c = layers[0].comm
+    xq, xsf = R.per_token_cast_to_fp8(torch.randn(3, H))
+    idx = torch.zeros(3, 2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        c.dispatch_send(xq.float(), xsf, idx)
+    with pytest.raises(ValueError, match="max_tokens_per_rank=4"):
+        c.dispatch_send(*R.per_token_cast_to_fp8(torch.randn(5, H)), torch.zeros(5, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="topk_idx must have shape"):
+        c.dispatch_send(xq, xsf, idx[:, :1])
+    with pytest.raises(TypeError, match="topk_idx must have dtype"):
+        c.dispatch_send(xq, xsf, idx.float())
+    with pytest.raises(ValueError, match="expert_out must have shape"):
+        c.combine_send(torch.zeros(2, 3, H, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="num_experts .* multiple of the world size"):
+        make_simulated_world(2, num_experts=3, max_tokens_per_rank=4, topk=1, hidden=H)
+    with pytest.raises(ValueError, match="hidden must be a multiple of 128"):
+        make_simulated_world(1, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=100)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        EPCommunicator(None, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, backend="mpi",
+                       _simulated={"rank": 0, "world_size": 1, "region": None, "tab": None})
+    with pytest.raises(ValueError, match=r"w13\[0\] must have shape"):
+        MoELayer(c, _local(w13, 0, 1), _local(w2, 0, 2))
+    with pytest.raises(TypeError, match="comm must be an EPCommunicator"):
+        MoELayer(None, _local(w13, 0, 2), _local(w2, 0, 2))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        layers[0].forward(torch.randn(3, H), idx, torch.rand(3, 2))
+    with pytest.raises(TypeError, match="overlap must be a bool"):
+        layers[0].forward(torch.randn(3, H).bfloat16(), idx, torch.rand(3, 2), overlap=1)
+
+
+# --------------------------------------------------------------------------------------------
+# NCCL path (all_to_all_single) over gloo, 2 processes
+# --------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_worker(rank, world, port, kind, out_dir):
+    import torch.distributed as dist
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        num_experts, topk, tokens = 4, 2, 5
+        gen = torch.Generator().manual_seed(11)
+        w13, w2 = RL.make_weights(num_experts, H, I, seed=2)
+        idxs = _routing(kind, world, tokens, num_experts, topk, gen)
+        idxs[1][0, :] = -1
+        xs = [torch.randn(tokens, H, generator=gen).bfloat16() for _ in range(world)]
+        ws = [torch.rand(tokens, topk, generator=gen) for _ in range(world)]
+        comm = EPCommunicator(dist.group.WORLD, num_experts=num_experts, max_tokens_per_rank=8, topk=topk,
+                              hidden=H, backend="nccl", device="cpu")
+        L = comm.num_local_experts
+        layer = MoELayer(comm, _local(w13, rank, L), _local(w2, rank, L), num_comm_sms=2)
+        y = layer.forward(xs[rank], idxs[rank], ws[rank], overlap=True)   # overlap falls back to off
+        ref = RL.moe_layer_reference(xs[rank], idxs[rank], ws[rank], w13, w2)
+        counts = RL.dispatch_counts_reference(idxs, num_experts, world)[rank]
+        torch.save({"diff": testing.calc_diff(y, ref), "masked_m": comm.masked_m.clone(), "counts": counts,
+                    "nan": bool(y.isnan().any())}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["random", "remote"])
+def test_nccl_path_over_gloo(kind, tmp_path):
+    """gloo implements all_to_all_single (with unequal splits) on CPU tensors, so the collective path
+    runs here exactly as it does over NCCL (byte payloads, no FP8/BF16 dtypes on the wire)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_gloo_worker, args=(2, _free_port(), kind, str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        assert not res["nan"]
+        assert torch.equal(res["masked_m"], res["counts"])
+        assert res["diff"] < 1e-3, res["diff"]
