@@ -82,6 +82,38 @@ def _checks(device, big: bool):
             mismatched = int((q.view(torch.uint8) != rq.view(torch.uint8)).sum()) + int((s != rs).sum())
             return f"{m}x{k} bf16 (mismatched bytes)", float(mismatched), 0.0
         checks.append(("per_token_cast_to_fp8", quant))
+    def mqa():
+        sq, skv, h, dd = (1024, 4096, 64, 128) if big else (24, 80, 16, 32)
+        q = torch.randn(sq, h, dd, device=device).to(torch.float8_e4m3fn)
+        kv = torch.randn(skv, dd, device=device).to(torch.float8_e4m3fn)
+        kv_sf = torch.rand(skv, device=device) + 0.5
+        w = torch.randn(sq, h, device=device)
+        ke = torch.randint(1, skv + 1, (sq,), device=device, dtype=torch.int32)
+        ks = (ke - torch.randint(0, skv // 2, (sq,), device=device, dtype=torch.int32)).clamp(min=0)
+        out = fp8gemm.fp8_mqa_logits(q, (kv, kv_sf), w, ks, ke)
+        ref = R.fp8_mqa_logits(q, kv, kv_sf, w, ks, ke)
+        finite = torch.isfinite(ref)
+        if not torch.equal(finite, torch.isfinite(out)):
+            return "the -inf pattern differs", 1.0, 1e-3
+        return f"SQ{sq} SK{skv} H{h} D{dd} ragged", calc_diff(out[finite], ref[finite]), 1e-3
+
+    def pre_dispatch():
+        t, hidden, topk, cap = (512, 7168, 8, 640) if big else (5, 256, 2, 8)
+        x = torch.randn(t, hidden, device=device, dtype=torch.bfloat16)
+        idx = torch.randint(0, 64, (t, topk), device=device)
+        wts = torch.rand(t, topk, device=device)
+        buf_x = torch.empty(cap, hidden, dtype=torch.float8_e4m3fn, device=device)
+        buf_sf = torch.empty(cap, hidden // 128, dtype=torch.uint8, device=device)
+        buf_idx = torch.empty(cap, topk, dtype=idx.dtype, device=device)
+        buf_w = torch.empty(cap, topk, dtype=torch.float32, device=device)
+        fp8gemm.mega_moe_pre_dispatch(x, idx, wts, buf_x, buf_sf, buf_idx, buf_w, t, 128, False)
+        q, sfb = R.per_token_cast_to_fp8(x, use_ue8m0=True)
+        bad = int((buf_x[:t].view(torch.uint8) != q.view(torch.uint8)).sum())
+        bad += int((buf_sf[:t] != R.to_ue8m0_bytes(sfb)).sum())
+        bad += int((buf_idx[t:] != -1).sum()) + int((buf_x[t:].view(torch.uint8) != 0).sum())
+        return f"{t} tokens, hidden {hidden}, top-{topk} (mismatched bytes)", float(bad), 0.0
+
+    checks += [("fp8_mqa_logits", mqa), ("mega_moe_pre_dispatch", pre_dispatch)]
     return checks
 
 
