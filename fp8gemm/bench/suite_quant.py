@@ -107,8 +107,33 @@ def _per_token_fp4_case(m: int, k: int) -> Case:
                 {"fp8gemm": launch, "torch": lambda: _torch_per_token_fp4(x, 32)}, check, 0.0)
 
 
+# Alternative launch configurations timed beside the default (non-quick runs), to tune the heuristics.
+_SWEEP = {
+    "per_token": [(8, 4, 4), (16, 4, 4), (32, 4, 8), (64, 4, 8), (32, 2, 8), (16, 2, 4)],
+    "per_block": [(1, 4), (2, 8), (4, 8), (1, 16)],
+    "fp4": [(8, 16, 4), (32, 16, 8), (16, 8, 8), (4, 16, 4), (64, 16, 8)],
+}
+
+
+def _with_sweep(case: Case, kind: str, launcher) -> Case:
+    for cfg in _SWEEP[kind]:
+        case.impls[f"fp8gemm{list(cfg)}"] = (lambda cfg=cfg: launcher(cfg))
+    return case
+
+
 def cases(quick: bool) -> list[Case]:
     out = [_per_token_case(8192, 7168, False), _per_block_case(8192, 7168, False), _per_token_fp4_case(4096, 7168)]
+    if not quick:
+        x = torch.randn(8192, 7168, device="cuda", dtype=torch.bfloat16)
+        q = torch.empty(8192, 7168, device="cuda", dtype=FP8)
+        sf_t = torch.empty(8192, 56, device="cuda", dtype=torch.float32)
+        sf_b = torch.empty(64, 56, device="cuda", dtype=torch.float32)
+        x4 = x[:4096]
+        q4 = torch.empty(4096, 3584, device="cuda", dtype=torch.uint8)
+        sf4 = torch.empty(4096, 224, device="cuda", dtype=torch.uint8)
+        _with_sweep(out[0], "per_token", lambda c: KQ.launch_per_token(x, q, sf_t, 128, False, False, config=c))
+        _with_sweep(out[1], "per_block", lambda c: KQ.launch_per_block(x, q, sf_b, 128, False, False, config=c))
+        _with_sweep(out[2], "fp4", lambda c: KQ.launch_per_token_fp4(x4, q4, sf4, 32, True, config=c))
     if not quick:
         out += [_per_token_case(8192, 7168, True), _per_block_case(8192, 7168, True),
                 _per_token_case(4096, 2048, False), _per_token_case(128, 7168, False),
