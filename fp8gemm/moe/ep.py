@@ -167,10 +167,15 @@ class EPCommunicator:
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
         nbytes = self.layout.sections()["total"][1]
+        group_name = self.group.group_name if hasattr(self.group, "group_name") else self.group
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):      # needed by older torch, a no-op later
+            try:
+                symm_mem.enable_symm_mem_for_group(group_name)
+            except Exception:       # noqa: BLE001  (deprecated / already enabled)
+                pass
         region = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
         region.zero_()
         torch.cuda.synchronize(self.device)
-        group_name = self.group.group_name if hasattr(self.group, "group_name") else self.group
         hdl = symm_mem.rendezvous(region, group_name)
         ptrs = []
         for p in range(self.world_size):

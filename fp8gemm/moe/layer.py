@@ -122,10 +122,20 @@ class MoELayer:
         self.last_block_m = block_m
         return block_m, threshold
 
-    def steps(self, x, topk_idx, topk_weights, overlap=True, out=None):
+    def _mark(self, events, name, stream=None):
+        if events is not None and self.on_gpu:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(stream or torch.cuda.current_stream(self.comm.device))
+            events[name] = ev
+
+    def steps(self, x, topk_idx, topk_weights, overlap=True, out=None, events=None, skip_combine=False):
         """The forward pass as a generator that yields where every rank must have reached the same
         point (after the dispatch send, after the combine send); :meth:`forward` runs it through, a
-        simulated world (tests) interleaves the ranks' generators.  Returns ``y`` (StopIteration.value)."""
+        simulated world (tests) interleaves the ranks' generators.  Returns ``y`` (StopIteration.value).
+
+        ``events`` (a dict, GPU only): CUDA events recorded at the stage boundaries (the benchmark's
+        timeline).  ``skip_combine`` (benchmarks only, on every rank at once): stop after the L2 GEMM and
+        return ``None``, to measure how much of the combine the overlap hides."""
         c = self.comm
         check_tensor("x", x, dtype=torch.bfloat16, ndim=2)
         if x.shape[1] != c.hidden:
@@ -135,12 +145,23 @@ class MoELayer:
         overlap = overlap and c.backend == "symm"
         t = x.shape[0]
         check_tensor("topk_weights", topk_weights, dtype=(torch.float32, torch.bfloat16), shape=(t, c.topk))
+        self._mark(events, "start")
         xq, xsf = self.quant(x, use_ue8m0=self.use_ue8m0)
+        self._mark(events, "quant")
         c.dispatch_send(xq, xsf, topk_idx)
         yield "dispatch_sent"
         d = c.dispatch_recv()
+        self._mark(events, "dispatch")
         em = self.expected_m(t)
         self.expert_compute(d.masked_m, em)
+        self._mark(events, "l1_swiglu")
+        if skip_combine:
+            self.down_proj(d.masked_m, em, overlap)     # same SM budget as the real thing
+            if overlap:
+                self.signal.zero_()
+            self._mark(events, "l2")
+            yield "combine_sent"
+            return None
         if overlap:
             main = torch.cuda.current_stream(c.device) if self.on_gpu else None
             if main is not None:
@@ -148,25 +169,34 @@ class MoELayer:
                 # the L2 GEMM launched next: the two then run side by side on disjoint SM budgets.
                 self.comm_stream.wait_stream(main)
             block_m, threshold = self.down_proj(d.masked_m, em, True)
+            self._mark(events, "l2")
             if main is not None:
                 with torch.cuda.stream(self.comm_stream):
+                    self._mark(events, "combine_send_start", self.comm_stream)
                     c.combine_send(self.out2, signal=self.signal, block_m=block_m, threshold=threshold,
                                    num_sms=self.num_comm_sms)
+                    self._mark(events, "combine_send", self.comm_stream)
                 main.wait_stream(self.comm_stream)
             else:
                 c.combine_send(self.out2, signal=self.signal, block_m=block_m, threshold=threshold,
                                num_sms=self.num_comm_sms)
         else:
             self.down_proj(d.masked_m, em, False)
+            self._mark(events, "l2")
+            self._mark(events, "combine_send_start")
             c.combine_send(self.out2)
+            self._mark(events, "combine_send")
         yield "combine_sent"
-        return c.combine_recv(topk_idx, topk_weights, out)
+        y = c.combine_recv(topk_idx, topk_weights, out)
+        self._mark(events, "combine")
+        return y
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                overlap: bool = True, out: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+                overlap: bool = True, out: torch.Tensor | None = None, check: bool = True,
+                **bench) -> torch.Tensor:
         """``x`` BF16 [T, hidden] (T <= max_tokens_per_rank), ``topk_idx`` int64/int32 [T, topk]
         (negative = no expert), ``topk_weights`` FP32/BF16 [T, topk] -> ``y`` BF16 [T, hidden]."""
-        gen = self.steps(x, topk_idx, topk_weights, overlap, out)
+        gen = self.steps(x, topk_idx, topk_weights, overlap, out, **bench)
         while True:
             try:
                 next(gen)

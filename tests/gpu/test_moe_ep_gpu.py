@@ -1,0 +1,197 @@
+"""Expert-parallel MoE layer on several GPUs, against a single-process PyTorch reference.
+
+Run directly under torchrun (every rank runs every case; rank 0 prints the summary, exit code 1 on
+any failure)::
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+        torchrun --nproc-per-node 2 tests/gpu/test_moe_ep_gpu.py
+
+or through pytest (``-m gpu``), which launches torchrun on 2 GPUs (and on 4 where there are 4).
+
+Cases, for the symm backend (overlap on and off) and the NCCL backend: random routing, every token
+to one expert (most experts receive nothing), tokens whose experts all live on another rank, tokens
+without any expert; counts (``masked_m``, ``cumulative_local_expert_recv_stats``) exact; output
+``calc_diff < 1e-3`` against :func:`fp8gemm.moe.reference_layer.moe_layer_reference` (same weights,
+every expert in one process).  Also: CUDA-graph capture and replay of the symm layer, and a rank that
+deliberately skips its dispatch send (its peers raise a RuntimeError naming it within the timeout).
+"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+H, I, TOPK = 1024, 256, 4
+EXPERTS_PER_RANK = 4
+ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def _routing(kind, world, tokens, num_experts, gen, device):
+    L = num_experts // world
+    idxs = []
+    for r in range(world):
+        if kind == "random":
+            idx = torch.stack([torch.randperm(num_experts, generator=gen)[:TOPK] for _ in range(tokens)])
+        elif kind == "one_expert":
+            idx = torch.full((tokens, TOPK), -1, dtype=torch.int64)
+            idx[:, 0] = num_experts - 1
+        elif kind == "remote":
+            other = (r + 1) % world
+            idx = torch.stack([other * L + torch.randperm(L, generator=gen)[:TOPK] for _ in range(tokens)])
+        elif kind == "sparse":          # a third of the tokens route nowhere, half the experts get nothing
+            idx = torch.stack([torch.randperm(num_experts // 2, generator=gen)[:TOPK] * 2 for _ in range(tokens)])
+            idx[::3] = -1
+        else:
+            raise AssertionError(kind)
+        idxs.append(idx.to(device))
+    return idxs
+
+
+def _worker() -> int:
+    import torch.distributed as dist
+
+    from fp8gemm import testing
+    from fp8gemm.moe import reference_layer as RL
+    from fp8gemm.moe.ep import EPCommunicator
+    from fp8gemm.moe.layer import MoELayer
+
+    for k, v in ENV.items():
+        os.environ.setdefault(k, v)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = torch.device("cuda", local)
+    num_experts = EXPERTS_PER_RANK * world
+    L = EXPERTS_PER_RANK
+    w13, w2 = RL.make_weights(num_experts, H, I, seed=3, device=dev)
+    loc13 = (w13[0][rank * L:(rank + 1) * L].contiguous(), w13[1][rank * L:(rank + 1) * L].contiguous())
+    loc2 = (w2[0][rank * L:(rank + 1) * L].contiguous(), w2[1][rank * L:(rank + 1) * L].contiguous())
+    failures, lines = [], []
+
+    def record(name, ok, detail=""):
+        lines.append(f"[rank {rank}] {'PASS' if ok else 'FAIL'} {name} {detail}")
+        if not ok:
+            failures.append(name)
+
+    max_tokens = 96
+    for backend in ("symm", "nccl"):
+        comm = EPCommunicator(dist.group.WORLD, num_experts=num_experts, max_tokens_per_rank=max_tokens, topk=TOPK,
+                              hidden=H, backend=backend, timeout_s=5.0)
+        layer = MoELayer(comm, loc13, loc2)
+        stats = torch.zeros(L, dtype=torch.int32, device=dev)
+        gen = torch.Generator().manual_seed(17)
+        for kind in ("random", "one_expert", "remote", "sparse"):
+            for tokens in (1, 33, 96):
+                for overlap in ((True, False) if backend == "symm" else (False,)):
+                    idxs = _routing(kind, world, tokens, num_experts, gen, dev)
+                    xs = [torch.randn(tokens, H, generator=gen).bfloat16().to(dev) for _ in range(world)]
+                    ws = [torch.rand(tokens, TOPK, generator=gen).to(dev) for _ in range(world)]
+                    name = f"{backend} {kind} T={tokens} overlap={overlap}"
+                    try:
+                        y = layer.forward(xs[rank], idxs[rank], ws[rank], overlap=overlap)
+                        torch.cuda.synchronize()
+                        ref = RL.moe_layer_reference(xs[rank], idxs[rank], ws[rank], w13, w2)
+                        counts = RL.dispatch_counts_reference([i.cpu() for i in idxs], num_experts, world)[rank]
+                        stats += counts.to(dev)
+                        diff = testing.calc_diff(y, ref)
+                        ok = (diff < 1e-3 and torch.equal(comm.masked_m.cpu(), counts)
+                              and torch.equal(comm.cumulative_local_expert_recv_stats, stats))
+                        record(name, ok, f"diff={diff:.2e} masked_m={comm.masked_m.tolist()} want={counts.tolist()}")
+                    except Exception as e:      # noqa: BLE001
+                        record(name, False, repr(e))
+                    dist.barrier()
+        if backend == "symm":
+            # CUDA graph: capture once, replay with fresh inputs copied into the static buffers
+            tokens = 64
+            gen = torch.Generator().manual_seed(5)
+            sx = torch.zeros(tokens, H, dtype=torch.bfloat16, device=dev)
+            si = torch.zeros(tokens, TOPK, dtype=torch.int64, device=dev)
+            sw = torch.zeros(tokens, TOPK, device=dev)
+            idxs = _routing("random", world, tokens, num_experts, gen, dev)
+            si.copy_(idxs[rank])
+            try:
+                for overlap in (True, False):
+                    sx.normal_()
+                    layer.forward(sx, si, sw, overlap=overlap)          # warm-up (compiles)
+                    torch.cuda.synchronize()
+                    dist.barrier()
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        sy = layer.forward(sx, si, sw, overlap=overlap, check=False)
+                    for rep in range(3):
+                        idxs = _routing("random", world, tokens, num_experts, gen, dev)
+                        xs = [torch.randn(tokens, H, generator=gen).bfloat16().to(dev) for _ in range(world)]
+                        ws = [torch.rand(tokens, TOPK, generator=gen).to(dev) for _ in range(world)]
+                        sx.copy_(xs[rank])
+                        si.copy_(idxs[rank])
+                        sw.copy_(ws[rank])
+                        dist.barrier()
+                        g.replay()
+                        torch.cuda.synchronize()
+                        comm.check()
+                        ref = RL.moe_layer_reference(xs[rank], idxs[rank], ws[rank], w13, w2)
+                        diff = testing.calc_diff(sy, ref)
+                        record(f"symm graph overlap={overlap} replay {rep}", diff < 1e-3, f"diff={diff:.2e}")
+                    dist.barrier()
+            except Exception as e:      # noqa: BLE001
+                record("symm graph", False, repr(e))
+            dist.barrier()
+        del layer, comm
+
+    # A rank that skips its dispatch send: every other rank must raise within the timeout.
+    comm = EPCommunicator(dist.group.WORLD, num_experts=num_experts, max_tokens_per_rank=16, topk=TOPK, hidden=H,
+                          timeout_s=2.0)
+    gen = torch.Generator().manual_seed(9)
+    idxs = _routing("random", world, 16, num_experts, gen, dev)
+    from fp8gemm import per_token_cast_to_fp8
+    xq, xsf = per_token_cast_to_fp8(torch.randn(16, H, device=dev).bfloat16())
+    dist.barrier()
+    t0 = time.time()
+    if rank != world - 1:
+        comm.dispatch_send(xq, xsf, idxs[rank])
+    comm.dispatch_recv()
+    torch.cuda.synchronize()
+    elapsed = time.time() - t0
+    if rank != world - 1:
+        try:
+            comm.check()
+            record("skipped send -> RuntimeError", False, "no error raised")
+        except RuntimeError as e:
+            ok = f"rank {world - 1}" in str(e) and elapsed < 2.0 * world + 5
+            record("skipped send -> RuntimeError", ok, f"{elapsed:.1f}s: {e}")
+    dist.barrier()
+
+    for line in lines:
+        print(line, flush=True)
+    bad = torch.tensor([len(failures)], device=dev)
+    dist.all_reduce(bad)
+    if rank == 0:
+        print(f"moe_ep_gpu: world={world} card={torch.cuda.get_device_name()} "
+              f"{'ALL PASS' if int(bad) == 0 else f'{int(bad)} FAILURES'}", flush=True)
+    dist.destroy_process_group()
+    return 0 if int(bad) == 0 else 1
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_moe_ep_torchrun(nproc):
+    if torch.cuda.device_count() < nproc:
+        pytest.skip(f"needs {nproc} GPUs")
+    env = dict(os.environ, **ENV)
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=900)
+    print(proc.stdout[-20000:], proc.stderr[-5000:])
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+
+
+if __name__ == "__main__":
+    sys.exit(_worker())
