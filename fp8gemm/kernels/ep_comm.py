@@ -126,11 +126,14 @@ def dispatch_send_kernel(xq_ptr, xsf_ptr, idx_ptr, tab_ptr, done_ptr, T, rank, n
                 slot = tl.atomic_add(cnt_ptr, 1, sem="relaxed", scope="sys")
                 if slot < MAX_M:
                     row = le.to(tl.int64) * MAX_M + slot
-                    xdst = tl.multiple_of((base + OFF_X + row * H).to(tl.pointer_type(tl.uint8)), 16)
+                    # a broadcast row pointer declared 16-byte aligned (H % 16 == 0, regions are aligned),
+                    # so the peer stores vectorise to 128 bits (a scalar hint does not propagate)
+                    xaddr = (base + OFF_X + row * H) + tl.zeros((BLOCK_H,), tl.int64)
+                    xdst = tl.multiple_of(xaddr.to(tl.pointer_type(tl.uint8)), 16)
                     xsrc = xq_ptr + t64 * stride_xq
                     for h0 in range(0, H, BLOCK_H):
                         m = (h0 + offs) < H
-                        tl.store(xdst + h0 + offs, tl.load(xsrc + h0 + offs, mask=m), mask=m)
+                        tl.store(xdst + (h0 + offs), tl.load(xsrc + (h0 + offs), mask=m), mask=m)
                     sdst = (base + OFF_SF + row * (SFH * 4)).to(tl.pointer_type(tl.float32))
                     tl.store(sdst + soffs, sf, mask=smask)
                     mdst = (base + OFF_META).to(tl.pointer_type(tl.int32)) + row

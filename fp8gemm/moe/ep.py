@@ -243,7 +243,7 @@ class EPCommunicator:
             xq.stride(0), xsf.stride(0), topk_idx.stride(0), topk_idx.stride(1),
             o["x"], o["sf"], o["meta"], o["cnt"], o["dflag"], self.max_m, self.max_tokens,
             H=self.hidden, SFH=self.sf_cols, TOPK=self.topk, L=self.num_local_experts, W=self.world_size,
-            BLOCK_H=min(1024, triton_next_pow2(self.hidden)), BLOCK_SF=triton_next_pow2(self.sf_cols),
+            BLOCK_H=min(2048, triton_next_pow2(self.hidden)), BLOCK_SF=triton_next_pow2(self.sf_cols),
             num_warps=4)
 
     def dispatch_recv(self) -> DispatchOutput:

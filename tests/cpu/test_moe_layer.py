@@ -271,3 +271,61 @@ def test_nccl_path_over_gloo(kind, tmp_path):
         assert not res["nan"]
         assert torch.equal(res["masked_m"], res["counts"])
         assert res["diff"] < 1e-3, res["diff"]
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile for sm_90a (the interpreter is lenient: this catches what only the compiler sees)
+# --------------------------------------------------------------------------------------------
+
+_I32, _I64 = "i32", "i64"
+_AOT = {
+    "dispatch_send_kernel": (
+        {"xq_ptr": "*u8", "xsf_ptr": "*fp32", "idx_ptr": "*i64", "tab_ptr": "*i64", "done_ptr": "*i32",
+         "T": _I32, "rank": _I32, "num_experts": _I32, "stride_xq": _I32, "stride_xsf": _I32, "stride_it": _I32,
+         "stride_ik": _I32, "OFF_X": _I64, "OFF_SF": _I64, "OFF_META": _I64, "OFF_CNT": _I64, "OFF_DFLAG": _I64,
+         "MAX_M": _I32, "TMAX": _I32},
+        {"H": 7168, "SFH": 56, "TOPK": 8, "L": 128, "W": 2, "BLOCK_H": 2048, "BLOCK_SF": 64, "stride_ik": 1},
+        ["xq_ptr", "stride_xq"], "STG.E.128"),
+    "dispatch_recv_kernel": (
+        {"buf_ptr": "*u8", "err_ptr": "*i32", "masked_m_ptr": "*i32", "stats_ptr": "*i32", "OFF_CNT": _I64,
+         "OFF_DFLAG": _I64, "MAX_M": _I32, "max_iters": _I32, "timeout_ns": _I64},
+        {"W": 2, "L": 128, "BLOCK_L": 128, "USE_TIMER": True}, [], "globaltimer"),
+    "combine_send_kernel": (
+        {"d_ptr": "*bf16", "buf_ptr": "*u8", "tab_ptr": "*i64", "masked_m_ptr": "*i32", "signal_ptr": "*i32",
+         "err_ptr": "*i32", "done_ptr": "*i32", "rank": _I32, "stride_dg": _I32, "stride_dm": _I32,
+         "OFF_META": _I64, "OFF_RECV": _I64, "OFF_CFLAG": _I64, "MAX_M": _I32, "TMAX": _I32, "block_m": _I32,
+         "threshold": _I32, "nb": _I32, "max_iters": _I32, "timeout_ns": _I64},
+        {"H": 7168, "TOPK": 8, "L": 128, "W": 2, "ROWS": 8, "BLOCK_H": 512, "WAIT_SIGNAL": True, "USE_TIMER": True},
+        ["d_ptr", "stride_dg", "stride_dm"], "STG.E.128"),
+    "combine_recv_kernel": (
+        {"buf_ptr": "*u8", "err_ptr": "*i32", "OFF_CFLAG": _I64, "max_iters": _I32, "timeout_ns": _I64},
+        {"W": 2, "USE_TIMER": True}, [], None),
+    "combine_reduce_kernel": (
+        {"recv_ptr": "*bf16", "idx_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": "*bf16", "num_experts": _I32,
+         "stride_rt": _I32, "stride_rk": _I32, "stride_it": _I32, "stride_ik": _I32, "stride_wt": _I32,
+         "stride_wk": _I32, "stride_ot": _I32},
+        {"H": 7168, "TOPK": 8, "BLOCK_H": 1024, "stride_ik": 1, "stride_wk": 1},
+        ["recv_ptr", "out_ptr", "stride_rt", "stride_rk", "stride_ot"], None),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(_AOT))
+def test_ep_kernels_compile_for_sm90(kernel):
+    sig, consts, div16, must = _AOT[kernel]
+    from fp8gemm.testing import compile_sm90_in_subprocess
+    r = compile_sm90_in_subprocess("fp8gemm.kernels.ep_comm", kernel, sig, consts, divisible_by_16=div16)
+    assert r["local"] == 0 and r["stack"] == 0, r
+    if must:
+        assert must in r["sass"] or must in r["ptx"], f"{must} missing"
+
+
+def test_swiglu_kernel_compiles_for_sm90():
+    from fp8gemm.testing import compile_sm90_in_subprocess
+    sig = {"h_ptr": "*bf16", "q_ptr": "*u8", "sf_ptr": "*fp32", "masked_m_ptr": "*i32", "max_m": _I32,
+           "stride_hg": _I32, "stride_hm": _I32, "stride_qg": _I32, "stride_qm": _I32, "stride_sg": _I32,
+           "stride_sm": _I32}
+    r = compile_sm90_in_subprocess("fp8gemm.kernels.swiglu", "swiglu_quant_kernel", sig,
+                                   {"INTER": 2048, "ROWS": 4, "SPLIT": 8, "USE_UE8M0": False, "SOFT_CVT": False},
+                                   divisible_by_16=["h_ptr", "q_ptr", "stride_hg", "stride_hm", "stride_qg",
+                                                    "stride_qm"])
+    assert r["local"] == 0 and r["stack"] == 0, r
