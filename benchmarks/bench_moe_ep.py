@@ -1,0 +1,243 @@
+"""Benchmark of the expert-parallel MoE layer (DeepSeek-V3 shape) with Single Batch Overlap on vs off.
+
+Run under torchrun on one host (NVLink); results (JSON, timeline PNG) go to the folder given::
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+        torchrun --nproc-per-node 2 benchmarks/bench_moe_ep.py results/moe_ep
+
+Per tokens-per-rank T: the layer with overlap on and off, the layer with the combine skipped
+(exposed combine = on - skip), dispatch alone and combine alone (CUDA-graph replays, slowest rank),
+their bandwidth (bytes each rank writes, all of them and the peer part) against the copy-engine
+peer-to-peer bandwidth measured first.  Prints the table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _timed(fn, iters, warmup=3):
+    """ms per call of ``fn`` captured in a CUDA graph (eager if capture fails), slowest rank."""
+    import torch.distributed as dist
+    graph = None
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        graph = g
+        run = g.replay
+    except Exception as e:      # noqa: BLE001
+        print(f"[bench] graph capture failed ({e!r}); timing eager", flush=True)
+        torch.cuda.synchronize()
+        run = fn
+    for _ in range(warmup):
+        run()
+    torch.cuda.synchronize()
+    dist.barrier()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    ms = torch.tensor([start.elapsed_time(end) / iters], device="cuda")
+    dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+    del graph
+    return float(ms), run is not fn
+
+
+def _p2p_bandwidth(rank, world, nbytes=256 << 20):
+    """Copy-engine write bandwidth to the next rank through a symmetric buffer (GB/s, rank 0's view)."""
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device="cuda")
+    hdl = symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
+    peer = hdl.get_buffer((rank + 1) % world, (nbytes,), torch.uint8)
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    for _ in range(3):
+        peer.copy_(src)
+    torch.cuda.synchronize()
+    dist.barrier()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(10):
+        peer.copy_(src)
+    e.record()
+    torch.cuda.synchronize()
+    dist.barrier()
+    gbs = nbytes * 10 / (s.elapsed_time(e) * 1e-3) / 1e9
+    del peer, buf
+    return gbs
+
+
+def _write_png(path, lanes, spans, width=1200, lane_h=40):
+    """Timeline: one lane per stream, one coloured bar per stage (matplotlib if present)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(12, 1 + 0.6 * len(lanes)))
+        colors = plt.cm.tab10.colors
+        for i, (lane, name, t0, t1) in enumerate(spans):
+            y = lanes.index(lane)
+            ax.barh(y, t1 - t0, left=t0, color=colors[i % 10], edgecolor="black")
+            ax.text(t0 + (t1 - t0) / 2, y, name, ha="center", va="center", fontsize=7)
+        ax.set_yticks(range(len(lanes)), lanes)
+        ax.set_xlabel("µs from layer start (rank 0)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        return
+    except ImportError:
+        pass
+    import struct
+    import zlib
+    tmax = max(t1 for *_, t1 in spans) or 1.0
+    h = lane_h * len(lanes)
+    img = [[(255, 255, 255)] * width for _ in range(h)]
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127)]
+    for i, (lane, _, t0, t1) in enumerate(spans):
+        y0 = lanes.index(lane) * lane_h
+        x0, x1 = int(t0 / tmax * (width - 1)), max(int(t0 / tmax * (width - 1)) + 1, int(t1 / tmax * (width - 1)))
+        for y in range(y0 + 4, y0 + lane_h - 4):
+            for x in range(x0, x1):
+                img[y][x] = palette[i % len(palette)]
+    raw = b"".join(b"\x00" + bytes(c for px in row for c in px) for row in img)
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, h, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("out_dir")
+    p.add_argument("--tokens", default="8,16,32,64,128,256")
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--inter", type=int, default=2048)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--comm-sms", type=int, default=None)
+    args = p.parse_args()
+    for k, v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
+        os.environ.setdefault(k, v)
+
+    import torch.distributed as dist
+
+    from fp8gemm import per_block_cast_to_fp8, per_token_cast_to_fp8
+    from fp8gemm.moe.ep import EPCommunicator
+    from fp8gemm.moe.layer import MoELayer
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = torch.device("cuda", local)
+    os.makedirs(args.out_dir, exist_ok=True)
+    tokens_list = [int(t) for t in args.tokens.split(",")]
+    E, Hd, I, K = args.experts, args.hidden, args.inter, args.topk
+    L = E // world
+    t_setup = time.time()
+    w13q = torch.empty(L, 2 * I, Hd, dtype=torch.float8_e4m3fn, device=dev)
+    w13s = torch.empty(L, 2 * I // 128, Hd // 128, device=dev)
+    w2q = torch.empty(L, Hd, I, dtype=torch.float8_e4m3fn, device=dev)
+    w2s = torch.empty(L, Hd // 128, I // 128, device=dev)
+    for e in range(L):
+        w13q[e], w13s[e] = per_block_cast_to_fp8((torch.randn(2 * I, Hd, device=dev) / Hd ** 0.5).bfloat16())
+        w2q[e], w2s[e] = per_block_cast_to_fp8((torch.randn(Hd, I, device=dev) / I ** 0.5).bfloat16())
+    p2p = _p2p_bandwidth(rank, world)
+    comm = EPCommunicator(dist.group.WORLD, num_experts=E, max_tokens_per_rank=max(tokens_list), topk=K, hidden=Hd)
+    layer = MoELayer(comm, (w13q, w13s), (w2q, w2s), num_comm_sms=args.comm_sms)
+    if rank == 0:
+        print(f"[bench] setup {time.time() - t_setup:.1f}s, p2p copy-engine {p2p:.0f} GB/s, "
+              f"gemm SMs {layer.num_gemm_sms}, comm SMs {layer.num_comm_sms}", flush=True)
+
+    rows = []
+    gen = torch.Generator(device=dev).manual_seed(1234 + rank)
+    for T in tokens_list:
+        x = torch.randn(T, Hd, device=dev, generator=gen).bfloat16()
+        idx = torch.argsort(torch.rand(T, E, device=dev, generator=gen), dim=1)[:, :K].contiguous()
+        w = torch.softmax(torch.randn(T, K, device=dev, generator=gen), dim=1)
+        y_on = layer.forward(x, idx, w, overlap=True)
+        y_off = layer.forward(x, idx, w, overlap=False)
+        torch.cuda.synchronize()
+        same = float((y_on.float() - y_off.float()).abs().max())
+        r = {"tokens": T}
+        r["on_ms"], graphed = _timed(lambda: layer.forward(x, idx, w, overlap=True, check=False), args.iters)
+        r["off_ms"], _ = _timed(lambda: layer.forward(x, idx, w, overlap=False, check=False), args.iters)
+        r["skip_ms"], _ = _timed(lambda: layer.forward(x, idx, w, overlap=True, check=False, skip_combine=True),
+                                 args.iters)
+        xq, xsf = per_token_cast_to_fp8(x)
+        r["dispatch_ms"], _ = _timed(lambda: comm.dispatch(xq, xsf, idx), args.iters)
+        layer.forward(x, idx, w, overlap=False)          # routing state of this batch for the combine alone
+        r["combine_ms"], _ = _timed(lambda: comm.combine(layer.out2, idx, w), args.iters)
+        comm.check()
+        owner = idx // L
+        n_rows, n_remote = idx.numel(), int((owner != rank).sum())
+        row_bytes = Hd + 4 * (Hd // 128) + 4
+        r["dispatch_GBps"] = n_rows * row_bytes / (r["dispatch_ms"] * 1e-3) / 1e9
+        r["dispatch_peer_GBps"] = n_remote * row_bytes / (r["dispatch_ms"] * 1e-3) / 1e9
+        r["combine_GBps"] = n_rows * 2 * Hd / (r["combine_ms"] * 1e-3) / 1e9
+        r["combine_peer_GBps"] = n_remote * 2 * Hd / (r["combine_ms"] * 1e-3) / 1e9
+        r["gain_pct"] = (r["off_ms"] / r["on_ms"] - 1) * 100
+        r["exposed_combine_pct"] = max(0.0, r["on_ms"] - r["skip_ms"]) / r["combine_ms"] * 100
+        r["on_vs_off_maxabs"] = same
+        r["graph"] = graphed
+        rows.append(r)
+        if rank == 0:
+            print(f"[bench] T={T}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})}",
+                  flush=True)
+
+    # Timeline (rank 0, eager, overlap on, the largest T)
+    T = tokens_list[-1]
+    x = torch.randn(T, Hd, device=dev, generator=gen).bfloat16()
+    idx = torch.argsort(torch.rand(T, E, device=dev, generator=gen), dim=1)[:, :K].contiguous()
+    w = torch.softmax(torch.randn(T, K, device=dev, generator=gen), dim=1)
+    layer.forward(x, idx, w, overlap=True)
+    torch.cuda.synchronize()
+    dist.barrier()
+    ev = {}
+    layer.forward(x, idx, w, overlap=True, events=ev)
+    torch.cuda.synchronize()
+    t = {k: ev["start"].elapsed_time(v) * 1e3 for k, v in ev.items()}
+    spans = [("main", "quant", t["start"], t["quant"]), ("main", "dispatch", t["quant"], t["dispatch"]),
+             ("main", "L1+SwiGLU", t["dispatch"], t["l1_swiglu"]), ("main", "L2 (SBO)", t["l1_swiglu"], t["l2"]),
+             ("comm", "combine send", t["combine_send_start"], t["combine_send"]),
+             ("main", "combine recv+reduce", max(t["l2"], t["combine_send"]), t["combine"])]
+    if rank == 0:
+        _write_png(os.path.join(args.out_dir, "moe_ep_timeline.png"), ["main", "comm"], spans)
+        card = torch.cuda.get_device_name()
+        with open(os.path.join(args.out_dir, "moe_ep.json"), "w") as f:
+            json.dump({"card": card, "gpus": world, "experts": E, "hidden": Hd, "inter": I, "topk": K,
+                       "p2p_copy_GBps": p2p, "gemm_sms": layer.num_gemm_sms, "comm_sms": layer.num_comm_sms,
+                       "rows": rows, "timeline_us": spans}, f, indent=1)
+        print(f"\nMoE EP layer, {card} x{world}, E={E} H={Hd} I={I} top-{K}, p2p {p2p:.0f} GB/s, "
+              f"SMs gemm/comm {layer.num_gemm_sms}/{layer.num_comm_sms}")
+        print(f"{'T':>5} {'on us':>9} {'off us':>9} {'gain%':>7} {'skip us':>9} {'exposed%':>9} {'disp us':>9} "
+              f"{'disp GB/s':>10} {'%p2p':>6} {'comb us':>9} {'comb GB/s':>10} {'%p2p':>6}")
+        for r in rows:
+            print(f"{r['tokens']:>5} {r['on_ms'] * 1e3:>9.1f} {r['off_ms'] * 1e3:>9.1f} {r['gain_pct']:>7.1f} "
+                  f"{r['skip_ms'] * 1e3:>9.1f} {r['exposed_combine_pct']:>9.1f} {r['dispatch_ms'] * 1e3:>9.1f} "
+                  f"{r['dispatch_peer_GBps']:>10.1f} {r['dispatch_peer_GBps'] / p2p * 100:>6.1f} "
+                  f"{r['combine_ms'] * 1e3:>9.1f} {r['combine_peer_GBps']:>10.1f} "
+                  f"{r['combine_peer_GBps'] / p2p * 100:>6.1f}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
