@@ -104,7 +104,10 @@ def _group_scales(x: torch.Tensor, rows: int, cols: int, fmt_max: float, use_ue8
     if xv.numel() == 0:
         return xv, torch.zeros(mp // rows, kp // cols, dtype=torch.float32, device=x.device)
     amax = xv.abs().amax(dim=(1, 3)).clamp(min=AMAX_FLOOR)      # amax and clamp both propagate NaN
-    sf = amax / fmt_max
+    # Tensor-by-tensor division: PyTorch's CUDA kernels turn division by a Python scalar into a
+    # multiplication by its reciprocal, which is not IEEE division and would make the reference
+    # depend on the device it runs on.
+    sf = amax / torch.full_like(amax, fmt_max)
     if use_ue8m0:
         sf = ceil_to_ue8m0(sf)
     return xv, _canonical_nan(sf)
@@ -113,7 +116,7 @@ def _group_scales(x: torch.Tensor, rows: int, cols: int, fmt_max: float, use_ue8
 def _cast_fp8(x, rows, cols, use_ue8m0):
     m, k = x.shape
     xv, sf = _group_scales(x, rows, cols, FP8_MAX, use_ue8m0)
-    inv = 1.0 / sf
+    inv = torch.ones_like(sf) / sf
     y = xv * inv[:, None, :, None]
     q = to_e4m3(y.reshape(xv.shape[0] * rows, xv.shape[2] * cols)[:m, :k])
     return q.contiguous(), sf
@@ -170,7 +173,7 @@ def per_token_cast_to_fp4(x: torch.Tensor, use_ue8m0: bool = True, gran_k: int =
     """
     m, k = x.shape
     xv, sf = _group_scales(x, 1, gran_k, E2M1_MAX, use_ue8m0)
-    y = (xv * (1.0 / sf)[:, None, :, None]).reshape(m, xv.shape[2] * gran_k)[:, :k]
+    y = (xv * (torch.ones_like(sf) / sf)[:, None, :, None]).reshape(m, xv.shape[2] * gran_k)[:, :k]
     codes = e2m1_codes(y)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
     return packed.contiguous(), (to_ue8m0_bytes(sf) if ue8m0_bytes else sf)

@@ -65,10 +65,10 @@ def tokens(n, hidden, device="cpu", specials=True):
 # =====================================================================================
 
 def test_reference_pre_dispatch_layout():
-    x = torch.zeros(3, 128, dtype=torch.bfloat16)
+    x = torch.zeros(3, 128, dtype=torch.bfloat16, device="cpu")
     x[0, 0], x[1, 5] = 896.0, -3.0
-    idx = torch.tensor([[3, 1], [0, -1], [7, 7]])
-    w = torch.tensor([[0.75, 0.25], [1.0, 0.0], [9.0, 9.0]])
+    idx = torch.tensor([[3, 1], [0, -1], [7, 7]], device="cpu")
+    w = torch.tensor([[0.75, 0.25], [1.0, 0.0], [9.0, 9.0]], device="cpu")
     bx, bsf, bi, bw = R.mega_moe_pre_dispatch(x, idx, w, num_tokens=2, capacity=4, group_size=128,
                                               use_fp4_acts=False, idx_dtype=torch.int32)
     assert bx.shape == (4, 128) and bx.dtype == FP8 and bsf.dtype == torch.uint8 and bsf.shape == (4, 1)
@@ -285,7 +285,8 @@ def _args(**over):
              buf_x=torch.empty(cap, hidden, dtype=FP8), buf_x_sf=torch.empty(cap, hidden // 128, dtype=torch.uint8),
              buf_topk_idx=torch.empty(cap, topk, dtype=torch.int64), buf_topk_weights=torch.empty(cap, topk),
              num_tokens=n, group_size=128, use_fp4_acts=False)
-    a.update(over)
+    # Parameters are built at collection time on the CPU; bring them where the test runs.
+    a.update({key: v.to(torch.get_default_device()) if isinstance(v, torch.Tensor) else v for key, v in over.items()})
     return a
 
 
