@@ -145,3 +145,16 @@ def sass_count(sass: str, opcode: str) -> int:
     """How many SASS instructions start with ``opcode`` (e.g. ``"QGMMA"``, ``"HGMMA"``, ``"LDL"``)."""
     import re
     return len(re.findall(rf"\b{opcode}[\.\s]", sass))
+
+
+def make_moe_weights(num_experts: int, hidden: int, inter: int, seed: int = 0, device="cpu", scale: float = 1.0):
+    """Random block-scaled FP8 expert weights (the same on every rank for a given seed)."""
+    from . import reference
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen) * (scale / hidden ** 0.5)
+    w2 = torch.randn(num_experts, hidden, inter, generator=gen) * (scale / inter ** 0.5)
+    q13 = [reference.per_block_cast_to_fp8(w) for w in w13]
+    q2 = [reference.per_block_cast_to_fp8(w) for w in w2]
+    out13 = (torch.stack([a for a, _ in q13]).to(device), torch.stack([b for _, b in q13]).to(device))
+    out2 = (torch.stack([a for a, _ in q2]).to(device), torch.stack([b for _, b in q2]).to(device))
+    return out13, out2

@@ -134,10 +134,14 @@ if HAS_GLUON:
     def _producer(a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                   masked_m_ptr, m_indices_ptr,
                   MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                  STAGES: gl.constexpr, K_ROTATE: gl.constexpr):
+                  STAGES: gl.constexpr, K_ROTATE: gl.constexpr, WIDE_N: gl.constexpr = False):
         BK: gl.constexpr = a_desc.block_type.shape[1]
         idx_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
-        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        if WIDE_N:
+            # Two A boxes (64 rows, one per consumer warpgroup) and two B boxes (128 rows) per stage.
+            nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes
+        else:
+            nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         total = _num_tiles(M, N, G, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
@@ -160,8 +164,20 @@ if HAS_GLUON:
                     mbarrier.wait(empty_bars.index(s), ph ^ 1)
                     bar = full_bars.index(s)
                     mbarrier.expect(bar, nbytes)
-                    tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(s))
-                    tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s))
+                    if WIDE_N:
+                        # An upper half wholly past M (N) loads the lower rows again instead: never a box
+                        # entirely out of bounds; those rows (columns) are not stored.
+                        HALF_M: gl.constexpr = a_desc.block_type.shape[0]
+                        HALF_N: gl.constexpr = b_desc.block_type.shape[0]
+                        row_a_hi = gl.where(row_a + HALF_M < M, row_a + HALF_M, row_a)
+                        row_b_hi = gl.where(row_b + HALF_N < N, row_b + HALF_N, row_b)
+                        tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(2 * s))
+                        tma.async_copy_global_to_shared(a_desc, [row_a_hi, kk], bar, a_bufs.index(2 * s + 1))
+                        tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(2 * s))
+                        tma.async_copy_global_to_shared(b_desc, [row_b_hi, kk], bar, b_bufs.index(2 * s + 1))
+                    else:
+                        tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(s))
+                        tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s))
                     it += 1
 
     @gluon.jit
@@ -352,6 +368,94 @@ if HAS_GLUON:
             tma.store_wait(pendings=0)
 
     @gluon.jit
+    def _consumer_wide(a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
+                       s_am, s_ak, s_bn, s_bk,
+                       BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr):
+        """One consumer warpgroup of the opt-in 128x256 dense tile (``GluonConfig.wide_n``).
+
+        The two warpgroups are separate 4-warp partitions (``WG`` 0/1: rows [64*WG, 64*WG+64) of the
+        tile, A box ``2*stage+WG``), so neither waits for the other: no partition-wide ``bar.sync``
+        couples them, and each stage's empty barrier takes one arrive from each.  A warpgroup owns 64 x 256
+        outputs: accumulators ``accL``/``accR`` (columns [0, 128) and [128, 256), one B scale block each)
+        and ONE 64-register scratch ``S`` (64 + 64 + 64 registers a thread; a second scratch would need
+        256).  Per K-slice: MMA(left) -> S, wait, promote into accL, MMA(right) -> S, wait, free the stage,
+        promote into accR.  While one warpgroup promotes, the tensor cores run the other's MMA (they
+        execute in issue order, so the two drift half an MMA apart and stay there); each stage carries
+        25% fewer operand bytes per FLOP than the 128x128 tile, which is what that main loop is short of
+        (benchmarks/GLUON_NOTES.md, "What limits the big shapes").
+        """
+        BK: gl.constexpr = a_bufs.type.shape[2]
+        WG_M: gl.constexpr = a_bufs.type.shape[1]
+        HALF: gl.constexpr = b_bufs.type.shape[1]
+        BLOCK_N: gl.constexpr = 2 * HALF
+        num_warps: gl.constexpr = gl.num_warps()
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HALF, 32])
+        row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        idx_layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        c_smem = gl.allocate_shared_memory(d_desc.dtype, d_desc.block_type.shape, d_desc.layout)
+
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        total = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+        num_k = K // BK
+        last_nb = (N - 1) // 128
+        zero = gl.to_tensor(0)
+        it = gl.to_tensor(0)
+        S = gl.zeros([WG_M, HALF], gl.float32, mma_layout)
+        for t in range(pid, total, nprog):
+            g, m_blk, n_blk, row_a, valid, c0, c1, c2 = _locate(
+                t, zero, zero, zero, M, N, sfa_ptr, sfa_ptr, 0, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
+            off_m = m_blk * BLOCK_M + WG * WG_M
+            off_n = n_blk * BLOCK_N
+            offs_m = off_m + gl.arange(0, WG_M, layout=row_layout)
+            m_ok = offs_m < M
+            sa_ptrs = sfa_ptr + offs_m * s_am
+            sbL_ptr = sfb_ptr + (off_n // 128) * s_bn
+            sbR_ptr = sfb_ptr + gl.minimum(off_n // 128 + 1, last_nb) * s_bn
+            accL = gl.zeros([WG_M, HALF], gl.float32, mma_layout)
+            accR = gl.zeros([WG_M, HALF], gl.float32, mma_layout)
+            # the scales of slice kb are in registers when slice kb starts; slice kb+1's load meanwhile
+            sa = gl.load(sa_ptrs, mask=m_ok, other=0.0)
+            sbL = gl.load(sbL_ptr)
+            sbR = gl.load(sbR_ptr)
+            for kb in range(num_k):
+                kn = gl.minimum(kb + 1, num_k - 1)
+                na = gl.load(sa_ptrs + kn * s_ak, mask=m_ok, other=0.0)
+                nbL = gl.load(sbL_ptr + kn * s_bk)
+                nbR = gl.load(sbR_ptr + kn * s_bk)
+                s = it % STAGES
+                mbarrier.wait(full_bars.index(s), (it // STAGES) & 1)
+                a_s = a_bufs.index(2 * s + WG)
+                # No MMA is in flight while S is read (wait 0), so no identity pin is needed here
+                # (unlike _retire); ptxas reports neither C7514 nor C7515 (tests/cpu).
+                S = warpgroup_mma(a_s, b_bufs.index(2 * s).permute((1, 0)), S, use_acc=False, is_async=True)
+                S = warpgroup_mma_wait(num_outstanding=0, deps=(S, ))
+                accL = accL + S * gl.expand_dims(sa * sbL, 1)
+                S = warpgroup_mma(a_s, b_bufs.index(2 * s + 1).permute((1, 0)), S, use_acc=False, is_async=True)
+                S = warpgroup_mma_wait(num_outstanding=0, deps=(S, ))
+                mbarrier.arrive(empty_bars.index(s), count=1)
+                accR = accR + S * gl.expand_dims(sa * sbR, 1)
+                sa = na
+                sbL = nbL
+                sbR = nbR
+                it += 1
+
+            # epilogue: the two halves go out one after the other through one [64, 128] buffer; halves
+            # wholly past M or N are skipped (their operands were stand-in rows, see _producer)
+            if off_m < M:
+                tma.store_wait(pendings=0)
+                c_smem.store(accL.to(d_desc.dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(d_desc, [off_m, off_n], c_smem)
+                if off_n + HALF < N:
+                    tma.store_wait(pendings=0)
+                    c_smem.store(accR.to(d_desc.dtype))
+                    fence_async_shared()
+                    tma.async_copy_shared_to_global(d_desc, [off_m, off_n + HALF], c_smem)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
     def fp8_gemm_ws_kernel(a_desc, b_desc, d_desc,
                            d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                            M, N, K, G,
@@ -359,31 +463,52 @@ if HAS_GLUON:
                            MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            GROUP_M: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr,
                            HAS_C: gl.constexpr, HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr,
-                           K_ROTATE: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                           K_ROTATE: gl.constexpr, PRODUCER_REGS: gl.constexpr, WIDE_N: gl.constexpr = False):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``a_desc``: TMA over A as 2-D [rows, K] (masked: [G*max_m, K]); ``b_desc``: B as [G*N, K];
         ``d_desc``: TMA over D (dense BF16 only, ``TMA_STORE``).  ``M`` is the row count of one group
-        (dense: M, masked: max_m, contiguous: M_total).
+        (dense: M, masked: max_m, contiguous: M_total).  ``WIDE_N`` (dense, BF16 TMA store, 128x256 tiles,
+        ``num_warps=4``): two consumer partitions of one warpgroup each, A and B in 64- and 128-row boxes,
+        see :func:`_consumer_wide`.
         """
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+        if WIDE_N:
+            a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES] + a_desc.block_type.shape, a_desc.layout)
+            b_bufs = gl.allocate_shared_memory(b_desc.dtype, [2 * STAGES] + b_desc.block_type.shape, b_desc.layout)
+        else:
+            a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+            b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
         empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         full_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
-            mbarrier.init(empty_bars.index(i), count=1)
+            mbarrier.init(empty_bars.index(i), count=2 if WIDE_N else 1)   # wide: one arrive per warpgroup
             mbarrier.init(full_bars.index(i), count=1)
 
-        gl.warp_specialize([
-            (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
-                         d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
-                         M, N, K, G,
-                         s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
-                         MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
-                         K_ROTATE)),
-            (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
-                         masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE)),
-        ], [1], [PRODUCER_REGS])
+        if WIDE_N:
+            gl.static_assert(MODE == 0 and TMA_STORE and BLOCK_M == 2 * a_desc.block_type.shape[0]
+                             and BLOCK_N == 2 * b_desc.block_type.shape[0] and gl.num_warps() == 4)
+            # 12 warps share the register file (the 1-warp producer occupies a warpgroup's share):
+            # the second consumer warpgroup gets what the producer leaves, like the first.
+            WG_REGS: gl.constexpr = (65536 // 32 - 4 * PRODUCER_REGS) // 8 // 8 * 8
+            gl.warp_specialize([
+                (_consumer_wide, (a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
+                                  s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 0)),
+                (_consumer_wide, (a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
+                                  s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 1)),
+                (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
+                             masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, False, True)),
+            ], [4, 1], [WG_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
+                             d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
+                             M, N, K, G,
+                             s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
+                             MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
+                             K_ROTATE)),
+                (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
+                             masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE)),
+            ], [1], [PRODUCER_REGS])
 
 
 # =====================================================================================
@@ -399,21 +524,30 @@ class GluonConfig:
     group_m: int = 8
     producer_regs: int = 40
     k_rotate: bool = False
+    # Opt-in 128x256 dense tiles (block_n 256; two independent one-warpgroup consumer partitions, each
+    # 64 x 256 as two 128-wide halves through one scratch accumulator, see ``_consumer_wide``; num_warps
+    # is then the default partition's 4).  Only for dense BF16 output through TMA stores; ``launch``
+    # falls back to the picked config for anything else.
+    wide_n: bool = False
 
     @property
     def maxnreg(self) -> int:
         # 12 (or 8) warps share 64K registers: the launch cap, setmaxnreg moves them to the consumer.
-        total_warps = self.num_warps + 4
+        # (wide_n: a 4-warp default partition + a 4-warp consumer worker + the producer -> 12 warps.)
+        total_warps = self.num_warps + (8 if self.wide_n else 4)
         return min(255, (65536 // (total_warps * 32)) // 8 * 8)
 
 
 _BLOCK_NS = (16, 32, 64, 128)
+# Let pick_config choose the opt-in 128x256 tile (GluonConfig.wide_n) where the model prefers it.  Off until
+# measured: benchmarks/gluon_dev.py --variant wide compares it with the default on the GPU.
+WIDE_N_DEFAULT = False
 # Per-SM rates for the tile-time model below (H100/H200 class, calibrated on measured tiles).
 _SM_FLOPS = 8.5e12          # FP8 tensor FLOP/s one SM sustains in the 128x128 main loop
 _SM_BYTES = 70e9            # operand bytes/s one SM streams while all SMs stream
 _DRAM_BYTES = 3.5e12        # unique bytes/s from device memory
 _TILE_OVERHEAD = 1.5e-6     # s per tile: prologue, epilogue, pipeline refill
-_BN_EFF = {16: 0.45, 32: 0.65, 64: 0.85, 128: 1.0}
+_BN_EFF = {16: 0.45, 32: 0.65, 64: 0.85, 128: 1.0, 256: 1.25}   # 256: predicted, not yet measured
 
 
 def estimate_seconds(rows: int, groups: int, n: int, k: int, bm: int, bn: int, num_sms: int,
@@ -433,18 +567,33 @@ def _stages(bm: int, bn: int, epi_bytes: int) -> int:
     return max(2, min(16, (_SMEM_BUDGET - epi_bytes) // ((bm + bn) * BLOCK_K)))
 
 
+_WIDE_SMEM = 227 * 1024 - 2048      # barriers + warp_specialize captures fit in the last 2 KB
+
+
+def wide_config(group_m: int = 8) -> GluonConfig:
+    """The 128x256 dense config (``wide_n``): 48 KB stages and one [64, 128] BF16 epilogue buffer per
+    consumer warpgroup, so 4 stages fit the 227 KB only with the 2 KB reserve above (the 220 KB budget
+    would allow 3)."""
+    stages = max(2, min(4, (_WIDE_SMEM - 2 * 64 * 128 * 2) // ((128 + 256) * BLOCK_K)))
+    return GluonConfig(128, 256, stages, 4, group_m=group_m, wide_n=True)
+
+
 def pick_config(mode: str, m: int, n: int, k: int, *, groups: int = 1, expected_m: int | None = None,
                 max_block_n: int = 256, num_sms: int = 132, tma_store: bool = False, out_bytes: int = 2,
-                has_c: bool = False) -> GluonConfig:
+                has_c: bool = False, wide_n: bool | None = None) -> GluonConfig:
     """Tile shape by the model of :func:`estimate_seconds`: BLOCK_M 64 (one consumer warpgroup) or
-    128 (two), BLOCK_N 16..128 (narrow tiles give small-M shapes enough programs to fill the SMs)."""
+    128 (two), BLOCK_N 16..128 (narrow tiles give small-M shapes enough programs to fill the SMs).
+    ``wide_n`` (default :data:`WIDE_N_DEFAULT`): also consider the 128x256 tile of :func:`wide_config`
+    for dense BF16 TMA-store calls."""
+    if wide_n is None:
+        wide_n = WIDE_N_DEFAULT
     return _pick_config(mode, m, n, k, groups, expected_m, max_block_n, num_sms, tma_store, out_bytes, has_c,
-                        runtime.get_mk_alignment_for_contiguous_layout())
+                        runtime.get_mk_alignment_for_contiguous_layout(), bool(wide_n))
 
 
 @functools.lru_cache(maxsize=4096)
 def _pick_config(mode, m, n, k, groups, expected_m, max_block_n, num_sms, tma_store, out_bytes, has_c,
-                 alignment) -> GluonConfig:
+                 alignment, wide_n=False) -> GluonConfig:
     if mode == "masked":
         rows, g = (expected_m if expected_m else m), groups
     elif mode == "contiguous":
@@ -464,6 +613,11 @@ def _pick_config(mode, m, n, k, groups, expected_m, max_block_n, num_sms, tma_st
             key = (t, waste, -bm * bn)   # ties: fewer padded rows, then the larger tile
             if best is None or key < best[0]:
                 best = (key, bm, bn)
+    if (wide_n and mode == "dense" and tma_store and out_bytes == 2 and not has_c and max_block_n >= 256
+            and best[1:] == (128, 128)):
+        t = estimate_seconds(rows, 1, n, k, 128, 256, num_sms)
+        if t < best[0][0]:
+            return wide_config()
     _, bm, bn = best
     epi = bm * bn * out_bytes if tma_store else bm * bn * (4 if (has_c or out_bytes == 4) else 2)
     return GluonConfig(bm, bn, _stages(bm, bn, epi), 8 if bm == 128 else 4)
@@ -568,10 +722,11 @@ def _problem(mode, a, b, d, c):
     return m, n, k, groups, tma_store
 
 
-def _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms) -> GluonConfig:
+def _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms, wide_n=None) -> GluonConfig:
     m, n, k, groups, tma_store = _problem(mode, a, b, d, c)
     return pick_config(mode, m, n, k, groups=groups, expected_m=expected_m, max_block_n=max_block_n,
-                       num_sms=num_sms, tma_store=tma_store, out_bytes=d.element_size(), has_c=c is not None)
+                       num_sms=num_sms, tma_store=tma_store, out_bytes=d.element_size(), has_c=c is not None,
+                       wide_n=wide_n)
 
 
 def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=None, expected_m=None,
@@ -585,14 +740,18 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     mode_id = _MODES[mode]
     m, n, k, groups, tma_store = _problem(mode, a, b, d, c)
     cfg = config if config is not None else _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms)
+    if cfg.wide_n and not (mode == "dense" and tma_store and cfg.block_m == 128 and cfg.block_n == 256):
+        cfg = _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms, wide_n=False)
     bm, bn = cfg.block_m, cfg.block_n
     if m == 0 or n == 0 or groups == 0:
         return bm, bn
     a_rows = a.shape[0] * a.shape[1] if a.dim() == 3 else a.shape[0]
     b_rows = b.shape[0] * b.shape[1] if b.dim() == 3 else b.shape[0]
-    a_desc = _desc2d(a, a_rows, (bm, BLOCK_K), "fp8")
-    b_desc = _desc2d(b, b_rows, (bn, BLOCK_K), "fp8")
-    d_desc = _desc2d(d, d.shape[0], (bm, bn), "bf16") if tma_store else None
+    # wide: A in 64-row boxes (one per consumer warpgroup), B and D in 128-wide halves
+    box_m, box_n = (bm // 2, bn // 2) if cfg.wide_n else (bm, bn)
+    a_desc = _desc2d(a, a_rows, (box_m, BLOCK_K), "fp8")
+    b_desc = _desc2d(b, b_rows, (box_n, BLOCK_K), "fp8")
+    d_desc = _desc2d(d, d.shape[0], (box_m, box_n), "bf16") if tma_store else None
 
     num_n = triton.cdiv(n, bn)
     max_tiles = groups * triton.cdiv(m, bm) * num_n if mode != "contiguous" else triton.cdiv(m, bm) * num_n
@@ -609,7 +768,7 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         sd[0], sd[1], sc[0], sc[1], sa[0], sa[1], sa[2], sb[0], sb[1], sb[2],
         MODE=mode_id, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages,
         TMA_STORE=tma_store, HAS_C=c is not None, HAS_SIGNAL=signal is not None,
-        SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate, PRODUCER_REGS=cfg.producer_regs,
-        num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
+        SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate and not cfg.wide_n, PRODUCER_REGS=cfg.producer_regs,
+        WIDE_N=cfg.wide_n, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
     )
     return bm, bn

@@ -6,7 +6,7 @@ and FP32 scales ``[G, max_m, ceil(I / 128)]`` of ``silu(gate) * up`` computed in
 exactly as :func:`fp8gemm.reference.per_token_cast_to_fp8` does (one scale per row per 128 columns).
 Only rows ``< masked_m[g]`` are read and written; every other row is left untouched.
 
-Semantics: :func:`fp8gemm.moe.reference_layer.swiglu_quant_reference`.  The GPU's ``exp`` is an
+Semantics: :func:`fp8gemm.reference.swiglu_quant_reference`.  The GPU's ``exp`` is an
 approximation (ex2.approx), so a code may differ from the reference by one step in rare cases.
 
 Launch shape: a fixed grid ``(G, SPLIT)`` (CUDA-graph friendly: it does not depend on the counts);

@@ -15,7 +15,7 @@ m-block as soon as the GEMM's counter for it reaches the threshold (DESIGN.md §
 runs the same stages back to back (the safe default where overlap is unavailable; the NCCL backend
 always runs this way).
 
-Semantics: :func:`fp8gemm.moe.reference_layer.moe_layer_reference`.  Every step of the symm backend
+Semantics: :func:`fp8gemm.reference.moe_layer_reference`.  Every step of the symm backend
 is free of host synchronisation and allocation except the final error check (``check=False`` skips
 it; call ``layer.comm.check()`` later, e.g. after a CUDA-graph replay).
 """

@@ -10,7 +10,8 @@ import torch
 from fp8gemm import reference as R
 from fp8gemm import testing
 from fp8gemm.kernels.swiglu import launch_swiglu_quant
-from fp8gemm.moe import reference_layer as RL
+from fp8gemm import reference as RL
+from fp8gemm.testing import make_moe_weights
 from fp8gemm.moe.ep import EPCommunicator, make_simulated_world
 from fp8gemm.moe.layer import MoELayer, run_simulated
 
@@ -24,7 +25,7 @@ def _local(w, r, L):
 
 
 def _world(world, num_experts, max_tokens, topk, seed=1, **kw):
-    w13, w2 = RL.make_weights(num_experts, H, I, seed=seed)
+    w13, w2 = make_moe_weights(num_experts, H, I, seed=seed)
     comms = make_simulated_world(world, num_experts=num_experts, max_tokens_per_rank=max_tokens, topk=topk,
                                  hidden=H, max_spin_iters=200, **kw)
     L = num_experts // world
@@ -242,7 +243,7 @@ def _gloo_worker(rank, world, port, kind, out_dir):
     try:
         num_experts, topk, tokens = 4, 2, 5
         gen = torch.Generator().manual_seed(11)
-        w13, w2 = RL.make_weights(num_experts, H, I, seed=2)
+        w13, w2 = make_moe_weights(num_experts, H, I, seed=2)
         idxs = _routing(kind, world, tokens, num_experts, topk, gen)
         idxs[1][0, :] = -1
         xs = [torch.randn(tokens, H, generator=gen).bfloat16() for _ in range(world)]

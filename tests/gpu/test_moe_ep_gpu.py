@@ -11,7 +11,7 @@ or through pytest (``-m gpu``), which launches torchrun on 2 GPUs (and on 4 wher
 Cases, for the symm backend (overlap on and off) and the NCCL backend: random routing, every token
 to one expert (most experts receive nothing), tokens whose experts all live on another rank, tokens
 without any expert; counts (``masked_m``, ``cumulative_local_expert_recv_stats``) exact; output
-``calc_diff < 1e-3`` against :func:`fp8gemm.moe.reference_layer.moe_layer_reference` (same weights,
+``calc_diff < 1e-3`` against :func:`fp8gemm.reference.moe_layer_reference` (same weights,
 every expert in one process).  Also: CUDA-graph capture and replay of the symm layer, and a rank that
 deliberately skips its dispatch send (its peers raise a RuntimeError naming it within the timeout).
 """
@@ -56,7 +56,8 @@ def _worker() -> int:
     import torch.distributed as dist
 
     from fp8gemm import testing
-    from fp8gemm.moe import reference_layer as RL
+    from fp8gemm import reference as RL
+    from fp8gemm.testing import make_moe_weights
     from fp8gemm.moe.ep import EPCommunicator
     from fp8gemm.moe.layer import MoELayer
 
@@ -69,7 +70,7 @@ def _worker() -> int:
     dev = torch.device("cuda", local)
     num_experts = EXPERTS_PER_RANK * world
     L = EXPERTS_PER_RANK
-    w13, w2 = RL.make_weights(num_experts, H, I, seed=3, device=dev)
+    w13, w2 = make_moe_weights(num_experts, H, I, seed=3, device=dev)
     loc13 = (w13[0][rank * L:(rank + 1) * L].contiguous(), w13[1][rank * L:(rank + 1) * L].contiguous())
     loc2 = (w2[0][rank * L:(rank + 1) * L].contiguous(), w2[1][rank * L:(rank + 1) * L].contiguous())
     failures, lines = [], []
