@@ -1,9 +1,12 @@
 """One-call GPU development run for the Gluon FP8 GEMM: correctness, then timings vs cuBLAS.
 
     PYTHONPATH=. python3 benchmarks/gluon_dev.py [--out DIR] [--phases check,bench] [--quick]
+    PYTHONPATH=. python3 benchmarks/gluon_dev.py --variant wide [--out DIR]     # opt-in variant vs default
 
 Phases: check (correctness), sweep (tile shapes vs the model, CUDA-graph timings), bench (the
-picked configs against cuBLAS).  Each phase runs in a subprocess with a time limit (a hung kernel costs
+picked configs against cuBLAS), variant (``--variant NAME``: an opt-in GluonConfig variant checked on odd
+shapes, then default vs variant vs cuBLAS on the dense m=4096 ANCHORS shapes + 128x4096x7168, timings
+interleaved, a verdict line last).  Each phase runs in a subprocess with a time limit (a hung kernel costs
 that limit, not the whole call).
 Correctness: the ``check_*`` helpers of tests/gpu/test_gemm_gluon_gpu.py (fresh randn, NaN-poisoned
 outputs, calc_diff < 1e-3, untouched rows, exact SBO signals).  Timing: triton.testing.do_bench (median,
@@ -279,6 +282,148 @@ def phase_bench(out_dir: str, quick: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# phase: variant (an opt-in GluonConfig variant against the default config and cuBLAS)
+# ------------------------------------------------------------------------------------------------
+
+VARIANT_SHAPES = [(4096, n, k) for n, k in DENSE_NK] + [(128, 4096, 7168)]
+
+
+def _variant_config(gg, name, m, n, k, sms):
+    """What ``pick_config`` returns with the variant switched on (the behaviour a flipped default gives)."""
+    if name == "wide":
+        return gg.pick_config("dense", m, n, k, num_sms=sms, tma_store=True, wide_n=True)
+    raise ValueError(f"unknown variant {name!r}")
+
+
+def phase_variant(out_dir: str, quick: bool, name: str = "wide") -> None:
+    import statistics
+
+    import torch
+    import triton
+
+    import test_gemm_gluon_gpu as T
+    from fp8gemm import reference as R
+    from fp8gemm.kernels import gemm_gluon as gg
+    from fp8gemm.testing import calc_diff
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    card = torch.cuda.get_device_name()
+    cublas = _cublas()
+    res = dict(variant=name, card=card, checks=[], rows=[])
+
+    # 1. correctness of the variant on the odd shapes (ragged M/N, one K slice, few SMs, graph, MN-major sfa)
+    if name == "wide":
+        for kw in T.WIDE_CASES[2:]:     # the first two (4096 x 4096 / 2112 x 7168) are timing rows below
+            torch.manual_seed(len(res["checks"]))
+            try:
+                r = T.check_dense_wide(**kw)
+                r["ok"] = True
+            except Exception as e:  # noqa: BLE001
+                r = dict(args=str(kw), ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
+            res["checks"].append({k: (v if isinstance(v, (int, float, bool, str, type(None))) else str(v))
+                                  for k, v in r.items()})
+            print(("PASS " if r["ok"] else "FAIL ") + json.dumps(res["checks"][-1]), flush=True)
+            if not r["ok"] and "CUDA" in r.get("error", ""):
+                break
+    out_json = os.path.join(out_dir, "gluon_variant.json")
+    json.dump(res, open(out_json, "w"), indent=1)
+
+    # 2. per shape: NaN-poisoned output, calc_diff < 1e-3 and no NaN for all three, then timings
+    #    interleaved (default, variant, cuBLAS) x 3 rounds, median per contender
+    for m, n, k in (VARIANT_SHAPES[:2] + VARIANT_SHAPES[-1:] if quick else VARIANT_SHAPES):
+        torch.manual_seed(m + n + k)
+        a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
+        sfa = torch.rand(m, k // 128, device="cuda") + 0.5
+        sfb = torch.rand(math.ceil(n / 128), k // 128, device="cuda") + 0.5
+        sfa_cm = sfa.t().contiguous().t()
+        d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        ref = R.fp8_gemm_nt(a, sfa, b, sfb)
+        cfg_def = gg.pick_config("dense", m, n, k, num_sms=sms, tma_store=True)
+        cfg_var = _variant_config(gg, name, m, n, k, sms)
+        fns = {
+            "default": lambda: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms, config=cfg_def),
+            "variant": lambda: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms, config=cfg_var),
+            "cublas": lambda: cublas(a, sfa_cm, b, sfb),
+        }
+        row = dict(m=m, n=n, k=k, card=card, default_cfg=str(cfg_def), variant_cfg=str(cfg_var))
+        ok = {}
+        for key, fn in fns.items():
+            try:
+                d.fill_(float("nan"))
+                out = fn()
+                torch.cuda.synchronize()
+                if key == "cublas":
+                    got = out
+                else:
+                    row[f"{key}_block"] = list(out)
+                    got = d
+                nan = int(got.isnan().sum())
+                diff = calc_diff(got, ref)
+                row[f"{key}_diff"] = diff
+                row[f"{key}_nan"] = nan
+                ok[key] = nan == 0 and diff < T.TOL
+            except Exception as e:  # noqa: BLE001
+                row[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                ok[key] = False
+            row[f"{key}_ok"] = ok[key]
+        graph = {key: [] for key in fns}
+        bench = {key: [] for key in fns}
+        for _ in range(1 if quick else 3):
+            for key, fn in fns.items():
+                if not ok[key]:
+                    continue                    # never time a wrong kernel
+                try:
+                    graph[key].append(graph_us(fn))
+                    bench[key].append(1e3 * triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+                except Exception as e:  # noqa: BLE001
+                    row[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    ok[key] = False
+        for key in fns:
+            if graph[key]:
+                row[f"{key}_graph_us"] = statistics.median(graph[key])
+                row[f"{key}_us"] = statistics.median(bench[key])
+                row[f"{key}_graph_all"] = [round(x, 2) for x in graph[key]]
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        json.dump(res, open(out_json, "w"), indent=1)       # after every row: a timeout keeps what ran
+        del a, b, d, ref
+        torch.cuda.empty_cache()
+
+
+def print_variant_table(path: str) -> None:
+    nan = float("nan")
+    res = json.load(open(path))
+    checks = res.get("checks", [])
+    bad = [c for c in checks if not c.get("ok")]
+    print(f"variant {res['variant']!r} on {res.get('card')}: odd-shape checks {len(checks) - len(bad)}/{len(checks)} "
+          f"passed" + "".join(f"\n  FAIL {c.get('args')} {c.get('error', '')[:300]}" for c in bad))
+    print("graph: CUDA-graph device time (L2 flushed), median of 3 interleaved rounds; "
+          "us: do_bench median incl. host launch; ok: no NaN and calc_diff < 1e-3 on NaN-poisoned outputs")
+    print(f"{'m':>5} {'n':>6} {'k':>6} | {'def tile':>8} {'graph':>7} {'us':>7} | {'var tile':>8} {'graph':>7} "
+          f"{'us':>7} | {'cuBLAS':>7} {'us':>7} | {'var/def':>7} {'def xcuB':>8} {'var xcuB':>8} | ok d/v/c")
+    wins = big = 0
+    all_ok = not bad
+    for r in res["rows"]:
+        g_d, g_v, g_c = (r.get(f"{x}_graph_us", nan) for x in ("default", "variant", "cublas"))
+        u_d, u_v, u_c = (r.get(f"{x}_us", nan) for x in ("default", "variant", "cublas"))
+        flags = "/".join("y" if r.get(f"{x}_ok") else "N" for x in ("default", "variant", "cublas"))
+        all_ok &= bool(r.get("default_ok") and r.get("variant_ok"))
+        sp = g_d / g_v
+        if r["m"] >= 4096:
+            big += 1
+            wins += sp > 1.03
+        tile = lambda x: "x".join(map(str, r.get(f"{x}_block", ["-"])))  # noqa: E731
+        print(f"{r['m']:>5} {r['n']:>6} {r['k']:>6} | {tile('default'):>8} {g_d:7.1f} {u_d:7.1f} | "
+              f"{tile('variant'):>8} {g_v:7.1f} {u_v:7.1f} | {g_c:7.1f} {u_c:7.1f} | {sp:7.3f} {g_c / g_d:8.3f} "
+              f"{g_c / g_v:8.3f} | {flags}"
+              + "".join(f" {x}: {r[x + '_error'][:60]}" for x in ("default", "variant", "cublas")
+                        if x + "_error" in r))
+    print(f"VERDICT: variant faster than default by >3% (graph) on {wins}/{big} m=4096 rows; "
+          f"all correctness checks passed: {'yes' if all_ok else 'NO'}")
+
+
+# ------------------------------------------------------------------------------------------------
 # phase: sweep (tile shapes per problem shape, to calibrate pick_config)
 # ------------------------------------------------------------------------------------------------
 
@@ -351,17 +496,30 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--limit", type=int, default=0, help="seconds per phase (0: 150 check, 120 bench)")
+    ap.add_argument("--variant", default=None, choices=["wide"],
+                    help="compare an opt-in GluonConfig variant with the default config and cuBLAS on the "
+                         "7 dense m=4096 ANCHORS shapes + 128x4096x7168 (runs only the 'variant' phase "
+                         "unless --phases is given)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.phase:
+        if args.phase == "variant":
+            phase_variant(args.out, args.quick, args.variant or "wide")
+            return
         {"check": phase_check, "bench": phase_bench, "sweep": phase_sweep}[args.phase](args.out, args.quick)
         return
+    if args.variant and args.phases == ap.get_default("phases"):
+        args.phases = "variant"
+    elif args.variant:
+        args.phases += ",variant"
     summary = {}
     for phase in args.phases.split(","):
-        limit = args.limit or {"check": 80, "bench": 110, "sweep": 90}[phase]
+        limit = args.limit or {"check": 80, "bench": 110, "sweep": 90, "variant": 165}[phase]
         cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--out", args.out]
         if args.quick:
             cmd.append("--quick")
+        if phase == "variant":
+            cmd += ["--variant", args.variant or "wide"]
         t0 = time.time()
         try:
             proc = subprocess.run(cmd, timeout=limit, capture_output=True, text=True,
@@ -414,6 +572,9 @@ def main():
                   f"{r.get('speedup', nan):6.2f} {r.get('graph_speedup', nan):6.2f} "
                   f"{r.get('diff', nan):7.1e} {r.get('error', '')[:50]} {r.get('cublas_error', '')[:50]}")
         print("card:", json.load(open(p))[0].get("card") if json.load(open(p)) else "?")
+    p = os.path.join(args.out, "gluon_variant.json")
+    if "variant" in args.phases.split(",") and os.path.exists(p):
+        print_variant_table(p)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ Structure of the kernel (one persistent program per SM, at most ``num_sms`` prog
   masked mode bumps its SBO counter (release, GPU scope) after each stored tile;
 * tiles: BLOCK_M 64 (one consumer warpgroup) or 128 (two), BLOCK_N 16..128, chosen per shape by
   :func:`pick_config` (narrow tiles give small-M shapes enough programs); scale factors are read
-  in any strides straight from global memory, two K-slices ahead of their use.
+  in any strides straight from global memory, two K-slices ahead of their use;
+* opt-in (``GluonConfig.wide_n``, :func:`wide_config`, :data:`WIDE_N_DEFAULT` off): dense 128x256 tiles
+  with two independent one-warpgroup consumer partitions, each 64x256 as two 128-wide halves through one
+  scratch accumulator (:func:`_consumer_wide`): 25% fewer operand bytes per FLOP than 128x128.
 
 Measured numbers and the history of each version: ``benchmarks/GLUON_NOTES.md``.
 

@@ -5,6 +5,7 @@ without ptxas serialising its asynchronous MMAs (the overlap of MMA and scale pr
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -36,6 +37,24 @@ def test_pick_config():
         assert cfg.stages * stage + cfg.block_m * cfg.block_n * 4 <= 227 * 1024
     # 12 warps (8 consumer + a producer warpgroup) share the register file at launch
     assert big.maxnreg * (8 + 4) * 32 <= 65536 and small.maxnreg <= 255
+
+
+def test_pick_config_wide_is_opt_in():
+    """The 128x256 variant (GluonConfig.wide_n) is chosen only when asked for (or WIDE_N_DEFAULT is flipped),
+    only for dense BF16 TMA-store calls, and its config fits the SM."""
+    assert gg.WIDE_N_DEFAULT is False
+    for n, k in [(2112, 7168), (4096, 7168), (7168, 16384)]:
+        assert not gg.pick_config("dense", 4096, n, k, tma_store=True).wide_n
+    wide = gg.pick_config("dense", 4096, 4096, 7168, tma_store=True, wide_n=True)
+    assert wide == gg.wide_config() and (wide.block_m, wide.block_n, wide.num_warps) == (128, 256, 4)
+    assert wide.stages == 4
+    assert wide.stages * (128 + 256) * gg.BLOCK_K + 2 * 64 * 128 * 2 <= 227 * 1024 - 1024
+    assert wide.maxnreg * 12 * 32 <= 65536            # 4 + 4 consumer warps + a producer warpgroup
+    # never for the grouped modes, FP32 output, or small m
+    assert not gg.pick_config("dense", 4096, 4096, 7168, tma_store=False, out_bytes=4, wide_n=True).wide_n
+    assert not gg.pick_config("masked", 4096, 4096, 7168, groups=6, expected_m=1024, wide_n=True).wide_n
+    assert not gg.pick_config("dense", 128, 4096, 7168, tma_store=True, wide_n=True).wide_n
+    assert not gg.pick_config("dense", 4096, 4096, 7168, tma_store=True, max_block_n=128, wide_n=True).wide_n
 
 
 if not gg.HAS_GLUON:  # pragma: no cover
@@ -96,3 +115,31 @@ def test_aot_sm90a(tmp_path, mode, bm, bn, tma_store, out, has_c, signal, k_rota
     log = subprocess.run([_triton_bin("ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
                          capture_output=True, text=True).stderr
     assert "C7514" not in log and "C7515" not in log, log
+
+
+def test_aot_sm90a_wide(tmp_path):
+    """The opt-in 128x256 variant: two one-warpgroup consumer partitions (8 QGMMA each per K-slice pair of
+    halves), 4 x 48 KB stages + two [64, 128] epilogue buffers within 227 KB, no spills, MMAs asynchronous."""
+    cfg = gg.wide_config()
+    constexprs = dict(MODE=0, BLOCK_M=128, BLOCK_N=256, GROUP_M=cfg.group_m, STAGES=cfg.stages, TMA_STORE=True,
+                      HAS_C=False, HAS_SIGNAL=False, SB_SCALAR=False, K_ROTATE=False,
+                      PRODUCER_REGS=cfg.producer_regs, WIDE_N=True)
+    # boxes: A 64 rows (one per warpgroup), B 128 rows (one per half), D 64 x 128
+    r = compile_sm90_in_subprocess("fp8gemm.kernels.gemm_gluon", "fp8_gemm_ws_kernel",
+                                   _signature("dense", 64, 128, True, torch.bfloat16, False), constexprs,
+                                   num_warps=cfg.num_warps, gluon=True, maxnreg=cfg.maxnreg,
+                                   divisible_by_16=["sfa_ptr", "sfb_ptr", "d_ptr", "c_ptr", "N", "K", "s_dm"])
+    assert sass_count(r["sass"], "QGMMA") >= 16, "expected the MMAs of both consumer partitions"
+    assert "QGMMA.64x128x32" in r["sass"]
+    assert r["local"] == 0 and r["stack"] == 0, (r["local"], r["stack"])
+    assert sass_count(r["sass"], "LDL") == 0 and sass_count(r["sass"], "STL") == 0
+    assert r["shared"] >= cfg.stages * (128 + 256) * 128 + 2 * 64 * 128 * 2, r["shared"]   # buffers not aliased
+    assert r["shared"] <= 227 * 1024
+    # the worker consumer warpgroup really gets the consumer's register budget
+    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+232;", r["ptx"])
+    ptx = tmp_path / "k.ptx"
+    ptx.write_text(r["ptx"])
+    log = subprocess.run([_triton_bin("ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
+                         capture_output=True, text=True).stderr
+    assert "C7514" not in log and "C7515" not in log, log
+    assert "spill" not in log or "0 bytes spill stores" in log, log

@@ -221,3 +221,36 @@ def test_every_tile_shape(bm, bn, k_rotate):
     check_dense(200, 300, 640, config=cfg)
     check_masked(3, 150, 272, 384, [150, 0, 65], 60, config=cfg)
     check_contiguous([130, 5], 200, 384, config=cfg)
+
+
+# Opt-in 128x256 variant (GluonConfig.wide_n): dense BF16 TMA-store calls only.  Cases cover an upper
+# warpgroup wholly past M (m=300, 129), an upper N half wholly past N (n=2112, 200) or partly (1000, 4100),
+# one K slice, several tiles per program (num_sms=7: phases carried across tiles), MN-major scales.
+WIDE_CASES = [
+    dict(m=4096, n=4096, k=7168), dict(m=4096, n=2112, k=7168), dict(m=300, n=1000, k=384),
+    dict(m=129, n=200, k=128), dict(m=1000, n=4100, k=640, num_sms=7), dict(m=257, n=4096, k=1536, sfa_layout="mn"),
+    dict(m=512, n=2048, k=2048, graph=True),
+]
+
+
+def check_dense_wide(**kw) -> dict:
+    res = check_dense(config=_gg().wide_config(), **kw)
+    assert tuple(res["block"]) == (128, 256), res      # really ran the variant, not the fallback
+    return res
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("kw", WIDE_CASES, ids=lambda kw: "x".join(str(kw[k]) for k in ("m", "n", "k")))
+def test_dense_wide_variant(kw):
+    check_dense_wide(**kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_wide_variant_falls_back_where_unsupported():
+    cfg = _gg().wide_config()
+    res = check_dense(300, 520, 768, out_dtype=torch.float32, with_c=True, config=cfg)
+    assert tuple(res["block"]) != (128, 256)
+    check_masked(3, 150, 272, 384, [150, 0, 65], 60, config=cfg)
+    check_contiguous([130, 5], 200, 384, config=cfg)
