@@ -93,7 +93,7 @@ if HAS_GLUON:
         return cnt
 
     @gluon.jit
-    def _locate(t, cur_g, cur_base, cur_cnt, M, N, masked_m_ptr, m_indices_ptr,
+    def _locate(t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
                 MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                 IDX_LAYOUT: gl.constexpr):
         """Tile ``t`` of the persistent walk -> (group, m-block, n-block, first A row, valid, cursor).
@@ -127,7 +127,8 @@ if HAS_GLUON:
                 offs = row_a + gl.arange(0, BLOCK_M, layout=IDX_LAYOUT)
                 ids = gl.load(m_indices_ptr + offs, mask=offs < M, other=-1)
                 g = gl.max(ids, axis=0)
-                valid = g >= 0
+                # An id past the last expert would read outside B: skipped like padding.
+                valid = (g >= 0) & (g < G)
             else:
                 g = t * 0
                 valid = t >= 0
@@ -155,7 +156,7 @@ if HAS_GLUON:
         it = gl.to_tensor(0)
         for t in range(pid, total, nprog):
             g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
-                t, cur_g, cur_base, cur_cnt, M, N, masked_m_ptr, m_indices_ptr,
+                t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
                 MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
             if valid:
                 row_b = g * N + n_blk * BLOCK_N
@@ -281,7 +282,7 @@ if HAS_GLUON:
         Y = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
         for t in range(pid, total, nprog):
             g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
-                t, cur_g, cur_base, cur_cnt, M, N, masked_m_ptr, m_indices_ptr,
+                t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
                 MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
             if valid:
                 g64 = g.to(gl.int64)
@@ -351,7 +352,7 @@ if HAS_GLUON:
                         r_ok = o_rows < row_limit
                     elif MODE == 2:
                         ids = gl.load(m_indices_ptr + o_rows, mask=o_rows < M, other=-1)
-                        r_ok = ids >= 0
+                        r_ok = ids == g   # -1 padding (and any other expert's rows) stay untouched
                     else:
                         r_ok = o_rows < M
                     mask = gl.expand_dims(r_ok, 1) & gl.expand_dims(o_cols < N, 0)
@@ -408,7 +409,7 @@ if HAS_GLUON:
         S = gl.zeros([WG_M, HALF], gl.float32, mma_layout)
         for t in range(pid, total, nprog):
             g, m_blk, n_blk, row_a, valid, c0, c1, c2 = _locate(
-                t, zero, zero, zero, M, N, sfa_ptr, sfa_ptr, 0, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
+                t, zero, zero, zero, M, N, 1, sfa_ptr, sfa_ptr, 0, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
             off_m = m_blk * BLOCK_M + WG * WG_M
             off_n = n_blk * BLOCK_N
             offs_m = off_m + gl.arange(0, WG_M, layout=row_layout)

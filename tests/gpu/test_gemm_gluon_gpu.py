@@ -224,11 +224,12 @@ def test_every_tile_shape(bm, bn, k_rotate):
 
 
 # Opt-in 128x256 variant (GluonConfig.wide_n): dense BF16 TMA-store calls only.  Cases cover an upper
-# warpgroup wholly past M (m=300, 129), an upper N half wholly past N (n=2112, 200) or partly (1000, 4100),
+# warpgroup wholly past M (m=300, 129), an upper N half wholly past N (n=2112, 200) or partly (1000, 4104;
+# the row pitch must stay 16-byte aligned for the TMA store, else the call falls back to 128x128),
 # one K slice, several tiles per program (num_sms=7: phases carried across tiles), MN-major scales.
 WIDE_CASES = [
     dict(m=4096, n=4096, k=7168), dict(m=4096, n=2112, k=7168), dict(m=300, n=1000, k=384),
-    dict(m=129, n=200, k=128), dict(m=1000, n=4100, k=640, num_sms=7), dict(m=257, n=4096, k=1536, sfa_layout="mn"),
+    dict(m=129, n=200, k=128), dict(m=1000, n=4104, k=640, num_sms=7), dict(m=257, n=4096, k=1536, sfa_layout="mn"),
     dict(m=512, n=2048, k=2048, graph=True),
 ]
 
