@@ -1,6 +1,9 @@
-"""Accuracy of FP4 (E2M1, UE8M0 per 32) activations against the FP8 (E4M3, per 128) path, one MoE expert.
+"""Accuracy of the MoE activation path's formats (reference only, runs on the CPU).
 
-    python benchmarks/fp4_accuracy.py [--tokens 256] [--hidden 7168] [--inter 2048]
+1. FP4 (E2M1, UE8M0 per 32) activations against the FP8 (E4M3, per 128) path, one MoE expert;
+2. the FP8 combine payload (E4M3 + UE8M0 per 128) against the BF16 payload, top-k weighted sum.
+
+    python benchmarks/moe_act_accuracy.py [--tokens 256] [--hidden 7168] [--inter 2048] [--topk 8]
 
 The expert computes ``y = (silu(x W_gate^T) * (x W_up^T)) W_down^T``.  Weights are FP8 per 128x128 block in
 every variant; the input activations of the first GEMM are FP8 or FP4 (the transport format of the MoE
@@ -27,6 +30,7 @@ def main():
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--inter", type=int, default=2048)
+    p.add_argument("--topk", type=int, default=8)
     args = p.parse_args()
     torch.manual_seed(0)
     t, hdim, inter = args.tokens, args.hidden, args.inter
@@ -52,6 +56,23 @@ def main():
             y = expert(xd, w1, sf1, w2, sf2, inter)
             rows.append(float((y - ref).norm() / ref.norm()))
         print(f"{name:14} {rows[0]:13.4f} {rows[1]:14.4f} {rows[2]:18.4f}")
+    combine_payload(t, hdim, args.topk)
+
+
+def combine_payload(t, hdim, topk):
+    """y[t] = sum_k w[t,k] * o[t,k] from BF16 expert outputs o, with the payload sent as BF16 or FP8."""
+    print(f"\ncombine of top-{topk} expert outputs ({t} tokens, hidden {hdim}); relative RMSE of y vs FP32")
+    print(f"{'expert outputs':14} {'BF16 payload':>13} {'FP8 payload':>12}")
+    weights = torch.softmax(torch.randn(t, topk), dim=-1)
+    for name, o in {"gaussian": torch.randn(t, topk, hdim),
+                    "student-t(3)": torch.distributions.StudentT(3.0).sample((t, topk, hdim))}.items():
+        o = o.bfloat16()
+        exact = (weights[:, :, None] * o.float()).sum(1)
+        bf16 = R.combine_reduce_reference(o, torch.zeros(t, topk, dtype=torch.int64), weights, 1).float()
+        q, sf = R.quantize_combine_payload(o.reshape(t * topk, hdim))
+        fp8 = R.combine_reduce(q.view(t, topk, hdim), sf.view(t, topk, -1), weights).float()
+        err = [float((y - exact).norm() / exact.norm()) for y in (bf16, fp8)]
+        print(f"{name:14} {err[0]:13.4f} {err[1]:12.4f}")
 
 
 if __name__ == "__main__":
