@@ -37,6 +37,28 @@ def check_tensor(name: str, t, *, dtype=None, ndim: int | None = None,
     return t
 
 
+def check_int(name: str, value, minimum: int = 0) -> int:
+    """A plain int (not a bool) at least ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_cuda_or_interpreter(device: torch.device) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors only through Triton's interpreter."""
+    from . import runtime
+    if device.type != "cuda" and not runtime.interpreting():
+        raise ValueError(f"tensors must be on a CUDA device (or run with TRITON_INTERPRET=1), got {device}")
+
+
 def check_pair(name: str, pair) -> tuple[torch.Tensor, torch.Tensor]:
     """An FP8 operand is a ``(tensor, scales)`` pair."""
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:

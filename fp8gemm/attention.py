@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from . import runtime
-from ._checks import FP8, check_pair, check_same_device, check_tensor
+from ._checks import (FP8, check_bool, check_cuda_or_interpreter, check_int, check_pair, check_same_device,
+                      check_tensor)
 from .kernels import mqa as K
 
 _ROW_ALIGN = 256    # FP32 elements: 1024-byte aligned output rows, as DeepGEMM allocates them
@@ -31,18 +31,6 @@ def _check_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous, got shape {list(t.shape)} with strides {tuple(t.stride())}")
 
 
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_heads_dim(name: str, num_heads: int, head_dim: int) -> None:
@@ -51,10 +39,6 @@ def _check_heads_dim(name: str, num_heads: int, head_dim: int) -> None:
     if head_dim not in K.HEAD_DIMS:
         raise ValueError(f"{name}: head_dim must be one of {K.HEAD_DIMS}, got {head_dim}")
 
-
-def _check_device(device: torch.device) -> None:
-    if device.type != "cuda" and not runtime.interpreting():
-        raise ValueError(f"tensors must be on a CUDA device (or run with TRITON_INTERPRET=1), got {device}")
 
 
 def _padded_output(rows: int, width: int, device: torch.device) -> torch.Tensor:
@@ -103,11 +87,11 @@ def fp8_mqa_logits(q: torch.Tensor, kv, weights: torch.Tensor, cu_seq_len_k_star
     check_tensor("cu_seq_len_k_end", cu_seq_len_k_end, dtype=torch.int32, shape=(seq_len,))
     _check_contiguous("cu_seq_len_k_start", cu_seq_len_k_start)
     _check_contiguous("cu_seq_len_k_end", cu_seq_len_k_end)
-    clean_logits = _check_bool("clean_logits", clean_logits)
-    max_seqlen_k = _check_int("max_seqlen_k", max_seqlen_k, 0)
+    clean_logits = check_bool("clean_logits", clean_logits)
+    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, 0)
     device = check_same_device(q=q, kv_0=kv_t, kv_1=kv_sf, weights=weights, cu_seq_len_k_start=cu_seq_len_k_start,
                                cu_seq_len_k_end=cu_seq_len_k_end)
-    _check_device(device)
+    check_cuda_or_interpreter(device)
 
     return _run_prefill(q, kv_t, kv_sf, weights, cu_seq_len_k_start, cu_seq_len_k_end, clean_logits, max_seqlen_k)
 
@@ -160,11 +144,11 @@ def get_paged_mqa_logits_metadata(context_lens: torch.Tensor, block_kv: int, num
         be captured in a CUDA graph.  Reference: :func:`fp8gemm.reference.paged_mqa_logits_metadata`.
     """
     _check_context_lens(context_lens, None)
-    block_kv = _check_int("block_kv", block_kv, 1)
+    block_kv = check_int("block_kv", block_kv, 1)
     if block_kv not in K.BLOCK_KVS:
         raise ValueError(f"block_kv must be one of {K.BLOCK_KVS}, got {block_kv}")
-    num_sms = _check_int("num_sms", num_sms, 1)
-    _check_device(context_lens.device)
+    num_sms = check_int("num_sms", num_sms, 1)
+    check_cuda_or_interpreter(context_lens.device)
     batch = context_lens.shape[0]
     next_n = context_lens.shape[1] if context_lens.dim() == 2 else 1
     if context_lens.dim() == 2 and next_n not in K.NEXT_NS:
@@ -241,11 +225,11 @@ def fp8_paged_mqa_logits(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch
         raise ValueError(f"schedule_meta must have shape [num_sms + 1, 2] (from get_paged_mqa_logits_metadata), "
                          f"got {list(schedule_meta.shape)}")
     _check_contiguous("schedule_meta", schedule_meta)
-    max_context_len = _check_int("max_context_len", max_context_len, 0)
-    clean_logits = _check_bool("clean_logits", clean_logits)
+    max_context_len = check_int("max_context_len", max_context_len, 0)
+    clean_logits = check_bool("clean_logits", clean_logits)
     device = check_same_device(q=q, kv_cache=kv_cache, weights=weights, context_lens=context_lens,
                                block_table=block_table, schedule_meta=schedule_meta)
-    _check_device(device)
+    check_cuda_or_interpreter(device)
 
     return _run_paged(q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len, clean_logits)
 

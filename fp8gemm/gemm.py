@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._checks import FP8, check_pair, check_same_device, check_tensor
+from ._checks import FP8, check_cuda_or_interpreter, check_pair, check_same_device, check_tensor
 from .kernels import gemm_dispatch
 
 _OUT_DTYPES = (torch.bfloat16, torch.float32)
@@ -73,15 +73,8 @@ def _validate_dense(a, b, d, c, recipe, scaled: bool):
         check_tensor("c", c, dtype=torch.float32, shape=(m, n))
         if d.dtype != torch.float32:
             raise TypeError(f"d must be float32 when c is given (FP32 accumulation), got {d.dtype}")
-    device = check_same_device(a=a, b=b, d=d, c=c, sfa=sfa, sfb=sfb)
-    if device.type != "cuda" and not _interpreting():
-        raise ValueError(f"tensors must be on a CUDA device (or run with TRITON_INTERPRET=1), got {device}")
+    check_cuda_or_interpreter(check_same_device(a=a, b=b, d=d, c=c, sfa=sfa, sfb=sfb))
     return a, sfa, b, sfb, gran_n
-
-
-def _interpreting() -> bool:
-    from . import runtime
-    return runtime.interpreting()
 
 
 def fp8_gemm_nt(a, b, d: torch.Tensor, c: torch.Tensor | None = None, recipe=None,

@@ -15,16 +15,12 @@ import math
 import torch
 
 from . import runtime
-from ._checks import FP8, check_pair, check_same_device, check_tensor
+from ._checks import FP8, check_cuda_or_interpreter, check_pair, check_same_device, check_tensor
 from .gemm import check_scales, resolve_recipe
 from .kernels import gemm_dispatch
 
 _OUT_DTYPES = (torch.bfloat16, torch.float32)
 
-
-def _check_device(device: torch.device) -> None:
-    if device.type != "cuda" and not runtime.interpreting():
-        raise ValueError(f"tensors must be on a CUDA device (or run with TRITON_INTERPRET=1), got {device}")
 
 
 _FP4_DTYPES = tuple(t for t in (torch.uint8, getattr(torch, "float4_e2m1fn_x2", None)) if t is not None)
@@ -81,7 +77,7 @@ def _contiguous(a, b, d, m_indices, recipe, scaled: bool) -> None:
         gran_n = resolve_recipe(recipe, sfb, n, k)
         _check_sfa(sfa, (), m, k)
         check_scales("b[1]", sfb, (g,), n, k, gran_n)
-    _check_device(check_same_device(a=a, b=b, d=d, m_indices=m_indices, sfa=sfa, sfb=sfb))
+    check_cuda_or_interpreter(check_same_device(a=a, b=b, d=d, m_indices=m_indices, sfa=sfa, sfb=sfb))
     if m == 0 or n == 0:
         return
     if runtime.debug_checks():
@@ -161,7 +157,7 @@ def _masked(a, b, d, masked_m, expected_m, recipe, max_block_n, enable_overlap, 
         _check_sfa(sfa, (g,), max_m, k)
         check_scales("b[1]", sfb, (g,), n, k, gran_n)
     device = check_same_device(a=a, b=b, d=d, masked_m=masked_m, sfa=sfa, sfb=sfb, signal=signal)
-    _check_device(device)
+    check_cuda_or_interpreter(device)
     if enable_overlap:
         if signal is None:
             raise ValueError("signal must be given when enable_overlap=True (an int32 tensor, see alloc_signal)")
@@ -261,5 +257,5 @@ def k_grouped_fp8_gemm_tn_contiguous(a, b, d: torch.Tensor, ks: list[int], ks_te
     check_tensor("d", d, dtype=torch.float32, shape=(g, m, n))
     if c is not None:
         check_tensor("c", c, dtype=torch.float32, shape=(g, m, n))
-    _check_device(check_same_device(a=a, b=b, d=d, c=c, ks_tensor=ks_tensor, sfa=sfa, sfb=sfb))
+    check_cuda_or_interpreter(check_same_device(a=a, b=b, d=d, c=c, ks_tensor=ks_tensor, sfa=sfa, sfb=sfb))
     gemm_dispatch.run_k_grouped(a, sfa, b, sfb, d, c, ks_tensor, g)

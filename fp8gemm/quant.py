@@ -27,7 +27,7 @@ import torch
 
 from . import reference as R
 from . import runtime
-from ._checks import FP8, check_tensor
+from ._checks import FP8, check_bool, check_int, check_tensor
 from .kernels import quant as K
 
 _X_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
@@ -36,22 +36,10 @@ _GRANS_FP4 = (16, 32, 64, 128)
 _TMA_ALIGN_BYTES = 16
 
 
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _check_int(name: str, value, minimum: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_gran(value, allowed: tuple) -> int:
-    _check_int("gran_k", value)
+    check_int("gran_k", value)
     if value not in allowed:
         raise ValueError(f"gran_k must be one of {allowed}, got {value}")
     return value
@@ -87,7 +75,7 @@ def per_token_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int 
     Reference (bit-exact): :func:`fp8gemm.reference.per_token_cast_to_fp8`, including inf/NaN handling.
     """
     x = _check_input(x)
-    _check_flag("use_ue8m0", use_ue8m0)
+    check_bool("use_ue8m0", use_ue8m0)
     gran_k = _check_gran(gran_k, _GRANS_FP8)
     m, k = x.shape
     q = torch.empty(m, k, dtype=FP8, device=x.device)
@@ -105,7 +93,7 @@ def per_block_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: int 
     Reference (bit-exact): :func:`fp8gemm.reference.per_block_cast_to_fp8`.
     """
     x = _check_input(x)
-    _check_flag("use_ue8m0", use_ue8m0)
+    check_bool("use_ue8m0", use_ue8m0)
     gran_k = _check_gran(gran_k, _GRANS_FP8)
     m, k = x.shape
     q = torch.empty(m, k, dtype=FP8, device=x.device)
@@ -123,7 +111,7 @@ def per_channel_cast_to_fp8(x: torch.Tensor, use_ue8m0: bool = False, gran_k: in
     :func:`per_token_cast_to_fp8`.  Reference (bit-exact): :func:`fp8gemm.reference.per_channel_cast_to_fp8`.
     """
     x = _check_input(x)
-    _check_flag("use_ue8m0", use_ue8m0)
+    check_bool("use_ue8m0", use_ue8m0)
     gran_k = _check_gran(gran_k, _GRANS_FP8)
     m, n = x.shape
     q = torch.empty(m, n, dtype=FP8, device=x.device)
@@ -152,8 +140,8 @@ def per_token_cast_to_fp4(x: torch.Tensor, use_ue8m0: bool = True, gran_k: int =
     Reference (bit-exact): :func:`fp8gemm.reference.per_token_cast_to_fp4`.
     """
     x = _check_input(x)
-    _check_flag("use_ue8m0", use_ue8m0)
-    _check_flag("ue8m0_bytes", ue8m0_bytes)
+    check_bool("use_ue8m0", use_ue8m0)
+    check_bool("ue8m0_bytes", ue8m0_bytes)
     gran_k = _check_gran(gran_k, _GRANS_FP4)
     if ue8m0_bytes and not use_ue8m0:
         raise ValueError("ue8m0_bytes=True needs use_ue8m0=True (only power-of-two scales have a UE8M0 byte)")
@@ -276,10 +264,10 @@ def transform_sf_into_required_layout(sf: torch.Tensor, mn: int, k: int, recipe,
     ``disable_ue8m0_cast`` is accepted for compatibility: on SM90 scales stay FP32 either way.
     """
     check_tensor("sf", sf, dtype=(torch.float32, torch.int32))
-    _check_int("mn", mn)
-    _check_int("k", k)
-    _check_flag("is_sfa", is_sfa)
-    _check_flag("disable_ue8m0_cast", disable_ue8m0_cast)
+    check_int("mn", mn)
+    check_int("k", k)
+    check_bool("is_sfa", is_sfa)
+    check_bool("disable_ue8m0_cast", disable_ue8m0_cast)
     gran_mn, gran_k = _check_recipe(recipe, is_sfa)
     kb = math.ceil(k / gran_k)
     cols = kb if sf.dtype == torch.float32 else math.ceil(kb / 4)
@@ -287,7 +275,7 @@ def transform_sf_into_required_layout(sf: torch.Tensor, mn: int, k: int, recipe,
     if num_groups is None:
         check_tensor("sf", sf, shape=(rows, cols))
     else:
-        _check_int("num_groups", num_groups, 1)
+        check_int("num_groups", num_groups, 1)
         check_tensor("sf", sf, shape=(num_groups, rows, cols))
     if gran_mn == 1:
         return get_mn_major_tma_aligned_tensor(sf)

@@ -37,7 +37,7 @@ def _scaled_mm():
     if not hasattr(F, "scaled_mm"):
         return None
     try:
-        from torch.nn.functional import ScalingType, SwizzleType  # noqa: F401
+        from torch.nn.functional import ScalingType  # noqa: F401  (blockwise scaling exists in this torch)
     except ImportError:
         return None
 

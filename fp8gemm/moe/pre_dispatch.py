@@ -18,7 +18,8 @@ import math
 import torch
 
 from .. import runtime
-from .._checks import FP8, check_no_overlap, check_same_device, check_tensor, check_unit_stride
+from .._checks import (FP8, check_bool, check_cuda_or_interpreter, check_int, check_no_overlap,
+                       check_same_device, check_tensor, check_unit_stride)
 from ..kernels import moe_act as K
 from ..kernels import quant as KQ
 
@@ -27,23 +28,7 @@ _W_DTYPES = (torch.float32, torch.bfloat16)
 _FP4_DTYPES = tuple(t for t in (torch.uint8, getattr(torch, "float4_e2m1fn_x2", None)) if t is not None)
 
 
-def _check_int(name: str, value, minimum: int = 0) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
-
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _check_device(device: torch.device) -> None:
-    if device.type != "cuda" and not runtime.interpreting():
-        raise ValueError(f"tensors must be on a CUDA device (or run with TRITON_INTERPRET=1), got {device}")
 
 
 def _capturing() -> bool:
@@ -78,13 +63,13 @@ def mega_moe_pre_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights:
     check_tensor("x", x, dtype=torch.bfloat16, ndim=2)
     check_tensor("topk_idx", topk_idx, dtype=_IDX_DTYPES, ndim=2)
     check_tensor("topk_weights", topk_weights, dtype=_W_DTYPES, shape=tuple(topk_idx.shape))
-    num_tokens = _check_int("num_tokens", num_tokens)
-    _check_int("group_size", group_size)
+    num_tokens = check_int("num_tokens", num_tokens)
+    check_int("group_size", group_size)
     if group_size not in (32, 128):
         raise ValueError(f"group_size must be 32 or 128, got {group_size}")
-    _check_flag("use_fp4_acts", use_fp4_acts)
-    _check_flag("fp32_scales", fp32_scales)
-    _check_flag("use_ue8m0", use_ue8m0)
+    check_bool("use_fp4_acts", use_fp4_acts)
+    check_bool("fp32_scales", fp32_scales)
+    check_bool("use_ue8m0", use_ue8m0)
     hidden, topk = x.shape[1], topk_idx.shape[1]
     if hidden % group_size != 0:
         raise ValueError(f"hidden (x.shape[1] = {hidden}) must be a multiple of group_size = {group_size}")
@@ -119,13 +104,13 @@ def mega_moe_pre_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights:
         check_unit_stride(name, t, 1, "contiguous along its last dimension")
     device = check_same_device(x=x, topk_idx=topk_idx, topk_weights=topk_weights, buf_x=buf_x, buf_x_sf=buf_x_sf,
                                buf_topk_idx=buf_topk_idx, buf_topk_weights=buf_topk_weights)
-    _check_device(device)
+    check_cuda_or_interpreter(device)
     outs = dict(buf_x=buf_x, buf_x_sf=buf_x_sf, buf_topk_idx=buf_topk_idx, buf_topk_weights=buf_topk_weights)
     for out_name, out in outs.items():
         check_no_overlap(out_name, out, x=x, topk_idx=topk_idx, topk_weights=topk_weights,
                          **{n: o for n, o in outs.items() if n != out_name})
     if num_experts is not None:
-        _check_int("num_experts", num_experts, 1)
+        check_int("num_experts", num_experts, 1)
         if num_tokens and not _capturing():
             ids = topk_idx[:num_tokens]
             bad = (ids < -1) | (ids >= num_experts)
@@ -168,7 +153,7 @@ def quantize_combine_payload(x: torch.Tensor, out: tuple[torch.Tensor, torch.Ten
         check_no_overlap("out[0]", q, x=x, sf=sf)
         check_no_overlap("out[1]", sf, x=x)
     check_same_device(x=x, q=q, sf=sf)
-    _check_device(x.device)
+    check_cuda_or_interpreter(x.device)
     rows = x.reshape(-1, hidden)
     if rows.shape[0] and hidden:
         KQ.launch_per_token(rows, q.view(-1, hidden), sf.view(-1, sf_shape[-1]), 128, True,
@@ -203,7 +188,7 @@ def combine_reduce(payload: torch.Tensor, sf: torch.Tensor, weights: torch.Tenso
         check_unit_stride("out", out, 1, "contiguous along hidden")
         check_no_overlap("out", out, payload=payload, sf=sf, weights=weights, topk_idx=topk_idx)
     device = check_same_device(payload=payload, sf=sf, weights=weights, topk_idx=topk_idx, out=out)
-    _check_device(device)
+    check_cuda_or_interpreter(device)
     if t and hidden:
         if topk == 0:
             out.zero_()
