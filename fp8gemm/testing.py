@@ -18,6 +18,20 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(1 - 2 * (x * y).sum() / denominator)
 
 
+def bit_view(t: torch.Tensor) -> torch.Tensor:
+    """An integer view of a tensor's bytes, so that comparisons are bit-exact (NaNs compare by their bits)."""
+    if t.dtype == torch.float32:
+        return t.view(torch.int32)
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16)
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def count_bit_mismatches(got, want) -> int:
+    """Elements whose bits differ, summed over pairs of tensors (moved to the CPU to compare)."""
+    return sum(int((bit_view(g.cpu()) != bit_view(w.cpu())).sum()) for g, w in zip(got, want))
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill an output buffer with a value no kernel produces (NaN for floats, -7 for ints)."""
     if t.is_floating_point():

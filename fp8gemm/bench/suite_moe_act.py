@@ -13,22 +13,17 @@ import torch
 
 from fp8gemm import reference as R
 from fp8gemm.bench.core import Case
+from fp8gemm.testing import count_bit_mismatches
 from fp8gemm.moe import combine_reduce, mega_moe_pre_dispatch
 
 FP8 = torch.float8_e4m3fn
 TOKENS, HIDDEN, TOPK, EXPERTS = 4096, 7168, 8, 256
 
 
-def _raw(t):
-    if t.dtype == torch.float32:
-        return t.view(torch.int32)
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16)
-    return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
 def _mismatches(got, want) -> float:
-    return float(sum(int((_raw(g) != _raw(w)).sum()) for g, w in zip(got, want)))
+    return float(count_bit_mismatches(got, want))
 
 
 def _torch_pre_dispatch(x, idx, w, bx, bsf, bi, bw, n, group_size, fp4):

@@ -12,25 +12,17 @@ from fp8gemm import reference as R
 from fp8gemm.kernels import moe_act as KM
 from fp8gemm.kernels import quant as KQ
 from fp8gemm.moe import combine_reduce, mega_moe_pre_dispatch, quantize_combine_payload
+from fp8gemm.testing import bit_view
 
 FP8 = torch.float8_e4m3fn
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
-def raw(t):
-    """Comparable integer view of a tensor's bytes (NaNs compare by their bits)."""
-    if t.dtype == torch.float32:
-        return t.view(torch.int32)
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16)
-    return t.view(torch.uint8) if t.element_size() == 1 else t
-
-
 def assert_same(got, want, what):
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    g, w = raw(got.cpu()), raw(want)
+    g, w = bit_view(got.cpu()), bit_view(want)
     bad = (g != w).nonzero()
     assert bad.numel() == 0, f"{what}: {bad.shape[0]} elements differ, first at {bad[0].tolist()}"
 

@@ -5,6 +5,7 @@ import torch
 
 from fp8gemm import reference as R
 from fp8gemm.moe import combine_reduce, mega_moe_pre_dispatch, quantize_combine_payload
+from fp8gemm.testing import bit_view
 
 pytestmark = pytest.mark.gpu
 
@@ -12,18 +13,10 @@ FP8 = torch.float8_e4m3fn
 TOKENS, HIDDEN, TOPK, EXPERTS = 4096, 7168, 8, 256
 
 
-def _raw(t):
-    if t.dtype == torch.float32:
-        return t.view(torch.int32)
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16)
-    return t.view(torch.uint8) if t.element_size() == 1 else t
-
-
 def assert_same(got, want, what):
     got = got.cpu()
     assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape}/{got.dtype} vs {want.shape}"
-    bad = int((_raw(got) != _raw(want)).sum())
+    bad = int((bit_view(got) != bit_view(want)).sum())
     assert bad == 0, f"{what}: {bad} of {got.numel()} elements differ"
 
 
