@@ -18,6 +18,21 @@ addresses (peer addresses come from ``torch.distributed._symmetric_memory``; in 
   the block's BF16 rows into their source rank's receive buffer at slot (token, k); then the same
   done-counter / ``CFLAG`` arrival as the dispatch.
 - **combine recv** (one program): spin on ``CFLAG``, consume it.
+- **contiguous form** (prefill, :meth:`fp8gemm.moe.ep.EPCommunicator.dispatch_contiguous`), three
+  steps because a sender must know where each expert's segment starts on its owner before it stores:
+  *counts* (grid of any size): each (token, k) takes a slot among this rank's rows for its expert
+  from a local counter (kept in ``slot_of``); the last program stores the count row ``CCNT[rank, :]``
+  (int32 ``[W, E]``) on every rank and adds 1 to ``AFLAG[rank]`` there (release).
+  *layout* (one program): spin on every ``AFLAG[p]``, consume it; from the full count matrix compute
+  every expert's segment start on its owner (exclusive prefix sum of the counts padded to ``ALIGN``,
+  per owner) plus the rows of lower source ranks: ``send_base[e]``; for this rank's own experts
+  publish the counts (``masked_m``), the statistics and the segment starts.
+  *index* (grid over the ALIGN-row blocks): ``m_indices`` (local expert or -1) and ``block_valid``
+  (the valid-row prefix of each block, the "masked_m" of the block view ``[R / ALIGN, ALIGN]`` that
+  the SwiGLU kernel and :func:`combine_send_kernel` use).
+  *send*: each (token, k) stores its row at ``send_base[e] + slot_of[t, k]`` of the owner's contiguous
+  buffer (rows past the capacity are dropped; the owner's layout step records the overflow), then the
+  same ``DFLAG`` arrival as the masked dispatch; :func:`wait_arrivals_kernel` waits for it.
 - **combine reduce** (local): ``y[t] = sum_k w[t, k] * recv[t, k]`` in FP32, over the k whose expert
   id is valid, cast to BF16.
 
@@ -36,6 +51,9 @@ ERROR_CODES = {
     2: "combine: timed out waiting for the GEMM signal of local expert {a} (global expert {g}), m-block {b}",
     3: "combine: timed out waiting for the arrival signal of rank {a}",
     4: "dispatch: local expert {a} (global expert {g}) received {b} rows, more than its capacity max_m={c}",
+    5: "dispatch (contiguous): the segment of local expert {a} (global expert {g}) ends at row {b}, beyond "
+       "the contiguous capacity of {c} rows",
+    6: "dispatch (contiguous): timed out waiting for the token counts of rank {a}",
 }
 
 
@@ -235,3 +253,144 @@ def combine_reduce_kernel(recv_ptr, idx_ptr, w_ptr, out_ptr, num_experts,
         v = tl.load(recv_ptr + t * stride_rt + k * stride_rk + c, mask=cm & valid, other=0.0).to(tl.float32)
         acc += tl.where(valid, w * v, 0.0)
     tl.store(out_ptr + t * stride_ot + c, acc.to(tl.bfloat16), mask=cm)
+
+
+# ------------------------------------------------------------------------------------------------
+# Contiguous layout (prefill): counts, layout, index, send
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def dispatch_count_kernel(idx_ptr, cnt_ptr, slot_ptr, tab_ptr, done_ptr, T, rank, num_experts,
+                          stride_it, stride_ik, OFF_CCNT, OFF_AFLAG,
+                          TOPK: tl.constexpr, E: tl.constexpr, W: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Slot of every (token, k) among this rank's rows for its expert; publish the count row."""
+    pid = tl.program_id(0)
+    for t in range(pid, T, tl.num_programs(0)):
+        t64 = t + tl.zeros((), tl.int64)
+        for k in range(TOPK):
+            e = tl.load(idx_ptr + t64 * stride_it + k * stride_ik).to(tl.int32)
+            if (e >= 0) & (e < num_experts):
+                slot = tl.atomic_add(cnt_ptr + e, 1, sem="relaxed", scope="gpu")
+                tl.store(slot_ptr + t64 * TOPK + k, slot)
+    tl.debug_barrier()
+    prev = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="sys")
+    if prev == tl.num_programs(0) - 1:
+        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
+        ee = tl.arange(0, BLOCK_E)
+        em = ee < E
+        cnt = tl.atomic_xchg(cnt_ptr + ee, tl.zeros((BLOCK_E,), tl.int32), mask=em, sem="acq_rel", scope="gpu")
+        for o in range(W):
+            base = tl.load(tab_ptr + o)
+            row = (base + OFF_CCNT).to(tl.pointer_type(tl.int32)) + rank * E
+            tl.store(row + ee, cnt, mask=em)
+        tl.debug_barrier()
+        for o in range(W):
+            base = tl.load(tab_ptr + o)
+            flag = (base + OFF_AFLAG).to(tl.pointer_type(tl.int32)) + rank
+            tl.atomic_add(flag, 1, sem="release", scope="sys")
+
+
+@triton.jit
+def contig_layout_kernel(buf_ptr, err_ptr, send_base_ptr, masked_m_ptr, stats_ptr, seg_ptr, rank, R, ALIGN,
+                         max_iters, timeout_ns, OFF_CCNT, OFF_AFLAG,
+                         E: tl.constexpr, L: tl.constexpr, W: tl.constexpr, BLOCK_E: tl.constexpr,
+                         BLOCK_W: tl.constexpr, USE_TIMER: tl.constexpr):
+    flags = (buf_ptr + OFF_AFLAG).to(tl.pointer_type(tl.int32))
+    for p in range(W):
+        ok = _spin_sys(flags + p, 1, max_iters, timeout_ns, USE_TIMER)
+        if ok:
+            tl.atomic_add(flags + p, -1, sem="relaxed", scope="sys")
+        else:
+            _set_error(err_ptr, 6, p, 0, 0)
+    tl.debug_barrier()
+    ww = tl.arange(0, BLOCK_W)
+    ee = tl.arange(0, BLOCK_E)
+    em = ee < E
+    cmask = (ww[:, None] < W) & em[None, :]
+    ccnt = (buf_ptr + OFF_CCNT).to(tl.pointer_type(tl.int32))
+    c = tl.load(ccnt + ww[:, None] * E + ee[None, :], mask=cmask, other=0, volatile=True)
+    tot = tl.sum(c, 0)                                               # rows per expert, all sources
+    before = tl.sum(tl.where(ww[:, None] < rank, c, 0), 0)           # rows of lower source ranks
+    padded = (tot + ALIGN - 1) // ALIGN * ALIGN
+    owner = ee // L
+    seg = tl.zeros((BLOCK_E,), tl.int32)
+    for o in range(W):
+        mo = em & (owner == o)
+        cs = tl.cumsum(tl.where(mo, padded, 0), 0)
+        seg = tl.where(mo, cs - padded, seg)
+    tl.store(send_base_ptr + ee, seg + before, mask=em)
+    mine = em & (owner == rank)
+    end = seg + tot
+    over = tl.max(tl.where(mine & (end > R), ee, -1), 0)
+    if over >= 0:
+        _set_error(err_ptr, 5, over - rank * L, tl.sum(tl.where(ee == over, end, 0), 0), R)
+    le = ee - rank * L
+    got = tl.minimum(tot, tl.maximum(R - seg, 0))                    # rows that fit in the capacity
+    tl.store(masked_m_ptr + le, got, mask=mine)
+    tl.store(stats_ptr + le, tl.load(stats_ptr + le, mask=mine, other=0) + got, mask=mine)
+    tl.store(seg_ptr + le, seg, mask=mine)
+
+
+@triton.jit
+def contig_index_kernel(seg_ptr, masked_m_ptr, m_idx_ptr, block_valid_ptr, ALIGN,
+                        L: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_A: tl.constexpr):
+    """Program b: the expert of rows ``[b * ALIGN, (b + 1) * ALIGN)`` and how many of them are valid."""
+    b = tl.program_id(0)
+    r0 = b * ALIGN
+    ll = tl.arange(0, BLOCK_L)
+    lm = ll < L
+    seg = tl.load(seg_ptr + ll, mask=lm, other=0)
+    cnt = tl.load(masked_m_ptr + ll, mask=lm, other=0)
+    hit = lm & (cnt > 0) & (seg <= r0) & (r0 < seg + cnt)
+    expert = tl.max(tl.where(hit, ll, -1), 0)
+    valid = tl.sum(tl.where(hit, tl.minimum(seg + cnt - r0, ALIGN), 0), 0)
+    tl.store(block_valid_ptr + b, valid)
+    aa = tl.arange(0, BLOCK_A)
+    rows = r0.to(tl.int64) + aa
+    tl.store(m_idx_ptr + rows, tl.where(aa < valid, expert, -1), mask=aa < ALIGN)
+
+
+@triton.jit
+def dispatch_send_contig_kernel(xq_ptr, xsf_ptr, idx_ptr, slot_ptr, send_base_ptr, tab_ptr, done_ptr, T, rank,
+                                num_experts, stride_xq, stride_xsf, stride_it, stride_ik,
+                                OFF_X, OFF_SF, OFF_META, OFF_DFLAG, R, TMAX,
+                                H: tl.constexpr, SFH: tl.constexpr, TOPK: tl.constexpr, L: tl.constexpr,
+                                W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SF: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_H)
+    soffs = tl.arange(0, BLOCK_SF)
+    smask = soffs < SFH
+    for t in range(pid, T, tl.num_programs(0)):
+        t64 = t + tl.zeros((), tl.int64)
+        sf = tl.load(xsf_ptr + t64 * stride_xsf + soffs, mask=smask)
+        for k in range(TOPK):
+            e = tl.load(idx_ptr + t64 * stride_it + k * stride_ik).to(tl.int32)
+            if (e >= 0) & (e < num_experts):
+                o = e // L
+                base = tl.load(tab_ptr + o)
+                row64 = tl.load(send_base_ptr + e).to(tl.int64) + tl.load(slot_ptr + t64 * TOPK + k)
+                if row64 < R:
+                    xaddr = (base + OFF_X + row64 * H) + tl.zeros((BLOCK_H,), tl.int64)
+                    xdst = tl.multiple_of(xaddr.to(tl.pointer_type(tl.uint8)), 16)
+                    xsrc = xq_ptr + t64 * stride_xq
+                    for h0 in range(0, H, BLOCK_H):
+                        m = (h0 + offs) < H
+                        tl.store(xdst + (h0 + offs), tl.load(xsrc + (h0 + offs), mask=m), mask=m)
+                    sdst = (base + OFF_SF + row64 * (SFH * 4)).to(tl.pointer_type(tl.float32))
+                    tl.store(sdst + soffs, sf, mask=smask)
+                    mdst = (base + OFF_META).to(tl.pointer_type(tl.int32)) + row64
+                    tl.store(mdst, rank * TMAX * TOPK + t * TOPK + k)
+    _arrive_all(tab_ptr, done_ptr, rank, OFF_DFLAG, W)
+
+
+@triton.jit
+def wait_arrivals_kernel(buf_ptr, err_ptr, OFF_FLAG, code, max_iters, timeout_ns, W: tl.constexpr,
+                         USE_TIMER: tl.constexpr):
+    """Spin until every ``FLAG[p] >= 1`` and consume it; error ``code`` (with a = p) on a timeout."""
+    flags = (buf_ptr + OFF_FLAG).to(tl.pointer_type(tl.int32))
+    for p in range(W):
+        ok = _spin_sys(flags + p, 1, max_iters, timeout_ns, USE_TIMER)
+        if ok:
+            tl.atomic_add(flags + p, -1, sem="relaxed", scope="sys")
+        else:
+            _set_error(err_ptr, code, p, 0, 0)

@@ -15,6 +15,27 @@ that row back to rank ``src_rank``'s receive buffer ``[max_tokens_per_rank, topk
 ``(token, k)``, where ``y[t] = sum_k topk_weights[t, k] * recv[t, k]`` (FP32, then BF16) reduces it.
 Entries of ``topk_idx`` that are negative (or >= num_experts) are skipped throughout.
 
+Contiguous layout (prefill)
+---------------------------
+Created with ``contiguous=True``, the communicator also has a second receive form for
+:func:`fp8gemm.m_grouped_fp8_gemm_nt_contiguous`: :meth:`EPCommunicator.dispatch_contiguous` lays the
+received rows out as FP8 ``[R, hidden]`` + FP32 scales ``[R, hidden / 128]``, local expert ``le``'s rows
+in one segment starting at ``segment_starts[le]``, every segment padded to ``A =
+get_mk_alignment_for_contiguous_layout()`` (read at construction) and the rows after the last segment
+unused; ``m_indices`` (int32 [R]) holds the local expert of each valid row and -1 on every padding row;
+``masked_m`` holds the rows per local expert, as in the masked form; ``recv_src_info`` (int32 [R]) the
+routing words; ``block_valid`` (int32 [R / A]) how many leading rows of each A-row block are valid
+(the segments start on block boundaries, so the valid rows of a block are a prefix of it).  The
+capacity ``R`` (``contiguous_rows``) defaults to ``A * ceil((W * max_tokens_per_rank * topk + L * (A -
+1)) / A)``, which no routing can overflow; a smaller one is checked (error, rows past it dropped).
+Segment offsets are computed on the device: the ranks first exchange their per-expert counts
+(``[W, E]`` int32 into every region, a bounded wait), then every sender derives the same prefix sums
+and stores its rows at their final place; no host synchronisation, fixed grids, so the symm form is
+capturable in a CUDA graph like the masked one.  Row order within a segment is that of the slot
+atomics (not deterministic); the NCCL backend orders it by (source rank, token, k).
+:meth:`EPCommunicator.combine_contiguous` sends the valid rows of an expert output ``[R, hidden]``
+back (no SBO signals: prefill runs the stages back to back).
+
 Backends
 --------
 ``"symm"`` (default, one NVLink domain): one symmetric byte region per rank
@@ -65,6 +86,7 @@ class SymmLayout:
     max_tokens: int
     topk: int
     world_size: int
+    contig_rows: int = 0        # R of the contiguous form, 0 when it is not allocated
 
     @property
     def sf_cols(self) -> int:
@@ -75,6 +97,10 @@ class SymmLayout:
         sizes = {"x": L * M * H, "sf": L * M * self.sf_cols * 4, "meta": L * M * 4, "cnt": L * 4,
                  "dflag": self.world_size * 4, "cflag": self.world_size * 4,
                  "recv": self.max_tokens * self.topk * H * 2}
+        if self.contig_rows:
+            R, E = self.contig_rows, L * self.world_size
+            sizes.update({"ccnt": self.world_size * E * 4, "aflag": self.world_size * 4, "cx": R * H,
+                          "csf": R * self.sf_cols * 4, "cmeta": R * 4})
         out, off = {}, 0
         for name, size in sizes.items():
             out[name] = (off, size)
@@ -92,6 +118,19 @@ class DispatchOutput:
     recv_src_info: torch.Tensor   # int32 [L, max_m], routing words (module docstring)
 
 
+@dataclass
+class ContiguousDispatchOutput:
+    """The contiguous (prefill) form of a dispatch on the owner rank (views of persistent buffers)."""
+    recv_x: torch.Tensor          # FP8 [R, hidden]
+    recv_x_sf: torch.Tensor       # FP32 [R, hidden / 128]
+    m_indices: torch.Tensor       # int32 [R]: local expert of each row, -1 on padding rows
+    masked_m: torch.Tensor        # int32 [L]: rows received per local expert
+    recv_src_info: torch.Tensor   # int32 [R], routing words of the valid rows
+    segment_starts: torch.Tensor  # int32 [L]: first row of each local expert's segment
+    block_valid: torch.Tensor     # int32 [R / alignment]: valid leading rows of each aligned block
+    alignment: int
+
+
 class EPCommunicator:
     """Dispatch / combine between the ranks of ``group`` (see the module docstring).
 
@@ -99,12 +138,15 @@ class EPCommunicator:
     tokens one rank passes per call), ``topk``, ``hidden`` (a multiple of 128), ``max_m`` (capacity per
     local expert, default ``world_size * max_tokens_per_rank``), ``backend`` ``"symm"`` or ``"nccl"``,
     ``timeout_s`` (bound of every wait on the GPU), ``max_spin_iters`` (bound in the interpreter),
-    ``num_sms`` (programs of the dispatch kernel and of the combine without overlap; default all SMs).
+    ``num_sms`` (programs of the dispatch kernel and of the combine without overlap; default all SMs),
+    ``contiguous`` (also allocate the contiguous prefill form, see the module docstring) and
+    ``contiguous_rows`` (its capacity R, a multiple of the alignment; default: never overflows).
     """
 
     def __init__(self, group=None, *, num_experts: int, max_tokens_per_rank: int, topk: int, hidden: int,
                  max_m: int | None = None, backend: str = "symm", timeout_s: float = 10.0,
-                 max_spin_iters: int = 1 << 16, num_sms: int | None = None, device=None, _simulated=None):
+                 max_spin_iters: int = 1 << 16, num_sms: int | None = None, contiguous: bool = False,
+                 contiguous_rows: int | None = None, device=None, _simulated=None):
         import torch.distributed as dist
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -142,11 +184,26 @@ class EPCommunicator:
         self.num_sms = num_sms if num_sms is not None else runtime._default_sms()
         self.use_timer = self.device.type == "cuda" and not runtime.interpreting()
         L, M, H = self.num_local_experts, self.max_m, hidden
-        self.layout = SymmLayout(L, M, H, max_tokens_per_rank, topk, world)
+        if not isinstance(contiguous, bool):
+            raise TypeError(f"contiguous must be a bool, got {type(contiguous).__name__}")
+        self.contiguous = contiguous
+        self.alignment = runtime.get_mk_alignment_for_contiguous_layout()
+        R = 0
+        if contiguous:
+            R = contiguous_rows_bound(world, max_tokens_per_rank, topk, L, self.alignment)
+            if contiguous_rows is not None:
+                R = _check_int("contiguous_rows", contiguous_rows)
+                if R % self.alignment:
+                    raise ValueError(f"contiguous_rows ({R}) must be a multiple of the contiguous-layout "
+                                     f"alignment {self.alignment}")
+        elif contiguous_rows is not None:
+            raise ValueError("contiguous_rows needs contiguous=True")
+        self.contig_rows = R
+        self.layout = SymmLayout(L, M, H, max_tokens_per_rank, topk, world, R)
         self.sf_cols = self.layout.sf_cols
         dev = self.device
         self.err = torch.zeros(4, dtype=torch.int32, device=dev)
-        self.done = torch.zeros(2, dtype=torch.int32, device=dev)
+        self.done = torch.zeros(3, dtype=torch.int32, device=dev)
         self.masked_m = torch.zeros(L, dtype=torch.int32, device=dev)
         self.cumulative_local_expert_recv_stats = torch.zeros(L, dtype=torch.int32, device=dev)
         self._handle = None
@@ -161,6 +218,18 @@ class EPCommunicator:
             self.recv_x_sf = torch.zeros(L, M, self.sf_cols, dtype=torch.float32, device=dev)
             self.recv_src_info = torch.zeros(L, M, dtype=torch.int32, device=dev)
             self.combine_recv_buf = torch.zeros(max_tokens_per_rank, topk, H, dtype=torch.bfloat16, device=dev)
+            if R:
+                self.crecv_x = torch.zeros(R, H, dtype=FP8, device=dev)
+                self.crecv_x_sf = torch.zeros(R, self.sf_cols, dtype=torch.float32, device=dev)
+                self.crecv_src_info = torch.zeros(R, dtype=torch.int32, device=dev)
+        if R:       # local (non-symmetric) state of the contiguous form
+            E, i32 = num_experts, torch.int32
+            self._ccnt_local = torch.zeros(E, dtype=i32, device=dev)        # zero between calls
+            self._slot_of = torch.zeros(max_tokens_per_rank * topk, dtype=i32, device=dev)
+            self._send_base = torch.zeros(E, dtype=i32, device=dev)
+            self.segment_starts = torch.zeros(L, dtype=i32, device=dev)
+            self.m_indices = torch.full((R,), -1, dtype=i32, device=dev)
+            self.block_valid = torch.zeros(R // self.alignment, dtype=i32, device=dev)
 
     # ------------------------------------------------------------------ symmetric memory set-up
     def _alloc_symmetric(self):
@@ -197,6 +266,11 @@ class EPCommunicator:
         self.recv_x_sf = sec("sf", torch.float32, (L, M, self.sf_cols))
         self.recv_src_info = sec("meta", torch.int32, (L, M))
         self.combine_recv_buf = sec("recv", torch.bfloat16, (self.max_tokens, self.topk, H))
+        if self.contig_rows:
+            R = self.contig_rows
+            self.crecv_x = sec("cx", torch.uint8, (R, H)).view(FP8)
+            self.crecv_x_sf = sec("csf", torch.float32, (R, self.sf_cols))
+            self.crecv_src_info = sec("cmeta", torch.int32, (R,))
         self.offsets = {k: v[0] for k, v in s.items()}
 
     # ------------------------------------------------------------------ argument checks
@@ -223,7 +297,7 @@ class EPCommunicator:
         code, a, b, c = err
         g = self.rank * self.num_local_experts + a
         what = K.ERROR_CODES.get(code, "unknown error {a} {b} {c}").format(a=a, b=b, c=c, g=g)
-        if code in (1, 3):
+        if code in (1, 3, 6):
             lo = a * self.num_local_experts
             what += f" (owner of experts {lo}..{lo + self.num_local_experts - 1})"
         raise RuntimeError(f"EP rank {self.rank}/{self.world_size}: {what}")
@@ -320,8 +394,94 @@ class EPCommunicator:
         self.combine_send(expert_out, **kw)
         return self.combine_recv(topk_idx, topk_weights, out)
 
+    # ------------------------------------------------------------------ contiguous form (prefill)
+    def _check_contiguous(self):
+        if not self.contig_rows:
+            raise RuntimeError("the contiguous form needs an EPCommunicator created with contiguous=True")
+        a = runtime.get_mk_alignment_for_contiguous_layout()
+        if a != self.alignment:
+            raise ValueError(f"get_mk_alignment_for_contiguous_layout() is {a}, but this communicator laid out "
+                             f"its contiguous buffers for {self.alignment}: create it after setting the alignment")
+
+    def dispatch_contiguous_counts(self, xq: torch.Tensor, xsf: torch.Tensor, topk_idx: torch.Tensor) -> None:
+        """Step 1 of :meth:`dispatch_contiguous`: every rank's per-expert counts to every rank (symm);
+        the whole exchange on the NCCL backend."""
+        self._check_contiguous()
+        self._check_tokens(xq, xsf, topk_idx)
+        if self.backend == "nccl":
+            self._nccl_dispatch(xq, xsf, topk_idx, contiguous=True)
+            return
+        t, o = xq.shape[0], self.offsets
+        K.dispatch_count_kernel[(max(1, min(t, self.num_sms)),)](
+            topk_idx, self._ccnt_local, self._slot_of, self.tab, self.done[2:], t, self.rank, self.num_experts,
+            topk_idx.stride(0), topk_idx.stride(1), o["ccnt"], o["aflag"],
+            TOPK=self.topk, E=self.num_experts, W=self.world_size, BLOCK_E=triton_next_pow2(self.num_experts),
+            num_warps=4)
+
+    def dispatch_contiguous_send(self, xq: torch.Tensor, xsf: torch.Tensor, topk_idx: torch.Tensor) -> None:
+        """Step 2: wait for every rank's counts, derive the segment layout, store the rows (symm)."""
+        if self.backend == "nccl":
+            return
+        t, o = xq.shape[0], self.offsets
+        L, E, W, A = self.num_local_experts, self.num_experts, self.world_size, self.alignment
+        K.contig_layout_kernel[(1,)](
+            self.region, self.err, self._send_base, self.masked_m, self.cumulative_local_expert_recv_stats,
+            self.segment_starts, self.rank, self.contig_rows, A, self.max_spin_iters, self.timeout_ns,
+            o["ccnt"], o["aflag"], E=E, L=L, W=W, BLOCK_E=triton_next_pow2(E), BLOCK_W=triton_next_pow2(W),
+            USE_TIMER=self.use_timer, num_warps=4)
+        K.contig_index_kernel[(self.contig_rows // A,)](
+            self.segment_starts, self.masked_m, self.m_indices, self.block_valid, A,
+            L=L, BLOCK_L=triton_next_pow2(L), BLOCK_A=triton_next_pow2(A), num_warps=4)
+        K.dispatch_send_contig_kernel[(max(1, min(t, self.num_sms)),)](
+            xq.view(torch.uint8), xsf, topk_idx, self._slot_of, self._send_base, self.tab, self.done[0:], t,
+            self.rank, E, xq.stride(0), xsf.stride(0), topk_idx.stride(0), topk_idx.stride(1),
+            o["cx"], o["csf"], o["cmeta"], o["dflag"], self.contig_rows, self.max_tokens,
+            H=self.hidden, SFH=self.sf_cols, TOPK=self.topk, L=L, W=W,
+            BLOCK_H=min(2048, triton_next_pow2(self.hidden)), BLOCK_SF=triton_next_pow2(self.sf_cols),
+            num_warps=4)
+
+    def dispatch_contiguous_recv(self) -> ContiguousDispatchOutput:
+        """Step 3: wait for every peer's rows (symm)."""
+        self._check_contiguous()
+        if self.backend == "symm":
+            K.wait_arrivals_kernel[(1,)](self.region, self.err, self.offsets["dflag"], 1, self.max_spin_iters,
+                                         self.timeout_ns, W=self.world_size, USE_TIMER=self.use_timer, num_warps=1)
+        return ContiguousDispatchOutput(self.crecv_x, self.crecv_x_sf, self.m_indices, self.masked_m,
+                                        self.crecv_src_info, self.segment_starts, self.block_valid, self.alignment)
+
+    def dispatch_contiguous(self, xq: torch.Tensor, xsf: torch.Tensor, topk_idx: torch.Tensor
+                            ) -> ContiguousDispatchOutput:
+        """Like :meth:`dispatch`, into the contiguous layout of the grouped GEMM (module docstring)."""
+        self.dispatch_contiguous_counts(xq, xsf, topk_idx)
+        self.dispatch_contiguous_send(xq, xsf, topk_idx)
+        return self.dispatch_contiguous_recv()
+
+    def combine_contiguous_send(self, expert_out: torch.Tensor, num_sms: int | None = None) -> None:
+        """Send the valid rows (``m_indices >= 0``) of ``expert_out`` (BF16 [R, hidden]) back to their sources."""
+        self._check_contiguous()
+        R, H, A = self.contig_rows, self.hidden, self.alignment
+        check_tensor("expert_out", expert_out, dtype=torch.bfloat16, shape=(R, H))
+        if expert_out.stride(1) != 1:
+            raise ValueError("expert_out must be row-major (unit stride along hidden)")
+        if self.backend == "nccl":
+            self._nccl_combine(expert_out)
+            return
+        nblk, o = R // A, self.offsets
+        # the kernel of the masked form on the block view [R / A, A, hidden] with block_valid as masked_m
+        K.combine_send_kernel[(max(1, min(num_sms or self.num_sms, nblk)),)](
+            expert_out, self.region, self.tab, self.block_valid, self.err, self.err, self.done[1:], self.rank,
+            A * expert_out.stride(0), expert_out.stride(0), o["cmeta"], o["recv"], o["cflag"], A, self.max_tokens,
+            A, 0, 1, self.max_spin_iters, self.timeout_ns,
+            H=H, TOPK=self.topk, L=nblk, W=self.world_size, ROWS=8, BLOCK_H=min(512, triton_next_pow2(H)),
+            WAIT_SIGNAL=False, USE_TIMER=self.use_timer, num_warps=4)
+
+    def combine_contiguous(self, expert_out, topk_idx, topk_weights, out=None) -> torch.Tensor:
+        """:meth:`combine_contiguous_send` then :meth:`combine_recv` (the reduction is the same)."""
+        self.combine_contiguous_send(expert_out)
+        return self.combine_recv(topk_idx, topk_weights, out)
+
     # ------------------------------------------------------------------ NCCL (all_to_all_single) path
-    def _nccl_dispatch(self, xq, xsf, topk_idx):
+    def _nccl_dispatch(self, xq, xsf, topk_idx, contiguous: bool = False):
         import torch.distributed as dist
         W, L, E, K_ = self.world_size, self.num_local_experts, self.num_experts, self.topk
         T, H, dev = xq.shape[0], self.hidden, self.device
@@ -353,25 +513,55 @@ class EPCommunicator:
         grp_order = torch.argsort(le, stable=True)                  # keeps (source rank, token, k) order
         slot = torch.empty_like(le)
         slot[grp_order] = torch.arange(n_recv, device=dev) - starts[le[grp_order]]
-        over = (counts > self.max_m).nonzero().flatten()
-        if over.numel():
-            a = int(over[0])
-            self.err.copy_(torch.tensor([4, a, int(counts[a]), self.max_m], dtype=torch.int32))
-            self.check()
-        self.recv_x[le, slot] = rx
-        self.recv_x_sf[le, slot] = rsf
-        self.recv_src_info[le, slot] = rword
+        if contiguous:
+            A, R = self.alignment, self.contig_rows
+            padded = (counts + A - 1) // A * A
+            starts = torch.cumsum(padded, 0) - padded
+            over = (starts + counts > R).nonzero().flatten()
+            if over.numel():
+                a = int(over[0])
+                self.err.copy_(torch.tensor([5, a, int(starts[a] + counts[a]), R], dtype=torch.int32))
+                self.check()
+            row = starts[le] + slot
+            self.crecv_x[row] = rx
+            self.crecv_x_sf[row] = rsf
+            self.crecv_src_info[row] = rword
+            self.m_indices.fill_(-1)
+            self.m_indices[row] = le.to(torch.int32)
+            self.block_valid.copy_((self.m_indices.view(-1, A) >= 0).sum(1).to(torch.int32))
+            self.segment_starts.copy_(starts.to(torch.int32))
+            where = (row,)
+        else:
+            over = (counts > self.max_m).nonzero().flatten()
+            if over.numel():
+                a = int(over[0])
+                self.err.copy_(torch.tensor([4, a, int(counts[a]), self.max_m], dtype=torch.int32))
+                self.check()
+            self.recv_x[le, slot] = rx
+            self.recv_x_sf[le, slot] = rsf
+            self.recv_src_info[le, slot] = rword
+            where = (le, slot)
         self.masked_m.copy_(counts.to(torch.int32))
         self.cumulative_local_expert_recv_stats += self.masked_m
-        self._nccl_handle = (send_splits, recv_splits, le, slot, t_i, k_i)
+        self._nccl_handle = (send_splits, recv_splits, where, t_i, k_i)
 
     def _nccl_combine(self, expert_out):
         import torch.distributed as dist
-        send_splits, recv_splits, le, slot, t_i, k_i = self._nccl_handle
-        rows = expert_out[le, slot].contiguous().view(torch.uint8)   # BF16 bytes (gloo has no BF16/int16)
+        send_splits, recv_splits, where, t_i, k_i = self._nccl_handle
+        if expert_out.dim() != len(where) + 1:
+            raise ValueError("the combine's layout (masked / contiguous) must match that of the last dispatch")
+        rows = expert_out[where].contiguous().view(torch.uint8)   # BF16 bytes (gloo has no BF16/int16)
         back = torch.empty(len(t_i), 2 * self.hidden, dtype=torch.uint8, device=self.device)
         dist.all_to_all_single(back, rows, send_splits, recv_splits, group=self.group)
         self.combine_recv_buf[t_i, k_i] = back.view(torch.bfloat16)
+
+
+def contiguous_rows_bound(world_size: int, max_tokens_per_rank: int, topk: int, num_local_experts: int,
+                          alignment: int) -> int:
+    """Rows of a contiguous receive buffer that no routing overflows: every (token, k) of every rank,
+    plus the padding of each local expert's segment, rounded up to the alignment."""
+    n = world_size * max_tokens_per_rank * topk + num_local_experts * (alignment - 1)
+    return (n + alignment - 1) // alignment * alignment
 
 
 def triton_next_pow2(n: int) -> int:
@@ -401,9 +591,14 @@ def make_simulated_world(world_size: int, **kwargs) -> list[EPCommunicator]:
     """
     _check_int("world_size", world_size)
     device = torch.device(kwargs.pop("device", "cpu"))
-    probe = SymmLayout(kwargs["num_experts"] // world_size,
-                       kwargs.get("max_m") or world_size * kwargs["max_tokens_per_rank"], kwargs["hidden"],
-                       kwargs["max_tokens_per_rank"], kwargs["topk"], world_size)
+    L = kwargs["num_experts"] // world_size
+    rows = 0
+    if kwargs.get("contiguous"):
+        rows = kwargs.get("contiguous_rows") or contiguous_rows_bound(
+            world_size, kwargs["max_tokens_per_rank"], kwargs["topk"], L,
+            runtime.get_mk_alignment_for_contiguous_layout())
+    probe = SymmLayout(L, kwargs.get("max_m") or world_size * kwargs["max_tokens_per_rank"], kwargs["hidden"],
+                       kwargs["max_tokens_per_rank"], kwargs["topk"], world_size, rows)
     nbytes = probe.sections()["total"][1]
     regions = [torch.zeros(nbytes, dtype=torch.uint8, device=device) for _ in range(world_size)]
     tab = torch.tensor([r.data_ptr() for r in regions], dtype=torch.int64, device=device)

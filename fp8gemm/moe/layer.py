@@ -15,6 +15,18 @@ m-block as soon as the GEMM's counter for it reaches the threshold (DESIGN.md §
 runs the same stages back to back (the safe default where overlap is unavailable; the NCCL backend
 always runs this way).
 
+``layout="contiguous"`` (prefill; the communicator must be created with ``contiguous=True``) runs the
+same layer on the contiguous grouped layout instead: the dispatch lays each rank's received rows out
+per local expert, each segment padded to ``get_mk_alignment_for_contiguous_layout()`` with
+``m_indices = -1`` rows (:meth:`fp8gemm.moe.ep.EPCommunicator.dispatch_contiguous`); L1 and L2 are
+:func:`fp8gemm.m_grouped_fp8_gemm_nt_contiguous` over the fixed capacity ``R`` (padding rows of their
+outputs are never written); SwiGLU + FP8 runs on the block view ``[R / A, A, 2 * inter]`` with the
+valid-row prefix of every block as its ``masked_m``, i.e. on the valid rows only; the combine sends the
+valid rows back.  No SBO in this form (``overlap`` is ignored: the stages run back to back).  Like the
+masked form it has fixed shapes and no host synchronisation on the symm backend (the segment offsets
+are prefix sums on the device), so it is CUDA-graph capturable; it costs one more bounded wait (the
+exchange of the per-expert counts) than the masked form.
+
 Semantics: :func:`fp8gemm.reference.moe_layer_reference`.  Every step of the symm backend
 is free of host synchronisation and allocation except the final error check (``check=False`` skips
 it; call ``layer.comm.check()`` later, e.g. after a CUDA-graph replay).
@@ -36,6 +48,11 @@ def _default_gemm():
     return m_grouped_fp8_gemm_nt_masked
 
 
+def _default_contiguous_gemm():
+    from ..grouped import m_grouped_fp8_gemm_nt_contiguous
+    return m_grouped_fp8_gemm_nt_contiguous
+
+
 def _default_quant():
     from ..quant import per_token_cast_to_fp8
     return per_token_cast_to_fp8
@@ -47,12 +64,14 @@ class MoELayer:
     ``w13 = (FP8 [L, 2*inter, hidden], FP32 [L, ceil(2*inter/128), hidden/128])`` (rows ``[0, inter)``
     gate, ``[inter, 2 inter)`` up); ``w2 = (FP8 [L, hidden, inter], FP32 [L, hidden/128, ceil(inter/128)])``.
     ``num_comm_sms``: SMs left to the combine while the L2 GEMM runs with overlap (default 1/6 of the
-    device, at least 1).  ``gemm`` / ``quant``: injectable masked GEMM and token cast (DeepGEMM
-    signatures), defaulting to fp8gemm's own.
+    device, at least 1).  ``gemm`` / ``contiguous_gemm`` / ``quant``: injectable masked GEMM, contiguous
+    GEMM and token cast (DeepGEMM signatures), defaulting to fp8gemm's own.  The contiguous form's
+    buffers (``R`` rows of L1, SwiGLU and L2 outputs) exist when ``comm`` was created with
+    ``contiguous=True``.
     """
 
     def __init__(self, comm: EPCommunicator, w13, w2, *, num_comm_sms: int | None = None,
-                 use_ue8m0: bool = False, gemm=None, quant=None):
+                 use_ue8m0: bool = False, gemm=None, quant=None, contiguous_gemm=None):
         if not isinstance(comm, EPCommunicator):
             raise TypeError(f"comm must be an EPCommunicator, got {type(comm).__name__}")
         L, H = comm.num_local_experts, comm.hidden
@@ -75,6 +94,7 @@ class MoELayer:
             raise TypeError(f"use_ue8m0 must be a bool, got {type(use_ue8m0).__name__}")
         self.comm, self.w13, self.w2, self.inter, self.use_ue8m0 = comm, (w13q, w13sf), (w2q, w2sf), inter, use_ue8m0
         self.gemm = gemm or _default_gemm()
+        self.contiguous_gemm = contiguous_gemm or _default_contiguous_gemm()
         self.quant = quant or _default_quant()
         total = runtime._default_sms()
         if num_comm_sms is None:
@@ -91,6 +111,12 @@ class MoELayer:
         self.out2 = torch.empty(L, M, H, dtype=torch.bfloat16, device=dev)
         from ..grouped import alloc_signal
         self.signal = alloc_signal(L, M, dev)
+        if comm.contig_rows:
+            R = comm.contig_rows
+            self.c_h1 = torch.empty(R, two_i, dtype=torch.bfloat16, device=dev)
+            self.c_a2 = torch.empty(R, inter, dtype=FP8, device=dev)
+            self.c_a2_sf = torch.empty(R, inter // 128, dtype=torch.float32, device=dev)
+            self.c_out2 = torch.empty(R, H, dtype=torch.bfloat16, device=dev)
         self.on_gpu = dev.type == "cuda" and not runtime.interpreting()
         self.comm_stream = torch.cuda.Stream(dev) if self.on_gpu else None
         self.last_block_m = None
@@ -122,16 +148,57 @@ class MoELayer:
         self.last_block_m = block_m
         return block_m, threshold
 
+    def expert_compute_contiguous(self, d) -> torch.Tensor:
+        """L1 (gate and up fused), SwiGLU + FP8 and L2 on the contiguous layout ``d``
+        (:class:`fp8gemm.moe.ep.ContiguousDispatchOutput`); returns the L2 output BF16 [R, hidden]
+        (rows with ``m_indices == -1`` are left untouched)."""
+        A = d.alignment
+        nblk = d.m_indices.shape[0] // A
+        self.contiguous_gemm((d.recv_x, d.recv_x_sf), self.w13, self.c_h1, d.m_indices)
+        launch_swiglu_quant(self.c_h1.view(nblk, A, -1), self.c_a2.view(nblk, A, -1),
+                            self.c_a2_sf.view(nblk, A, -1), d.block_valid, self.use_ue8m0,
+                            soft=runtime.interpreting(), num_sms=runtime.get_num_sms())
+        self.contiguous_gemm((self.c_a2, self.c_a2_sf), self.w2, self.c_out2, d.m_indices)
+        return self.c_out2
+
+    def _steps_contiguous(self, x, topk_idx, topk_weights, out, events, skip_combine):
+        c = self.comm
+        if not c.contig_rows:
+            raise ValueError("layout='contiguous' needs an EPCommunicator created with contiguous=True")
+        self._mark(events, "start")
+        xq, xsf = self.quant(x, use_ue8m0=self.use_ue8m0)
+        self._mark(events, "quant")
+        c.dispatch_contiguous_counts(xq, xsf, topk_idx)
+        yield "counts_sent"
+        c.dispatch_contiguous_send(xq, xsf, topk_idx)
+        yield "dispatch_sent"
+        d = c.dispatch_contiguous_recv()
+        self._mark(events, "dispatch")
+        o = self.expert_compute_contiguous(d)
+        self._mark(events, "l2")
+        if skip_combine:
+            yield "combine_sent"
+            return None
+        self._mark(events, "combine_send_start")
+        c.combine_contiguous_send(o)
+        self._mark(events, "combine_send")
+        yield "combine_sent"
+        y = c.combine_recv(topk_idx, topk_weights, out)
+        self._mark(events, "combine")
+        return y
+
     def _mark(self, events, name, stream=None):
         if events is not None and self.on_gpu:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record(stream or torch.cuda.current_stream(self.comm.device))
             events[name] = ev
 
-    def steps(self, x, topk_idx, topk_weights, overlap=True, out=None, events=None, skip_combine=False):
+    def steps(self, x, topk_idx, topk_weights, overlap=True, out=None, events=None, skip_combine=False,
+              layout="masked"):
         """The forward pass as a generator that yields where every rank must have reached the same
-        point (after the dispatch send, after the combine send); :meth:`forward` runs it through, a
-        simulated world (tests) interleaves the ranks' generators.  Returns ``y`` (StopIteration.value).
+        point (after the dispatch send, after the combine send; the contiguous form also after the
+        count exchange); :meth:`forward` runs it through, a simulated world (tests) interleaves the
+        ranks' generators.  Returns ``y`` (StopIteration.value).
 
         ``events`` (a dict, GPU only): CUDA events recorded at the stage boundaries (the benchmark's
         timeline).  ``skip_combine`` (benchmarks only, on every rank at once): stop after the L2 GEMM and
@@ -142,9 +209,13 @@ class MoELayer:
             raise ValueError(f"x must have shape [T, {c.hidden}], got {list(x.shape)}")
         if not isinstance(overlap, bool):
             raise TypeError(f"overlap must be a bool, got {type(overlap).__name__}")
+        if layout not in ("masked", "contiguous"):
+            raise ValueError(f"layout must be 'masked' or 'contiguous', got {layout!r}")
         overlap = overlap and c.backend == "symm"
         t = x.shape[0]
         check_tensor("topk_weights", topk_weights, dtype=(torch.float32, torch.bfloat16), shape=(t, c.topk))
+        if layout == "contiguous":
+            return (yield from self._steps_contiguous(x, topk_idx, topk_weights, out, events, skip_combine))
         self._mark(events, "start")
         xq, xsf = self.quant(x, use_ue8m0=self.use_ue8m0)
         self._mark(events, "quant")
@@ -193,10 +264,14 @@ class MoELayer:
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                 overlap: bool = True, out: torch.Tensor | None = None, check: bool = True,
-                **bench) -> torch.Tensor:
+                layout: str = "masked", **bench) -> torch.Tensor:
         """``x`` BF16 [T, hidden] (T <= max_tokens_per_rank), ``topk_idx`` int64/int32 [T, topk]
-        (negative = no expert), ``topk_weights`` FP32/BF16 [T, topk] -> ``y`` BF16 [T, hidden]."""
-        gen = self.steps(x, topk_idx, topk_weights, overlap, out, **bench)
+        (negative = no expert), ``topk_weights`` FP32/BF16 [T, topk] -> ``y`` BF16 [T, hidden].
+
+        ``layout``: ``"masked"`` (decode, the default: per-expert masked buffers, SBO with ``overlap``)
+        or ``"contiguous"`` (prefill: the contiguous grouped layout, stages back to back, ``overlap``
+        ignored; needs ``EPCommunicator(..., contiguous=True)``)."""
+        gen = self.steps(x, topk_idx, topk_weights, overlap, out, layout=layout, **bench)
         while True:
             try:
                 next(gen)
@@ -210,10 +285,11 @@ class MoELayer:
     __call__ = forward
 
 
-def run_simulated(layers: list, xs, idxs, ws, overlap: bool = True) -> list[torch.Tensor]:
+def run_simulated(layers: list, xs, idxs, ws, overlap: bool = True, layout: str = "masked",
+                  check: bool = True) -> list[torch.Tensor]:
     """Run one forward of every rank of a simulated world (:func:`fp8gemm.moe.ep.make_simulated_world`),
-    stage by stage, and check each rank's error flag."""
-    gens = [layer.steps(x, i, w, overlap) for layer, x, i, w in zip(layers, xs, idxs, ws)]
+    stage by stage, and check each rank's error flag (unless ``check=False``)."""
+    gens = [layer.steps(x, i, w, overlap, layout=layout) for layer, x, i, w in zip(layers, xs, idxs, ws)]
     outs = [None] * len(gens)
     live = list(range(len(gens)))
     while live:
@@ -225,6 +301,7 @@ def run_simulated(layers: list, xs, idxs, ws, overlap: bool = True) -> list[torc
             except StopIteration as stop:
                 outs[r] = stop.value
         live = nxt
-    for layer in layers:
-        layer.comm.check()
+    if check:
+        for layer in layers:
+            layer.comm.check()
     return outs

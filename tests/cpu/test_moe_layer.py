@@ -1,8 +1,11 @@
 """Expert-parallel MoE layer on the CPU: the SwiGLU + FP8 kernel, the symmetric-memory protocol in a
 simulated world (every rank in this process, regions are plain tensors, kernels in the interpreter),
-routing metadata, bounded waits, and the NCCL (all_to_all_single) path over gloo with 2 processes."""
+routing metadata, bounded waits, and the NCCL (all_to_all_single) path over gloo with 2 processes; the
+masked (decode) form and the contiguous (prefill) form of the layer."""
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from fp8gemm import testing
 from fp8gemm.kernels.swiglu import launch_swiglu_quant
 from fp8gemm import reference as RL
 from fp8gemm.testing import make_moe_weights
+from fp8gemm import runtime
 from fp8gemm.moe.ep import EPCommunicator, make_simulated_world
 from fp8gemm.moe.layer import MoELayer, run_simulated
 
@@ -45,6 +49,9 @@ def _routing(kind, world, tokens, num_experts, topk, gen):
         elif kind == "remote":              # every expert of every token lives on the next rank
             other = (r + 1) % world
             idx = torch.stack([other * L + torch.randperm(L, generator=gen)[:topk] for _ in range(tokens)])
+        elif kind == "sparse":              # odd experts receive nothing; every third token routes nowhere
+            idx = torch.stack([torch.randperm(num_experts // 2, generator=gen)[:topk] * 2 for _ in range(tokens)])
+            idx[::3] = -1
         else:
             raise AssertionError(kind)
         idxs.append(idx.to(torch.int64))
@@ -227,6 +234,132 @@ def test_validation():
 
 
 # --------------------------------------------------------------------------------------------
+# Contiguous (prefill) form in a simulated world
+# --------------------------------------------------------------------------------------------
+
+def _check_contiguous_layout(comm, idxs, tokens_max, topk):
+    """m_indices / segment starts / block_valid / routing words / rows against the routing."""
+    A, R, L, r = comm.alignment, comm.contig_rows, comm.num_local_experts, comm.rank
+    cnt = comm.masked_m.tolist()
+    starts = comm.segment_starts.tolist()
+    want_idx = torch.full((R,), -1, dtype=torch.int32)
+    pos = 0
+    for le in range(L):
+        assert starts[le] == pos and pos % A == 0, (starts, cnt)
+        want_idx[pos:pos + cnt[le]] = le
+        pos += -(-cnt[le] // A) * A
+    assert torch.equal(comm.m_indices, want_idx)
+    assert torch.equal(comm.block_valid, (want_idx.view(-1, A) >= 0).sum(1).to(torch.int32))
+    for le in range(L):
+        e = r * L + le
+        words = comm.crecv_src_info[starts[le]:starts[le] + cnt[le]].tolist()
+        want = sorted(s * tokens_max * topk + t * topk + k for s in range(len(idxs))
+                      for t, k in (idxs[s] == e).nonzero().tolist())
+        assert sorted(words) == want
+
+
+def _run_contiguous(layers, w13, w2, idxs, tokens, gen, tokens_max):
+    world = len(layers)
+    xs = [torch.randn(tokens, H, generator=gen).bfloat16() for _ in range(world)]
+    ws = [torch.rand(tokens, idxs[0].shape[1], generator=gen) for _ in range(world)]
+    before = [layer.comm.cumulative_local_expert_recv_stats.clone() for layer in layers]
+    for layer in layers:                                 # sentinels: padding rows must stay untouched
+        layer.c_h1.fill_(float("nan"))
+        layer.c_out2.fill_(float("nan"))
+        layer.c_a2.view(torch.uint8).fill_(0x55)
+        layer.c_a2_sf.fill_(float("nan"))
+    ys = run_simulated(layers, xs, idxs, ws, layout="contiguous")
+    counts = RL.dispatch_counts_reference(idxs, w13[0].shape[0], world)
+    for r, layer in enumerate(layers):
+        c = layer.comm
+        assert torch.equal(c.masked_m, counts[r]), (r, c.masked_m, counts[r])
+        assert torch.equal(c.cumulative_local_expert_recv_stats - before[r], counts[r])
+        _check_contiguous_layout(c, idxs, tokens_max, idxs[0].shape[1])
+        pad, val = c.m_indices < 0, c.m_indices >= 0
+        assert layer.c_h1[pad].isnan().all() and layer.c_out2[pad].isnan().all()
+        assert torch.all(layer.c_a2[pad].view(torch.uint8) == 0x55) and layer.c_a2_sf[pad].isnan().all()
+        assert not layer.c_out2[val].isnan().any()
+        ref = RL.moe_layer_reference(xs[r], idxs[r], ws[r], w13, w2)
+        assert ys[r].shape == ref.shape and ys[r].dtype == torch.bfloat16 and not ys[r].isnan().any()
+        diff = testing.calc_diff(ys[r], ref)
+        assert diff < 1e-3, (r, diff)
+        assert torch.all(ys[r][~(idxs[r] >= 0).any(dim=1)] == 0)
+    return ys
+
+
+@pytest.mark.parametrize("kind", ["random", "one_expert", "sparse"])
+def test_layer_contiguous(kind):
+    gen = torch.Generator().manual_seed(21)
+    world, num_experts, topk, tmax = 2, 4, 2, 8
+    layers, w13, w2 = _world(world, num_experts, tmax, topk, contiguous=True)
+    assert layers[0].comm.contig_rows == 3 * runtime.get_mk_alignment_for_contiguous_layout() or \
+        runtime.get_mk_alignment_for_contiguous_layout() != 128
+    idxs = _routing(kind, world, 7, num_experts, topk, gen)
+    if kind == "random":
+        idxs[0][1, 1] = -1
+        idxs[1][2, :] = -1
+    _run_contiguous(layers, w13, w2, idxs, 7, gen, tmax)
+    if kind == "one_expert":                             # 14 rows for expert 1, nothing for the others
+        assert layers[0].comm.masked_m.tolist() == [0, 14] and layers[1].comm.masked_m.tolist() == [0, 0]
+        assert layers[1].comm.m_indices.eq(-1).all()
+    if kind == "random":
+        # a second call through the same buffers (count and arrival flags were consumed), then the
+        # masked form through the same communicator
+        idxs = _routing("remote", world, 5, num_experts, topk, gen)
+        _run_contiguous(layers, w13, w2, idxs, 5, gen, tmax)
+        idxs = _routing("random", world, 4, num_experts, topk, gen)
+        _check_layer(layers, w13, w2, idxs, 4, True, gen)
+
+
+def test_contiguous_capacity_overflow_is_an_error():
+    a = runtime.get_mk_alignment_for_contiguous_layout()
+    comms = make_simulated_world(1, num_experts=2, max_tokens_per_rank=6, topk=1, hidden=H, contiguous=True,
+                                 contiguous_rows=a, max_spin_iters=50)
+    xq, xsf = R.per_token_cast_to_fp8(torch.randn(6, H))
+    out = comms[0].dispatch_contiguous(xq, xsf, torch.tensor([[0], [1], [1], [1], [1], [1]]))
+    assert out.masked_m.tolist() == [1, 0] and out.m_indices[:2].tolist() == [0, -1]
+    with pytest.raises(RuntimeError, match=rf"local expert 1 .* ends at row {a + 5}, beyond the contiguous "
+                                           rf"capacity of {a} rows"):
+        comms[0].check()
+
+
+def test_contiguous_peer_that_never_sends_counts_times_out():
+    gen = torch.Generator().manual_seed(1)
+    comms = make_simulated_world(2, num_experts=4, max_tokens_per_rank=4, topk=2, hidden=H, max_spin_iters=50,
+                                 contiguous=True)
+    idx = _routing("random", 2, 3, 4, 2, gen)[0]
+    xq, xsf = R.per_token_cast_to_fp8(torch.randn(3, H))
+    comms[0].dispatch_contiguous(xq, xsf, idx)           # rank 1 deliberately skips its counts and rows
+    with pytest.raises(RuntimeError, match=r"rank 0/2: dispatch \(contiguous\): timed out waiting for the token "
+                                           r"counts of rank 1 \(owner of experts 2\.\.3\)"):
+        comms[0].check()
+
+
+def test_contiguous_validation():
+    layers, w13, w2 = _world(2, 4, 4, 2)
+    x, idx, w = torch.randn(3, H).bfloat16(), torch.zeros(3, 2, dtype=torch.int64), torch.rand(3, 2)
+    with pytest.raises(ValueError, match="needs an EPCommunicator created with contiguous=True"):
+        layers[0].forward(x, idx, w, layout="contiguous")
+    with pytest.raises(ValueError, match="layout must be 'masked' or 'contiguous'"):
+        layers[0].forward(x, idx, w, layout="ragged")
+    with pytest.raises(ValueError, match="must be a multiple of the contiguous-layout alignment"):
+        make_simulated_world(1, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, contiguous=True,
+                             contiguous_rows=100)
+    with pytest.raises(ValueError, match="contiguous_rows needs contiguous=True"):
+        make_simulated_world(1, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, contiguous_rows=128)
+    comm = make_simulated_world(1, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, contiguous=True)[0]
+    old = runtime.get_mk_alignment_for_contiguous_layout()
+    runtime.set_mk_alignment_for_contiguous_layout(64 if old == 128 else 128)
+    try:
+        with pytest.raises(ValueError, match="create it after setting the alignment"):
+            comm.dispatch_contiguous(*R.per_token_cast_to_fp8(torch.randn(2, H)), torch.zeros(2, 1, dtype=torch.int64))
+    finally:
+        runtime.set_mk_alignment_for_contiguous_layout(old)
+    with pytest.raises(ValueError, match="expert_out must have shape"):
+        comm.combine_contiguous_send(torch.zeros(3, H, dtype=torch.bfloat16))
+
+
+# --------------------------------------------------------------------------------------------
 # NCCL path (all_to_all_single) over gloo, 2 processes
 # --------------------------------------------------------------------------------------------
 
@@ -249,14 +382,21 @@ def _gloo_worker(rank, world, port, kind, out_dir):
         xs = [torch.randn(tokens, H, generator=gen).bfloat16() for _ in range(world)]
         ws = [torch.rand(tokens, topk, generator=gen) for _ in range(world)]
         comm = EPCommunicator(dist.group.WORLD, num_experts=num_experts, max_tokens_per_rank=8, topk=topk,
-                              hidden=H, backend="nccl", device="cpu")
+                              hidden=H, backend="nccl", device="cpu", contiguous=True)
         L = comm.num_local_experts
         layer = MoELayer(comm, _local(w13, rank, L), _local(w2, rank, L), num_comm_sms=2)
-        y = layer.forward(xs[rank], idxs[rank], ws[rank], overlap=True)   # overlap falls back to off
         ref = RL.moe_layer_reference(xs[rank], idxs[rank], ws[rank], w13, w2)
         counts = RL.dispatch_counts_reference(idxs, num_experts, world)[rank]
-        torch.save({"diff": testing.calc_diff(y, ref), "masked_m": comm.masked_m.clone(), "counts": counts,
-                    "nan": bool(y.isnan().any())}, os.path.join(out_dir, f"rank{rank}.pt"))
+        res = {}
+        for layout in ("masked", "contiguous"):
+            y = layer.forward(xs[rank], idxs[rank], ws[rank], overlap=True, layout=layout)   # overlap: off
+            res[layout] = {"diff": testing.calc_diff(y, ref), "masked_m": comm.masked_m.clone(), "counts": counts,
+                           "nan": bool(y.isnan().any())}
+        a = comm.alignment
+        res["contiguous"]["m_indices_ok"] = bool(
+            (comm.m_indices[comm.m_indices >= 0].bincount(minlength=L).int() == counts).all()
+            and (comm.segment_starts % a == 0).all() and comm.m_indices.numel() == comm.contig_rows)
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -268,10 +408,12 @@ def test_nccl_path_over_gloo(kind, tmp_path):
     import torch.multiprocessing as mp
     mp.spawn(_gloo_worker, args=(2, _free_port(), kind, str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
-        res = torch.load(tmp_path / f"rank{r}.pt")
-        assert not res["nan"]
-        assert torch.equal(res["masked_m"], res["counts"])
-        assert res["diff"] < 1e-3, res["diff"]
+        both = torch.load(tmp_path / f"rank{r}.pt")
+        assert both["contiguous"]["m_indices_ok"]
+        for layout, res in both.items():
+            assert not res["nan"], layout
+            assert torch.equal(res["masked_m"], res["counts"]), layout
+            assert res["diff"] < 1e-3, (layout, res["diff"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,6 +460,58 @@ def test_ep_kernels_compile_for_sm90(kernel):
     assert r["local"] == 0 and r["stack"] == 0, r
     if must:
         assert must in r["sass"] or must in r["ptx"], f"{must} missing"
+
+
+_AOT_CONTIG = {
+    "dispatch_count_kernel": (
+        {"idx_ptr": "*i64", "cnt_ptr": "*i32", "slot_ptr": "*i32", "tab_ptr": "*i64", "done_ptr": "*i32",
+         "T": _I32, "rank": _I32, "num_experts": _I32, "stride_it": _I32, "stride_ik": _I32,
+         "OFF_CCNT": _I64, "OFF_AFLAG": _I64},
+        {"TOPK": 8, "E": 256, "W": 8, "BLOCK_E": 256, "stride_ik": 1}, [], None),
+    "contig_layout_kernel": (
+        {"buf_ptr": "*u8", "err_ptr": "*i32", "send_base_ptr": "*i32", "masked_m_ptr": "*i32", "stats_ptr": "*i32",
+         "seg_ptr": "*i32", "rank": _I32, "R": _I32, "ALIGN": _I32, "max_iters": _I32, "timeout_ns": _I64,
+         "OFF_CCNT": _I64, "OFF_AFLAG": _I64},
+        {"E": 256, "L": 32, "W": 8, "BLOCK_E": 256, "BLOCK_W": 8, "USE_TIMER": True}, [], "globaltimer"),
+    "contig_index_kernel": (
+        {"seg_ptr": "*i32", "masked_m_ptr": "*i32", "m_idx_ptr": "*i32", "block_valid_ptr": "*i32", "ALIGN": _I32},
+        {"L": 32, "BLOCK_L": 32, "BLOCK_A": 128}, [], None),
+    "dispatch_send_contig_kernel": (
+        {"xq_ptr": "*u8", "xsf_ptr": "*fp32", "idx_ptr": "*i64", "slot_ptr": "*i32", "send_base_ptr": "*i32",
+         "tab_ptr": "*i64", "done_ptr": "*i32", "T": _I32, "rank": _I32, "num_experts": _I32, "stride_xq": _I32,
+         "stride_xsf": _I32, "stride_it": _I32, "stride_ik": _I32, "OFF_X": _I64, "OFF_SF": _I64,
+         "OFF_META": _I64, "OFF_DFLAG": _I64, "R": _I32, "TMAX": _I32},
+        {"H": 7168, "SFH": 56, "TOPK": 8, "L": 32, "W": 8, "BLOCK_H": 2048, "BLOCK_SF": 64, "stride_ik": 1},
+        ["xq_ptr", "stride_xq"], "STG.E.128"),
+    "wait_arrivals_kernel": (
+        {"buf_ptr": "*u8", "err_ptr": "*i32", "OFF_FLAG": _I64, "code": _I32, "max_iters": _I32,
+         "timeout_ns": _I64},
+        {"W": 8, "USE_TIMER": True}, [], "globaltimer"),
+}
+
+
+def test_contiguous_ep_kernels_compile_for_sm90():
+    """Every kernel of the contiguous form, in one subprocess (one interpreter start for all)."""
+    import json
+    code = ("import json,sys\n"
+            "from fp8gemm.testing import compile_sm90\n"
+            "from fp8gemm.kernels import ep_comm\n"
+            "out={}\n"
+            "for name,(sig,consts,div16,must) in json.loads(sys.stdin.read()).items():\n"
+            "    r=compile_sm90(getattr(ep_comm,name),sig,consts,divisible_by_16=div16)\n"
+            "    out[name]={'local':r['local'],'stack':r['stack'],'has':(must is None) or must in r['sass'] or must in r['ptx']}\n"
+            "sys.stdout.write('@@JSON@@'+json.dumps(out))\n")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(_AOT_CONTIG), capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode == 0 and "@@JSON@@" in proc.stdout, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.split("@@JSON@@", 1)[1])
+    for name, r in res.items():
+        # dispatch_send_contig_kernel: ptxas keeps the thread index for the grid-completion arrival in
+        # one 8-byte stack slot across the token loop (one STL before it, one LDL after it, none inside)
+        stack = 8 if name == "dispatch_send_contig_kernel" else 0
+        assert r["local"] == 0 and r["stack"] <= stack and r["has"], (name, r)
 
 
 def test_swiglu_kernel_compiles_for_sm90():

@@ -8,12 +8,15 @@ any failure)::
 
 or through pytest (``-m gpu``), which launches torchrun on 2 GPUs (and on 4 where there are 4).
 
-Cases, for the symm backend (overlap on and off) and the NCCL backend: random routing, every token
-to one expert (most experts receive nothing), tokens whose experts all live on another rank, tokens
-without any expert; counts (``masked_m``, ``cumulative_local_expert_recv_stats``) exact; output
+Cases, for the symm backend (masked layout with overlap on and off, contiguous layout) and the NCCL
+backend (masked and contiguous): random routing, every token to one expert (most experts receive
+nothing), tokens whose experts all live on another rank, tokens without any expert; counts
+(``masked_m``, ``cumulative_local_expert_recv_stats``) exact; for the contiguous layout also
+``m_indices`` (each local expert's rows in one aligned segment, -1 on every other row); output
 ``calc_diff < 1e-3`` against :func:`fp8gemm.reference.moe_layer_reference` (same weights,
-every expert in one process).  Also: CUDA-graph capture and replay of the symm layer, and a rank that
-deliberately skips its dispatch send (its peers raise a RuntimeError naming it within the timeout).
+every expert in one process).  Also: CUDA-graph capture and replay of the symm layer (both layouts),
+and a rank that deliberately skips its dispatch send, or its contiguous count exchange (its peers raise
+a RuntimeError naming it within the timeout).
 """
 import os
 import subprocess
@@ -80,29 +83,43 @@ def _worker() -> int:
         if not ok:
             failures.append(name)
 
+    def contiguous_layout_ok(comm, counts):
+        """m_indices: local expert le on rows [start, start + count), -1 elsewhere; aligned starts."""
+        a, starts, want = comm.alignment, comm.segment_starts.tolist(), torch.full((comm.contig_rows,), -1,
+                                                                                    dtype=torch.int32)
+        pos = 0
+        for le, n in enumerate(counts.tolist()):
+            if starts[le] != pos:
+                return False
+            want[pos:pos + n] = le
+            pos += -(-n // a) * a
+        return torch.equal(comm.m_indices.cpu(), want)
+
     max_tokens = 96
     for backend in ("symm", "nccl"):
         comm = EPCommunicator(dist.group.WORLD, num_experts=num_experts, max_tokens_per_rank=max_tokens, topk=TOPK,
-                              hidden=H, backend=backend, timeout_s=5.0)
+                              hidden=H, backend=backend, timeout_s=5.0, contiguous=True)
         layer = MoELayer(comm, loc13, loc2)
         stats = torch.zeros(L, dtype=torch.int32, device=dev)
         gen = torch.Generator().manual_seed(17)
         for kind in ("random", "one_expert", "remote", "sparse"):
             for tokens in (1, 33, 96):
-                for overlap in ((True, False) if backend == "symm" else (False,)):
+                modes = [("masked", True), ("masked", False)] if backend == "symm" else [("masked", False)]
+                for layout, overlap in modes + [("contiguous", False)]:
                     idxs = _routing(kind, world, tokens, num_experts, gen, dev)
                     xs = [torch.randn(tokens, H, generator=gen).bfloat16().to(dev) for _ in range(world)]
                     ws = [torch.rand(tokens, TOPK, generator=gen).to(dev) for _ in range(world)]
-                    name = f"{backend} {kind} T={tokens} overlap={overlap}"
+                    name = f"{backend} {layout} {kind} T={tokens} overlap={overlap}"
                     try:
-                        y = layer.forward(xs[rank], idxs[rank], ws[rank], overlap=overlap)
+                        y = layer.forward(xs[rank], idxs[rank], ws[rank], overlap=overlap, layout=layout)
                         torch.cuda.synchronize()
                         ref = RL.moe_layer_reference(xs[rank], idxs[rank], ws[rank], w13, w2)
                         counts = RL.dispatch_counts_reference([i.cpu() for i in idxs], num_experts, world)[rank]
                         stats += counts.to(dev)
                         diff = testing.calc_diff(y, ref)
                         ok = (diff < 1e-3 and torch.equal(comm.masked_m.cpu(), counts)
-                              and torch.equal(comm.cumulative_local_expert_recv_stats, stats))
+                              and torch.equal(comm.cumulative_local_expert_recv_stats, stats)
+                              and (layout == "masked" or contiguous_layout_ok(comm, counts)))
                         record(name, ok, f"diff={diff:.2e} masked_m={comm.masked_m.tolist()} want={counts.tolist()}")
                     except Exception as e:      # noqa: BLE001
                         record(name, False, repr(e))
@@ -117,14 +134,14 @@ def _worker() -> int:
             idxs = _routing("random", world, tokens, num_experts, gen, dev)
             si.copy_(idxs[rank])
             try:
-                for overlap in (True, False):
+                for layout, overlap in (("masked", True), ("masked", False), ("contiguous", False)):
                     sx.normal_()
-                    layer.forward(sx, si, sw, overlap=overlap)          # warm-up (compiles)
+                    layer.forward(sx, si, sw, overlap=overlap, layout=layout)          # warm-up (compiles)
                     torch.cuda.synchronize()
                     dist.barrier()
                     g = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(g):
-                        sy = layer.forward(sx, si, sw, overlap=overlap, check=False)
+                        sy = layer.forward(sx, si, sw, overlap=overlap, check=False, layout=layout)
                     for rep in range(3):
                         idxs = _routing("random", world, tokens, num_experts, gen, dev)
                         xs = [torch.randn(tokens, H, generator=gen).bfloat16().to(dev) for _ in range(world)]
@@ -138,7 +155,7 @@ def _worker() -> int:
                         comm.check()
                         ref = RL.moe_layer_reference(xs[rank], idxs[rank], ws[rank], w13, w2)
                         diff = testing.calc_diff(sy, ref)
-                        record(f"symm graph overlap={overlap} replay {rep}", diff < 1e-3, f"diff={diff:.2e}")
+                        record(f"symm graph {layout} overlap={overlap} replay {rep}", diff < 1e-3, f"diff={diff:.2e}")
                     dist.barrier()
             except Exception as e:      # noqa: BLE001
                 record("symm graph", False, repr(e))
@@ -166,6 +183,24 @@ def _worker() -> int:
         except RuntimeError as e:
             ok = f"rank {world - 1}" in str(e) and elapsed < 2.0 * world + 5
             record("skipped send -> RuntimeError", ok, f"{elapsed:.1f}s: {e}")
+    dist.barrier()
+    del comm
+
+    # Contiguous form: a rank that skips its count exchange (and its rows): the others time out naming it.
+    comm = EPCommunicator(dist.group.WORLD, num_experts=num_experts, max_tokens_per_rank=16, topk=TOPK, hidden=H,
+                          timeout_s=2.0, contiguous=True)
+    dist.barrier()
+    t0 = time.time()
+    if rank != world - 1:
+        comm.dispatch_contiguous(xq, xsf, idxs[rank])
+        torch.cuda.synchronize()
+        elapsed = time.time() - t0
+        try:
+            comm.check()
+            record("contiguous skipped counts -> RuntimeError", False, "no error raised")
+        except RuntimeError as e:
+            ok = f"token counts of rank {world - 1}" in str(e) and elapsed < 2.0 * world + 5
+            record("contiguous skipped counts -> RuntimeError", ok, f"{elapsed:.1f}s: {e}")
     dist.barrier()
 
     for line in lines:
