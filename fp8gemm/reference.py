@@ -41,6 +41,7 @@ _NAN_BITS = 0x7FC00000      # the canonical (quiet, positive) FP32 NaN every sca
 E4M3_NAN = 0x7F             # the E4M3 NaN code every NaN code is written as (positive sign)
 AMAX_FLOOR = 1e-4           # DeepGEMM's clamp of the group amax
 E2M1_MAX = 6.0
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)   # magnitudes of the codes 0..7 (bit 3 is the sign)
 
 
 def _canonical_nan(sf: torch.Tensor) -> torch.Tensor:
@@ -205,9 +206,6 @@ def unpack_ue8m0_from_int(packed: torch.Tensor, num_cols: int) -> torch.Tensor:
     b = packed.contiguous().view(torch.uint8).to(torch.int32)   # [..., words * 4], little endian
     b = b[..., :num_cols]
     return torch.pow(2.0, (b - 127).float())
-
-
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def dequantize_fp4(codes: torch.Tensor, scale_bytes: torch.Tensor, group: int = 32) -> torch.Tensor:
