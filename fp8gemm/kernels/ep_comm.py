@@ -75,31 +75,15 @@ def _set_error(err_ptr, code, a, b, c):
 
 
 @triton.jit
-def _spin_sys(ptr, target, max_iters, timeout_ns, USE_TIMER: tl.constexpr):
-    """Spin until ``*ptr >= target`` (acquire, system scope); False if the bound ran out first."""
+def _spin(ptr, target, max_iters, timeout_ns, USE_TIMER: tl.constexpr, SCOPE: tl.constexpr):
+    """Spin until ``*ptr >= target`` with acquire loads at ``SCOPE`` ("sys": a peer GPU writes it;
+    "gpu": a kernel on this GPU does); False if the bound (time or iterations) ran out first."""
     start = _now(USE_TIMER)
     it = 0
-    v = tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+    v = tl.atomic_add(ptr, 0, sem="acquire", scope=SCOPE)
     budget = True
     while (v < target) & budget:
-        v = tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
-        it += 1
-        if USE_TIMER:
-            budget = (_now(USE_TIMER) - start) < timeout_ns
-        else:
-            budget = it < max_iters
-    return v >= target
-
-
-@triton.jit
-def _spin_gpu(ptr, target, max_iters, timeout_ns, USE_TIMER: tl.constexpr):
-    """Spin until ``*ptr >= target`` (acquire, GPU scope: the producer is a kernel on this GPU)."""
-    start = _now(USE_TIMER)
-    it = 0
-    v = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
-    budget = True
-    while (v < target) & budget:
-        v = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+        v = tl.atomic_add(ptr, 0, sem="acquire", scope=SCOPE)
         it += 1
         if USE_TIMER:
             budget = (_now(USE_TIMER) - start) < timeout_ns
@@ -165,7 +149,7 @@ def dispatch_recv_kernel(buf_ptr, err_ptr, masked_m_ptr, stats_ptr, OFF_CNT, OFF
                          USE_TIMER: tl.constexpr):
     flags = (buf_ptr + OFF_DFLAG).to(tl.pointer_type(tl.int32))
     for p in range(W):
-        ok = _spin_sys(flags + p, 1, max_iters, timeout_ns, USE_TIMER)
+        ok = _spin(flags + p, 1, max_iters, timeout_ns, USE_TIMER, "sys")
         if ok:
             tl.atomic_add(flags + p, -1, sem="relaxed", scope="sys")
         else:
@@ -202,7 +186,7 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
         r_start = i * block_m
         if r_start < m:
             if WAIT_SIGNAL:
-                ok = _spin_gpu(signal_ptr + u, threshold, max_iters, timeout_ns, USE_TIMER)
+                ok = _spin(signal_ptr + u, threshold, max_iters, timeout_ns, USE_TIMER, "gpu")
                 if ok:
                     tl.atomic_xchg(signal_ptr + u, 0, sem="relaxed", scope="gpu")
                 else:
@@ -231,7 +215,7 @@ def combine_recv_kernel(buf_ptr, err_ptr, OFF_CFLAG, max_iters, timeout_ns, W: t
                         USE_TIMER: tl.constexpr):
     flags = (buf_ptr + OFF_CFLAG).to(tl.pointer_type(tl.int32))
     for p in range(W):
-        ok = _spin_sys(flags + p, 1, max_iters, timeout_ns, USE_TIMER)
+        ok = _spin(flags + p, 1, max_iters, timeout_ns, USE_TIMER, "sys")
         if ok:
             tl.atomic_add(flags + p, -1, sem="relaxed", scope="sys")
         else:
@@ -297,7 +281,7 @@ def contig_layout_kernel(buf_ptr, err_ptr, send_base_ptr, masked_m_ptr, stats_pt
                          BLOCK_W: tl.constexpr, USE_TIMER: tl.constexpr):
     flags = (buf_ptr + OFF_AFLAG).to(tl.pointer_type(tl.int32))
     for p in range(W):
-        ok = _spin_sys(flags + p, 1, max_iters, timeout_ns, USE_TIMER)
+        ok = _spin(flags + p, 1, max_iters, timeout_ns, USE_TIMER, "sys")
         if ok:
             tl.atomic_add(flags + p, -1, sem="relaxed", scope="sys")
         else:
@@ -389,7 +373,7 @@ def wait_arrivals_kernel(buf_ptr, err_ptr, OFF_FLAG, code, max_iters, timeout_ns
     """Spin until every ``FLAG[p] >= 1`` and consume it; error ``code`` (with a = p) on a timeout."""
     flags = (buf_ptr + OFF_FLAG).to(tl.pointer_type(tl.int32))
     for p in range(W):
-        ok = _spin_sys(flags + p, 1, max_iters, timeout_ns, USE_TIMER)
+        ok = _spin(flags + p, 1, max_iters, timeout_ns, USE_TIMER, "sys")
         if ok:
             tl.atomic_add(flags + p, -1, sem="relaxed", scope="sys")
         else:
