@@ -106,13 +106,30 @@ def _arrive_all(tab_ptr, done_ptr, rank, OFF_FLAG, W: tl.constexpr):
 
 
 @triton.jit
+def _put_row(base, row, xsrc, sf, meta, OFF_X, OFF_SF, OFF_META, H: tl.constexpr, SFH: tl.constexpr,
+             BLOCK_H: tl.constexpr, BLOCK_SF: tl.constexpr):
+    """Write one token's FP8 row, its scales and its routing word into slot ``row`` of the region at ``base``."""
+    offs = tl.arange(0, BLOCK_H)
+    soffs = tl.arange(0, BLOCK_SF)
+    # a broadcast row pointer declared 16-byte aligned (H % 16 == 0, regions are aligned),
+    # so the peer stores vectorise to 128 bits (a scalar hint does not propagate)
+    xaddr = (base + OFF_X + row * H) + tl.zeros((BLOCK_H,), tl.int64)
+    xdst = tl.multiple_of(xaddr.to(tl.pointer_type(tl.uint8)), 16)
+    for h0 in range(0, H, BLOCK_H):
+        m = (h0 + offs) < H
+        tl.store(xdst + (h0 + offs), tl.load(xsrc + (h0 + offs), mask=m), mask=m)
+    sdst = (base + OFF_SF + row * (SFH * 4)).to(tl.pointer_type(tl.float32))
+    tl.store(sdst + soffs, sf, mask=soffs < SFH)
+    tl.store((base + OFF_META).to(tl.pointer_type(tl.int32)) + row, meta)
+
+
+@triton.jit
 def dispatch_send_kernel(xq_ptr, xsf_ptr, idx_ptr, tab_ptr, done_ptr, T, rank, num_experts,
                          stride_xq, stride_xsf, stride_it, stride_ik,
                          OFF_X, OFF_SF, OFF_META, OFF_CNT, OFF_DFLAG, MAX_M, TMAX,
                          H: tl.constexpr, SFH: tl.constexpr, TOPK: tl.constexpr, L: tl.constexpr,
                          W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SF: tl.constexpr):
     pid = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_H)
     soffs = tl.arange(0, BLOCK_SF)
     smask = soffs < SFH
     for t in range(pid, T, tl.num_programs(0)):
@@ -128,18 +145,8 @@ def dispatch_send_kernel(xq_ptr, xsf_ptr, idx_ptr, tab_ptr, done_ptr, T, rank, n
                 slot = tl.atomic_add(cnt_ptr, 1, sem="relaxed", scope="sys")
                 if slot < MAX_M:
                     row = le.to(tl.int64) * MAX_M + slot
-                    # a broadcast row pointer declared 16-byte aligned (H % 16 == 0, regions are aligned),
-                    # so the peer stores vectorise to 128 bits (a scalar hint does not propagate)
-                    xaddr = (base + OFF_X + row * H) + tl.zeros((BLOCK_H,), tl.int64)
-                    xdst = tl.multiple_of(xaddr.to(tl.pointer_type(tl.uint8)), 16)
-                    xsrc = xq_ptr + t64 * stride_xq
-                    for h0 in range(0, H, BLOCK_H):
-                        m = (h0 + offs) < H
-                        tl.store(xdst + (h0 + offs), tl.load(xsrc + (h0 + offs), mask=m), mask=m)
-                    sdst = (base + OFF_SF + row * (SFH * 4)).to(tl.pointer_type(tl.float32))
-                    tl.store(sdst + soffs, sf, mask=smask)
-                    mdst = (base + OFF_META).to(tl.pointer_type(tl.int32)) + row
-                    tl.store(mdst, rank * TMAX * TOPK + t * TOPK + k)
+                    _put_row(base, row, xq_ptr + t64 * stride_xq, sf, rank * TMAX * TOPK + t * TOPK + k,
+                             OFF_X, OFF_SF, OFF_META, H, SFH, BLOCK_H, BLOCK_SF)
     _arrive_all(tab_ptr, done_ptr, rank, OFF_DFLAG, W)
 
 
@@ -341,7 +348,6 @@ def dispatch_send_contig_kernel(xq_ptr, xsf_ptr, idx_ptr, slot_ptr, send_base_pt
                                 H: tl.constexpr, SFH: tl.constexpr, TOPK: tl.constexpr, L: tl.constexpr,
                                 W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SF: tl.constexpr):
     pid = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_H)
     soffs = tl.arange(0, BLOCK_SF)
     smask = soffs < SFH
     for t in range(pid, T, tl.num_programs(0)):
@@ -354,16 +360,8 @@ def dispatch_send_contig_kernel(xq_ptr, xsf_ptr, idx_ptr, slot_ptr, send_base_pt
                 base = tl.load(tab_ptr + o)
                 row64 = tl.load(send_base_ptr + e).to(tl.int64) + tl.load(slot_ptr + t64 * TOPK + k)
                 if row64 < R:
-                    xaddr = (base + OFF_X + row64 * H) + tl.zeros((BLOCK_H,), tl.int64)
-                    xdst = tl.multiple_of(xaddr.to(tl.pointer_type(tl.uint8)), 16)
-                    xsrc = xq_ptr + t64 * stride_xq
-                    for h0 in range(0, H, BLOCK_H):
-                        m = (h0 + offs) < H
-                        tl.store(xdst + (h0 + offs), tl.load(xsrc + (h0 + offs), mask=m), mask=m)
-                    sdst = (base + OFF_SF + row64 * (SFH * 4)).to(tl.pointer_type(tl.float32))
-                    tl.store(sdst + soffs, sf, mask=smask)
-                    mdst = (base + OFF_META).to(tl.pointer_type(tl.int32)) + row64
-                    tl.store(mdst, rank * TMAX * TOPK + t * TOPK + k)
+                    _put_row(base, row64, xq_ptr + t64 * stride_xq, sf, rank * TMAX * TOPK + t * TOPK + k,
+                             OFF_X, OFF_SF, OFF_META, H, SFH, BLOCK_H, BLOCK_SF)
     _arrive_all(tab_ptr, done_ptr, rank, OFF_DFLAG, W)
 
 
