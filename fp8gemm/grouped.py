@@ -158,13 +158,15 @@ def _masked(a, b, d, masked_m, expected_m, recipe, max_block_n, enable_overlap, 
         check_scales("b[1]", sfb, (g,), n, k, gran_n)
     device = check_same_device(a=a, b=b, d=d, masked_m=masked_m, sfa=sfa, sfb=sfb, signal=signal)
     check_cuda_or_interpreter(device)
+    expected_m = max(expected_m, 1)
     if enable_overlap:
         if signal is None:
             raise ValueError("signal must be given when enable_overlap=True (an int32 tensor, see alloc_signal)")
         check_tensor("signal", signal, dtype=torch.int32, ndim=1)
         if not signal.is_contiguous():
             raise ValueError("signal must be contiguous")
-        block_m, block_n = gemm_dispatch.plan_masked(a, sfa, b, sfb, d, max(expected_m, 1), max_block_n)
+        block_m, block_n = gemm_dispatch.plan_tiles("masked", a, sfa, b, sfb, d, expected_m=expected_m,
+                                                    gran_n_b=gran_n, max_block_n=max_block_n)
         need = g * math.ceil(max_m / block_m)
         if signal.numel() < need:
             raise ValueError(f"signal must hold at least num_groups * ceil(max_m / block_m) = {g} * "
@@ -172,12 +174,13 @@ def _masked(a, b, d, masked_m, expected_m, recipe, max_block_n, enable_overlap, 
     elif signal is not None:
         raise ValueError("signal is only used with enable_overlap=True")
     if max_m == 0 or n == 0 or g == 0:
-        return (gemm_dispatch.plan_masked(a, sfa, b, sfb, d, max(expected_m, 1), max_block_n)[0],
-                0 if n == 0 else 1) if enable_overlap else None
-    block_m, block_n = gemm_dispatch.run_m_grouped(
+        return (block_m, math.ceil(n / block_n)) if enable_overlap else None
+    used = gemm_dispatch.run_m_grouped(
         "masked", a, sfa, b, sfb, d, masked_m=masked_m, signal=signal if enable_overlap else None,
-        expected_m=max(expected_m, 1), gran_n_b=gran_n, max_block_n=max_block_n)
+        expected_m=expected_m, gran_n_b=gran_n, max_block_n=max_block_n)
     if enable_overlap:
+        # The signal array was checked against the planned tiles: the launch must have used them.
+        assert used == (block_m, block_n), f"masked GEMM planned tiles {(block_m, block_n)} but ran {used}"
         return block_m, math.ceil(n / block_n)
     return None
 

@@ -87,6 +87,38 @@ def _use_gluon(mode_name: str, a, sfa, b, sfb, d, c) -> bool:
     return ok
 
 
+def _plan(mode_name: str, a, sfa, b, sfb, d, c, expected_m, gran_n_b: int, max_block_n: int,
+          force_block_m: int | None):
+    """The one kernel choice behind both :func:`run_m_grouped` and :func:`plan_tiles`:
+    ``("gluon", None)`` or ``("triton", TritonConfig)``."""
+    scaled = sfa is not None
+    a_fp4 = a.dtype == torch.uint8
+    if (scaled and not a_fp4 and gran_n_b == 128 and force_block_m is None
+            and _use_gluon(mode_name, a, sfa, b, sfb, d, c)):
+        return "gluon", None
+    mode = {"dense": gemm_triton.MODE_DENSE, "contiguous": gemm_triton.MODE_CONTIGUOUS,
+            "masked": gemm_triton.MODE_MASKED}[mode_name]
+    num_groups = a.shape[0] if a.dim() == 3 else 1
+    cfg = triton_config(mode, a.shape[-2], b.shape[-2], b.shape[-1], scaled, expected_m, max_block_n, num_groups,
+                        runtime.get_num_sms())
+    if force_block_m is not None and force_block_m != cfg.block_m:
+        cfg = dataclasses.replace(cfg, block_m=force_block_m, swap_ab=force_block_m <= 32,
+                                  num_warps=4 if force_block_m <= 64 else 8)
+    return "triton", cfg
+
+
+def plan_tiles(mode_name: str, a, sfa, b, sfb, d, *, c=None, expected_m: int | None = None, gran_n_b: int = 128,
+               max_block_n: int = 256, force_block_m: int | None = None) -> tuple[int, int]:
+    """The ``(block_m, block_n)`` the same :func:`run_m_grouped` call will use, known before launch (to size
+    and check SBO signal arrays)."""
+    kind, cfg = _plan(mode_name, a, sfa, b, sfb, d, c, expected_m, gran_n_b, max_block_n, force_block_m)
+    if kind == "gluon":
+        from . import gemm_gluon
+        return gemm_gluon.plan(mode_name, a, sfa, b, sfb, d, expected_m=expected_m, max_block_n=max_block_n,
+                               num_sms=runtime.get_num_sms(), c=c)
+    return cfg.block_m, cfg.block_n
+
+
 def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=None, signal=None,
                   expected_m: int | None = None, gran_n_b: int = 128, max_block_n: int = 256,
                   force_block_m: int | None = None) -> tuple[int, int]:
@@ -95,24 +127,20 @@ def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, 
     ``sfa``/``sfb`` are None for BF16.  3-D operands carry the group in dim 0.  ``force_block_m``
     forces the Triton kernel's block_m (e.g. to divide the contiguous layout's alignment).
     """
+    num_sms = runtime.get_num_sms()
+    kind, cfg = _plan(mode_name, a, sfa, b, sfb, d, c, expected_m, gran_n_b, max_block_n, force_block_m)
+    if kind == "gluon":
+        from . import gemm_gluon
+        return gemm_gluon.launch(mode_name, a, sfa, b, sfb, d, c=c, m_indices=m_indices, masked_m=masked_m,
+                                 expected_m=expected_m, signal=signal, num_sms=num_sms, max_block_n=max_block_n)
     mode = {"dense": gemm_triton.MODE_DENSE, "contiguous": gemm_triton.MODE_CONTIGUOUS,
             "masked": gemm_triton.MODE_MASKED}[mode_name]
     scaled = sfa is not None
     a_fp4 = a.dtype == torch.uint8
-    num_sms = runtime.get_num_sms()
-    if scaled and not a_fp4 and gran_n_b == 128 and force_block_m is None and _use_gluon(mode_name, a, sfa, b, sfb, d, c):
-        from . import gemm_gluon
-        return gemm_gluon.launch(mode_name, a, sfa, b, sfb, d, c=c, m_indices=m_indices, masked_m=masked_m,
-                                 expected_m=expected_m, signal=signal, num_sms=num_sms, max_block_n=max_block_n)
-
     k = b.shape[-1]
     n = b.shape[-2]
     m = a.shape[-2]
     num_groups = a.shape[0] if a.dim() == 3 else 1
-    cfg = triton_config(mode, m, n, k, scaled, expected_m, max_block_n, num_groups, num_sms)
-    if force_block_m is not None and force_block_m != cfg.block_m:
-        cfg = dataclasses.replace(cfg, block_m=force_block_m, swap_ab=force_block_m <= 32,
-                                  num_warps=4 if force_block_m <= 64 else 8)
     if m == 0 or n == 0:
         return cfg.block_m, cfg.block_n
     num_tiles = num_groups * triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
@@ -156,14 +184,3 @@ def run_k_grouped(a, sfa, b, sfb, d, c, ks_tensor, num_groups: int) -> None:
         num_warps=8, num_stages=3,
     )
 
-
-def plan_masked(a, sfa, b, sfb, d, expected_m: int, max_block_n: int) -> tuple[int, int]:
-    """The ``(block_m, block_n)`` a masked call will use, known before launch (to size/check signals)."""
-    scaled = sfa is not None
-    if scaled and a.dtype != torch.uint8 and _use_gluon("masked", a, sfa, b, sfb, d, None):
-        from . import gemm_gluon
-        return gemm_gluon.plan("masked", a, sfa, b, sfb, d, expected_m=expected_m, max_block_n=max_block_n,
-                               num_sms=runtime.get_num_sms())
-    cfg = triton_config(gemm_triton.MODE_MASKED, a.shape[-2], b.shape[-2], b.shape[-1], scaled, expected_m,
-                        max_block_n, a.shape[0], runtime.get_num_sms())
-    return cfg.block_m, cfg.block_n

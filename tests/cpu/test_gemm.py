@@ -413,3 +413,20 @@ def test_fp4_argument_errors(device):
     with pytest.raises(TypeError, match="a\\[1\\] must have dtype uint8"):
         fp8gemm.m_grouped_fp8_gemm_nt_masked((codes, sbytes.float()), (b, sfb), d, mm, 2)
     assert d.eq(0).all()
+
+
+def test_masked_overlap_with_per_row_b_scales(device):
+    """1D1D recipe + SBO: the tiles the call reports (and sized the signal check with) are the ones it ran."""
+    g, max_m, n, k = 2, 96, 160, 256
+    a = fp8_operand(g, max_m, k, device=device)
+    sfa = block_scales(g, max_m, k // 128, device=device)
+    b = fp8_operand(g, n, k, device=device)
+    sfb = block_scales(g, n, k // 128, device=device)
+    masked_m = torch.tensor([70, 9], dtype=torch.int32, device=device)
+    d = poison_(torch.empty(g, max_m, n, dtype=torch.bfloat16, device=device))
+    signal = fp8gemm.alloc_signal(g, max_m, device)
+    block_m, threshold = fp8gemm.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, masked_m, 40,
+                                                              recipe=(1, 1, 128), enable_overlap=True, signal=signal)
+    check_signal(signal, masked_m, max_m, n, block_m, threshold)
+    ref = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, torch.zeros_like(d), gran_n_b=1)
+    assert calc_diff(torch.cat([d[0, :70], d[1, :9]]), torch.cat([ref[0, :70], ref[1, :9]])) < 1e-3
