@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from ._checks import check_int
+
 _BACKENDS = ("auto", "triton", "gluon")
 
 _num_sms: int | None = None
@@ -75,13 +77,11 @@ def set_num_sms(num_sms: int) -> None:
     (Single Batch Overlap).  Must be between 1 and the device's SM count.
     """
     global _num_sms
-    if not isinstance(num_sms, int) or isinstance(num_sms, bool):
-        raise TypeError(f"num_sms must be an int, got {type(num_sms).__name__}")
-    limit = _default_sms()
-    if not 1 <= num_sms <= max(limit, 1) and not interpreting():
-        raise ValueError(f"num_sms must be in [1, {limit}] (the device's SM count), got {num_sms}")
-    if num_sms < 1:
-        raise ValueError(f"num_sms must be >= 1, got {num_sms}")
+    check_int("num_sms", num_sms, minimum=1)
+    if torch.cuda.is_available() and not interpreting():
+        limit = device_sm_count(torch.cuda.current_device())
+        if num_sms > limit:
+            raise ValueError(f"num_sms must be in [1, {limit}] (the device's SM count), got {num_sms}")
     _num_sms = num_sms
 
 
