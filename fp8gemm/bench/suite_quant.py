@@ -13,20 +13,12 @@ import math
 import torch
 
 from fp8gemm import reference as R
+from fp8gemm import runtime
 from fp8gemm.bench.core import Case
 from fp8gemm.kernels import quant as KQ
+from fp8gemm.testing import count_bit_mismatches
 
 FP8 = torch.float8_e4m3fn
-
-
-def _mismatches(got: tuple, want: tuple) -> float:
-    """Differing bytes of the codes plus differing scales (compared by their bits)."""
-    n = 0
-    for g, w in zip(got, want):
-        gb = g.view(torch.int32) if g.dtype == torch.float32 else g.view(torch.uint8)
-        wb = w.view(torch.int32) if w.dtype == torch.float32 else w.view(torch.uint8)
-        n += int((gb != wb).sum())
-    return float(n)
 
 
 def _torch_per_token(x: torch.Tensor, gran: int, use_ue8m0: bool):
@@ -60,51 +52,47 @@ def _torch_per_token_fp4(x: torch.Tensor, gran: int):
     return code[:, 0::2] | (code[:, 1::2] << 4), R.to_ue8m0_bytes(sf)
 
 
-def _per_token_case(m: int, k: int, use_ue8m0: bool) -> Case:
+def _fp8_cast_case(kind: str, m: int, k: int, use_ue8m0: bool, sweep: bool = False) -> Case:
+    """``kind`` "per_token" (one scale per row per 128) or "per_block" (128x128 blocks)."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     q = torch.empty(m, k, device="cuda", dtype=FP8)
-    sf = torch.empty(m, math.ceil(k / 128), device="cuda", dtype=torch.float32)
+    sf_rows = m if kind == "per_token" else math.ceil(m / 128)
+    sf = torch.empty(sf_rows, math.ceil(k / 128), device="cuda", dtype=torch.float32)
     nbytes = x.numel() * x.element_size() + q.numel() + sf.numel() * 4
-    launch = (lambda: KQ.launch_per_token(x, q, sf, 128, use_ue8m0, False))
+    launcher = KQ.launch_per_token if kind == "per_token" else KQ.launch_per_block
+    reference = R.per_token_cast_to_fp8 if kind == "per_token" else R.per_block_cast_to_fp8
+    peer = (lambda: _torch_per_token(x, 128, use_ue8m0)) if kind == "per_token" else \
+        (lambda: _torch_per_block(x, use_ue8m0))
+
+    def launch(config=None):
+        launcher(x, q, sf, 128, use_ue8m0, runtime.interpreting(), config=config)
 
     def check():
         launch()
-        return _mismatches((q, sf), R.per_token_cast_to_fp8(x, use_ue8m0))
+        return float(count_bit_mismatches((q, sf), reference(x, use_ue8m0)))
     tag = " ue8m0" if use_ue8m0 else ""
-    return Case("quant", f"per_token bf16 {m}x{k}{tag}", 0.0, nbytes,
-                {"fp8gemm": launch, "torch": lambda: _torch_per_token(x, 128, use_ue8m0)}, check, 0.0)
+    case = Case("quant", f"{kind} bf16 {m}x{k}{tag}", 0.0, nbytes, {"fp8gemm": launch, "torch": peer}, check, 0.0)
+    return _with_sweep(case, kind, launch) if sweep else case
 
 
-def _per_block_case(m: int, k: int, use_ue8m0: bool) -> Case:
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    q = torch.empty(m, k, device="cuda", dtype=FP8)
-    sf = torch.empty(math.ceil(m / 128), math.ceil(k / 128), device="cuda", dtype=torch.float32)
-    nbytes = x.numel() * x.element_size() + q.numel() + sf.numel() * 4
-    launch = (lambda: KQ.launch_per_block(x, q, sf, 128, use_ue8m0, False))
-
-    def check():
-        launch()
-        return _mismatches((q, sf), R.per_block_cast_to_fp8(x, use_ue8m0))
-    tag = " ue8m0" if use_ue8m0 else ""
-    return Case("quant", f"per_block bf16 {m}x{k}{tag}", 0.0, nbytes,
-                {"fp8gemm": launch, "torch": lambda: _torch_per_block(x, use_ue8m0)}, check, 0.0)
-
-
-def _per_token_fp4_case(m: int, k: int) -> Case:
+def _per_token_fp4_case(m: int, k: int, sweep: bool = False) -> Case:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     q = torch.empty(m, k // 2, device="cuda", dtype=torch.uint8)
     sf = torch.empty(m, math.ceil(k / 32), device="cuda", dtype=torch.uint8)
     nbytes = x.numel() * x.element_size() + q.numel() + sf.numel()
-    launch = (lambda: KQ.launch_per_token_fp4(x, q, sf, 32, True))
+
+    def launch(config=None):
+        KQ.launch_per_token_fp4(x, q, sf, 32, True, config=config)
 
     def check():
         launch()
         want = []
         for lo in range(0, m, 512):      # the reference's rounding table is memory hungry: in slices
             want.append(R.per_token_cast_to_fp4(x[lo:lo + 512], ue8m0_bytes=True))
-        return _mismatches((q, sf), (torch.cat([w[0] for w in want]), torch.cat([w[1] for w in want])))
-    return Case("quant", f"per_token fp4 bf16 {m}x{k}", 0.0, nbytes,
+        return float(count_bit_mismatches((q, sf), (torch.cat([w[0] for w in want]), torch.cat([w[1] for w in want]))))
+    case = Case("quant", f"per_token fp4 bf16 {m}x{k}", 0.0, nbytes,
                 {"fp8gemm": launch, "torch": lambda: _torch_per_token_fp4(x, 32)}, check, 0.0)
+    return _with_sweep(case, "fp4", launch) if sweep else case
 
 
 # Alternative launch configurations timed beside the default (non-quick runs), to tune the heuristics.
@@ -115,27 +103,19 @@ _SWEEP = {
 }
 
 
-def _with_sweep(case: Case, kind: str, launcher) -> Case:
+def _with_sweep(case: Case, kind: str, launch) -> Case:
+    """Time ``launch(config)`` for each alternative configuration beside the default, on the case's tensors."""
     for cfg in _SWEEP[kind]:
-        case.impls[f"fp8gemm{list(cfg)}"] = (lambda cfg=cfg: launcher(cfg))
+        case.impls[f"fp8gemm{list(cfg)}"] = (lambda cfg=cfg: launch(cfg))
     return case
 
 
 def cases(quick: bool) -> list[Case]:
-    out = [_per_token_case(8192, 7168, False), _per_block_case(8192, 7168, False), _per_token_fp4_case(4096, 7168)]
+    sweep = not quick
+    out = [_fp8_cast_case("per_token", 8192, 7168, False, sweep), _fp8_cast_case("per_block", 8192, 7168, False, sweep),
+           _per_token_fp4_case(4096, 7168, sweep)]
     if not quick:
-        x = torch.randn(8192, 7168, device="cuda", dtype=torch.bfloat16)
-        q = torch.empty(8192, 7168, device="cuda", dtype=FP8)
-        sf_t = torch.empty(8192, 56, device="cuda", dtype=torch.float32)
-        sf_b = torch.empty(64, 56, device="cuda", dtype=torch.float32)
-        x4 = x[:4096]
-        q4 = torch.empty(4096, 3584, device="cuda", dtype=torch.uint8)
-        sf4 = torch.empty(4096, 224, device="cuda", dtype=torch.uint8)
-        _with_sweep(out[0], "per_token", lambda c: KQ.launch_per_token(x, q, sf_t, 128, False, False, config=c))
-        _with_sweep(out[1], "per_block", lambda c: KQ.launch_per_block(x, q, sf_b, 128, False, False, config=c))
-        _with_sweep(out[2], "fp4", lambda c: KQ.launch_per_token_fp4(x4, q4, sf4, 32, True, config=c))
-    if not quick:
-        out += [_per_token_case(8192, 7168, True), _per_block_case(8192, 7168, True),
-                _per_token_case(4096, 2048, False), _per_token_case(128, 7168, False),
+        out += [_fp8_cast_case("per_token", 8192, 7168, True), _fp8_cast_case("per_block", 8192, 7168, True),
+                _fp8_cast_case("per_token", 4096, 2048, False), _fp8_cast_case("per_token", 128, 7168, False),
                 _per_token_fp4_case(128, 7168)]
     return out
