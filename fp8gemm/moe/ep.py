@@ -59,18 +59,11 @@ from dataclasses import dataclass
 import torch
 
 from .. import runtime
-from .._checks import FP8, check_tensor
+from .._checks import FP8, check_bool, check_int, check_tensor
 from ..kernels import ep_comm as K
 
 _BACKENDS = ("symm", "nccl")
 
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _align(n: int, a: int = 256) -> int:
@@ -157,10 +150,10 @@ class EPCommunicator:
                 group = dist.group.WORLD
             rank, world = dist.get_rank(group), dist.get_world_size(group)
         self.group, self.backend, self.rank, self.world_size = group, backend, rank, world
-        _check_int("num_experts", num_experts)
-        _check_int("max_tokens_per_rank", max_tokens_per_rank)
-        _check_int("topk", topk)
-        _check_int("hidden", hidden)
+        check_int("num_experts", num_experts, 1)
+        check_int("max_tokens_per_rank", max_tokens_per_rank, 1)
+        check_int("topk", topk, 1)
+        check_int("hidden", hidden, 1)
         if num_experts % world:
             raise ValueError(f"num_experts ({num_experts}) must be a multiple of the world size ({world})")
         if hidden % 128:
@@ -170,11 +163,11 @@ class EPCommunicator:
         self.num_experts, self.topk, self.hidden = num_experts, topk, hidden
         self.max_tokens = max_tokens_per_rank
         self.num_local_experts = num_experts // world
-        self.max_m = _check_int("max_m", max_m) if max_m is not None else world * max_tokens_per_rank
+        self.max_m = check_int("max_m", max_m, 1) if max_m is not None else world * max_tokens_per_rank
         if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
             raise ValueError(f"timeout_s must be a positive number, got {timeout_s!r}")
         self.timeout_ns = int(timeout_s * 1e9)
-        self.max_spin_iters = _check_int("max_spin_iters", max_spin_iters)
+        self.max_spin_iters = check_int("max_spin_iters", max_spin_iters, 1)
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
                 else torch.device("cpu")
@@ -184,15 +177,13 @@ class EPCommunicator:
         self.num_sms = num_sms if num_sms is not None else runtime._default_sms()
         self.use_timer = self.device.type == "cuda" and not runtime.interpreting()
         L, M, H = self.num_local_experts, self.max_m, hidden
-        if not isinstance(contiguous, bool):
-            raise TypeError(f"contiguous must be a bool, got {type(contiguous).__name__}")
-        self.contiguous = contiguous
+        self.contiguous = check_bool("contiguous", contiguous)
         self.alignment = runtime.get_mk_alignment_for_contiguous_layout()
         R = 0
         if contiguous:
             R = contiguous_rows_bound(world, max_tokens_per_rank, topk, L, self.alignment)
             if contiguous_rows is not None:
-                R = _check_int("contiguous_rows", contiguous_rows)
+                R = check_int("contiguous_rows", contiguous_rows, 1)
                 if R % self.alignment:
                     raise ValueError(f"contiguous_rows ({R}) must be a multiple of the contiguous-layout "
                                      f"alignment {self.alignment}")
@@ -359,8 +350,8 @@ class EPCommunicator:
         wait = signal is not None
         if wait:
             check_tensor("signal", signal, dtype=torch.int32, ndim=1)
-            _check_int("block_m", block_m)
-            _check_int("threshold", threshold, 0)
+            check_int("block_m", block_m, 1)
+            check_int("threshold", threshold, 0)
             if signal.numel() < L * math.ceil(M / block_m):
                 raise ValueError(f"signal must hold L * ceil(max_m / block_m) = {L * math.ceil(M / block_m)} "
                                  f"counters, got {signal.numel()}")
@@ -589,7 +580,7 @@ def make_simulated_world(world_size: int, **kwargs) -> list[EPCommunicator]:
     For tests in the interpreter: run every rank's ``*_send`` before any rank's ``*_recv`` (the
     kernels of one process run one after another).  ``kwargs`` as for :class:`EPCommunicator`.
     """
-    _check_int("world_size", world_size)
+    check_int("world_size", world_size, 1)
     device = torch.device(kwargs.pop("device", "cpu"))
     L = kwargs["num_experts"] // world_size
     rows = 0

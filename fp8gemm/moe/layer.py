@@ -38,7 +38,7 @@ import math
 import torch
 
 from .. import runtime
-from .._checks import FP8, check_pair, check_tensor
+from .._checks import FP8, check_bool, check_int, check_pair, check_tensor
 from ..kernels.swiglu import launch_swiglu_quant
 from .ep import EPCommunicator
 
@@ -90,8 +90,7 @@ class MoELayer:
         for name, t in (("w13[0]", w13q), ("w13[1]", w13sf), ("w2[0]", w2q), ("w2[1]", w2sf)):
             if t.device != comm.device:
                 raise ValueError(f"{name} must be on {comm.device}, got {t.device}")
-        if not isinstance(use_ue8m0, bool):
-            raise TypeError(f"use_ue8m0 must be a bool, got {type(use_ue8m0).__name__}")
+        check_bool("use_ue8m0", use_ue8m0)
         self.comm, self.w13, self.w2, self.inter, self.use_ue8m0 = comm, (w13q, w13sf), (w2q, w2sf), inter, use_ue8m0
         self.gemm = gemm or _default_gemm()
         self.contiguous_gemm = contiguous_gemm or _default_contiguous_gemm()
@@ -99,8 +98,7 @@ class MoELayer:
         total = runtime._default_sms()
         if num_comm_sms is None:
             num_comm_sms = max(1, total // 6)
-        if not isinstance(num_comm_sms, int) or isinstance(num_comm_sms, bool):
-            raise TypeError(f"num_comm_sms must be an int, got {type(num_comm_sms).__name__}")
+        check_int("num_comm_sms", num_comm_sms)
         if not 1 <= num_comm_sms < max(total, 2):
             raise ValueError(f"num_comm_sms must be in [1, {total - 1}], got {num_comm_sms}")
         self.num_comm_sms, self.num_gemm_sms = num_comm_sms, max(1, total - num_comm_sms)
@@ -207,8 +205,7 @@ class MoELayer:
         check_tensor("x", x, dtype=torch.bfloat16, ndim=2)
         if x.shape[1] != c.hidden:
             raise ValueError(f"x must have shape [T, {c.hidden}], got {list(x.shape)}")
-        if not isinstance(overlap, bool):
-            raise TypeError(f"overlap must be a bool, got {type(overlap).__name__}")
+        check_bool("overlap", overlap)
         if layout not in ("masked", "contiguous"):
             raise ValueError(f"layout must be 'masked' or 'contiguous', got {layout!r}")
         overlap = overlap and c.backend == "symm"
