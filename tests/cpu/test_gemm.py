@@ -124,12 +124,21 @@ def test_bf16_gemms(device):
         assert calc_diff(d, ref) < 1e-4, variant
 
 
-def test_zero_sized_dims_write_nothing(device):
+def test_zero_sized_dims_are_accepted(device):
     a, sfa, b, sfb = dense_case(0, 64, 128, device)
     d = torch.empty(0, 64, dtype=torch.bfloat16, device=device)
     fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
     a, sfa, b, sfb = dense_case(8, 0, 128, device)
     fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), torch.empty(8, 0, dtype=torch.bfloat16, device=device))
+    # A masked call with max_m = 0 still reports the tiles and the threshold a consumer would wait for.
+    g, n, k = 2, 300, 128
+    a, sfa, b, sfb = masked_case(g, 0, n, k, device)
+    signal = fp8gemm.alloc_signal(g, 1, device)
+    block_m, threshold = fp8gemm.m_grouped_fp8_gemm_nt_masked(
+        (a, sfa), (b, sfb), torch.empty(g, 0, n, dtype=torch.bfloat16, device=device),
+        torch.zeros(g, dtype=torch.int32, device=device), 4, enable_overlap=True, signal=signal)
+    assert block_m >= 16 and threshold >= 2, (block_m, threshold)   # n = 300 needs >= 2 N-tiles
+    assert signal.eq(0).all()
 
 
 def test_num_sms_cap_is_respected(device):
