@@ -104,7 +104,6 @@ def run_cases(cases: list[Case], progress: bool = True) -> list[dict]:
     card = card_name()
     ceil = CEILINGS.get(card, {})
     rows = []
-    iterator = cases
     bar = None
     if progress:
         try:
@@ -112,7 +111,7 @@ def run_cases(cases: list[Case], progress: bool = True) -> list[dict]:
             bar = tqdm(total=len(cases), file=sys.stderr, desc="bench", leave=False)
         except ImportError:
             bar = None
-    for case in iterator:
+    for case in cases:
         if bar is not None:
             bar.set_postfix_str(f"{case.suite} {case.name}")
         err, ok = None, True

@@ -5,7 +5,6 @@ Run: ``PYTHONPATH=. python3 -m pytest -q tests/gpu/test_mqa_gpu.py``.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
