@@ -10,30 +10,37 @@ import torch
 import triton
 import triton.language as tl
 
+from ..runtime import get_num_sms
 from .quant import e2m1_codes, e4m3_bytes, group_amax, row_group_config, scale_from_amax, ue8m0_byte
 
 
 @triton.jit
-def pre_dispatch_kernel(x_ptr, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr,
-                        num_tokens, capacity, hidden, topk,
-                        stride_xm, stride_xk, stride_im, stride_ik, stride_wm, stride_wk,
-                        stride_bxm, stride_bsm, stride_bim, stride_bwm,
-                        BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr, TOPK_P2: tl.constexpr,
-                        FP4: tl.constexpr, SF_FP32: tl.constexpr, USE_UE8M0: tl.constexpr,
-                        SOFT_CVT: tl.constexpr):
-    """Program (i, j) covers buffer rows ``[i*BLOCK_M, (i+1)*BLOCK_M)`` and scale groups
-    ``[j*GROUPS, (j+1)*GROUPS)`` of every buffer; rows below ``num_tokens`` get the token's cast, rows
-    from ``num_tokens`` to ``capacity`` the padding values.  The programs with j == 0 also write the
-    rows' routing (top-k ids and weights), so one launch fills all four buffers."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+def _pre_dispatch_ptrs(x_ptr, tile, tiles_g, num_tokens, hidden, stride_xm, stride_xk,
+                       BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr):
+    """The input pointers and load mask of tile ``tile`` (row-block major)."""
+    rows = (tile // tiles_g) * BLOCK_M + tl.arange(0, BLOCK_M)
+    groups = (tile % tiles_g) * GROUPS + tl.arange(0, GROUPS)
+    cols = groups[:, None] * GRAN + tl.arange(0, GRAN)[None, :]                # [GROUPS, GRAN]
+    load_mask = (rows < num_tokens)[:, None, None] & (cols[None, :, :] < hidden)
+    ptrs = x_ptr + rows.to(tl.int64)[:, None, None] * stride_xm + cols[None, :, :] * stride_xk
+    return load_mask, ptrs
+
+
+@triton.jit
+def _pre_dispatch_tile(x, tile, tiles_g, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr,
+                       num_tokens, capacity, hidden, topk,
+                       stride_im, stride_ik, stride_wm, stride_wk, stride_bxm, stride_bsm, stride_bim, stride_bwm,
+                       BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr, TOPK_P2: tl.constexpr,
+                       FP4: tl.constexpr, SF_FP32: tl.constexpr, USE_UE8M0: tl.constexpr, SOFT_CVT: tl.constexpr):
+    """Writes one tile's codes and scales (the cast of ``x`` for token rows, zeros for padding rows) and,
+    for the tile of the first groups, the rows' routing."""
+    rows = (tile // tiles_g) * BLOCK_M + tl.arange(0, BLOCK_M)
+    groups = (tile % tiles_g) * GROUPS + tl.arange(0, GROUPS)
     cols = groups[:, None] * GRAN + tl.arange(0, GRAN)[None, :]                # [GROUPS, GRAN]
     rows64 = rows.to(tl.int64)
     token = rows < num_tokens
     in_buf = rows < capacity
     col_ok = cols[None, :, :] < hidden
-    x = tl.load(x_ptr + rows64[:, None, None] * stride_xm + cols[None, :, :] * stride_xk,
-                mask=token[:, None, None] & col_ok, other=0.0)
     if FP4:
         sf, inv = scale_from_amax(group_amax(x, 2), 6.0, True)
         codes = tl.where(token[:, None, None], e2m1_codes(x.to(tl.float32) * inv[:, :, None]), 0)
@@ -54,7 +61,7 @@ def pre_dispatch_kernel(x_ptr, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr
     else:
         tl.store(bsf_ptr + sf_offs, tl.where(token[:, None], ue8m0_byte(sf), 0).to(tl.uint8), mask=sf_mask)
 
-    if tl.program_id(1) == 0:
+    if tile % tiles_g == 0:
         k = tl.arange(0, TOPK_P2)
         k_ok = k[None, :] < topk
         # Padding rows read nothing: the masked loads' fill values (-1, 0) are their routing.
@@ -64,6 +71,46 @@ def pre_dispatch_kernel(x_ptr, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr
         dst = in_buf[:, None] & k_ok
         tl.store(bidx_ptr + rows64[:, None] * stride_bim + k[None, :], ids.to(bidx_ptr.dtype.element_ty), mask=dst)
         tl.store(bw_ptr + rows64[:, None] * stride_bwm + k[None, :], ws.to(tl.float32), mask=dst)
+
+
+@triton.jit
+def pre_dispatch_kernel(x_ptr, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr,
+                        num_tokens, capacity, hidden, topk,
+                        stride_xm, stride_xk, stride_im, stride_ik, stride_wm, stride_wk,
+                        stride_bxm, stride_bsm, stride_bim, stride_bwm,
+                        BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr, TOPK_P2: tl.constexpr,
+                        FP4: tl.constexpr, SF_FP32: tl.constexpr, USE_UE8M0: tl.constexpr,
+                        SOFT_CVT: tl.constexpr, PERSISTENT: tl.constexpr = False):
+    """Tile t covers buffer rows ``[(t // tiles_g) * BLOCK_M, ... + BLOCK_M)`` and scale groups
+    ``[(t % tiles_g) * GROUPS, ... + GROUPS)`` of every buffer; rows below ``num_tokens`` get the token's
+    cast, rows from ``num_tokens`` to ``capacity`` the padding values.  The tiles of the first groups also
+    write the rows' routing (top-k ids and weights), so one launch fills all four buffers.
+
+    Plain grid: one program per tile.  ``PERSISTENT``: programs stride over the tiles and load the next
+    tile before casting and storing the current one, so the loads of one tile overlap the stores of the
+    previous one inside each program."""
+    tiles_g = tl.cdiv(tl.cdiv(hidden, GRAN), GROUPS)
+    total = tl.cdiv(capacity, BLOCK_M) * tiles_g
+    tile = tl.program_id(0)
+    load_mask, ptrs = _pre_dispatch_ptrs(x_ptr, tile, tiles_g, num_tokens, hidden, stride_xm, stride_xk,
+                                         BLOCK_M, GROUPS, GRAN)
+    x = tl.load(ptrs, mask=load_mask, other=0.0)
+    if PERSISTENT:
+        step = tl.num_programs(0)
+        for tile in range(tl.program_id(0), total, step):
+            n_mask, n_ptrs = _pre_dispatch_ptrs(x_ptr, tile + step, tiles_g, num_tokens, hidden, stride_xm, stride_xk,
+                                                BLOCK_M, GROUPS, GRAN)
+            x_next = tl.load(n_ptrs, mask=n_mask & (tile + step < total), other=0.0)
+            _pre_dispatch_tile(x, tile, tiles_g, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr,
+                               num_tokens, capacity, hidden, topk, stride_im, stride_ik, stride_wm, stride_wk,
+                               stride_bxm, stride_bsm, stride_bim, stride_bwm,
+                               BLOCK_M, GROUPS, GRAN, TOPK_P2, FP4, SF_FP32, USE_UE8M0, SOFT_CVT)
+            x = x_next
+    else:
+        _pre_dispatch_tile(x, tile, tiles_g, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr,
+                           num_tokens, capacity, hidden, topk, stride_im, stride_ik, stride_wm, stride_wk,
+                           stride_bxm, stride_bsm, stride_bim, stride_bwm,
+                           BLOCK_M, GROUPS, GRAN, TOPK_P2, FP4, SF_FP32, USE_UE8M0, SOFT_CVT)
 
 
 @triton.jit
@@ -140,8 +187,10 @@ def launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx
                         soft: bool, config=None) -> None:
     capacity, hidden = buf_x.shape[0], x.shape[1]
     topk = buf_topk_idx.shape[1]
-    block_m, groups, warps = config or row_group_config(capacity, hidden, group_size, x.element_size())
-    grid = (triton.cdiv(capacity, block_m), triton.cdiv(triton.cdiv(hidden, group_size), groups))
+    block_m, groups, warps, *rest = config or row_group_config(capacity, hidden, group_size, x.element_size())
+    ctas_per_sm = rest[0] if rest else 0
+    tiles = triton.cdiv(capacity, block_m) * triton.cdiv(triton.cdiv(hidden, group_size), groups)
+    grid = (max(1, min(tiles, get_num_sms() * ctas_per_sm)) if ctas_per_sm else tiles,)
     pre_dispatch_kernel[grid](
         x, topk_idx, topk_weights, buf_x.view(torch.uint8), buf_x_sf, buf_topk_idx, buf_topk_weights,
         num_tokens, capacity, hidden, topk,
@@ -149,7 +198,8 @@ def launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx
         topk_weights.stride(1), buf_x.stride(0), buf_x_sf.stride(0), buf_topk_idx.stride(0),
         buf_topk_weights.stride(0),
         BLOCK_M=block_m, GROUPS=groups, GRAN=group_size, TOPK_P2=triton.next_power_of_2(max(topk, 1)),
-        FP4=use_fp4_acts, SF_FP32=fp32_scales, USE_UE8M0=use_ue8m0, SOFT_CVT=soft, num_warps=warps)
+        FP4=use_fp4_acts, SF_FP32=fp32_scales, USE_UE8M0=use_ue8m0, SOFT_CVT=soft, PERSISTENT=bool(ctas_per_sm),
+        num_warps=warps)
 
 
 def launch_combine_reduce(payload, sf, weights, topk_idx, out, soft: bool, config=None) -> None:

@@ -160,21 +160,29 @@ def test_pre_dispatch_fp32_scales(use_ue8m0, device):
     assert_same(bufs[1][:num_tokens], sf.cpu(), "FP32 scales vs per_token_cast_to_fp8")
 
 
-def test_pre_dispatch_small_tiles_and_strided_inputs(device):
+@pytest.mark.parametrize("fp4,persistent_sms", [(True, 0), (True, 1), (False, 3)])
+def test_pre_dispatch_small_tiles_and_strided_inputs(fp4, persistent_sms, device, monkeypatch):
     """Tiny tiles force many programs in both directions; inputs are strided views; buffers are row slices
-    of wider allocations whose extra columns must stay untouched."""
+    of wider allocations whose extra columns must stay untouched.  With ``persistent_sms`` the persistent
+    kernel runs on that many programs, each walking several tiles."""
     num_tokens, capacity, hidden, topk = 11, 18, 320, 5
+    gran = 32 if fp4 else 128
     x = tokens(num_tokens, 2 * hidden, device)[:, ::2]
     idx = torch.randint(0, 9, (topk, num_tokens), device=device).t()
     w = torch.rand(topk, num_tokens, device=device).t()
-    wide = poisoned_buffers(capacity, 2 * hidden, 2 * topk, 32, True, device=device)
-    bx, bsf, bi, bw = wide[0][:, :hidden // 2], wide[1][:, :hidden // 32], wide[2][:, :topk], wide[3][:, :topk]
-    KM.launch_pre_dispatch(x, idx, w, bx, bsf, bi, bw, num_tokens, 32, True, False, True, soft=True,
-                           config=(4, 2, 1))
-    want = R.mega_moe_pre_dispatch(x.cpu(), idx.cpu(), w.cpu(), num_tokens, capacity, 32, True)
+    wide = poisoned_buffers(capacity, 2 * hidden, 2 * topk, gran, fp4, device=device)
+    cols = hidden // 2 if fp4 else hidden
+    bx, bsf, bi, bw = wide[0][:, :cols], wide[1][:, :-(-hidden // gran)], wide[2][:, :topk], wide[3][:, :topk]
+    config = (4, 2, 1) if fp4 else (4, 1, 1)
+    if persistent_sms:
+        monkeypatch.setattr(KM, "get_num_sms", lambda: persistent_sms)
+        config += (1,)
+    KM.launch_pre_dispatch(x, idx, w, bx, bsf, bi, bw, num_tokens, gran, fp4, False, True, soft=True,
+                           config=config)
+    want = R.mega_moe_pre_dispatch(x.cpu(), idx.cpu(), w.cpu(), num_tokens, capacity, gran, fp4)
     for name, got, ref in zip(("buf_x", "buf_x_sf", "buf_topk_idx", "buf_topk_weights"), (bx, bsf, bi, bw), want):
         assert_same(got, ref, name)
-    assert (wide[0][:, hidden // 2:] == 0xAB).all() and (wide[1][:, hidden // 32:] == 0xAB).all()
+    assert (wide[0].view(torch.uint8)[:, cols:] == 0xAB).all() and (wide[1][:, -(-hidden // gran):] == 0xAB).all()
     assert (wide[2][:, topk:] == 12345).all() and wide[3][:, topk:].isnan().all()
 
 
@@ -373,11 +381,12 @@ def test_pre_dispatch_kernel_compiles_sm90():
            "stride_bsm": "i32", "stride_bim": "i32", "stride_bwm": "i32"}
     div = ["x_ptr", "idx_ptr", "w_ptr", "bx_ptr", "bsf_ptr", "bidx_ptr", "bw_ptr", "hidden", "stride_xm",
            "stride_im", "stride_wm", "stride_bxm", "stride_bsm", "stride_bim", "stride_bwm"]
-    for fp4, gran, groups in ((False, 128, 4), (True, 32, 16)):
+    for fp4, gran, groups, persistent in ((False, 128, 4, False), (True, 32, 16, False), (False, 128, 4, True)):
         c = dict(stride_xk=1, stride_ik=1, stride_wk=1, BLOCK_M=16, GROUPS=groups, GRAN=gran, TOPK_P2=8, FP4=fp4,
-                 SF_FP32=False, USE_UE8M0=True, SOFT_CVT=False)
-        res = compile_sm90_in_subprocess("fp8gemm.kernels.moe_act", "pre_dispatch_kernel", sig, c, num_warps=8,
-                                         divisible_by_16=div)
+                 SF_FP32=False, USE_UE8M0=True, SOFT_CVT=False, PERSISTENT=persistent)
+        res = compile_sm90_in_subprocess("fp8gemm.kernels.moe_act", "pre_dispatch_kernel", sig, c,
+                                         num_warps=4 if persistent else 8, divisible_by_16=div)
+        assert res["regs"] <= (168 if persistent else 128), f"{res['regs']} registers"
         assert res["local"] == 0 and res["stack"] == 0
         assert sass_count(res["sass"], "LDG.E.128") > 0, "activations not read with 16-byte loads"
         assert sass_count(res["sass"], "STG.E.128" if not fp4 else "STG.E.64") > 0, "codes not stored wide"
