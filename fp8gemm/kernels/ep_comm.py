@@ -106,21 +106,66 @@ def _arrive_all(tab_ptr, done_ptr, rank, OFF_FLAG, W: tl.constexpr):
 
 
 @triton.jit
-def _put_row(base, row, xsrc, sf, meta, OFF_X, OFF_SF, OFF_META, H: tl.constexpr, SFH: tl.constexpr,
-             BLOCK_H: tl.constexpr, BLOCK_SF: tl.constexpr):
-    """Write one token's FP8 row, its scales and its routing word into slot ``row`` of the region at ``base``."""
-    offs = tl.arange(0, BLOCK_H)
+def _load_tile(src, rmask, j: tl.constexpr, H: tl.constexpr, BLOCK_H: tl.constexpr, CACHE: tl.constexpr):
+    """Tile ``j`` (columns ``[j * BLOCK_H, (j + 1) * BLOCK_H)``) of the rows ``src[r]`` where ``rmask[r]``."""
+    cols = tl.arange(0, BLOCK_H)
+    m = rmask[:, None] & (cols[None, :] < H - j * BLOCK_H)
+    return tl.load(src[:, None] + (j * BLOCK_H + cols)[None, :], mask=m, cache_modifier=CACHE)
+
+
+@triton.jit
+def _copy_rows(v, src, dst, lmask, smask, H: tl.constexpr, BLOCK_H: tl.constexpr, CACHE: tl.constexpr):
+    """Copy a block of rows of ``H`` elements, ``src[r]`` to ``dst[r]`` (1-D pointer vectors, the caller
+    declares them 16-byte aligned); loads where ``lmask``, stores where ``smask``; ``v`` is tile 0,
+    already loaded by the caller (so that it can be issued before an atomic).
+
+    The block moves as ``[BLOCK_R, BLOCK_H]`` tiles (unrolled over H) in a two-stage pipeline: the loads
+    of tile j+1 are issued before the stores of tile j, so a program keeps about two tiles in flight
+    (a few communication SMs reach the link's bandwidth only with many bytes in flight each).  Stores
+    are 16-byte wide (contiguous columns, row masks constant along them)."""
+    NT: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
+    cols = tl.arange(0, BLOCK_H)
+    for j in tl.static_range(1, NT):
+        nv = _load_tile(src, lmask, j, H, BLOCK_H, CACHE)
+        tl.store(dst[:, None] + ((j - 1) * BLOCK_H + cols)[None, :], v,
+                 mask=smask[:, None] & (cols[None, :] < H - (j - 1) * BLOCK_H))
+        v = nv
+    tl.store(dst[:, None] + ((NT - 1) * BLOCK_H + cols)[None, :], v,
+             mask=smask[:, None] & (cols[None, :] < H - (NT - 1) * BLOCK_H))
+
+
+@triton.jit
+def _put_rows(v0, sf, base, row, ok, t, j, xq_ptr, stride_xq, rank, TMAX, OFF_X, OFF_SF, OFF_META,
+              H: tl.constexpr, SFH: tl.constexpr, TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+              BLOCK_SF: tl.constexpr):
+    """Rows ``j = t * TOPK + k`` of a block: token ``t``'s FP8 row (tile 0 in ``v0``), scales ``sf`` and
+    routing word into slot ``row`` of the region at ``base`` (vectors over the block's rows, ``ok``
+    masks them)."""
+    # H % 16 == 0 and the regions are 256-byte aligned: the peer stores vectorise to 128 bits
+    dst = tl.multiple_of((base + OFF_X + row * H).to(tl.pointer_type(tl.uint8)), 16)
+    _copy_rows(v0, xq_ptr + t * stride_xq, dst, ok, ok, H, BLOCK_H, "")
     soffs = tl.arange(0, BLOCK_SF)
-    # a broadcast row pointer declared 16-byte aligned (H % 16 == 0, regions are aligned),
-    # so the peer stores vectorise to 128 bits (a scalar hint does not propagate)
-    xaddr = (base + OFF_X + row * H) + tl.zeros((BLOCK_H,), tl.int64)
-    xdst = tl.multiple_of(xaddr.to(tl.pointer_type(tl.uint8)), 16)
-    for h0 in range(0, H, BLOCK_H):
-        m = (h0 + offs) < H
-        tl.store(xdst + (h0 + offs), tl.load(xsrc + (h0 + offs), mask=m), mask=m)
     sdst = (base + OFF_SF + row * (SFH * 4)).to(tl.pointer_type(tl.float32))
-    tl.store(sdst + soffs, sf, mask=soffs < SFH)
-    tl.store((base + OFF_META).to(tl.pointer_type(tl.int32)) + row, meta)
+    tl.store(sdst[:, None] + soffs[None, :], sf, mask=ok[:, None] & (soffs[None, :] < SFH))
+    tl.store((base + OFF_META).to(tl.pointer_type(tl.int32)) + row, rank * TMAX * TOPK + j, mask=ok)
+
+
+@triton.jit
+def _token_rows(idx_ptr, xq_ptr, xsf_ptr, j0, n, num_experts, stride_xq, stride_xsf, stride_it, stride_ik,
+                TOPK: tl.constexpr, BLOCK_R: tl.constexpr, H: tl.constexpr, SFH: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_SF: tl.constexpr):
+    """The rows ``j = j0 .. j0 + BLOCK_R - 1`` of the flattened (token, k) list: token, expert, validity,
+    and tile 0 and the scales of each row's token (rows of one token hit the same lines: one HBM read)."""
+    j = j0 + tl.arange(0, BLOCK_R)
+    inb = j < n
+    t = (j // TOPK).to(tl.int64)
+    k = j - (j // TOPK) * TOPK
+    e = tl.load(idx_ptr + t * stride_it + k * stride_ik, mask=inb, other=-1).to(tl.int32)
+    valid = inb & (e >= 0) & (e < num_experts)
+    v0 = _load_tile(xq_ptr + t * stride_xq, valid, 0, H, BLOCK_H, "")
+    soffs = tl.arange(0, BLOCK_SF)
+    sf = tl.load(xsf_ptr + t[:, None] * stride_xsf + soffs[None, :], mask=valid[:, None] & (soffs[None, :] < SFH))
+    return j, t, tl.where(valid, e, 0), valid, v0, sf
 
 
 @triton.jit
@@ -128,25 +173,25 @@ def dispatch_send_kernel(xq_ptr, xsf_ptr, idx_ptr, tab_ptr, done_ptr, T, rank, n
                          stride_xq, stride_xsf, stride_it, stride_ik,
                          OFF_X, OFF_SF, OFF_META, OFF_CNT, OFF_DFLAG, MAX_M, TMAX,
                          H: tl.constexpr, SFH: tl.constexpr, TOPK: tl.constexpr, L: tl.constexpr,
-                         W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SF: tl.constexpr):
+                         W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SF: tl.constexpr):
+    """Persistent: program p moves the row blocks ``j in [b * BLOCK_R, (b + 1) * BLOCK_R)`` of the
+    flattened (token, k) list for ``b = p, p + P, ...``: one vector of slot atomics per block (all
+    ``BLOCK_R`` peer round trips in flight at once, the block's first tile already loading), then the
+    block's rows as wide tiles."""
     pid = tl.program_id(0)
-    soffs = tl.arange(0, BLOCK_SF)
-    smask = soffs < SFH
-    for t in range(pid, T, tl.num_programs(0)):
-        t64 = t + tl.zeros((), tl.int64)
-        sf = tl.load(xsf_ptr + t64 * stride_xsf + soffs, mask=smask)
-        for k in range(TOPK):
-            e = tl.load(idx_ptr + t64 * stride_it + k * stride_ik).to(tl.int32)
-            if (e >= 0) & (e < num_experts):
-                o = e // L
-                le = e - o * L
-                base = tl.load(tab_ptr + o)
-                cnt_ptr = (base + OFF_CNT).to(tl.pointer_type(tl.int32)) + le
-                slot = tl.atomic_add(cnt_ptr, 1, sem="relaxed", scope="sys")
-                if slot < MAX_M:
-                    row = le.to(tl.int64) * MAX_M + slot
-                    _put_row(base, row, xq_ptr + t64 * stride_xq, sf, rank * TMAX * TOPK + t * TOPK + k,
-                             OFF_X, OFF_SF, OFF_META, H, SFH, BLOCK_H, BLOCK_SF)
+    n = T * TOPK
+    for j0 in range(pid * BLOCK_R, n, tl.num_programs(0) * BLOCK_R):
+        j, t, e, valid, v0, sf = _token_rows(idx_ptr, xq_ptr, xsf_ptr, j0, n, num_experts, stride_xq, stride_xsf,
+                                             stride_it, stride_ik, TOPK, BLOCK_R, H, SFH, BLOCK_H, BLOCK_SF)
+        o = e // L
+        le = e - o * L
+        base = tl.load(tab_ptr + o, mask=valid, other=0)
+        cnt_ptr = (base + OFF_CNT).to(tl.pointer_type(tl.int32)) + le
+        slot = tl.atomic_add(cnt_ptr, tl.full((BLOCK_R,), 1, tl.int32), mask=valid, sem="relaxed", scope="sys")
+        ok = valid & (slot < MAX_M)
+        row = le.to(tl.int64) * MAX_M + tl.where(ok, slot, 0)
+        _put_rows(v0, sf, base, row, ok, t, j, xq_ptr, stride_xq, rank, TMAX, OFF_X, OFF_SF, OFF_META,
+                  H, SFH, TOPK, BLOCK_H, BLOCK_SF)
     _arrive_all(tab_ptr, done_ptr, rank, OFF_DFLAG, W)
 
 
@@ -180,40 +225,46 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
                         stride_dg, stride_dm, OFF_META, OFF_RECV, OFF_CFLAG, MAX_M, TMAX,
                         block_m, threshold, nb, max_iters, timeout_ns,
                         H: tl.constexpr, TOPK: tl.constexpr, L: tl.constexpr, W: tl.constexpr,
-                        ROWS: tl.constexpr, BLOCK_H: tl.constexpr, WAIT_SIGNAL: tl.constexpr,
-                        USE_TIMER: tl.constexpr):
+                        ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr,
+                        WAIT_SIGNAL: tl.constexpr, USE_TIMER: tl.constexpr):
+    """Persistent: units ``u = i * L + g`` (m-block i of local expert g, block-major, so the first
+    blocks of all experts -- where the rows are -- spread over every program) for ``u = p, p + P, ...``
+    up to the last m-block any expert reaches.  Per non-empty unit: one bounded spin on its SBO counter
+    (a scalar acquire poll), then all the program's warps store the block's rows, ``ROWS`` at a time,
+    as wide tiles into their source ranks' receive buffers."""
     pid = tl.program_id(0)
     meta_base = (buf_ptr + OFF_META).to(tl.pointer_type(tl.int32))
-    cols = tl.arange(0, BLOCK_H)
     rr = tl.arange(0, ROWS)
-    for u in range(pid, L * nb, tl.num_programs(0)):
-        g = u // nb
-        i = u - g * nb
+    ll = tl.arange(0, BLOCK_L)
+    m_all = tl.minimum(tl.load(masked_m_ptr + ll, mask=ll < L, other=0), MAX_M)
+    nb_used = tl.minimum((tl.max(m_all, 0) + block_m - 1) // block_m, nb)
+    for u in range(pid, L * nb_used, tl.num_programs(0)):
+        i = u // L
+        g = u - i * L
         m = tl.minimum(tl.load(masked_m_ptr + g), MAX_M)
         r_start = i * block_m
         if r_start < m:
             if WAIT_SIGNAL:
-                ok = _spin(signal_ptr + u, threshold, max_iters, timeout_ns, USE_TIMER, "gpu")
+                sig = signal_ptr + g * nb + i
+                ok = _spin(sig, threshold, max_iters, timeout_ns, USE_TIMER, "gpu")
                 if ok:
-                    tl.atomic_xchg(signal_ptr + u, 0, sem="relaxed", scope="gpu")
+                    tl.atomic_xchg(sig, 0, sem="relaxed", scope="gpu")
                 else:
                     _set_error(err_ptr, 2, g, i, 0)
                 tl.debug_barrier()
             r_end = tl.minimum(r_start + block_m, m)
+            g64 = g + tl.zeros((), tl.int64)
             for r0 in range(r_start, r_end, ROWS):
                 rows = r0 + rr
                 rm = rows < r_end
-                meta = tl.load(meta_base + (g + tl.zeros((), tl.int64)) * MAX_M + rows, mask=rm, other=0)
+                srow = d_ptr + g64 * stride_dg + rows.to(tl.int64) * stride_dm
+                v0 = _load_tile(srow, rm, 0, H, BLOCK_H, ".cg")
+                meta = tl.load(meta_base + g64 * MAX_M + rows, mask=rm, other=0)
                 src = meta // (TMAX * TOPK)
                 tk = (meta - src * (TMAX * TOPK)).to(tl.int64)
                 bases = tl.load(tab_ptr + src, mask=rm, other=0)
                 dst = tl.multiple_of((bases + OFF_RECV + tk * (H * 2)).to(tl.pointer_type(tl.bfloat16)), 16)
-                srow = d_ptr + (g + tl.zeros((), tl.int64)) * stride_dg + rows.to(tl.int64) * stride_dm
-                for h0 in range(0, H, BLOCK_H):
-                    c = h0 + cols
-                    mk = rm[:, None] & (c[None, :] < H)
-                    v = tl.load(srow[:, None] + c[None, :], mask=mk, cache_modifier=".cg")
-                    tl.store(dst[:, None] + c[None, :], v, mask=mk)
+                _copy_rows(v0, srow, dst, rm, rm, H, BLOCK_H, ".cg")
     _arrive_all(tab_ptr, done_ptr, rank, OFF_CFLAG, W)
 
 
@@ -253,16 +304,23 @@ def combine_reduce_kernel(recv_ptr, idx_ptr, w_ptr, out_ptr, num_experts,
 @triton.jit
 def dispatch_count_kernel(idx_ptr, cnt_ptr, slot_ptr, tab_ptr, done_ptr, T, rank, num_experts,
                           stride_it, stride_ik, OFF_CCNT, OFF_AFLAG,
-                          TOPK: tl.constexpr, E: tl.constexpr, W: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Slot of every (token, k) among this rank's rows for its expert; publish the count row."""
+                          TOPK: tl.constexpr, E: tl.constexpr, W: tl.constexpr, BLOCK_E: tl.constexpr,
+                          BLOCK_R: tl.constexpr):
+    """Slot of every (token, k) among this rank's rows for its expert (one vector of local atomics per
+    block of ``BLOCK_R`` flattened (token, k) rows); the last program publishes the count row."""
     pid = tl.program_id(0)
-    for t in range(pid, T, tl.num_programs(0)):
-        t64 = t + tl.zeros((), tl.int64)
-        for k in range(TOPK):
-            e = tl.load(idx_ptr + t64 * stride_it + k * stride_ik).to(tl.int32)
-            if (e >= 0) & (e < num_experts):
-                slot = tl.atomic_add(cnt_ptr + e, 1, sem="relaxed", scope="gpu")
-                tl.store(slot_ptr + t64 * TOPK + k, slot)
+    rr = tl.arange(0, BLOCK_R)
+    n = T * TOPK
+    for j0 in range(pid * BLOCK_R, n, tl.num_programs(0) * BLOCK_R):
+        j = j0 + rr
+        inb = j < n
+        t = (j // TOPK).to(tl.int64)
+        k = j - (j // TOPK) * TOPK
+        e = tl.load(idx_ptr + t * stride_it + k * stride_ik, mask=inb, other=-1).to(tl.int32)
+        valid = inb & (e >= 0) & (e < num_experts)
+        slot = tl.atomic_add(cnt_ptr + tl.where(valid, e, 0), tl.full((BLOCK_R,), 1, tl.int32), mask=valid,
+                             sem="relaxed", scope="gpu")
+        tl.store(slot_ptr + j, slot, mask=valid)
     tl.debug_barrier()
     prev = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="sys")
     if prev == tl.num_programs(0) - 1:
@@ -346,22 +404,22 @@ def dispatch_send_contig_kernel(xq_ptr, xsf_ptr, idx_ptr, slot_ptr, send_base_pt
                                 num_experts, stride_xq, stride_xsf, stride_it, stride_ik,
                                 OFF_X, OFF_SF, OFF_META, OFF_DFLAG, R, TMAX,
                                 H: tl.constexpr, SFH: tl.constexpr, TOPK: tl.constexpr, L: tl.constexpr,
-                                W: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_SF: tl.constexpr):
+                                W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+                                BLOCK_SF: tl.constexpr):
+    """The masked sender's persistent row-block loop; each row's place is known (``send_base[e] +
+    slot_of[t, k]``), so no atomics."""
     pid = tl.program_id(0)
-    soffs = tl.arange(0, BLOCK_SF)
-    smask = soffs < SFH
-    for t in range(pid, T, tl.num_programs(0)):
-        t64 = t + tl.zeros((), tl.int64)
-        sf = tl.load(xsf_ptr + t64 * stride_xsf + soffs, mask=smask)
-        for k in range(TOPK):
-            e = tl.load(idx_ptr + t64 * stride_it + k * stride_ik).to(tl.int32)
-            if (e >= 0) & (e < num_experts):
-                o = e // L
-                base = tl.load(tab_ptr + o)
-                row64 = tl.load(send_base_ptr + e).to(tl.int64) + tl.load(slot_ptr + t64 * TOPK + k)
-                if row64 < R:
-                    _put_row(base, row64, xq_ptr + t64 * stride_xq, sf, rank * TMAX * TOPK + t * TOPK + k,
-                             OFF_X, OFF_SF, OFF_META, H, SFH, BLOCK_H, BLOCK_SF)
+    n = T * TOPK
+    for j0 in range(pid * BLOCK_R, n, tl.num_programs(0) * BLOCK_R):
+        j, t, e, valid, v0, sf = _token_rows(idx_ptr, xq_ptr, xsf_ptr, j0, n, num_experts, stride_xq, stride_xsf,
+                                             stride_it, stride_ik, TOPK, BLOCK_R, H, SFH, BLOCK_H, BLOCK_SF)
+        base = tl.load(tab_ptr + e // L, mask=valid, other=0)
+        row = tl.load(send_base_ptr + e, mask=valid, other=0).to(tl.int64) + \
+            tl.load(slot_ptr + j, mask=valid, other=0)
+        ok = valid & (row < R)
+        row = tl.where(ok, row, 0)
+        _put_rows(v0, sf, base, row, ok, t, j, xq_ptr, stride_xq, rank, TMAX, OFF_X, OFF_SF, OFF_META,
+                  H, SFH, TOPK, BLOCK_H, BLOCK_SF)
     _arrive_all(tab_ptr, done_ptr, rank, OFF_DFLAG, W)
 
 

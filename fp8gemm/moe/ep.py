@@ -198,6 +198,8 @@ class EPCommunicator:
         self.masked_m = torch.zeros(L, dtype=torch.int32, device=dev)
         self.cumulative_local_expert_recv_stats = torch.zeros(L, dtype=torch.int32, device=dev)
         self._handle = None
+        self._last_tokens = None        # tokens of the last dispatch (host side): sizes the combine's tiles
+        self.tile_override = None       # (rows, columns) of every sender's tile: tests only
         if backend == "symm":
             if _simulated is not None:
                 self.region, self.tab = _simulated["region"], _simulated["tab"]
@@ -302,14 +304,27 @@ class EPCommunicator:
             return
         o = self.offsets
         t = xq.shape[0]
-        grid = (max(1, min(t, self.num_sms)),)
-        K.dispatch_send_kernel[grid](
+        self._last_tokens = t
+        br, bh, warps, programs = self._dispatch_tiles(t)
+        K.dispatch_send_kernel[(programs,)](
             xq.view(torch.uint8), xsf, topk_idx, self.tab, self.done[0:], t, self.rank, self.num_experts,
             xq.stride(0), xsf.stride(0), topk_idx.stride(0), topk_idx.stride(1),
             o["x"], o["sf"], o["meta"], o["cnt"], o["dflag"], self.max_m, self.max_tokens,
             H=self.hidden, SFH=self.sf_cols, TOPK=self.topk, L=self.num_local_experts, W=self.world_size,
-            BLOCK_H=min(2048, triton_next_pow2(self.hidden)), BLOCK_SF=triton_next_pow2(self.sf_cols),
-            num_warps=4)
+            BLOCK_R=br, BLOCK_H=bh, BLOCK_SF=triton_next_pow2(self.sf_cols), num_warps=warps)
+
+    def _dispatch_tiles(self, t: int):
+        """(BLOCK_R, BLOCK_H, num_warps, programs) of a dispatch sender for ``t`` tokens: about one row
+        block of the ``t * topk`` rows per program, at most 16 rows, so small batches spread over many
+        SMs (latency) and large ones move 16 rows x hidden per program with the loads of one tile in
+        flight behind the stores of the previous one (bandwidth); ``self.tile_override`` (tests) forces
+        ``(BLOCK_R, BLOCK_H)``."""
+        rows = t * self.topk
+        br, bh = send_tile(-(-rows // max(1, self.num_sms)), self.hidden, 1)
+        if self.tile_override is not None:
+            br, bh = self.tile_override
+        programs = max(1, min(self.num_sms, -(-rows // br)))
+        return br, bh, (8 if br * bh >= 8192 else 4), programs
 
     def dispatch_recv(self) -> DispatchOutput:
         """Wait for every peer's tokens and publish ``masked_m`` (second half of :meth:`dispatch`)."""
@@ -360,12 +375,25 @@ class EPCommunicator:
         nb = math.ceil(M / block_m)
         o = self.offsets
         programs = max(1, min(num_sms or self.num_sms, L * nb))
+        rows, bh = self._combine_tiles(min(block_m, self._expected_rows()))
         K.combine_send_kernel[(programs,)](
             expert_out, self.region, self.tab, self.masked_m, signal, self.err, self.done[1:], self.rank,
             expert_out.stride(0), expert_out.stride(1), o["meta"], o["recv"], o["cflag"], M, self.max_tokens,
             block_m, threshold, nb, self.max_spin_iters, self.timeout_ns,
-            H=H, TOPK=self.topk, L=L, W=self.world_size, ROWS=8, BLOCK_H=min(512, triton_next_pow2(H)),
-            WAIT_SIGNAL=wait, USE_TIMER=self.use_timer, num_warps=4)
+            H=H, TOPK=self.topk, L=L, W=self.world_size, ROWS=rows, BLOCK_H=bh, BLOCK_L=triton_next_pow2(L),
+            WAIT_SIGNAL=wait, USE_TIMER=self.use_timer, num_warps=8 if rows * bh >= 4096 else 4)
+
+    def _expected_rows(self) -> int:
+        """Rows an m-block of a local expert holds on average for the last dispatch's batch (uniform routing)."""
+        t = self._last_tokens if self._last_tokens is not None else self.max_tokens
+        return max(1, -(-self.world_size * t * self.topk // self.num_experts))
+
+    def _combine_tiles(self, rows_per_block: int):
+        """(ROWS, BLOCK_H) of the combine sender: a tile of 16 K BF16 elements (32 KB) shaped to the rows
+        a block holds (one row x the whole hidden for tiny batches, 16 rows x 1024 for large ones)."""
+        if self.tile_override is not None:
+            return self.tile_override
+        return send_tile(rows_per_block, self.hidden, 2, tile_bytes=32768)
 
     def combine_recv(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                      out: torch.Tensor | None = None) -> torch.Tensor:
@@ -403,11 +431,13 @@ class EPCommunicator:
             self._nccl_dispatch(xq, xsf, topk_idx, contiguous=True)
             return
         t, o = xq.shape[0], self.offsets
-        K.dispatch_count_kernel[(max(1, min(t, self.num_sms)),)](
+        self._last_tokens = t
+        br = max(1, min(128, triton_next_pow2(-(-t * self.topk // max(1, self.num_sms)))))
+        K.dispatch_count_kernel[(max(1, min(self.num_sms, -(-t * self.topk // br))),)](
             topk_idx, self._ccnt_local, self._slot_of, self.tab, self.done[2:], t, self.rank, self.num_experts,
             topk_idx.stride(0), topk_idx.stride(1), o["ccnt"], o["aflag"],
             TOPK=self.topk, E=self.num_experts, W=self.world_size, BLOCK_E=triton_next_pow2(self.num_experts),
-            num_warps=4)
+            BLOCK_R=br, num_warps=4)
 
     def dispatch_contiguous_send(self, xq: torch.Tensor, xsf: torch.Tensor, topk_idx: torch.Tensor) -> None:
         """Step 2: wait for every rank's counts, derive the segment layout, store the rows (symm)."""
@@ -423,13 +453,13 @@ class EPCommunicator:
         K.contig_index_kernel[(self.contig_rows // A,)](
             self.segment_starts, self.masked_m, self.m_indices, self.block_valid, A,
             L=L, BLOCK_L=triton_next_pow2(L), BLOCK_A=triton_next_pow2(A), num_warps=4)
-        K.dispatch_send_contig_kernel[(max(1, min(t, self.num_sms)),)](
+        br, bh, warps, programs = self._dispatch_tiles(t)
+        K.dispatch_send_contig_kernel[(programs,)](
             xq.view(torch.uint8), xsf, topk_idx, self._slot_of, self._send_base, self.tab, self.done[0:], t,
             self.rank, E, xq.stride(0), xsf.stride(0), topk_idx.stride(0), topk_idx.stride(1),
             o["cx"], o["csf"], o["cmeta"], o["dflag"], self.contig_rows, self.max_tokens,
             H=self.hidden, SFH=self.sf_cols, TOPK=self.topk, L=L, W=W,
-            BLOCK_H=min(2048, triton_next_pow2(self.hidden)), BLOCK_SF=triton_next_pow2(self.sf_cols),
-            num_warps=4)
+            BLOCK_R=br, BLOCK_H=bh, BLOCK_SF=triton_next_pow2(self.sf_cols), num_warps=warps)
 
     def dispatch_contiguous_recv(self) -> ContiguousDispatchOutput:
         """Step 3: wait for every peer's rows (symm)."""
@@ -458,13 +488,15 @@ class EPCommunicator:
             self._nccl_combine(expert_out)
             return
         nblk, o = R // A, self.offsets
+        rows, bh = self._combine_tiles(A)
         # the kernel of the masked form on the block view [R / A, A, hidden] with block_valid as masked_m
         K.combine_send_kernel[(max(1, min(num_sms or self.num_sms, nblk)),)](
             expert_out, self.region, self.tab, self.block_valid, self.err, self.err, self.done[1:], self.rank,
             A * expert_out.stride(0), expert_out.stride(0), o["cmeta"], o["recv"], o["cflag"], A, self.max_tokens,
             A, 0, 1, self.max_spin_iters, self.timeout_ns,
-            H=H, TOPK=self.topk, L=nblk, W=self.world_size, ROWS=8, BLOCK_H=min(512, triton_next_pow2(H)),
-            WAIT_SIGNAL=False, USE_TIMER=self.use_timer, num_warps=4)
+            H=H, TOPK=self.topk, L=nblk, W=self.world_size, ROWS=rows, BLOCK_H=bh,
+            BLOCK_L=triton_next_pow2(nblk), WAIT_SIGNAL=False, USE_TIMER=self.use_timer,
+            num_warps=8 if rows * bh >= 4096 else 4)
 
     def combine_contiguous(self, expert_out, topk_idx, topk_weights, out=None) -> torch.Tensor:
         """:meth:`combine_contiguous_send` then :meth:`combine_recv` (the reduction is the same)."""
@@ -557,6 +589,14 @@ def contiguous_rows_bound(world_size: int, max_tokens_per_rank: int, topk: int, 
 
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def send_tile(rows: int, hidden: int, elem_bytes: int, tile_bytes: int = 16384, max_rows: int = 16):
+    """``(BLOCK_R, BLOCK_H)`` of a row-moving tile: ``BLOCK_R`` the power of two <= ``rows`` (1..16),
+    ``BLOCK_H`` so that the tile holds about ``tile_bytes`` (at most the whole row, at least 128)."""
+    br = 1 << max(0, min(max_rows, max(1, int(rows))).bit_length() - 1)
+    bh = max(128, min(triton_next_pow2(hidden), tile_bytes // elem_bytes // br))
+    return br, bh
 
 
 def combine_reduce_bf16(recv: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
