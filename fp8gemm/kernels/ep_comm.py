@@ -5,23 +5,31 @@ sections); a kernel reaches rank ``r``'s region through ``tab[r]``, an int64 tab
 addresses (peer addresses come from ``torch.distributed._symmetric_memory``; in the CPU tests the
 "peers" are plain tensors of one process).  Protocol (DESIGN.md §4):
 
-- **dispatch send** (grid of any size): each (token, k) claims a slot of the owner's per-expert
-  counter with a relaxed ``sys``-scope atomic and stores its FP8 row, its scales and its routing word
-  (``src_rank * TMAX * TOPK + token * TOPK + k``) into the owner's masked buffer.  Every program then
+- **dispatch send** (persistent grid): the (token, k) pairs, flattened to rows ``j = t * TOPK + k``,
+  go in blocks of ``BLOCK_R`` rows, blocks interleaved over the programs.  Per block: the first
+  ``[BLOCK_R, BLOCK_H]`` tile of the rows' tokens and their scales are loaded, then one *vector* of
+  relaxed ``sys``-scope atomics claims a slot of each row's expert counter on its owner (all the
+  block's peer round trips in flight at once), then the block's FP8 rows, scales and routing words
+  (``src_rank * TMAX * TOPK + j``) are stored as 16-byte-wide tiles with the loads of tile i+1 issued
+  before the stores of tile i.  Rows of one token share the loaded lines (one HBM read per token; each
+  (expert, slot) still gets its own row on the owner, as the masked layout needs).  Every program then
   bumps a local done-counter (``acq_rel``, ``sys``); the last one resets it and adds 1 to
   ``DFLAG[rank]`` on every rank with a ``release``/``sys`` atomic.
 - **dispatch recv** (one program): spin (``acquire``/``sys``) until every ``DFLAG[p] >= 1``, consume
   it by subtracting 1 (never a plain reset, which could erase an early arrival), then swap the slot
   counters to 0 (they become ``masked_m``) and add them to the cumulative receive statistics.
-- **combine send** (grid = the SMs left to communication): per (local expert, m-block), optionally spin
-  until the masked GEMM's SBO counter reaches the threshold (then zero it for the next call), and store
-  the block's BF16 rows into their source rank's receive buffer at slot (token, k); then the same
+- **combine send** (persistent grid = the SMs left to communication): units (m-block i, local expert
+  g) in block-major order ``u = i * L + g`` (the rows sit in the first blocks of every expert: this
+  spreads them over all programs), up to the last m-block any expert reaches.  Per non-empty unit:
+  one bounded scalar spin until the masked GEMM's SBO counter reaches the threshold (then zero it for
+  the next call), then the whole program stores the block's BF16 rows, ``ROWS x BLOCK_H`` tiles in the
+  same two-stage pipeline, into their source rank's receive buffer at slot (token, k); then the same
   done-counter / ``CFLAG`` arrival as the dispatch.
 - **combine recv** (one program): spin on ``CFLAG``, consume it.
 - **contiguous form** (prefill, :meth:`fp8gemm.moe.ep.EPCommunicator.dispatch_contiguous`), three
   steps because a sender must know where each expert's segment starts on its owner before it stores:
   *counts* (grid of any size): each (token, k) takes a slot among this rank's rows for its expert
-  from a local counter (kept in ``slot_of``); the last program stores the count row ``CCNT[rank, :]``
+  from a local counter (kept in ``slot_of``; one vector of atomics per block of rows); the last program stores the count row ``CCNT[rank, :]``
   (int32 ``[W, E]``) on every rank and adds 1 to ``AFLAG[rank]`` there (release).
   *layout* (one program): spin on every ``AFLAG[p]``, consume it; from the full count matrix compute
   every expert's segment start on its owner (exclusive prefix sum of the counts padded to ``ALIGN``,
@@ -30,8 +38,8 @@ addresses (peer addresses come from ``torch.distributed._symmetric_memory``; in 
   *index* (grid over the ALIGN-row blocks): ``m_indices`` (local expert or -1) and ``block_valid``
   (the valid-row prefix of each block, the "masked_m" of the block view ``[R / ALIGN, ALIGN]`` that
   the SwiGLU kernel and :func:`combine_send_kernel` use).
-  *send*: each (token, k) stores its row at ``send_base[e] + slot_of[t, k]`` of the owner's contiguous
-  buffer (rows past the capacity are dropped; the owner's layout step records the overflow), then the
+  *send* (the row blocks of the masked sender, no atomics): each (token, k) stores its row at
+  ``send_base[e] + slot_of[t, k]`` of the owner's contiguous buffer (rows past the capacity are dropped; the owner's layout step records the overflow), then the
   same ``DFLAG`` arrival as the masked dispatch; :func:`wait_arrivals_kernel` waits for it.
 - **combine reduce** (local): ``y[t] = sum_k w[t, k] * recv[t, k]`` in FP32, over the k whose expert
   id is valid, cast to BF16.
