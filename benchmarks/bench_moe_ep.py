@@ -6,9 +6,11 @@ Run under torchrun on one host (NVLink); results (JSON, timeline PNG) go to the 
         torchrun --nproc-per-node 2 benchmarks/bench_moe_ep.py results/moe_ep
 
 Per tokens-per-rank T: the layer with overlap on and off, the layer with the combine skipped
-(exposed combine = on - skip), dispatch alone and combine alone (CUDA-graph replays, slowest rank),
-their bandwidth (bytes each rank writes, all of them and the peer part) against the copy-engine
-peer-to-peer bandwidth measured first.  Prints the table last.
+(exposed combine = on - skip), dispatch alone (all SMs, as in the layer), combine alone (send + wait +
+reduce; on the communication SMs, as in the overlapped layer, and on all SMs) and the local reduce
+alone (CUDA-graph replays, slowest rank); their bandwidth in bytes per rank -- those that cross NVLink
+(rows to / from another rank) and all bytes written -- against the copy-engine peer-to-peer bandwidth
+measured in the same run.  Prints the table (and what it counts) last.
 """
 from __future__ import annotations
 
@@ -139,7 +141,7 @@ def main():
     import torch.distributed as dist
 
     from fp8gemm import per_block_cast_to_fp8, per_token_cast_to_fp8
-    from fp8gemm.moe.ep import EPCommunicator
+    from fp8gemm.moe.ep import EPCommunicator, combine_reduce_bf16
     from fp8gemm.moe.layer import MoELayer
 
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -184,15 +186,39 @@ def main():
         xq, xsf = per_token_cast_to_fp8(x)
         r["dispatch_ms"], _ = _timed(lambda: comm.dispatch(xq, xsf, idx), args.iters)
         layer.forward(x, idx, w, overlap=False)          # routing state of this batch for the combine alone
-        r["combine_ms"], _ = _timed(lambda: comm.combine(layer.out2, idx, w), args.iters)
+        torch.cuda.synchronize()
+        # the combine on the communication SMs (what the overlapped layer gives it) and on all SMs
+        r["combine_ms"], _ = _timed(lambda: comm.combine(layer.out2, idx, w, num_sms=layer.num_comm_sms),
+                                    args.iters)
+        r["combine_all_sms_ms"], _ = _timed(lambda: comm.combine(layer.out2, idx, w), args.iters)
+        y_red = torch.empty(T, Hd, dtype=torch.bfloat16, device=dev)
+        r["reduce_ms"], _ = _timed(lambda: combine_reduce_bf16(comm.combine_recv_buf, idx, w, y_red, E), args.iters)
         comm.check()
+        # Bytes (per rank, averaged over the ranks; times are the slowest rank's):
+        # dispatch: every valid (token, k) row = FP8 row + FP32 scales + int32 routing word, written into
+        #   its owner's masked buffer; "nvl" counts the rows whose owner is another rank (they cross NVLink).
+        # combine: every row this rank's experts received goes back as a BF16 row; "nvl" the rows whose
+        #   source is another rank.  The local reduce (reads T x topk BF16 rows) is not counted.
         owner = idx // L
-        n_rows, n_remote = idx.numel(), int((owner != rank).sum())
+        d_rows, d_remote = int((idx >= 0).sum()), int(((idx >= 0) & (owner != rank)).sum())
+        mm = comm.masked_m.long()
+        live = torch.arange(comm.max_m, device=dev)[None, :] < mm[:, None]
+        src = comm.recv_src_info.long() // (comm.max_tokens * K)
+        c_rows, c_remote = int(live.sum()), int((live & (src != rank)).sum())
+        cnt = torch.tensor([d_rows, d_remote, c_rows, c_remote], dtype=torch.float64, device=dev)
+        dist.all_reduce(cnt)
+        d_rows, d_remote, c_rows, c_remote = (cnt / world).tolist()
         row_bytes = Hd + 4 * (Hd // 128) + 4
-        r["dispatch_GBps"] = n_rows * row_bytes / (r["dispatch_ms"] * 1e-3) / 1e9
-        r["dispatch_peer_GBps"] = n_remote * row_bytes / (r["dispatch_ms"] * 1e-3) / 1e9
-        r["combine_GBps"] = n_rows * 2 * Hd / (r["combine_ms"] * 1e-3) / 1e9
-        r["combine_peer_GBps"] = n_remote * 2 * Hd / (r["combine_ms"] * 1e-3) / 1e9
+        r["dispatch_total_MB"], r["dispatch_nvl_MB"] = d_rows * row_bytes / 1e6, d_remote * row_bytes / 1e6
+        r["combine_total_MB"], r["combine_nvl_MB"] = c_rows * 2 * Hd / 1e6, c_remote * 2 * Hd / 1e6
+        r["dispatch_GBps"] = r["dispatch_total_MB"] / r["dispatch_ms"] / 1e3
+        r["dispatch_peer_GBps"] = r["dispatch_nvl_MB"] / r["dispatch_ms"] / 1e3
+        r["combine_GBps"] = r["combine_total_MB"] / r["combine_ms"] / 1e3
+        r["combine_peer_GBps"] = r["combine_nvl_MB"] / r["combine_ms"] / 1e3
+        r["combine_all_sms_peer_GBps"] = r["combine_nvl_MB"] / r["combine_all_sms_ms"] / 1e3
+        r["dispatch_pct_p2p"] = r["dispatch_peer_GBps"] / p2p * 100
+        r["combine_pct_p2p"] = r["combine_peer_GBps"] / p2p * 100
+        r["combine_all_sms_pct_p2p"] = r["combine_all_sms_peer_GBps"] / p2p * 100
         r["gain_pct"] = (r["off_ms"] / r["on_ms"] - 1) * 100
         r["exposed_combine_pct"] = max(0.0, r["on_ms"] - r["skip_ms"]) / r["combine_ms"] * 100
         r["on_vs_off_maxabs"] = same
@@ -227,14 +253,24 @@ def main():
                        "rows": rows, "timeline_us": spans}, f, indent=1)
         print(f"\nMoE EP layer, {card} x{world}, E={E} H={Hd} I={I} top-{K}, p2p {p2p:.0f} GB/s, "
               f"SMs gemm/comm {layer.num_gemm_sms}/{layer.num_comm_sms}")
-        print(f"{'T':>5} {'on us':>9} {'off us':>9} {'gain%':>7} {'skip us':>9} {'exposed%':>9} {'disp us':>9} "
-              f"{'disp GB/s':>10} {'%p2p':>6} {'comb us':>9} {'comb GB/s':>10} {'%p2p':>6}")
+        print("bytes per rank (mean over ranks), time of the slowest rank; nvl = bytes that cross NVLink (rows "
+              "to / from another rank), total = all rows written (local ones too); dispatch row = FP8 row + FP32 "
+              "scales + int32 routing word, combine row = BF16 row (the local reduce is not counted); "
+              f"%p2p = nvl GB/s / the copy-engine P2P bandwidth measured in this run ({p2p:.0f} GB/s); dispatch "
+              f"on all SMs ({comm.num_sms}), combine (send + wait + reduce) on the {layer.num_comm_sms} "
+              "communication SMs and on all SMs")
+        print(f"{'T':>5} {'on us':>8} {'off us':>8} {'gain%':>6} {'skip us':>8} {'expos%':>7} | {'disp us':>7} "
+              f"{'nvl MB':>6} {'tot MB':>6} {'nvl GB/s':>8} {'tot GB/s':>8} {'%p2p':>5} | {'comb us':>7} "
+              f"{'nvl MB':>6} {'tot MB':>6} {'nvl GB/s':>8} {'tot GB/s':>8} {'%p2p':>5} | {'all-SM us':>9} "
+              f"{'%p2p':>5} {'reduce us':>9}")
         for r in rows:
-            print(f"{r['tokens']:>5} {r['on_ms'] * 1e3:>9.1f} {r['off_ms'] * 1e3:>9.1f} {r['gain_pct']:>7.1f} "
-                  f"{r['skip_ms'] * 1e3:>9.1f} {r['exposed_combine_pct']:>9.1f} {r['dispatch_ms'] * 1e3:>9.1f} "
-                  f"{r['dispatch_peer_GBps']:>10.1f} {r['dispatch_peer_GBps'] / p2p * 100:>6.1f} "
-                  f"{r['combine_ms'] * 1e3:>9.1f} {r['combine_peer_GBps']:>10.1f} "
-                  f"{r['combine_peer_GBps'] / p2p * 100:>6.1f}", flush=True)
+            print(f"{r['tokens']:>5} {r['on_ms'] * 1e3:>8.1f} {r['off_ms'] * 1e3:>8.1f} {r['gain_pct']:>6.1f} "
+                  f"{r['skip_ms'] * 1e3:>8.1f} {r['exposed_combine_pct']:>7.1f} | {r['dispatch_ms'] * 1e3:>7.1f} "
+                  f"{r['dispatch_nvl_MB']:>6.2f} {r['dispatch_total_MB']:>6.2f} {r['dispatch_peer_GBps']:>8.1f} "
+                  f"{r['dispatch_GBps']:>8.1f} {r['dispatch_pct_p2p']:>5.1f} | {r['combine_ms'] * 1e3:>7.1f} "
+                  f"{r['combine_nvl_MB']:>6.2f} {r['combine_total_MB']:>6.2f} {r['combine_peer_GBps']:>8.1f} "
+                  f"{r['combine_GBps']:>8.1f} {r['combine_pct_p2p']:>5.1f} | {r['combine_all_sms_ms'] * 1e3:>9.1f} "
+                  f"{r['combine_all_sms_pct_p2p']:>5.1f} {r['reduce_ms'] * 1e3:>9.1f}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
