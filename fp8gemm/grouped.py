@@ -6,7 +6,8 @@
 - K-grouped (weight gradients).
 
 Semantics: the grouped functions of :mod:`fp8gemm.reference`.  Every launch is free of host
-synchronisation and allocation, so it can be captured in a CUDA graph.
+synchronisation, so it can be captured in a CUDA graph; only FP4 activations on the Gluon route allocate
+(their FP8 operand, per call, from torch's caching allocator -- static sizes keep that graph-safe).
 """
 from __future__ import annotations
 
@@ -197,10 +198,13 @@ def m_grouped_fp8_gemm_nt_masked(a, b, d: torch.Tensor, masked_m: torch.Tensor, 
 
     FP4 activations: ``a = (codes uint8 [G, max_m, K/2], scale bytes uint8 [G, max_m, K/32])`` -- E2M1
     codes two per byte (low nibble = even column) with one UE8M0 exponent byte per 32 values, as
-    :func:`fp8gemm.per_token_cast_to_fp4` makes them.  They are turned into E4M3 tiles inside the kernel
-    (exact while a 32-chunk's scale is within 2^8 of its 128-block's largest).  The same form is
-    accepted by :func:`m_grouped_fp8_gemm_nt_contiguous`.  Reference:
-    :func:`fp8gemm.reference.dequantize_fp4`.
+    :func:`fp8gemm.per_token_cast_to_fp4` makes them.  They become E4M3 with one FP32 scale per 128
+    (exact while a 32-chunk's scale is within 2^8 of its 128-block's largest): on SM90 with the Gluon
+    kernel, one fused convert launch (:mod:`fp8gemm.kernels.fp4_convert`, rows below ``masked_m`` only)
+    writes a temporary FP8 operand ``[G, max_m, K]`` that the Gluon GEMM reads; elsewhere (and with
+    ``FP8GEMM_BACKEND=triton``) the Triton kernel converts inside its A-load; both give the same values
+    (see :mod:`fp8gemm.kernels.gemm_dispatch`).  The same form is accepted by
+    :func:`m_grouped_fp8_gemm_nt_contiguous`.  Reference: :func:`fp8gemm.reference.dequantize_fp4`.
 
     With ``enable_overlap=True`` (Single Batch Overlap, DESIGN.md §3) the kernel increments
     ``signal[g * ceil(max_m / block_m) + i]`` once per N-tile of m-block i of group g, after that

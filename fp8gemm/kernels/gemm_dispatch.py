@@ -2,6 +2,12 @@
 
 The Gluon kernels run where they apply (SM90, supported formats, ``FP8GEMM_BACKEND`` not ``triton``);
 everything else goes to the portable Triton kernel, whose tile shapes are picked here.
+
+FP4 activations (uint8 E2M1 codes + UE8M0 bytes per 32) take one of two routes, chosen in :func:`_plan` only:
+where the Gluon kernel takes the converted call, one launch of :mod:`.fp4_convert` writes the FP8 operand
+(1D2D scales, rows the GEMM skips left alone) and the Gluon kernel runs on it; elsewhere (``FP8GEMM_BACKEND=
+triton``, no SM90, K not a multiple of 128, per-row B scales, 64-row contiguous alignment) the Triton kernel
+dequantises in its A-load.  Both multiply the same E4M3 values and scales.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import torch
 import triton
 
 from .. import runtime
-from . import gemm_triton
+from . import fp4_convert, gemm_triton
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,15 +93,29 @@ def _use_gluon(mode_name: str, a, sfa, b, sfb, d, c) -> bool:
     return ok
 
 
+def _fp4_gluon_operand(mode_name: str, a, b, sfb, d, c):
+    """FP4 A on the convert + Gluon route: the (unfilled) FP8 operand ``(q, sf)`` the Gluon kernel will read,
+    or None where the route does not apply (then the Triton kernel dequantises in its A-load)."""
+    if runtime.backend() == "triton" or not runtime.is_sm90(d.device):
+        return None
+    q, sf = fp4_convert.empty_fp8_operand(a, b.shape[-1])
+    return (q, sf) if _use_gluon(mode_name, q, sf, b, sfb, d, c) else None
+
+
 def _plan(mode_name: str, a, sfa, b, sfb, d, c, expected_m, gran_n_b: int, max_block_n: int,
           force_block_m: int | None):
     """The one kernel choice behind both :func:`run_m_grouped` and :func:`plan_tiles`:
-    ``("gluon", None)`` or ``("triton", TritonConfig)``."""
+    ``("gluon", None)``, ``("fp4-gluon", (q, sf))`` (convert FP4 A into ``q``/``sf``, then Gluon) or
+    ``("triton", TritonConfig)``."""
     scaled = sfa is not None
     a_fp4 = a.dtype == torch.uint8
-    if (scaled and not a_fp4 and gran_n_b == 128 and force_block_m is None
-            and _use_gluon(mode_name, a, sfa, b, sfb, d, c)):
-        return "gluon", None
+    if scaled and gran_n_b == 128 and force_block_m is None:
+        if not a_fp4 and _use_gluon(mode_name, a, sfa, b, sfb, d, c):
+            return "gluon", None
+        if a_fp4:
+            operand = _fp4_gluon_operand(mode_name, a, b, sfb, d, c)
+            if operand is not None:
+                return "fp4-gluon", operand
     mode = {"dense": gemm_triton.MODE_DENSE, "contiguous": gemm_triton.MODE_CONTIGUOUS,
             "masked": gemm_triton.MODE_MASKED}[mode_name]
     num_groups = a.shape[0] if a.dim() == 3 else 1
@@ -112,7 +132,9 @@ def plan_tiles(mode_name: str, a, sfa, b, sfb, d, *, c=None, expected_m: int | N
     """The ``(block_m, block_n)`` the same :func:`run_m_grouped` call will use, known before launch (to size
     and check SBO signal arrays)."""
     kind, cfg = _plan(mode_name, a, sfa, b, sfb, d, c, expected_m, gran_n_b, max_block_n, force_block_m)
-    if kind == "gluon":
+    if kind == "fp4-gluon":
+        a, sfa = cfg
+    if kind in ("gluon", "fp4-gluon"):
         from . import gemm_gluon
         return gemm_gluon.plan(mode_name, a, sfa, b, sfb, d, expected_m=expected_m, max_block_n=max_block_n,
                                num_sms=runtime.get_num_sms(), c=c)
@@ -129,6 +151,11 @@ def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, 
     """
     num_sms = runtime.get_num_sms()
     kind, cfg = _plan(mode_name, a, sfa, b, sfb, d, c, expected_m, gran_n_b, max_block_n, force_block_m)
+    if kind == "fp4-gluon":
+        q, sf = cfg
+        fp4_convert.launch_fp4_to_fp8(a, sfa, q, sf, masked_m=masked_m, m_indices=m_indices,
+                                      rows_hint=expected_m if masked_m is not None else None)
+        a, sfa, kind = q, sf, "gluon"
     if kind == "gluon":
         from . import gemm_gluon
         return gemm_gluon.launch(mode_name, a, sfa, b, sfb, d, c=c, m_indices=m_indices, masked_m=masked_m,
