@@ -81,8 +81,8 @@ def prefill_cases(quick: bool) -> list[Case]:
         if dg is not None:
             impls["DeepGEMM"] = lambda q=q, kv=kv, sf=sf, w=w, ks=ks, ke=ke: dg.fp8_mqa_logits(q, (kv, sf), w, ks, ke)
         if not quick:
-            for tag, cfg in [("QH256", K.PrefillConfig(256 // h, 64, 4, 3)), ("BK128w8", K.PrefillConfig(128 // h, 128, 8, 3)),
-                             ("s4", K.PrefillConfig(128 // h, 64, 4, 4))]:
+            for tag, cfg in [("N128w4", K.PrefillConfig(128 // h, 64, 4, 3)), ("N256w4", K.PrefillConfig(256 // h, 64, 4, 3)),
+                             ("N256w8", K.PrefillConfig(256 // h, 64, 8, 3))]:
                 impls[f"fp8gemm[{tag}]"] = (lambda q=q, kv=kv, sf=sf, w=w, ks=ks, ke=ke, cfg=cfg:
                                             attention._run_prefill(q, kv, sf, w, ks, ke, True, 0, cfg))
         cases.append(Case("mqa", f"prefill SQ{sq} SK{sk} H{h} D{d} causal", flops, nbytes, impls, check, TOL))
@@ -145,8 +145,8 @@ def paged_cases(quick: bool) -> list[Case]:
             impls["DeepGEMM"] = (lambda q=q, cache=cache, w=w, ctx2=ctx2, table=table, m=dg_meta, max_len=max_len:
                                  dg.fp8_paged_mqa_logits(q, cache, w, ctx2, table, m, max_len, False))
         if not quick:
-            for tag, cfg in [("sub1", K.PagedConfig(64, 1, 4, 4)), ("sub3", K.PagedConfig(64, 3, 4, 4)),
-                             ("s3", K.PagedConfig(64, 2, 4, 3)), ("T128w8", K.PagedConfig(128, 2, 8, 3))]:
+            for tag, cfg in [("sub2s4", K.PagedConfig(64, 2, 4, 4)), ("sub4s5", K.PagedConfig(64, 4, 4, 5)),
+                             ("sub3s4", K.PagedConfig(64, 3, 4, 4))]:
                 impls[f"fp8gemm[{tag}]"] = (lambda q=q, cache=cache, w=w, ctx2=ctx2, table=table, meta=meta,
                                             max_len=max_len, cfg=cfg:
                                             attention._run_paged(q, cache, w, ctx2, table, meta, max_len, False, cfg))

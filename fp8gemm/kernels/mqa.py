@@ -55,23 +55,30 @@ class PagedConfig:
 def prefill_config(num_heads: int, head_dim: int) -> PrefillConfig:
     """Tile sizes of the prefill kernel.
 
-    N = block_q * H = 128 keeps one query block's q tile (16 KB at D = 128) resident in shared memory
-    while 64-key KV tiles stream through a 3-stage cp.async pipeline.  One warpgroup per program (64 FP32
-    accumulator registers per thread, ~132 registers in all) lets three programs share an SM, so one
-    program's MMA overlaps another's ReLU-and-reduce epilogue; with 8 warps and 128-key tiles (~140
-    registers) only one program fits and the two phases serialise.
+    N = block_q * H = 256 (every head of 256 / H queries) against 64-key tiles through a 3-stage cp.async
+    pipeline: one KV tile then feeds twice the MMA work of N = 128, which halves the KV traffic and the
+    per-tile loop overhead.  At head_dim 128 two warpgroups split N (64 accumulator registers each); at
+    head_dim 64 one warpgroup holds all of it (the epilogue, not the MMA, bounds that shape, and a second
+    warpgroup only adds synchronisation).  Measured on an H100 (benchmarks/RESULTS.md, SQ = SK = 8192):
+    H64 D128 +6% and H32 D64 +2-5% over N = 128 with one warpgroup.  H16 keeps N = 128 (16 queries a
+    program would put the compressed form's per-query bookkeeping on the stack; not measured faster).
     """
-    return PrefillConfig(block_q=max(1, 128 // num_heads), block_k=64, num_warps=4, num_stages=3)
+    n = 256 if num_heads >= 32 else 128
+    return PrefillConfig(block_q=n // num_heads, block_k=64, num_warps=8 if head_dim >= 128 and n == 256 else 4,
+                         num_stages=3)
 
 
 def paged_config(num_heads: int, head_dim: int, next_n: int, block_kv: int) -> PagedConfig:
     """Tile sizes of the paged (decode) kernel, which is bound by reading the KV cache once.
 
-    One warpgroup per program on 64-key tiles (8.4 KB of KV at D = 128) with 3 tiles in flight (4 stages),
-    and two programs per schedule worker so that each SM holds two CTAs: ~50 KB of loads in flight per SM,
-    about what Little's law asks for at ~25 GB/s per SM and ~1.5 us loaded DRAM latency.
+    One warpgroup per program on 64-key tiles (8.4 KB of KV at D = 128) with 5 tiles in flight (6 stages),
+    and three programs per schedule worker, so each SM holds three CTAs and ~125 KB of loads in flight:
+    Little's law at ~25 GB/s per SM and a loaded DRAM latency of 1.5-2 us asks for ~50 KB, and the
+    margin covers the bubbles at split and sequence boundaries.  Measured on an H100 (RESULTS.md): two
+    programs with 4 stages reached 75-81% of copy bandwidth, three with 6 stages 85-86%; four programs
+    are better at next_n 1 but worse at next_n 2 (the q tile of 128 rows doubles each CTA's registers).
     """
-    return PagedConfig(tile=64, sub=2, num_warps=4, num_stages=4)
+    return PagedConfig(tile=64, sub=3, num_warps=4, num_stages=6)
 
 
 # -------------------------------------------------------------------------------------
