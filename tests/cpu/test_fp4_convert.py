@@ -307,3 +307,25 @@ def test_route_contiguous_fp4_converts_then_gluon(fake_sm90, device):
     ref = R.m_grouped_fp8_gemm_nt_contiguous(codes.cpu(), sbytes.cpu(), b.cpu(), sfb.cpu(), m_indices.cpu(),
                                              torch.zeros_like(d.cpu()))
     assert calc_diff(d.cpu()[ok], ref[ok]) < 1e-3 and d.cpu()[~ok].isnan().all()
+
+
+# =====================================================================================
+# sm_90a compile: no local memory, 16-byte E4M3 stores
+# =====================================================================================
+
+@pytest.mark.parametrize("rows,block_m,block_k,warps", [(2, 16, 1024, 8), (1, 32, 512, 8)])
+def test_convert_kernel_compiles_sm90(rows, block_m, block_k, warps):
+    from fp8gemm.testing import compile_sm90_in_subprocess, sass_count
+    sig = {"codes_ptr": "*u8", "sbytes_ptr": "*u8", "q_ptr": "*u8", "sf_ptr": "*fp32", "rows_ptr": "*i32",
+           "M": "i32", "K": "i32", "num_groups": "i32", "num_progs": "i32",
+           "stride_cg": "i64", "stride_cm": "i32", "stride_bg": "i64", "stride_bm": "i32",
+           "stride_qg": "i64", "stride_qm": "i32", "stride_fg": "i64", "stride_fm": "i32", "stride_fk": "i32"}
+    div = ["codes_ptr", "sbytes_ptr", "q_ptr", "sf_ptr", "rows_ptr", "K", "stride_cg", "stride_cm", "stride_bg",
+           "stride_bm", "stride_qg", "stride_qm"]
+    c = dict(stride_ck=1, stride_bk=1, ROWS=rows, BLOCK_M=block_m, BLOCK_K=block_k, GROUPS_POW2=32, SOFT=False)
+    res = compile_sm90_in_subprocess("fp8gemm.kernels.fp4_convert", "fp4_to_fp8_kernel", sig, c, num_warps=warps,
+                                     divisible_by_16=div)
+    assert res["regs"] <= 128, f"{res['regs']} registers"
+    assert res["local"] == 0 and res["stack"] == 0
+    assert sass_count(res["sass"], "STG.E.128") > 0, "E4M3 bytes not stored 16 at a time"
+    assert sass_count(res["sass"], "LDG.E.64") + sass_count(res["sass"], "LDG.E.128") > 0, "codes not read wide"
