@@ -130,12 +130,15 @@ def convert_config(rows_hint: int, k: int) -> tuple[int, int, int]:
 def launch_fp4_to_fp8(codes: torch.Tensor, sbytes: torch.Tensor, q: torch.Tensor, sf: torch.Tensor, *,
                       masked_m: torch.Tensor | None = None, m_indices: torch.Tensor | None = None,
                       rows_hint: int | None = None, config: tuple[int, int, int] | None = None,
-                      ctas_per_sm: int = 8) -> None:
+                      ctas_per_sm: int = 3) -> None:
     """Fill ``q``/``sf`` (see :func:`empty_fp8_operand`; any strides with unit stride along K for ``q``)
     from ``codes``/``sbytes`` (validated by the caller; 3-D ``[G, M, *]`` or 2-D ``[M, *]``).
 
     ``masked_m`` (int32 [G]): only rows below it per group; ``m_indices`` (int32 [M], 2-D operands): only
-    rows whose id is >= 0; neither: every row.  ``rows_hint``: the typical rows per group (tile choice).
+    rows whose id is >= 0; neither: every row.  ``rows_hint``: the typical rows per group (tile choice, and
+    with ``masked_m`` the number of programs: enough for twice the hint, at least one per SM; more rows are
+    still all converted, by the persistent loop).  ``ctas_per_sm`` caps the programs (3 of 8 warps at ~80
+    registers fit an SM at once, so the decode's single wave never queues).
     """
     if masked_m is not None and m_indices is not None:
         raise ValueError("give masked_m or m_indices, not both")
@@ -147,8 +150,13 @@ def launch_fp4_to_fp8(codes: torch.Tensor, sbytes: torch.Tensor, q: torch.Tensor
     if rows_hint is None:
         rows_hint = m
     block_m, block_k, warps = config or convert_config(rows_hint, k)
-    tiles = g * triton.cdiv(m, block_m) * triton.cdiv(k, block_k)
-    grid = (max(1, min(tiles, runtime.get_num_sms() * ctas_per_sm)),)
+    k_tiles = triton.cdiv(k, block_k)
+    num_sms = runtime.get_num_sms()
+    cap = num_sms * ctas_per_sm
+    if masked_m is not None:
+        # Programs past the live tiles only read masked_m and leave: size the grid for the expected rows.
+        cap = min(cap, max(num_sms, g * triton.cdiv(2 * rows_hint, block_m) * k_tiles))
+    grid = (max(1, min(g * triton.cdiv(m, block_m) * k_tiles, cap)),)
     rows = ROWS_MASKED if masked_m is not None else ROWS_CONTIGUOUS if m_indices is not None else ROWS_ALL
     rows_t = masked_m if masked_m is not None else m_indices if m_indices is not None else codes
 
