@@ -187,7 +187,8 @@ def launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx
                         soft: bool, config=None) -> None:
     capacity, hidden = buf_x.shape[0], x.shape[1]
     topk = buf_topk_idx.shape[1]
-    block_m, groups, warps, *rest = config or row_group_config(capacity, hidden, group_size, x.element_size())
+    block_m, groups, warps, *rest = config or row_group_config(capacity, hidden, group_size, x.element_size(),
+                                                               fp4=use_fp4_acts)
     ctas_per_sm = rest[0] if rest else 0
     tiles = triton.cdiv(capacity, block_m) * triton.cdiv(triton.cdiv(hidden, group_size), groups)
     grid = (max(1, min(tiles, get_num_sms() * ctas_per_sm)) if ctas_per_sm else tiles,)
