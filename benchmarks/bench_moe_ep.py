@@ -211,11 +211,11 @@ def main():
         row_bytes = Hd + 4 * (Hd // 128) + 4
         r["dispatch_total_MB"], r["dispatch_nvl_MB"] = d_rows * row_bytes / 1e6, d_remote * row_bytes / 1e6
         r["combine_total_MB"], r["combine_nvl_MB"] = c_rows * 2 * Hd / 1e6, c_remote * 2 * Hd / 1e6
-        r["dispatch_GBps"] = r["dispatch_total_MB"] / r["dispatch_ms"] / 1e3
-        r["dispatch_peer_GBps"] = r["dispatch_nvl_MB"] / r["dispatch_ms"] / 1e3
-        r["combine_GBps"] = r["combine_total_MB"] / r["combine_ms"] / 1e3
-        r["combine_peer_GBps"] = r["combine_nvl_MB"] / r["combine_ms"] / 1e3
-        r["combine_all_sms_peer_GBps"] = r["combine_nvl_MB"] / r["combine_all_sms_ms"] / 1e3
+        r["dispatch_GBps"] = r["dispatch_total_MB"] / r["dispatch_ms"]
+        r["dispatch_peer_GBps"] = r["dispatch_nvl_MB"] / r["dispatch_ms"]
+        r["combine_GBps"] = r["combine_total_MB"] / r["combine_ms"]
+        r["combine_peer_GBps"] = r["combine_nvl_MB"] / r["combine_ms"]
+        r["combine_all_sms_peer_GBps"] = r["combine_nvl_MB"] / r["combine_all_sms_ms"]
         r["dispatch_pct_p2p"] = r["dispatch_peer_GBps"] / p2p * 100
         r["combine_pct_p2p"] = r["combine_peer_GBps"] / p2p * 100
         r["combine_all_sms_pct_p2p"] = r["combine_all_sms_peer_GBps"] / p2p * 100
