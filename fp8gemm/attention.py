@@ -21,7 +21,9 @@ import torch
 
 from ._checks import (FP8, check_bool, check_cuda_or_interpreter, check_int, check_pair, check_same_device,
                       check_tensor)
+from . import runtime
 from .kernels import mqa as K
+from .kernels import mqa_gluon
 
 _ROW_ALIGN = 256    # FP32 elements: 1024-byte aligned output rows, as DeepGEMM allocates them
 
@@ -105,6 +107,16 @@ def _run_prefill(q, kv_t, kv_sf, weights, ks, ke, clean_logits: bool, max_seqlen
     out = _padded_output(seq_len, width, q.device)
     if seq_len == 0 or width == 0:
         return out
+    # The warp-specialised Gluon kernel where it applies (SM90, plain form, H 32/64, D 64/128, TMA-able
+    # inputs) unless FP8GEMM_BACKEND=triton; FP8GEMM_BACKEND=gluon raises where it does not apply.
+    choice = runtime.backend()
+    if cfg is None and choice != "triton":
+        if mqa_gluon.supports(q, kv_t, kv_sf, weights, ks, ke, clean_logits, max_seqlen_k):
+            mqa_gluon.launch(q, kv_t, kv_sf, weights, ks, ke, out, clean_logits, runtime.get_num_sms())
+            return out
+        if choice == "gluon":
+            raise RuntimeError("FP8GEMM_BACKEND=gluon but the Gluon MQA-logits kernel does not support this call "
+                               "(it needs an SM90 GPU, the plain form, num_heads 32/64 and head_dim 64/128)")
     cfg = cfg or K.prefill_config(num_heads, head_dim)
     grid = (_cdiv(seq_len, cfg.block_q),)
     K.mqa_logits_kernel[grid](

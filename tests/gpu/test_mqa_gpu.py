@@ -198,3 +198,149 @@ def test_paged_cuda_graph_replay(next_n):
         assert int(need.max()) <= table.shape[1]
         ref = R.fp8_paged_mqa_logits(static["q"], cache, static["w"], static["ctx"], static["table"], max_len)
         _check(out, ref)
+
+
+# -------------------------------------------------------------------------------------
+# Prefill: the warp-specialised Gluon kernel (fp8gemm.kernels.mqa_gluon) against the reference and the
+# Triton kernel.  ``check_gluon_prefill`` is also what benchmarks/mqa_gluon_dev.py runs before timing.
+# -------------------------------------------------------------------------------------
+
+def _gluon_ranges(seq_len, seq_len_kv, pattern, gen):
+    dev = "cuda"
+    if pattern == "causal":
+        ks = torch.zeros(seq_len, dtype=torch.int32, device=dev)
+        ke = torch.arange(seq_len, dtype=torch.int32, device=dev) + (seq_len_kv - seq_len) + 1
+    elif pattern == "full":
+        ks = torch.zeros(seq_len, dtype=torch.int32, device=dev)
+        ke = torch.full((seq_len,), seq_len_kv, dtype=torch.int32, device=dev)
+    elif pattern == "cp":
+        return _ranges(seq_len, seq_len_kv, cp=True)
+    elif pattern == "ragged":
+        # arbitrary per-row ranges, some reaching past both ends, some empty (ke <= ks)
+        ks = torch.randint(-100, seq_len_kv, (seq_len,), dtype=torch.int32, generator=gen).to(dev)
+        ke = ks + torch.randint(-50, seq_len_kv // 2 + 2, (seq_len,), dtype=torch.int32, generator=gen).to(dev)
+    elif pattern == "empty":
+        ks = torch.full((seq_len,), 5, dtype=torch.int32, device=dev)
+        ke = torch.full((seq_len,), 5, dtype=torch.int32, device=dev)
+        ke[::7] = 5 + torch.arange(0, seq_len, 7, dtype=torch.int32, device=dev) % 97
+    else:
+        raise ValueError(pattern)
+    return ks, ke
+
+
+def check_gluon_prefill(seq_len, seq_len_kv, h, d, pattern="causal", clean=True, num_sms=None, seed=0):
+    """Gluon kernel (launched directly into a NaN-poisoned output) vs the reference and vs the Triton kernel;
+    also that ``fp8_mqa_logits`` routes to it (bit-equal to the direct launch).  Returns the calc_diff
+    against the reference.  With ``clean`` the -inf pattern must match exactly and no NaN may remain."""
+    from fp8gemm import attention
+    from fp8gemm.kernels import mqa as K
+    from fp8gemm.kernels import mqa_gluon as MG
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(seq_len, h, d, generator=gen).cuda().to(FP8)
+    kv, sf = R.quantize_kv_per_token(torch.randn(seq_len_kv, d, generator=gen).cuda())
+    w = torch.randn(seq_len, h, generator=gen).cuda()
+    ks, ke = _gluon_ranges(seq_len, seq_len_kv, pattern, gen)
+    assert MG.supports(q, kv, sf, w, ks, ke, clean, 0), "the Gluon kernel declines this call"
+    out = attention._padded_output(seq_len, seq_len_kv, q.device).fill_(float("nan"))
+    MG.launch(q, kv, sf, w, ks, ke, out, clean, num_sms or fp8gemm.get_num_sms())
+    torch.cuda.synchronize()
+    ref = R.fp8_mqa_logits(q, kv, sf, w, ks, ke)
+    valid = ref != NEG_INF
+    if clean:
+        assert not torch.isnan(out).any(), "a position was left unwritten (NaN) with clean_logits"
+        assert torch.equal(out == NEG_INF, ~valid), "the -inf positions differ from the reference"
+    o = out[valid]
+    assert not torch.isnan(o).any(), "a valid position holds NaN (not written)"
+    diff = calc_diff(o, ref[valid]) if bool(valid.any()) else 0.0
+    assert diff < TOL, f"calc_diff vs reference {diff:.3g}"
+    # the Triton kernel on the same inputs
+    tri = attention._run_prefill(q, kv, sf, w, ks, ke, clean, 0, K.prefill_config(h, d))
+    if bool(valid.any()):
+        d_tri = calc_diff(o, tri[valid])
+        assert d_tri < TOL, f"calc_diff vs the Triton kernel {d_tri:.3g}"
+    if clean:
+        assert torch.equal(out == NEG_INF, tri == NEG_INF)
+    # the public entry takes the Gluon path (deterministic: bit-equal to the direct launch)
+    if num_sms is None:
+        api = fp8gemm.fp8_mqa_logits(q, (kv, sf), w, ks, ke, clean_logits=clean)
+        assert torch.equal(api[valid], out[valid]), "fp8_mqa_logits did not take the Gluon path (or not deterministic)"
+    return diff
+
+
+GLUON_SHAPES = [(2048, 8192, 64, 128), (2048, 4096, 32, 64), (777, 3000, 64, 64), (1001, 2049, 32, 128),
+                (5, 70, 64, 128), (3, 1, 32, 64), (4099, 4099, 64, 128)]
+
+
+@pytest.mark.parametrize("clean", [True, False])
+@pytest.mark.parametrize("pattern", ["causal", "ragged", "cp"])
+@pytest.mark.parametrize("seq_len,seq_len_kv,h,d", GLUON_SHAPES)
+def test_prefill_gluon(seq_len, seq_len_kv, h, d, pattern, clean):
+    if pattern == "cp" and (seq_len_kv % seq_len or seq_len % 2):
+        pytest.skip("the CP pattern needs seq_len | seq_len_kv")
+    check_gluon_prefill(seq_len, seq_len_kv, h, d, pattern, clean)
+
+
+@pytest.mark.parametrize("h,d", [(64, 128), (32, 64)])
+@pytest.mark.parametrize("pattern", ["full", "empty"])
+def test_prefill_gluon_full_and_empty(h, d, pattern):
+    check_gluon_prefill(1500, 2500, h, d, pattern, clean=True)
+
+
+@pytest.mark.parametrize("num_sms", [1, 7, 131])
+def test_prefill_gluon_few_programs(num_sms):
+    """Persistent programs walking many query blocks (q slots and the KV ring wrap many times)."""
+    check_gluon_prefill(1300, 2000, 64, 128, "causal", True, num_sms=num_sms)
+    check_gluon_prefill(1300, 2000, 32, 64, "ragged", False, num_sms=num_sms, seed=1)
+
+
+def test_prefill_backend_env(monkeypatch):
+    """FP8GEMM_BACKEND=triton forces the Triton kernel (bit-equal to it); auto takes the Gluon kernel for the
+    plain form and the Triton kernel for the compressed form and H16."""
+    from fp8gemm import attention
+    from fp8gemm.kernels import mqa as K
+    from fp8gemm.kernels import mqa_gluon as MG
+    seq_len, seq_len_kv, h, d = 1000, 3000, 64, 128
+    q, kv, sf, w = _prefill_inputs(seq_len, seq_len_kv, h, d)
+    ks, ke = _ranges(seq_len, seq_len_kv, cp=False)
+    tri = attention._run_prefill(q, kv, sf, w, ks, ke, True, 0, K.prefill_config(h, d))
+    glu = attention._padded_output(seq_len, seq_len_kv, q.device)
+    MG.launch(q, kv, sf, w, ks, ke, glu, True, fp8gemm.get_num_sms())
+    monkeypatch.setenv("FP8GEMM_BACKEND", "triton")
+    assert torch.equal(fp8gemm.fp8_mqa_logits(q, (kv, sf), w, ks, ke), tri)
+    monkeypatch.setenv("FP8GEMM_BACKEND", "auto")
+    assert torch.equal(fp8gemm.fp8_mqa_logits(q, (kv, sf), w, ks, ke), glu)
+    monkeypatch.setenv("FP8GEMM_BACKEND", "gluon")
+    assert torch.equal(fp8gemm.fp8_mqa_logits(q, (kv, sf), w, ks, ke), glu)
+    with pytest.raises(RuntimeError, match="FP8GEMM_BACKEND=gluon"):
+        fp8gemm.fp8_mqa_logits(q, (kv, sf), w, ks, ke, clean_logits=False, max_seqlen_k=512)
+    monkeypatch.setenv("FP8GEMM_BACKEND", "auto")
+    width = int((ke - ks).max())
+    ref = R.fp8_mqa_logits(q, kv, sf, w, ks, ke, max_seqlen_k=width)
+    _check(fp8gemm.fp8_mqa_logits(q, (kv, sf), w, ks, ke, clean_logits=True, max_seqlen_k=width), ref)
+    q16, kv16, sf16, w16 = _prefill_inputs(512, 1024, 16, 32)
+    ks16, ke16 = _ranges(512, 1024, cp=False)
+    _check(fp8gemm.fp8_mqa_logits(q16, (kv16, sf16), w16, ks16, ke16), R.fp8_mqa_logits(q16, kv16, sf16, w16, ks16, ke16))
+
+
+def test_prefill_gluon_cuda_graph():
+    """The Gluon path captured in a CUDA graph (no host sync) and replayed with new ranges written in place."""
+    seq_len, seq_len_kv, h, d = 1024, 4096, 32, 64
+    q, kv, sf, w = _prefill_inputs(seq_len, seq_len_kv, h, d)
+    ks, ke = _ranges(seq_len, seq_len_kv, cp=False)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fp8gemm.fp8_mqa_logits(q, (kv, sf), w, ks, ke)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8gemm.fp8_mqa_logits(q, (kv, sf), w, ks, ke)
+    for trial in range(2):
+        new_ks = torch.randint(0, seq_len_kv // 2, (seq_len,), dtype=torch.int32, device="cuda")
+        ks.copy_(new_ks)
+        ke.copy_(new_ks + torch.randint(0, seq_len_kv // 2, (seq_len,), dtype=torch.int32, device="cuda"))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(out, R.fp8_mqa_logits(q, kv, sf, w, ks, ke))
