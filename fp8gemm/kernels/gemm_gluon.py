@@ -69,8 +69,79 @@ _MODES = {"dense": MODE_DENSE, "masked": MODE_MASKED, "contiguous": MODE_CONTIGU
 BLOCK_K = 128
 _SMEM_BUDGET = 220 * 1024     # of the 227 KB an H100/H200 block may use; the rest is barriers and scratch
 
+# Cycle probe (``PROBE=True``, diagnostics only: benchmarks/gluon_probe.py).  int64 buffer, per program
+# PROBE_ROWS rows of PROBE_SLICES x PROBE_EVENTS timestamps: row 0/1 = consumer warpgroup 0/1, row 2 = the
+# producer warp, row 3 = header (PROBE_HDR_*).  Slot [row, s, e] = %clock64 of event e for the program's
+# s-th K-slice (counted over its tiles, s < PROBE_SLICES); 0 = not reached.
+PROBE_SLICES = 32
+PROBE_EVENTS = 8
+PROBE_ROWS = 4
+PROBE_CTA_STRIDE = PROBE_ROWS * PROBE_SLICES * PROBE_EVENTS
+assert PROBE_SLICES == 32    # spelled out in _stamp's PTX
+# consumer events (slice s): before the partition bar.sync that precedes the full-barrier wait, after it,
+# after the wait, after the MMA issue (commit), after warpgroup_mma_wait of s, after the empty arrive of s,
+# after the promotion of s
+EV_C_PRE_BAR, EV_C_PRE_WAIT, EV_C_FULL, EV_C_ISSUED, EV_C_MMA_DONE, EV_C_ARRIVED, EV_C_PROMOTED = range(7)
+# producer events (slice s): before the empty-barrier wait, after it, after both TMA issues
+EV_P_PRE_WAIT, EV_P_EMPTY, EV_P_ISSUED = range(3)
+# header row (consumer warpgroup 0): clock64 and globaltimer (ns) at the consumer's start and end, %smid;
+# clock64 at the producer's start (its writer thread)
+PROBE_HDR_CLK0, PROBE_HDR_NS0, PROBE_HDR_CLK1, PROBE_HDR_NS1, PROBE_HDR_SMID, PROBE_HDR_PCLK0 = range(6)
+
 
 if HAS_GLUON:
+
+    # ---------------- cycle probe (PROBE=True only; nothing of it is emitted otherwise) ----------------
+    _PR_ROW = gl.constexpr(PROBE_SLICES * PROBE_EVENTS)
+    _PR_CTA = gl.constexpr(PROBE_CTA_STRIDE)
+    _PR_EVENTS = gl.constexpr(PROBE_EVENTS)
+    _EV_C_PRE_BAR = gl.constexpr(EV_C_PRE_BAR)
+    _EV_C_PRE_WAIT = gl.constexpr(EV_C_PRE_WAIT)
+    _EV_C_FULL = gl.constexpr(EV_C_FULL)
+    _EV_C_ISSUED = gl.constexpr(EV_C_ISSUED)
+    _EV_C_MMA_DONE = gl.constexpr(EV_C_MMA_DONE)
+    _EV_C_ARRIVED = gl.constexpr(EV_C_ARRIVED)
+    _EV_C_PROMOTED = gl.constexpr(EV_C_PROMOTED)
+    _EV_P_PRE_WAIT = gl.constexpr(EV_P_PRE_WAIT)
+    _EV_P_EMPTY = gl.constexpr(EV_P_EMPTY)
+    _EV_P_ISSUED = gl.constexpr(EV_P_ISSUED)
+    _HDR_CLK0 = gl.constexpr(PROBE_HDR_CLK0)
+    _HDR_NS0 = gl.constexpr(PROBE_HDR_NS0)
+    _HDR_CLK1 = gl.constexpr(PROBE_HDR_CLK1)
+    _HDR_NS1 = gl.constexpr(PROBE_HDR_NS1)
+    _HDR_SMID = gl.constexpr(PROBE_HDR_SMID)
+    _HDR_PCLK0 = gl.constexpr(PROBE_HDR_PCLK0)
+
+    @gluon.jit
+    def _probe_row(probe_ptr, PRODUCER: gl.constexpr):
+        """This thread's row of the probe buffer and whether it writes: one thread per consumer warpgroup
+        (rows 0/1: threads 0 and 128 of the default partition, which holds warps 0..num_warps-1) and lane 0 of
+        the producer warp (row 2)."""
+        tid = gl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r", [], dtype=gl.int32, is_pure=True, pack=1)
+        if PRODUCER:
+            row = tid * 0 + 2
+            writer = (tid % 32 == 0).to(gl.int32)
+        else:
+            row = tid // 128
+            writer = (tid % 128 == 0).to(gl.int32)
+        base = probe_ptr + gl.program_id(0) * _PR_CTA + row * _PR_ROW
+        return base, writer, row
+
+    @gluon.jit
+    def _stamp(base, writer, slot, EV: gl.constexpr, SRC: gl.constexpr = 0):
+        """Read a clock first (``SRC`` 0: ``%clock64``, 1: ``%globaltimer`` ns, 2: ``%smid``), then store it
+        at ``base[slot * PROBE_EVENTS + EV]`` from the writer thread when ``slot < PROBE_SLICES`` (32).
+        Not pure: LLVM keeps it in order with the other side-effecting operations (barrier waits/arrives,
+        wgmma fence/commit/wait)."""
+        if SRC == 2:
+            head: gl.constexpr = "{ .reg .u32 t; mov.u32 t, %smid; cvt.u64.u32 $0, t; "
+        elif SRC == 1:
+            head: gl.constexpr = "{ mov.u64 $0, %globaltimer; "
+        else:
+            head: gl.constexpr = "{ mov.u64 $0, %clock64; "
+        return gl.inline_asm_elementwise(
+            head + ".reg .pred p; setp.lt.u32 p, $2, 32; setp.ne.and.b32 p, $3, 0, p; @p st.global.b64 [$1], $0; }",
+            "=l,l,r,r", [base + (slot * _PR_EVENTS + EV), slot, writer], dtype=gl.int64, is_pure=False, pack=1)
 
     @gluon.jit
     def _num_tiles(M, N, G, masked_m_ptr, MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
@@ -138,7 +209,8 @@ if HAS_GLUON:
     def _producer(a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                   masked_m_ptr, m_indices_ptr,
                   MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                  STAGES: gl.constexpr, K_ROTATE: gl.constexpr, WIDE_N: gl.constexpr = False):
+                  STAGES: gl.constexpr, K_ROTATE: gl.constexpr, WIDE_N: gl.constexpr = False,
+                  PROBE: gl.constexpr = False, probe_ptr=None):
         BK: gl.constexpr = a_desc.block_type.shape[1]
         idx_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
         if WIDE_N:
@@ -154,6 +226,10 @@ if HAS_GLUON:
         cur_base = gl.to_tensor(0)
         cur_cnt = _first_group_count(M, N, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
         it = gl.to_tensor(0)
+        if PROBE:
+            pbase, pw, prow = _probe_row(probe_ptr, True)
+            hdr = probe_ptr + pid * _PR_CTA + 3 * _PR_ROW
+            _stamp(hdr, pw, 0, _HDR_PCLK0)
         for t in range(pid, total, nprog):
             g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
                 t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
@@ -165,7 +241,11 @@ if HAS_GLUON:
                     s = it % STAGES
                     ph = (it // STAGES) & 1
                     kk = _rotated(kb, rot, num_k) * BK
+                    if PROBE:
+                        _stamp(pbase, pw, it, _EV_P_PRE_WAIT)
                     mbarrier.wait(empty_bars.index(s), ph ^ 1)
+                    if PROBE:
+                        _stamp(pbase, pw, it, _EV_P_EMPTY)
                     bar = full_bars.index(s)
                     mbarrier.expect(bar, nbytes)
                     if WIDE_N:
@@ -182,6 +262,8 @@ if HAS_GLUON:
                     else:
                         tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(s))
                         tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s))
+                    if PROBE:
+                        _stamp(pbase, pw, it, _EV_P_ISSUED)
                     it += 1
 
     @gluon.jit
@@ -222,18 +304,34 @@ if HAS_GLUON:
         return acc
 
     @gluon.jit
-    def _issue(a_bufs, b_bufs, full_bars, it, buf, STAGES: gl.constexpr):
+    def _issue(a_bufs, b_bufs, full_bars, it, buf, STAGES: gl.constexpr,
+               PROBE: gl.constexpr = False, pbase=None, pw=None):
         """Wait for K-slice ``it`` to land, start its MMA into ``buf`` (whose old value is ignored)."""
         s = it % STAGES
+        if PROBE:
+            # The compiler puts a partition bar.sync right before every mbarrier.wait (membar); the probe
+            # makes it explicit so that a stamp can sit between it and the wait (membar then adds none).
+            _stamp(pbase, pw, it, _EV_C_PRE_BAR)
+            gl.thread_barrier()
+            _stamp(pbase, pw, it, _EV_C_PRE_WAIT)
         mbarrier.wait(full_bars.index(s), (it // STAGES) & 1)
-        return warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), buf, use_acc=False, is_async=True)
+        if PROBE:
+            _stamp(pbase, pw, it, _EV_C_FULL)
+        tok = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), buf, use_acc=False, is_async=True)
+        if PROBE:
+            _stamp(pbase, pw, it, _EV_C_ISSUED)
+        return tok
 
     @gluon.jit
     def _retire(tok, empty_bars, it, acc, sa, sb0, sb1, col_lo, SB_SCALAR: gl.constexpr, STAGES: gl.constexpr,
-                OUTSTANDING: gl.constexpr):
+                OUTSTANDING: gl.constexpr, PROBE: gl.constexpr = False, pbase=None, pw=None):
         """Wait for K-slice ``it``'s MMA, free its stage, promote it into ``acc`` with its scales."""
         done = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(tok, ))
+        if PROBE:
+            _stamp(pbase, pw, it, _EV_C_MMA_DONE)
         mbarrier.arrive(empty_bars.index(it % STAGES), count=1)
+        if PROBE:
+            _stamp(pbase, pw, it, _EV_C_ARRIVED)
         acc = _promote(acc, done, sa, sb0, sb1, col_lo, SB_SCALAR)
         # The scratch registers are handed to the next MMA through an identity that also reads ``acc``:
         # this pins the promotion before that MMA is issued.  Otherwise LLVM may schedule the FMAs after
@@ -241,6 +339,8 @@ if HAS_GLUON:
         # MMAs (C7514).  ptxas coalesces the moves away.
         free = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [done, acc], dtype=gl.float32,
                                          is_pure=True, pack=1)
+        if PROBE:
+            _stamp(pbase, pw, it, _EV_C_PROMOTED)
         return acc, free
 
     @gluon.jit
@@ -250,7 +350,8 @@ if HAS_GLUON:
                   s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
                   MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                   STAGES: gl.constexpr, TMA_STORE: gl.constexpr, HAS_C: gl.constexpr,
-                  HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr, K_ROTATE: gl.constexpr):
+                  HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr, K_ROTATE: gl.constexpr,
+                  PROBE: gl.constexpr = False, probe_ptr=None):
         BK: gl.constexpr = a_bufs.type.shape[2]
         num_warps: gl.constexpr = gl.num_warps()
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -280,6 +381,16 @@ if HAS_GLUON:
         it = gl.to_tensor(0)
         X = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
         Y = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
+        if PROBE:
+            pbase, pw, prow = _probe_row(probe_ptr, False)
+            hdr = probe_ptr + pid * _PR_CTA + 3 * _PR_ROW
+            hw = pw * (prow == 0).to(gl.int32)          # the header: warpgroup 0's writer only
+            _stamp(hdr, hw, 0, _HDR_CLK0)
+            _stamp(hdr, hw, 0, _HDR_NS0, 1)
+            _stamp(hdr, hw, 0, _HDR_SMID, 2)
+        else:
+            pbase = probe_ptr
+            pw = probe_ptr
         for t in range(pid, total, nprog):
             g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
                 t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
@@ -308,7 +419,7 @@ if HAS_GLUON:
                 saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
                                                gl.minimum(1, last), rot, num_k,
                                                s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
-                X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES)
+                X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES, PROBE, pbase, pw)
                 for j in range(0, last // 2):
                     k1 = 2 * j + 1
                     naX, nbX0, nbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
@@ -317,23 +428,23 @@ if HAS_GLUON:
                     naY, nbY0, nbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
                                                    gl.minimum(k1 + 2, last), rot, num_k,
                                                    s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
-                    Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES)
+                    Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES, PROBE, pbase, pw)
                     acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
-                                     SB_SCALAR, STAGES, 1)
-                    X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES)
+                                     SB_SCALAR, STAGES, 1, PROBE, pbase, pw)
+                    X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES, PROBE, pbase, pw)
                     acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
-                                     SB_SCALAR, STAGES, 1)
+                                     SB_SCALAR, STAGES, 1, PROBE, pbase, pw)
                     saX, sbX0, sbX1 = naX, nbX0, nbX1
                     saY, sbY0, sbY1 = naY, nbY0, nbY1
                 if num_k % 2 == 0:
-                    Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES)
+                    Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES, PROBE, pbase, pw)
                     acc, Xd = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
-                                      SB_SCALAR, STAGES, 1)
+                                      SB_SCALAR, STAGES, 1, PROBE, pbase, pw)
                     acc, Y = _retire(Y, empty_bars, base + last, acc, saY, sbY0, sbY1, col_lo,
-                                     SB_SCALAR, STAGES, 0)
+                                     SB_SCALAR, STAGES, 0, PROBE, pbase, pw)
                 else:
                     acc, Xd = _retire(X, empty_bars, base + last, acc, saX, sbX0, sbX1, col_lo,
-                                      SB_SCALAR, STAGES, 0)
+                                      SB_SCALAR, STAGES, 0, PROBE, pbase, pw)
                 X = Xd
                 it = base + num_k
 
@@ -370,6 +481,9 @@ if HAS_GLUON:
                         gl.atomic_add(signal_ptr + g * num_m_blocks + m_blk, 1, sem="release", scope="gpu")
         if TMA_STORE:
             tma.store_wait(pendings=0)
+        if PROBE:
+            _stamp(hdr, hw, 0, _HDR_CLK1)
+            _stamp(hdr, hw, 0, _HDR_NS1, 1)
 
     @gluon.jit
     def _consumer_wide(a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
@@ -467,14 +581,19 @@ if HAS_GLUON:
                            MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            GROUP_M: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr,
                            HAS_C: gl.constexpr, HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr,
-                           K_ROTATE: gl.constexpr, PRODUCER_REGS: gl.constexpr, WIDE_N: gl.constexpr = False):
+                           K_ROTATE: gl.constexpr, PRODUCER_REGS: gl.constexpr, WIDE_N: gl.constexpr = False,
+                           PROBE: gl.constexpr = False, probe_ptr=None):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``a_desc``: TMA over A as 2-D [rows, K] (masked: [G*max_m, K]); ``b_desc``: B as [G*N, K];
         ``d_desc``: TMA over D (dense BF16 only, ``TMA_STORE``).  ``M`` is the row count of one group
         (dense: M, masked: max_m, contiguous: M_total).  ``WIDE_N`` (dense, BF16 TMA store, 128x256 tiles,
         ``num_warps=4``): two consumer partitions of one warpgroup each, A and B in 64- and 128-row boxes,
-        see :func:`_consumer_wide`.
+        see :func:`_consumer_wide`.  ``PROBE`` (diagnostics, default kernel only, ``probe_ptr``: int64
+        ``[programs * PROBE_CTA_STRIDE]``, zeroed): %clock64 stamps around the barrier waits, MMA issue/wait,
+        empty arrive and promotion of the first ``PROBE_SLICES`` K-slices of each program (layout at
+        ``PROBE_SLICES``; ``benchmarks/gluon_probe.py`` reads them).  With ``PROBE`` False (the default) no
+        probe code is generated: the SASS is the same as without these arguments.
         """
         if WIDE_N:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES] + a_desc.block_type.shape, a_desc.layout)
@@ -491,6 +610,7 @@ if HAS_GLUON:
         if WIDE_N:
             gl.static_assert(MODE == 0 and TMA_STORE and BLOCK_M == 2 * a_desc.block_type.shape[0]
                              and BLOCK_N == 2 * b_desc.block_type.shape[0] and gl.num_warps() == 4)
+            gl.static_assert(not PROBE, "PROBE: default (non-wide) kernel only")
             # 12 warps share the register file (the 1-warp producer occupies a warpgroup's share):
             # the second consumer warpgroup gets what the producer leaves, like the first.
             WG_REGS: gl.constexpr = (65536 // 32 - 4 * PRODUCER_REGS) // 8 // 8 * 8
@@ -509,9 +629,10 @@ if HAS_GLUON:
                              M, N, K, G,
                              s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
                              MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
-                             K_ROTATE)),
+                             K_ROTATE, PROBE, probe_ptr)),
                 (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
-                             masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE)),
+                             masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
+                             False, PROBE, probe_ptr)),
             ], [1], [PRODUCER_REGS])
 
 

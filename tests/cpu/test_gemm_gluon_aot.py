@@ -143,3 +143,85 @@ def test_aot_sm90a_wide(tmp_path):
                          capture_output=True, text=True).stderr
     assert "C7514" not in log and "C7515" not in log, log
     assert "spill" not in log or "0 bytes spill stores" in log, log
+
+
+# ------------------------------------------------------------------------------------------------
+# Cycle probe (PROBE=True, benchmarks/gluon_probe.py): it compiles cleanly, and with PROBE off the
+# production kernel is the one committed before the probe existed.
+# ------------------------------------------------------------------------------------------------
+
+# sha256 of cuobjdump -sass of the production dense 128x128 BF16 TMA-store kernel (pick_config for
+# 4096x4096x7168: 5 stages, 8 consumer warps), recorded with triton 3.6.0 at the commit before the probe
+# was added and unchanged by it.  A deliberate kernel change must update it (after checking its SASS).
+_PROD_SASS_SHA256 = {"3.6.0": "bbdd37ed050fed1e"}
+_CLOCK_SASS = re.compile(r"SR_CLOCK|SR_GLOBALTIMER|CLOCKLO|CLOCKHI")
+
+
+def _compile_prod_128(probe=None):
+    cfg = gg.pick_config("dense", 4096, 4096, 7168, tma_store=True)
+    assert (cfg.block_m, cfg.block_n, cfg.stages, cfg.num_warps) == (128, 128, 5, 8)
+    constexprs = dict(MODE=0, BLOCK_M=128, BLOCK_N=128, GROUP_M=cfg.group_m, STAGES=cfg.stages, TMA_STORE=True,
+                      HAS_C=False, HAS_SIGNAL=False, SB_SCALAR=True, K_ROTATE=False, PRODUCER_REGS=cfg.producer_regs)
+    sig = _signature("dense", 128, 128, True, torch.bfloat16, False)
+    div16 = ["sfa_ptr", "sfb_ptr", "d_ptr", "c_ptr", "N", "K", "s_dm"]
+    if probe is not None:
+        constexprs["PROBE"] = probe
+        if probe:
+            sig["probe_ptr"] = "*i64"       # what the JIT makes of an int64 torch tensor (16-byte aligned)
+            div16.append("probe_ptr")
+    return compile_sm90_in_subprocess("fp8gemm.kernels.gemm_gluon", "fp8_gemm_ws_kernel", sig, constexprs,
+                                      num_warps=cfg.num_warps, gluon=True, maxnreg=cfg.maxnreg,
+                                      divisible_by_16=div16)
+
+
+def _num_params(ptx: str) -> int:
+    return len(re.findall(r"^\s*\.param\b", ptx, flags=re.M))
+
+
+def _ptxas_log(tmp_path, ptx_text):
+    ptx = tmp_path / "k.ptx"
+    ptx.write_text(ptx_text)
+    return subprocess.run([_triton_bin("ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
+                          capture_output=True, text=True).stderr
+
+
+def test_aot_sm90a_probe(tmp_path):
+    """PROBE=True: compiles, no local memory/spills, the MMAs stay asynchronous (the probe must time the
+    real pipeline: same QGMMA/DEPBAR/bar.sync structure as production), and the stamps are there."""
+    prod = _compile_prod_128()
+    r = _compile_prod_128(probe=True)
+    assert r["local"] == 0 and r["stack"] == 0, (r["local"], r["stack"])
+    assert sass_count(r["sass"], "LDL") == 0 and sass_count(r["sass"], "STL") == 0
+    assert r["shared"] == prod["shared"] <= 227 * 1024
+    assert _num_params(r["ptx"]) == _num_params(prod["ptx"]) + 1      # probe_ptr
+    for op in ("QGMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE", "BAR.SYNC", "SYNCS.ARRIVE"):
+        assert sass_count(r["sass"], op) == sass_count(prod["sass"], op), op
+    # the explicit barrier the probe puts before each full wait replaces the one membar inserts there
+    assert r["ptx"].count("bar.sync \t0, 256;") == prod["ptx"].count("bar.sync \t0, 256;")
+    assert r["ptx"].count("%clock64") >= 10 and r["ptx"].count("%globaltimer") == 2
+    assert sass_count(r["sass"], "STG") >= 10 and len(_CLOCK_SASS.findall(r["sass"])) >= 10
+    log = _ptxas_log(tmp_path, r["ptx"])
+    assert "C7514" not in log and "C7515" not in log, log
+    assert "spill" not in log or "0 bytes spill stores" in log, log
+
+
+def test_aot_sm90a_probe_off_is_production(tmp_path):
+    """PROBE=False (the default) generates exactly the committed production kernel: no clock reads, no global
+    stores (BF16 output goes out by TMA), no probe parameter, 16 QGMMA, and the SASS digest recorded before the
+    probe was added (triton 3.6.0)."""
+    import hashlib
+
+    import triton
+    default = _compile_prod_128()
+    off = _compile_prod_128(probe=False)
+    assert off["sass"] == default["sass"]
+    sass, ptx = default["sass"], default["ptx"]
+    assert not _CLOCK_SASS.search(sass)
+    assert "%clock" not in ptx and "%globaltimer" not in ptx
+    assert sass_count(sass, "STG") == 0 and sass_count(sass, "QGMMA") == 16
+    assert _num_params(ptx) == 38             # the committed parameter list: no probe pointer
+    want = _PROD_SASS_SHA256.get(triton.__version__)
+    if want is not None:
+        got = hashlib.sha256(sass.encode()).hexdigest()[:16]
+        assert got == want, (f"production SASS changed ({got} != {want}); if the kernel change is deliberate, "
+                             "check its SASS and update _PROD_SASS_SHA256")
