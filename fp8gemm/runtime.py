@@ -3,9 +3,10 @@
 Settings (environment variables, read when first needed):
 
 ``FP8GEMM_BACKEND``
-    ``auto`` (default): Gluon kernels on SM90 where one exists for the call, else Triton.
-    ``triton``: always the portable Triton kernels.  ``gluon``: insist on Gluon (error where
-    there is none for the call).
+    ``auto`` (default): Gluon kernels on SM90 where one exists for the call and measured faster
+    (the grouped/dense GEMMs), else Triton; the MQA-logits prefill stays on Triton under ``auto``
+    (its Gluon kernel measured slower on most shapes).  ``triton``: always the portable Triton
+    kernels.  ``gluon``: insist on Gluon (error where there is none for the call).
 ``FP8GEMM_NUM_SMS``
     Initial cap on the SMs a kernel may use (same as calling :func:`set_num_sms`).
 ``FP8GEMM_DEBUG``
