@@ -138,11 +138,20 @@ def compile_sm90_in_subprocess(module: str, kernel: str, signature: dict, conste
     import subprocess
     import sys
 
+    import hashlib
+    import tempfile
+
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["CUDA_VISIBLE_DEVICES"] = ""
     payload = json.dumps({"module": module, "kernel": kernel, "signature": signature,
-                          "constexprs": constexprs or {}, "options": options})
+                          "constexprs": constexprs or {}, "options": options}, sort_keys=True)
+    # Triton's cache key for an ASTSource built from named constexprs hashes their values, not their names:
+    # {"PERSISTENT": True} and {"STREAMING": True} of one kernel collide and the second compile returns the
+    # first one's binary.  A cache directory per request (named by its full description) keeps the reuse
+    # across runs without the collisions.
+    base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "fp8gemm_aot_cache")
+    env["TRITON_CACHE_DIR"] = os.path.join(base, "aot-" + hashlib.sha256(payload.encode()).hexdigest()[:24])
     code = ("import json,sys,importlib\n"
             "from fp8gemm.testing import compile_sm90\n"
             "p=json.loads(sys.stdin.read())\n"
