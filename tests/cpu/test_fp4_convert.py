@@ -3,6 +3,7 @@ statement on poisoned buffers (rows the GEMM skips must stay untouched), against
 A-load (the same values), and the dispatcher's route choice (convert + Gluon vs in-kernel Triton).
 """
 import math
+import re
 
 import pytest
 import torch
@@ -158,6 +159,100 @@ def test_strided_input(device):
     assert_bits(q[0], want_q[0], "group 0")
     assert_bits(sf[1, :5], want_sf[1, :5], "group 1 scales")
     assert_untouched(q[1, 5:], sf[1, 5:], "group 1 tail")
+
+
+def every_nibble_and_gap(gaps, top, blocks_per_row=2):
+    """Rows of 128-blocks whose chunk 0 has scale byte ``top`` (the block's largest) and chunks 1-3 the bytes
+    ``top + gap`` for the next three of ``gaps`` (each <= 0); every chunk holds all 16 codes, each at an even
+    and at an odd column.  Returns ``(codes, sbytes)`` [rows, K / 2], [rows, K / 32]."""
+    gaps = list(gaps)
+    per_row = 3 * blocks_per_row
+    gaps += [0] * (-len(gaps) % per_row)
+    rows = len(gaps) // per_row
+    chunk = torch.tensor(list(range(16)) + list(range(15, -1, -1)), dtype=torch.uint8)      # 32 codes
+    vals = chunk.repeat(rows, 4 * blocks_per_row)
+    codes = vals[:, 0::2] | (vals[:, 1::2] << 4)
+    g = torch.tensor(gaps, dtype=torch.int64).view(rows, blocks_per_row, 3)
+    sbytes = torch.cat([torch.zeros(rows, blocks_per_row, 1, dtype=torch.int64), g], dim=2) + top
+    assert sbytes.min() >= 0 and sbytes.max() <= 255
+    return codes.contiguous(), sbytes.view(rows, -1).to(torch.uint8)
+
+
+# Every relative scale a chunk can have: exact (0 .. -8), rounding onto E4M3's subnormal grid with ties
+# (-9 .. -12), underflow to (signed) zero, and gaps past the -126 clamp.
+GAPS = list(range(0, -31, -1)) + [-60, -100, -120, -125, -126, -127, -128, -200, -254, -255]
+
+
+@pytest.mark.parametrize("top", [255, 254, 127])
+def test_every_code_at_every_scale_gap(top, device):
+    gaps = [max(g, -top) for g in GAPS]
+    codes, sbytes = every_nibble_and_gap(gaps, top)
+    want_q, want_sf = FC.fp4_to_fp8_reference(codes, sbytes)
+    codes, sbytes = codes.to(device), sbytes.to(device)
+    q, sf = FC.fp4_to_fp8(codes, sbytes)
+    assert FC._words_fit(codes, sbytes, q.view(torch.uint8), codes.shape[-1] * 2, 16), "word path not taken"
+    assert_bits(q, want_q, "E4M3 bytes")
+    assert_bits(sf, want_sf, "scales")
+    # as a masked 3-D operand (two groups, the second one's rows reversed), through a few tiles per program
+    c3 = torch.stack([codes, codes.flip(0)])
+    s3 = torch.stack([sbytes, sbytes.flip(0)])
+    q3, sf3 = poisoned_operand(c3, codes.shape[-1] * 2)
+    m = codes.shape[0]
+    FC.launch_fp4_to_fp8(c3, s3, q3, sf3, masked_m=torch.tensor([m, m - 3], dtype=torch.int32, device=device),
+                         config=(16, 128, 4), ctas_per_sm=1)
+    assert_bits(q3[0], want_q, "masked group 0")
+    assert_bits(q3[1, :m - 3], want_q.flip(0)[:m - 3], "masked group 1")
+    assert_bits(sf3[1, :m - 3], want_sf.flip(0)[:m - 3], "masked group 1 scales")
+    assert_untouched(q3[1, m - 3:], sf3[1, m - 3:], "masked group 1 tail")
+
+
+def test_reference_values_at_every_scale_gap():
+    """The reference's bytes are E2M1 * 2^gap rounded to nearest even onto E4M3, checked against exact
+    rational arithmetic (E4M3 subnormals are multiples of 2^-9, its normals have three mantissa bits)."""
+    from fractions import Fraction
+    codes, sbytes = every_nibble_and_gap(GAPS, 255, blocks_per_row=1)
+    q, _ = FC.fp4_to_fp8_reference(codes, sbytes)
+    nib = torch.stack([codes & 0xF, codes >> 4], dim=-1).flatten(-2)
+
+    def e4m3(x: Fraction) -> Fraction:
+        mag = abs(x)
+        if mag < Fraction(1, 64):
+            unit = Fraction(1, 512)
+        else:
+            e = 0
+            while Fraction(2) ** (e + 1) <= mag:
+                e += 1
+            while Fraction(2) ** e > mag:
+                e -= 1
+            unit = Fraction(2) ** e / 8
+        n, rem = divmod(mag, unit)
+        if rem > unit / 2 or (rem == unit / 2 and n % 2 == 1):
+            n += 1
+        return (n * unit) if x >= 0 else -(n * unit)
+
+    for r in range(codes.shape[0]):
+        for chunk in range(4):
+            gap = max(int(sbytes[r, chunk]) - int(sbytes[r, chunk // 4 * 4:chunk // 4 * 4 + 4].max()), -126)
+            for j in range(32):
+                c = int(nib[r, chunk * 32 + j])
+                v = Fraction(FC._E2M1_VALUES[c & 7]) * Fraction(2) ** gap * (-1 if c & 8 else 1)
+                got = q[r, chunk * 32 + j]
+                assert Fraction(got.item()) == e4m3(v), (r, chunk, c, gap)
+                assert (got.view(torch.uint8).item() >> 7) == (c >> 3), "sign bit (negative zero included)"
+
+
+def test_unaligned_input_takes_the_value_path(device):
+    """Codes that are not 4-byte aligned (or a K that is not a multiple of 32) go value by value: same bytes."""
+    codes, sbytes = every_nibble_and_gap(GAPS, 255)
+    big = torch.zeros(codes.shape[0], codes.shape[1] + 4, dtype=torch.uint8)
+    big[:, 1:1 + codes.shape[1]] = codes
+    unaligned = big.to(device)[:, 1:1 + codes.shape[1]]
+    q, sf = FC.empty_fp8_operand(unaligned, codes.shape[1] * 2)
+    assert not FC._words_fit(unaligned, sbytes, q.view(torch.uint8), codes.shape[1] * 2, 16)
+    FC.launch_fp4_to_fp8(unaligned, sbytes.to(device), q, sf)
+    want_q, want_sf = FC.fp4_to_fp8_reference(codes, sbytes)
+    assert_bits(q, want_q, "E4M3 bytes")
+    assert_bits(sf, want_sf, "scales")
 
 
 def test_zero_sizes(device):
@@ -316,16 +411,24 @@ def test_route_contiguous_fp4_converts_then_gluon(fake_sm90, device):
 @pytest.mark.parametrize("rows,block_m,block_k,warps", [(2, 16, 1024, 8), (1, 32, 512, 8)])
 def test_convert_kernel_compiles_sm90(rows, block_m, block_k, warps):
     from fp8gemm.testing import compile_sm90_in_subprocess, sass_count
+    # stride_bk and stride_fm are not specialised (do_not_specialize): runtime integers here as well
     sig = {"codes_ptr": "*u8", "sbytes_ptr": "*u8", "q_ptr": "*u8", "sf_ptr": "*fp32", "rows_ptr": "*i32",
            "M": "i32", "K": "i32", "num_groups": "i32", "num_progs": "i32",
-           "stride_cg": "i64", "stride_cm": "i32", "stride_bg": "i64", "stride_bm": "i32",
+           "stride_cg": "i64", "stride_cm": "i32", "stride_bg": "i64", "stride_bm": "i32", "stride_bk": "i32",
            "stride_qg": "i64", "stride_qm": "i32", "stride_fg": "i64", "stride_fm": "i32", "stride_fk": "i32"}
     div = ["codes_ptr", "sbytes_ptr", "q_ptr", "sf_ptr", "rows_ptr", "K", "stride_cg", "stride_cm", "stride_bg",
            "stride_bm", "stride_qg", "stride_qm"]
-    c = dict(stride_ck=1, stride_bk=1, ROWS=rows, BLOCK_M=block_m, BLOCK_K=block_k, GROUPS_POW2=32, SOFT=False)
+    c = dict(stride_ck=1, ROWS=rows, BLOCK_M=block_m, BLOCK_K=block_k, GROUPS_POW2=32, SOFT=False, WORDS=True)
     res = compile_sm90_in_subprocess("fp8gemm.kernels.fp4_convert", "fp4_to_fp8_kernel", sig, c, num_warps=warps,
                                      divisible_by_16=div)
+    sass = res["sass"]
     assert res["regs"] <= 128, f"{res['regs']} registers"
     assert res["local"] == 0 and res["stack"] == 0
-    assert sass_count(res["sass"], "STG.E.128") > 0, "E4M3 bytes not stored 16 at a time"
-    assert sass_count(res["sass"], "LDG.E.64") + sass_count(res["sass"], "LDG.E.128") > 0, "codes not read wide"
+    assert sass_count(sass, "STG.E.128") > 0, "E4M3 bytes not stored 16 at a time"
+    assert sass_count(sass, "LDG.E.64") + sass_count(sass, "LDG.E.128") > 0, "codes not read wide"
+    # The word path: table look-ups (PRMT), no shared-memory layout conversion, and about 7 instructions per
+    # value in all (prologue included; 30 for the value-by-value FP32 path, measured on sm_90a SASS)
+    assert sass_count(sass, "STS") == 0 and sass_count(sass, "BAR") == 0, "layout conversion through shared memory"
+    ops = len(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?[A-Z0-9_]+", sass))
+    per_thread = block_m * block_k // (32 * warps)
+    assert ops <= 8 * per_thread, f"{ops} SASS instructions for {per_thread} values a thread"
