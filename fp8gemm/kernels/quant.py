@@ -12,6 +12,8 @@ division on NVIDIA GPUs); NaN-propagating max reductions (done on the FP32 bits 
 ``abs_bits``); and a software E4M3 rounding in the interpreter, whose own
 fp32->fp8 conversion does not round to nearest even (on the GPU the hardware ``cvt.rn.satfinite``
 is used: it rounds to nearest even and agrees with the reference on every value the casts produce).
+The UE8M0 FP4 cast needs no division at all: its power-of-two scale comes from the amax bits
+(``e2m1_scale_ue8m0``, equal to the rounded division's result) and the 1/sf scaling is exact.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import get_num_sms
+from ..runtime import get_num_sms, interpreting
 
 
 # -------------------------------------------------------------------------------------
@@ -97,18 +99,71 @@ def e2m1_codes(y):
     """FP32 -> E2M1 codes (int32 0..15): nearest of {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to the even
     code, saturating; sign in bit 3 except for zero; NaN -> 0.
 
-    From 1 on, E2M1 is a float with one mantissa bit, and its code is the (exponent, mantissa bit)
-    pair: rounding the FP32 bits of |y| to one mantissa bit (half to even; a carry bumps the exponent)
-    and taking ``bits >> 22`` gives ``code + 252``.  Below 1 the values are multiples of 0.5 and the
-    code is ``rint(2 |y|)``, one FP32 add of 2^23 (the adder rounds half to even at the unit bit).
-    About a dozen instructions an element, where seven threshold comparisons took twenty-five."""
-    bits = y.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    normal = tl.minimum(((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - 252, 7)
-    t = bits.to(tl.float32, bitcast=True) * 2.0 + 8388608.0
-    sub = t.to(tl.int32, bitcast=True) - 0x4B000000
-    code = tl.where(bits < 0x3F800000, sub, normal)
-    code = tl.where(bits > 0x7F800000, 0, code)
-    return tl.where((y < 0) & (code != 0), code | 8, code)
+    The E2M1 grid is uniform within three ranges: steps of 0.5 below 2, of 1 in [2, 4), of 2 from 4
+    on, and there the code is ``rint(|y| * 2^(1-j)) + 2j`` with ``j = clamp(exponent(y), 0, 2)``
+    (round half to even: the tie goes to the even integer, which is the even code).  One FMA does it:
+    ``|y| * 2^(1-j)`` is exact and adding ``2^23 + 2j`` makes the FP32 adder round at the unit bit, so
+    the low bits of the sum are the code.  A negative ``y`` below -0.25 (a non-zero code) is an
+    unsigned comparison of the bits.  About twelve SASS instructions an element."""
+    bits = y.to(tl.int32, bitcast=True)
+    a = bits & 0x7FFFFFFF
+    j = tl.minimum(tl.maximum((a >> 23) - 127, 0), 2)
+    t = tl.fma(a.to(tl.float32, bitcast=True), ((128 - j) << 23).to(tl.float32, bitcast=True),
+               (0x4B000000 + 2 * j).to(tl.float32, bitcast=True))
+    code = tl.minimum(t.to(tl.int32, bitcast=True) - 0x4B000000, 7)
+    code += tl.where(bits.to(tl.uint32, bitcast=True) > 0xBE800000, 8, 0)        # y < -0.25 (or NaN)
+    return tl.where(a > 0x7F800000, 0, code)
+
+
+@triton.jit
+def e2m1_scale_ue8m0(amax_bits):
+    """The UE8M0 scale of E2M1 groups from their NaN-propagating amax bits (``tl.max`` of
+    :func:`abs_bits`), without a division: ``(sf bits, s, special)``, ``sf = 2^s``.
+
+    Equal to :func:`scale_from_amax` ``(amax, 6.0, True)``: ``ceil_to_ue8m0(max(amax, 1e-4) / 6)`` is the
+    smallest ``2^s >= amax / 6`` even with the division rounded (``amax <= 6 * 2^s`` exactly when the
+    rounded quotient is at most ``2^s``: the next float above ``6 * 2^s`` is 2/3 of an ulp of the
+    quotient away), i.e. ``s = E - 2`` for ``amax = 1.m * 2^E`` with ``m <= 0.5``, else ``E - 1``.
+    ``special``: an inf (scale inf) or NaN (scale the canonical NaN) amax; every code of such a group
+    is 0 (its values times ``1 / sf`` are 0 or NaN)."""
+    ab = tl.maximum(amax_bits, 0x38D1B717)                                     # max(amax, 1e-4)
+    special = ab >= 0x7F800000
+    sf_bits = ((ab + 0x3FFFFF) & 0x7F800000) - 0x01000000
+    sf_bits = tl.where(special, tl.where(ab == 0x7F800000, 0x7F800000, 0x7FC00000), sf_bits)
+    return sf_bits, (sf_bits >> 23) - 127, special
+
+
+@triton.jit
+def e2m1_code_bits_ue8m0(xb, a, s, BF16: tl.constexpr = False, SOFT: tl.constexpr = True):
+    """E2M1 codes of ``x / 2^s`` (``x`` FP32 given as bits ``xb`` and ``a = xb & 0x7FFFFFFF``; ``s`` from
+    :func:`e2m1_scale_ue8m0`, broadcast to ``x``), as int32 whose low nibble is the code (bits 4-22 are 0,
+    the high bits are not: mask or truncate).  Same codes as :func:`e2m1_codes` of ``x * (1 / 2^s)`` in
+    groups where ``|x| <= 6 * 2^s`` (so no saturation) and not ``special`` (those give garbage: the caller
+    zeroes them).  The scaling folds into the FMA's power-of-two multiplier ``2^(1-j-s)``.
+
+    ``BF16``: ``x`` came from BF16, so only the top 16 bits of ``xb`` matter for the sign test (the low
+    half may hold anything, e.g. the other value of a 32-bit pair).  ``SOFT`` (the interpreter) spells
+    out the two steps the GPU path writes in PTX so that ptxas keeps them one instruction each (a
+    multiply-add that LLVM would otherwise turn into a shift and an or, and a predicated add that it
+    would turn into an add and a select).  About nine instructions a value."""
+    j = tl.maximum(a - ((s + 127) << 23), 0) >> 23                             # clamp(exponent(y), 0, 2)
+    if SOFT:
+        mult = ((128 - s) << 23) - (j << 23)                                   # 2^(1-j-s)
+        addend = 0x4B000000 + 2 * j                                            # 2^23 + 2j
+    else:
+        mult, addend = tl.inline_asm_elementwise(
+            "mad.lo.s32 $0, $2, -8388608, $3; mad.lo.s32 $1, $2, 2, 1258291200;", "=r,=r,r,r",
+            [j, (128 - s) << 23], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    t = tl.fma(a.to(tl.float32, bitcast=True), mult.to(tl.float32, bitcast=True),
+               addend.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+    # y < -0.25 <=> x < -0.25 * 2^s: the unsigned bits of x above those of -2^(s-2)
+    thr = ((s + 125) << 23) | (-0x7FFF0001 if BF16 else -0x80000000)          # | 0x8000FFFF or 0x80000000
+    if SOFT:
+        return t + tl.where(xb.to(tl.uint32, bitcast=True) > thr.to(tl.uint32, bitcast=True), 8, 0)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.hi.u32 p, $2, $3; mov.b32 $0, $1; @p add.s32 $0, $1, 8; }", "=r,r,r,r",
+            [t, xb, thr], dtype=tl.int32, is_pure=True, pack=1)
 
 
 # -------------------------------------------------------------------------------------
@@ -253,26 +308,67 @@ def per_channel_cast_kernel(x_ptr, q_ptr, sf_ptr, M, N, stride_xm, stride_xn, st
 @triton.jit
 def per_token_cast_fp4_kernel(x_ptr, q_ptr, sf_ptr, M, K, stride_xm, stride_xk, stride_qm, stride_sm,
                               BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr,
-                              USE_UE8M0: tl.constexpr, SF_BYTES: tl.constexpr):
+                              USE_UE8M0: tl.constexpr, SF_BYTES: tl.constexpr,
+                              X_GENERIC: tl.constexpr = False, SOFT: tl.constexpr = False):
     """Packed E2M1 codes (low nibble = even column) + one scale per (row, GRAN columns), FP32 or,
-    with ``SF_BYTES``, its UE8M0 byte.  The per-token tile ``[BLOCK_M, GROUPS, GRAN]``; the codes are
-    then split into even and odd columns (a register-local reshape) and packed two a byte."""
-    HALF: tl.constexpr = GRAN // 2
+    with ``SF_BYTES``, its UE8M0 byte.  Tiles ``[GRAN / 16, GROUPS, BLOCK_M, 16]``: 16 consecutive values a
+    thread (two 16-byte BF16 loads) whose codes become eight bytes (one 8-byte store).
+
+    ``USE_UE8M0`` (what the FP4 GEMMs take) works on the bits: :func:`e2m1_scale_ue8m0` (no division)
+    and :func:`e2m1_code_bits_ue8m0` (the scaling folded into one FMA a value); a BF16 input with unit
+    column stride, 4-byte aligned rows (``X_GENERIC`` off) is read as 32-bit pairs, whose halves are
+    the FP32 bits with one shift or mask.  Without ``USE_UE8M0``: the IEEE scale path of
+    :func:`scale_from_amax` and :func:`e2m1_codes`.  ``SOFT``: the interpreter (no inline assembly)."""
+    NP: tl.constexpr = GRAN // 16
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-    cols = groups[:, None] * GRAN + tl.arange(0, GRAN)[None, :]                # [GROUPS, GRAN]
     rows64 = rows.to(tl.int64)
-    mask = (rows[:, None, None] < M) & (cols[None, :, :] < K)
-    x = tl.load(x_ptr + rows64[:, None, None] * stride_xm + cols[None, :, :] * stride_xk, mask=mask, other=0.0)
-    sf, inv = scale_from_amax(group_amax(x, 2), 6.0, USE_UE8M0)               # [BLOCK_M, GROUPS]
-    codes = e2m1_codes(x.to(tl.float32) * inv[:, :, None])
-    even, odd = tl.split(tl.reshape(codes, [BLOCK_M, GROUPS, HALF, 2]))
-    packed = (even | (odd << 4)).to(tl.uint8)
+    row_ok = (rows < M)[None, None, :, None]
+    # Axes [NP, GROUPS, BLOCK_M, *]: a thread owns a piece of 16 consecutive values (two 16-byte BF16
+    # loads, one 8-byte store of codes).  Triton's coalescing takes the contiguous axis first and then the
+    # others in index order, so lanes run over a group's pieces and then over groups (a warp reads
+    # contiguous runs of a row), and the packed codes [NP, GROUPS, BLOCK_M, 8] get the same layout for
+    # their stores (no shared-memory round trip).
+    first = groups[None, :, None] * GRAN + tl.arange(0, NP)[:, None, None] * 16                 # [NP, GROUPS, 1]
+    if USE_UE8M0 and not X_GENERIC and x_ptr.dtype.element_ty == tl.bfloat16:
+        # [NP, GROUPS, BLOCK_M, 8] pairs (even column in the low half): the FP32 bits of the even value are
+        # w << 16, those of the odd one w with its low half ignored.
+        wcols = first // 2 + tl.arange(0, 8)[None, None, :]                                      # pair index
+        w = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + rows64[None, None, :, None] * (stride_xm // 2)
+                    + wcols[:, :, None, :], mask=row_ok & (wcols < K // 2)[:, :, None, :], other=0)
+        lo = w << 16
+        a_lo = lo & 0x7FFFFFFF
+        a_hi = w & 0x7FFF0000
+        sf_bits, s, special = e2m1_scale_ue8m0(tl.max(tl.max(tl.maximum(a_lo, a_hi), 3), 0))   # [GROUPS, BM]
+        s4 = s[None, :, :, None]
+        packed = (e2m1_code_bits_ue8m0(lo, a_lo, s4, True, SOFT)
+                  + (e2m1_code_bits_ue8m0(w, a_hi, s4, True, SOFT) << 4))
+        packed = tl.where(special[None, :, :, None], 0, packed).to(tl.uint8)
+        sf = sf_bits.to(tl.float32, bitcast=True)
+    else:
+        cols = first + tl.arange(0, 16)[None, None, :]
+        x = tl.load(x_ptr + rows64[None, None, :, None] * stride_xm + cols[:, :, None, :] * stride_xk,
+                    mask=row_ok & (cols < K)[:, :, None, :], other=0.0)
+        if USE_UE8M0:
+            xb = x.to(tl.float32).to(tl.int32, bitcast=True)
+            a = xb & 0x7FFFFFFF
+            sf_bits, s, special = e2m1_scale_ue8m0(tl.max(tl.max(a, 3), 0))      # [GROUPS, BLOCK_M]
+            t = e2m1_code_bits_ue8m0(xb, a, s[None, :, :, None], False, SOFT)
+            even, odd = tl.split(tl.reshape(t, [NP, GROUPS, BLOCK_M, 8, 2]))
+            packed = tl.where(special[None, :, :, None], 0, even + (odd << 4)).to(tl.uint8)
+            sf = sf_bits.to(tl.float32, bitcast=True)
+        else:
+            sf, inv = scale_from_amax(tl.max(tl.max(abs_bits(x), 3), 0).to(tl.float32, bitcast=True), 6.0,
+                                      USE_UE8M0)
+            codes = e2m1_codes(x.to(tl.float32) * inv[None, :, :, None])
+            even, odd = tl.split(tl.reshape(codes, [NP, GROUPS, BLOCK_M, 8, 2]))
+            packed = (even | (odd << 4)).to(tl.uint8)
     # K is even, so byte j of a row is in range exactly when j < K / 2 (compared against K / 2
-    # itself, not 2j < K, so the compiler can see the mask is constant over 16-byte stores).
-    pairs = groups[:, None] * HALF + tl.arange(0, HALF)[None, :]               # [GROUPS, HALF]
-    byte_mask = (rows[:, None, None] < M) & (pairs[None, :, :] < K // 2)
-    tl.store(q_ptr + rows64[:, None, None] * stride_qm + pairs[None, :, :], packed, mask=byte_mask)
+    # itself, not 2j < K, so the compiler can see the mask is constant over 8-byte stores).
+    pairs = (first // 2) + tl.arange(0, 8)[None, None, :]                                     # [NP, GROUPS, 8]
+    tl.store(q_ptr + rows64[None, None, :, None] * stride_qm + pairs[:, :, None, :], packed,
+             mask=row_ok & (pairs < K // 2)[:, :, None, :])
+    sf = tl.trans(sf)                                                                        # [BLOCK_M, GROUPS]
     sf_mask = (rows[:, None] < M) & (groups[None, :] < tl.cdiv(K, GRAN))
     sf_offs = rows64[:, None] * stride_sm + groups[None, :]
     if SF_BYTES:
@@ -355,6 +451,9 @@ def launch_per_token_fp4(x, q, sf, gran: int, use_ue8m0: bool, config=None) -> N
     block_m, groups, warps = config or row_group_config(m, k, gran, x.element_size(), fp4=True)
     grid = (triton.cdiv(m, block_m), triton.cdiv(triton.cdiv(k, gran), groups))
     sf_bytes = sf.dtype == torch.uint8
+    # BF16 read as 32-bit pairs: unit column stride, even row stride, 4-byte aligned start
+    pairs_ok = (x.dtype == torch.bfloat16 and x.stride(1) == 1 and x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0)
     per_token_cast_fp4_kernel[grid](x, q, sf, m, k, x.stride(0), x.stride(1), q.stride(0), sf.stride(0),
                                     BLOCK_M=block_m, GROUPS=groups, GRAN=gran, USE_UE8M0=use_ue8m0,
-                                    SF_BYTES=sf_bytes, num_warps=warps)
+                                    SF_BYTES=sf_bytes, X_GENERIC=not pairs_ok, SOFT=interpreting(),
+                                    num_warps=warps)

@@ -537,3 +537,119 @@ def test_quant_kernels_compile_sm90(kernel, constexprs, warps, stores):
     assert sass_count(sass, stores) > 0, f"{kernel}: codes not stored with wide stores"
     if "SOFT_CVT" in constexprs:
         assert "F2FP.SATFINITE.E4M3" in sass, f"{kernel}: hardware E4M3 conversion not used"
+
+
+# =====================================================================================
+# FP4 cast on the bits (UE8M0 scale without a division, 1/sf folded into the rounding FMA):
+# every E2M1 tie at every scale, inf/NaN groups, both input paths; e2m1_codes on its own
+# =====================================================================================
+
+def _neighbours(t, dtype):
+    """``t`` (exact in ``dtype``, positive) and its next values up and down in ``dtype``."""
+    t = t.to(dtype)
+    if dtype == torch.bfloat16:
+        i = t.view(torch.int16)
+        return t, (i + 1).view(torch.bfloat16), (i - 1).view(torch.bfloat16)
+    return t, torch.nextafter(t, torch.tensor(float("inf"))), torch.nextafter(t, torch.tensor(0.0))
+
+
+def e2m1_points(dtype):
+    """Every E2M1 value, every midpoint (the ties) and their neighbours in ``dtype``, both signs."""
+    table = torch.tensor(R.E2M1_VALUES)
+    mids = (table[1:] + table[:-1]) / 2
+    pts = torch.cat([table[1:], *_neighbours(mids, dtype)]).float()
+    return torch.cat([pts, -pts, torch.tensor([0.0, -0.0])])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("ue8m0_bytes", [False, True])
+def test_fp4_ue8m0_every_tie_at_every_scale(dtype, ue8m0_bytes, device):
+    """Rows of groups whose amax is ``top * 2^s`` for s from -16 to 120 and tops at, just above and below the
+    scale boundaries (6, 4, 3, ...) and under the 1e-4 clamp: every tie rounds as the reference's cast."""
+    pts = e2m1_points(dtype)
+    rows = []
+    for s in list(range(-16, 12)) + [30, 63, 100, 120]:
+        for top in (6.0, 6.0 * (1 + 2 ** -7), 6.0 * (1 - 2 ** -8), 4.0, 3.0, 7.5, 5.0):
+            rows.append(one_scale_rows(pts, 32, top)[0] * 2.0 ** s)
+    rows.append(one_scale_rows(pts, 32, 6.0)[0] * 1e-6)                   # amax far under the 1e-4 clamp
+    x = torch.stack(rows).to(dtype)
+    assert x.isfinite().all()
+    q, sf = fp8gemm.per_token_cast_to_fp4(x.to(device), ue8m0_bytes=ue8m0_bytes)
+    rq, rsf = R.per_token_cast_to_fp4(x, ue8m0_bytes=ue8m0_bytes)
+    assert_same_bytes(q.cpu(), rq, "fp4 codes")
+    assert_same_bytes(sf.cpu(), rsf, "fp4 scales")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp4_ue8m0_special_groups(dtype, device):
+    """Groups holding inf, -inf or NaN (scale inf / NaN, every code 0) next to ordinary, all-zero, negative-zero
+    and subnormal groups, in every position of a group; gran 32 and 16."""
+    k = 32 * 12
+    x = torch.randn(6, k) * 3
+    for r in range(6):
+        x[r, 0 * 32 + (5 * r) % 32] = float("inf")
+        x[r, 2 * 32 + (7 * r) % 32] = float("-inf")
+        x[r, 4 * 32 + (3 * r) % 32] = float("nan")
+        x[r, 6 * 32:7 * 32] = 0.0
+        x[r, 7 * 32:8 * 32] = -0.0
+        x[r, 8 * 32:9 * 32] = torch.randn(32) * 1e-39                     # FP32 subnormals (0 in BF16)
+    x[:, 9 * 32 + 1] = -1e30
+    x = x.to(dtype)
+    for gran in (32, 16):
+        for sf_bytes in (False, True):
+            q, sf = fp8gemm.per_token_cast_to_fp4(x.to(device), True, gran, ue8m0_bytes=sf_bytes)
+            rq, rsf = R.per_token_cast_to_fp4(x, True, gran, ue8m0_bytes=sf_bytes)
+            assert_same_bytes(q.cpu(), rq, f"fp4 codes (gran {gran})")
+            assert_same_bytes(sf.cpu(), rsf, f"fp4 scales (gran {gran})")
+
+
+def test_fp4_bf16_unaligned_takes_the_value_path(device):
+    """A BF16 input whose rows are not 4-byte aligned cannot be read as 32-bit pairs: same bytes anyway."""
+    base = torch.randn(20, 258, dtype=torch.bfloat16)
+    base[3, 40] = float("nan")
+    x = base.to(device)[:, 1:257]                                         # start 2 bytes into the row
+    assert x.data_ptr() % 4 != 0
+    q, sf = fp8gemm.per_token_cast_to_fp4(x, ue8m0_bytes=True)
+    rq, rsf = R.per_token_cast_to_fp4(base[:, 1:257], ue8m0_bytes=True)
+    assert_same_bytes(q.cpu(), rq, "fp4 codes")
+    assert_same_bytes(sf.cpu(), rsf, "fp4 scales")
+
+
+def test_e2m1_codes_device_helper(device):
+    """kernels.quant.e2m1_codes (the non-UE8M0 cast and the MoE pre-dispatch use it) against the reference on
+    ties, their neighbours, saturation, infinities, NaN, zeros, subnormals and a wide random range."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def codes_kernel(y_ptr, c_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        y = tl.load(y_ptr + offs, mask=offs < n, other=0.0)
+        tl.store(c_ptr + offs, KQ.e2m1_codes(y).to(tl.uint8), mask=offs < n)
+
+    pts = e2m1_points(torch.float32)
+    rnd = torch.randn(4000) * torch.logspace(-45, 38, 4000)
+    special = torch.tensor([6.0, 6.5, 7.0, 8.0, 1e10, 3.4e38, float("inf"), float("nan"), 1e-45, 1e-40, 0.0])
+    y = torch.cat([pts, rnd, special, -special, pts * 1.0000001, pts * 0.9999999])
+    c = torch.empty(y.numel(), dtype=torch.uint8, device=device)
+    codes_kernel[(triton.cdiv(y.numel(), 1024),)](y.to(device), c, y.numel(), BLOCK=1024)
+    assert_same_bytes(c.cpu(), R.e2m1_codes(y), "E2M1 codes")
+
+
+def test_fp4_cast_sass_on_the_bits():
+    """sm_90a: the UE8M0 FP4 cast has no IEEE division (no MUFU.RCP and its slow path) and about 15 SASS
+    instructions a value (1096 before, ~34), with 16-byte loads and 8-byte code stores."""
+    import re
+
+    from fp8gemm.testing import compile_sm90_in_subprocess, sass_count
+    for sf_bytes in (False, True):
+        sig = dict(_aot_signature(), sf_ptr="*u8" if sf_bytes else "*fp32")
+        c = dict(BLOCK_M=16, GROUPS=16, GRAN=32, USE_UE8M0=True, SF_BYTES=sf_bytes, stride_xk=1)
+        res = compile_sm90_in_subprocess("fp8gemm.kernels.quant", "per_token_cast_fp4_kernel", sig, c, num_warps=8,
+                                         divisible_by_16=["x_ptr", "q_ptr", "sf_ptr", "K", "stride_xm", "stride_qm"])
+        sass = res["sass"]
+        assert res["local"] == 0 and res["stack"] == 0 and res["regs"] <= 128
+        assert "MUFU.RCP" not in sass and "CALL" not in sass, "division on the UE8M0 path"
+        assert sass_count(sass, "LDG.E.128") > 0 and sass_count(sass, "STG.E.64") > 0
+        ops = len(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?[A-Z0-9_]+", sass))
+        assert ops <= 16 * 32, f"{ops} SASS instructions for 32 values a thread"
