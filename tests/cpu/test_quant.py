@@ -575,7 +575,7 @@ def test_fp4_ue8m0_every_tie_at_every_scale(dtype, ue8m0_bytes, device):
     x = torch.stack(rows).to(dtype)
     assert x.isfinite().all()
     q, sf = fp8gemm.per_token_cast_to_fp4(x.to(device), ue8m0_bytes=ue8m0_bytes)
-    rq, rsf = R.per_token_cast_to_fp4(x, ue8m0_bytes=ue8m0_bytes)
+    rq, rsf = R.per_token_cast_to_fp4(x.cpu(), ue8m0_bytes=ue8m0_bytes)
     assert_same_bytes(q.cpu(), rq, "fp4 codes")
     assert_same_bytes(sf.cpu(), rsf, "fp4 scales")
 
@@ -598,7 +598,7 @@ def test_fp4_ue8m0_special_groups(dtype, device):
     for gran in (32, 16):
         for sf_bytes in (False, True):
             q, sf = fp8gemm.per_token_cast_to_fp4(x.to(device), True, gran, ue8m0_bytes=sf_bytes)
-            rq, rsf = R.per_token_cast_to_fp4(x, True, gran, ue8m0_bytes=sf_bytes)
+            rq, rsf = R.per_token_cast_to_fp4(x.cpu(), True, gran, ue8m0_bytes=sf_bytes)
             assert_same_bytes(q.cpu(), rq, f"fp4 codes (gran {gran})")
             assert_same_bytes(sf.cpu(), rsf, f"fp4 scales (gran {gran})")
 
@@ -610,7 +610,7 @@ def test_fp4_bf16_unaligned_takes_the_value_path(device):
     x = base.to(device)[:, 1:257]                                         # start 2 bytes into the row
     assert x.data_ptr() % 4 != 0
     q, sf = fp8gemm.per_token_cast_to_fp4(x, ue8m0_bytes=True)
-    rq, rsf = R.per_token_cast_to_fp4(base[:, 1:257], ue8m0_bytes=True)
+    rq, rsf = R.per_token_cast_to_fp4(base.cpu()[:, 1:257], ue8m0_bytes=True)
     assert_same_bytes(q.cpu(), rq, "fp4 codes")
     assert_same_bytes(sf.cpu(), rsf, "fp4 scales")
 
@@ -633,7 +633,7 @@ def test_e2m1_codes_device_helper(device):
     y = torch.cat([pts, rnd, special, -special, pts * 1.0000001, pts * 0.9999999])
     c = torch.empty(y.numel(), dtype=torch.uint8, device=device)
     codes_kernel[(triton.cdiv(y.numel(), 1024),)](y.to(device), c, y.numel(), BLOCK=1024)
-    assert_same_bytes(c.cpu(), R.e2m1_codes(y), "E2M1 codes")
+    assert_same_bytes(c.cpu(), R.e2m1_codes(y.cpu()), "E2M1 codes")
 
 
 def test_fp4_cast_sass_on_the_bits():
