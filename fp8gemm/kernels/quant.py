@@ -306,34 +306,6 @@ def per_channel_cast_kernel(x_ptr, q_ptr, sf_ptr, M, N, stride_xm, stride_xn, st
 
 
 @triton.jit
-def per_channel_cast_2pass_kernel(x_ptr, q_ptr, sf_ptr, M, N, stride_xm, stride_xn, stride_qm, stride_sm,
-                                  GRAN: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr,
-                                  USE_UE8M0: tl.constexpr, SOFT_CVT: tl.constexpr):
-    """:func:`per_channel_cast_kernel` for wide column tiles: the [GRAN, BLOCK_N] block is walked twice in
-    [SUB_M, BLOCK_N] slices, first for the column amaxes, then (the second read hits L2) to scale and store.
-    Wide tiles give each row segment 512 B or more (DRAM-friendly) where one register tile of all GRAN rows
-    would only allow 64 columns (128 B a row)."""
-    pid_m = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    amax = tl.zeros((BLOCK_N,), tl.int32)
-    for r0 in tl.static_range(0, GRAN, SUB_M):
-        rows = pid_m * GRAN + r0 + tl.arange(0, SUB_M)
-        mask = (rows[:, None] < M) & col_ok[None, :]
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
-        amax = tl.maximum(amax, tl.max(abs_bits(x), 0))
-    sf, inv = scale_from_amax(amax.to(tl.float32, bitcast=True), 448.0, USE_UE8M0)
-    for r0 in tl.static_range(0, GRAN, SUB_M):
-        rows = pid_m * GRAN + r0 + tl.arange(0, SUB_M)
-        mask = (rows[:, None] < M) & col_ok[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
-        q = e4m3_bytes(x.to(tl.float32) * inv[None, :], SOFT_CVT)
-        tl.store(q_ptr + rows64 * stride_qm + cols[None, :], q, mask=mask)
-    tl.store(sf_ptr + pid_m.to(tl.int64) * stride_sm + cols, sf, mask=col_ok)
-
-
-@triton.jit
 def per_token_cast_fp4_kernel(x_ptr, q_ptr, sf_ptr, M, K, stride_xm, stride_xk, stride_qm, stride_sm,
                               BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr,
                               USE_UE8M0: tl.constexpr, SF_BYTES: tl.constexpr,
@@ -466,16 +438,9 @@ def launch_per_block(x, q, sf, gran: int, use_ue8m0: bool, soft: bool, config=No
 
 
 def launch_per_channel(x, q, sf, gran: int, use_ue8m0: bool, soft: bool, config=None) -> None:
-    """``config``: ``(BLOCK_N, num_warps)`` (one register tile of all ``gran`` rows) or ``(BLOCK_N, num_warps,
-    SUB_M)`` (the two-pass kernel over ``SUB_M``-row slices)."""
     m, n = x.shape
-    block_n, warps, *rest = config or (_pow2_at_most(n, max(16, 16384 // (x.element_size() * gran))), 8)
+    block_n, warps = config or (_pow2_at_most(n, max(16, 16384 // (x.element_size() * gran))), 8)
     grid = (triton.cdiv(m, gran), triton.cdiv(n, block_n))
-    if rest and rest[0]:
-        per_channel_cast_2pass_kernel[grid](x, q.view(torch.uint8), sf, m, n, x.stride(0), x.stride(1), q.stride(0),
-                                            sf.stride(0), GRAN=gran, BLOCK_N=block_n, SUB_M=min(rest[0], gran),
-                                            USE_UE8M0=use_ue8m0, SOFT_CVT=soft, num_warps=warps)
-        return
     per_channel_cast_kernel[grid](x, q.view(torch.uint8), sf, m, n, x.stride(0), x.stride(1), q.stride(0),
                                   sf.stride(0), GRAN=gran, BLOCK_N=block_n, USE_UE8M0=use_ue8m0, SOFT_CVT=soft,
                                   num_warps=warps)
