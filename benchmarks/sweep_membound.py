@@ -125,15 +125,6 @@ def pre_dispatch_sweeps(ceiling):
               lambda c, bufs=bufs, fp4=fp4, gs=gs: KM.launch_pre_dispatch(
                   x, idx, w, *bufs, n, gs, fp4, False, True, False, config=c),
               bufs, configs, ceiling)
-        if not fp4:
-            KM.STREAMING = True      # evict-first loads + streaming stores, same outputs
-            try:
-                sweep("pre", f"pre_dispatch fp8/128 {n}x{hidden} cap{cap} STREAMING", nbytes,
-                      lambda c, bufs=bufs: KM.launch_pre_dispatch(x, idx, w, *bufs, n, 128, False, False, True,
-                                                                  False, config=c),
-                      bufs, [(16, 4, 4), (8, 4, 4)], ceiling)
-            finally:
-                KM.STREAMING = False
     # The same cast without routing or padding at the same size: what the size alone costs.
     q = torch.empty(n, hidden, device="cuda", dtype=FP8)
     sf = torch.empty(n, hidden // 128, device="cuda", dtype=torch.float32)

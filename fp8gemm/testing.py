@@ -147,7 +147,7 @@ def compile_sm90_in_subprocess(module: str, kernel: str, signature: dict, conste
     payload = json.dumps({"module": module, "kernel": kernel, "signature": signature,
                           "constexprs": constexprs or {}, "options": options}, sort_keys=True)
     # Triton's cache key for an ASTSource built from named constexprs hashes their values, not their names:
-    # {"PERSISTENT": True} and {"STREAMING": True} of one kernel collide and the second compile returns the
+    # {"PERSISTENT": True} and {"FP4": True} of one kernel collide and the second compile returns the
     # first one's binary.  A cache directory per request (named by its full description) keeps the reuse
     # across runs without the collisions.
     base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "fp8gemm_aot_cache")

@@ -11,22 +11,15 @@ import triton
 import triton.language as tl
 
 from ..runtime import get_num_sms
-from .quant import e2m1_codes, e4m3_bytes, group_amax, row_group_config, scale_from_amax, ue8m0_byte
-
-
-# Cache hints for the pre-dispatch's one-touch data (evict-first loads, streaming stores).  An experiment
-# flag read at launch: benchmarks/sweep_membound.py times both settings side by side.
-STREAMING = False
+from .quant import (e2m1_codes, e4m3_bytes, group_amax, row_group_config, row_group_tile, scale_from_amax,
+                    ue8m0_byte)
 
 
 @triton.jit
 def _pre_dispatch_ptrs(x_ptr, tile, tiles_g, num_tokens, hidden, stride_xm, stride_xk,
                        BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr):
-    """The input pointers and load mask of tile ``tile`` (row-block major)."""
-    rows = (tile // tiles_g) * BLOCK_M + tl.arange(0, BLOCK_M)
-    groups = (tile % tiles_g) * GROUPS + tl.arange(0, GROUPS)
-    cols = groups[:, None] * GRAN + tl.arange(0, GRAN)[None, :]                # [GROUPS, GRAN]
-    load_mask = (rows < num_tokens)[:, None, None] & (cols[None, :, :] < hidden)
+    """The input pointers and load mask of tile ``tile`` (only token rows are read)."""
+    pid_m, rows, groups, cols, load_mask = row_group_tile(tile, tiles_g, num_tokens, hidden, BLOCK_M, GROUPS, GRAN)
     ptrs = x_ptr + rows.to(tl.int64)[:, None, None] * stride_xm + cols[None, :, :] * stride_xk
     return load_mask, ptrs
 
@@ -36,17 +29,13 @@ def _pre_dispatch_tile(x, tile, tiles_g, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_p
                        num_tokens, capacity, hidden, topk,
                        stride_im, stride_ik, stride_wm, stride_wk, stride_bxm, stride_bsm, stride_bim, stride_bwm,
                        BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr, TOPK_P2: tl.constexpr,
-                       FP4: tl.constexpr, SF_FP32: tl.constexpr, USE_UE8M0: tl.constexpr, SOFT_CVT: tl.constexpr,
-                       STREAMING: tl.constexpr = False):
+                       FP4: tl.constexpr, SF_FP32: tl.constexpr, USE_UE8M0: tl.constexpr, SOFT_CVT: tl.constexpr):
     """Writes one tile's codes and scales (the cast of ``x`` for token rows, zeros for padding rows) and,
     for the tile of the first groups, the rows' routing."""
-    rows = (tile // tiles_g) * BLOCK_M + tl.arange(0, BLOCK_M)
-    groups = (tile % tiles_g) * GROUPS + tl.arange(0, GROUPS)
-    cols = groups[:, None] * GRAN + tl.arange(0, GRAN)[None, :]                # [GROUPS, GRAN]
+    pid_m, rows, groups, cols, in_tile = row_group_tile(tile, tiles_g, capacity, hidden, BLOCK_M, GROUPS, GRAN)
     rows64 = rows.to(tl.int64)
     token = rows < num_tokens
     in_buf = rows < capacity
-    col_ok = cols[None, :, :] < hidden
     if FP4:
         sf, inv = scale_from_amax(group_amax(x, 2), 6.0, True)
         codes = tl.where(token[:, None, None], e2m1_codes(x.to(tl.float32) * inv[:, :, None]), 0)
@@ -59,7 +48,7 @@ def _pre_dispatch_tile(x, tile, tiles_g, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_p
         q = e4m3_bytes(x.to(tl.float32) * inv[:, :, None], SOFT_CVT)
         q = tl.where(token[:, None, None], q, 0).to(tl.uint8)
         tl.store(bx_ptr + rows64[:, None, None] * stride_bxm + cols[None, :, :], q,
-                 mask=in_buf[:, None, None] & col_ok, cache_modifier=".cs" if STREAMING else "")
+                 mask=in_tile)
     sf_offs = rows64[:, None] * stride_bsm + groups[None, :]
     sf_mask = in_buf[:, None] & (groups[None, :] < tl.cdiv(hidden, GRAN))
     if SF_FP32:
@@ -86,7 +75,7 @@ def pre_dispatch_kernel(x_ptr, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr
                         stride_bxm, stride_bsm, stride_bim, stride_bwm,
                         BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr, TOPK_P2: tl.constexpr,
                         FP4: tl.constexpr, SF_FP32: tl.constexpr, USE_UE8M0: tl.constexpr,
-                        SOFT_CVT: tl.constexpr, PERSISTENT: tl.constexpr = False, STREAMING: tl.constexpr = False):
+                        SOFT_CVT: tl.constexpr, PERSISTENT: tl.constexpr = False):
     """Tile t covers buffer rows ``[(t // tiles_g) * BLOCK_M, ... + BLOCK_M)`` and scale groups
     ``[(t % tiles_g) * GROUPS, ... + GROUPS)`` of every buffer; rows below ``num_tokens`` get the token's
     cast, rows from ``num_tokens`` to ``capacity`` the padding values.  The tiles of the first groups also
@@ -94,14 +83,13 @@ def pre_dispatch_kernel(x_ptr, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr
 
     Plain grid: one program per tile.  ``PERSISTENT``: programs stride over the tiles and load the next
     tile before casting and storing the current one, so the loads of one tile overlap the stores of the
-    previous one inside each program.  ``STREAMING``: the activations are read evict-first and the codes
-    written with the streaming (.cs) hint, as data touched once (experiment, see :data:`STREAMING`)."""
+    previous one inside each program."""
     tiles_g = tl.cdiv(tl.cdiv(hidden, GRAN), GROUPS)
     total = tl.cdiv(capacity, BLOCK_M) * tiles_g
     tile = tl.program_id(0)
     load_mask, ptrs = _pre_dispatch_ptrs(x_ptr, tile, tiles_g, num_tokens, hidden, stride_xm, stride_xk,
                                          BLOCK_M, GROUPS, GRAN)
-    x = tl.load(ptrs, mask=load_mask, other=0.0, eviction_policy="evict_first" if STREAMING else "")
+    x = tl.load(ptrs, mask=load_mask, other=0.0)
     if PERSISTENT:
         step = tl.num_programs(0)
         for tile in range(tl.program_id(0), total, step):
@@ -111,13 +99,13 @@ def pre_dispatch_kernel(x_ptr, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr
             _pre_dispatch_tile(x, tile, tiles_g, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr,
                                num_tokens, capacity, hidden, topk, stride_im, stride_ik, stride_wm, stride_wk,
                                stride_bxm, stride_bsm, stride_bim, stride_bwm,
-                               BLOCK_M, GROUPS, GRAN, TOPK_P2, FP4, SF_FP32, USE_UE8M0, SOFT_CVT, STREAMING)
+                               BLOCK_M, GROUPS, GRAN, TOPK_P2, FP4, SF_FP32, USE_UE8M0, SOFT_CVT)
             x = x_next
     else:
         _pre_dispatch_tile(x, tile, tiles_g, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr,
                            num_tokens, capacity, hidden, topk, stride_im, stride_ik, stride_wm, stride_wk,
                            stride_bxm, stride_bsm, stride_bim, stride_bwm,
-                           BLOCK_M, GROUPS, GRAN, TOPK_P2, FP4, SF_FP32, USE_UE8M0, SOFT_CVT, STREAMING)
+                           BLOCK_M, GROUPS, GRAN, TOPK_P2, FP4, SF_FP32, USE_UE8M0, SOFT_CVT)
 
 
 @triton.jit
@@ -207,7 +195,6 @@ def launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx
         buf_topk_weights.stride(0),
         BLOCK_M=block_m, GROUPS=groups, GRAN=group_size, TOPK_P2=triton.next_power_of_2(max(topk, 1)),
         FP4=use_fp4_acts, SF_FP32=fp32_scales, USE_UE8M0=use_ue8m0, SOFT_CVT=soft, PERSISTENT=bool(ctas_per_sm),
-        STREAMING=STREAMING,
         num_warps=warps)
 
 
