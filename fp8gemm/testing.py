@@ -147,7 +147,7 @@ def compile_sm90_in_subprocess(module: str, kernel: str, signature: dict, conste
     payload = json.dumps({"module": module, "kernel": kernel, "signature": signature,
                           "constexprs": constexprs or {}, "options": options}, sort_keys=True)
     # Triton's cache key for an ASTSource built from named constexprs hashes their values, not their names:
-    # {"PERSISTENT": True} and {"FP4": True} of one kernel collide and the second compile returns the
+    # two optional flags of one kernel, each set alone, collide and the second compile returns the
     # first one's binary.  A cache directory per request (named by its full description) keeps the reuse
     # across runs without the collisions.
     base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "fp8gemm_aot_cache")
@@ -162,6 +162,21 @@ def compile_sm90_in_subprocess(module: str, kernel: str, signature: dict, conste
     if proc.returncode != 0 or "@@JSON@@" not in proc.stdout:
         raise RuntimeError(f"AOT compile of {module}.{kernel} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.split("@@JSON@@", 1)[1])
+
+
+def ptxas_log(ptx: str) -> str:
+    """What ``ptxas -arch=sm_90a -v`` says about ``ptx`` (from :func:`compile_sm90`'s ``"ptx"``): the
+    register/spill report and warnings such as C7514/C7515 (asynchronous wgmma serialised)."""
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        return subprocess.run([_triton_bin("ptxas"), "-arch=sm_90a", "-v", path, "-o", os.devnull],
+                              capture_output=True, text=True).stderr
 
 
 def sass_count(sass: str, opcode: str) -> int:

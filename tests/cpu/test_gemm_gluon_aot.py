@@ -4,15 +4,13 @@ without ptxas serialising its asynchronous MMAs (the overlap of MMA and scale pr
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 
 import pytest
 import torch
 
 from fp8gemm.kernels import gemm_gluon as gg
-from fp8gemm.testing import _triton_bin, compile_sm90_in_subprocess, sass_count
+from fp8gemm.testing import compile_sm90_in_subprocess, ptxas_log, sass_count
 
 FP8 = torch.float8_e4m3fn
 
@@ -110,10 +108,7 @@ def test_aot_sm90a(tmp_path, mode, bm, bn, tma_store, out, has_c, signal, k_rota
     if signal:
         assert "atom.global.gpu.release.add" in r["ptx"]
     # ptxas must keep the MMAs asynchronous: C7514/C7515 mean it serialised them (waits after each).
-    ptx = tmp_path / "k.ptx"
-    ptx.write_text(r["ptx"])
-    log = subprocess.run([_triton_bin("ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
-                         capture_output=True, text=True).stderr
+    log = ptxas_log(r["ptx"])
     assert "C7514" not in log and "C7515" not in log, log
 
 
@@ -137,10 +132,7 @@ def test_aot_sm90a_wide(tmp_path):
     assert r["shared"] <= 227 * 1024
     # the worker consumer warpgroup really gets the consumer's register budget
     assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+232;", r["ptx"])
-    ptx = tmp_path / "k.ptx"
-    ptx.write_text(r["ptx"])
-    log = subprocess.run([_triton_bin("ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
-                         capture_output=True, text=True).stderr
+    log = ptxas_log(r["ptx"])
     assert "C7514" not in log and "C7515" not in log, log
     assert "spill" not in log or "0 bytes spill stores" in log, log
 
@@ -178,13 +170,6 @@ def _num_params(ptx: str) -> int:
     return len(re.findall(r"^\s*\.param\b", ptx, flags=re.M))
 
 
-def _ptxas_log(tmp_path, ptx_text):
-    ptx = tmp_path / "k.ptx"
-    ptx.write_text(ptx_text)
-    return subprocess.run([_triton_bin("ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
-                          capture_output=True, text=True).stderr
-
-
 def test_aot_sm90a_probe(tmp_path):
     """PROBE=True: compiles, no local memory/spills, the MMAs stay asynchronous (the probe must time the
     real pipeline: same QGMMA/DEPBAR/bar.sync structure as production), and the stamps are there."""
@@ -200,7 +185,7 @@ def test_aot_sm90a_probe(tmp_path):
     assert r["ptx"].count("bar.sync \t0, 256;") == prod["ptx"].count("bar.sync \t0, 256;")
     assert r["ptx"].count("%clock64") >= 10 and r["ptx"].count("%globaltimer") == 2
     assert sass_count(r["sass"], "STG") >= 10 and len(_CLOCK_SASS.findall(r["sass"])) >= 10
-    log = _ptxas_log(tmp_path, r["ptx"])
+    log = ptxas_log(r["ptx"])
     assert "C7514" not in log and "C7515" not in log, log
     assert "spill" not in log or "0 bytes spill stores" in log, log
 

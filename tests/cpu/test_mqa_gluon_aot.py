@@ -6,16 +6,14 @@ of the ReLU) of the previous one, which waits with ``WARPGROUP.DEPBAR.LE gsb0, 0
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 
 import pytest
 import torch
 
 import fp8gemm
 from fp8gemm.kernels import mqa_gluon as mg
-from fp8gemm.testing import _triton_bin, compile_sm90_in_subprocess, sass_count
+from fp8gemm.testing import compile_sm90_in_subprocess, ptxas_log, sass_count
 
 FP8 = torch.float8_e4m3fn
 
@@ -143,10 +141,7 @@ def test_aot_sm90a(tmp_path, h, d, clean):
     # the worker consumer warpgroup gets the consumer register budget (the producer warp gives its share)
     assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+232;", r["ptx"])
     # ptxas keeps the MMAs asynchronous (C7514/C7515 would mean a wait after every issue)
-    ptx = tmp_path / "k.ptx"
-    ptx.write_text(r["ptx"])
-    log = subprocess.run([_triton_bin("ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
-                         capture_output=True, text=True).stderr
+    log = ptxas_log(r["ptx"])
     assert "C7514" not in log and "C7515" not in log, log
     assert "0 bytes spill stores" in log, log
     # the overlap: epilogue FMNMX after a wait that leaves the next tile's MMA in flight, and not every
