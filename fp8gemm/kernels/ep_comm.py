@@ -101,6 +101,18 @@ def _spin(ptr, target, max_iters, timeout_ns, USE_TIMER: tl.constexpr, SCOPE: tl
 
 
 @triton.jit
+def _await_arrivals(flags, err_ptr, code, max_iters, timeout_ns, W: tl.constexpr, USE_TIMER: tl.constexpr):
+    """Spin until every peer's ``flags[p] >= 1`` (sys-scope acquire) and consume one arrival of each;
+    error ``code`` (a = p) for a peer whose flag did not come within the bound."""
+    for p in range(W):
+        ok = _spin(flags + p, 1, max_iters, timeout_ns, USE_TIMER, "sys")
+        if ok:
+            tl.atomic_add(flags + p, -1, sem="relaxed", scope="sys")
+        else:
+            _set_error(err_ptr, code, p, 0, 0)
+
+
+@triton.jit
 def _arrive_all(tab_ptr, done_ptr, rank, OFF_FLAG, W: tl.constexpr):
     """Grid completion: the last program to finish adds 1 to ``FLAG[rank]`` on every rank."""
     tl.debug_barrier()
@@ -208,12 +220,7 @@ def dispatch_recv_kernel(buf_ptr, err_ptr, masked_m_ptr, stats_ptr, OFF_CNT, OFF
                          max_iters, timeout_ns, W: tl.constexpr, L: tl.constexpr, BLOCK_L: tl.constexpr,
                          USE_TIMER: tl.constexpr):
     flags = (buf_ptr + OFF_DFLAG).to(tl.pointer_type(tl.int32))
-    for p in range(W):
-        ok = _spin(flags + p, 1, max_iters, timeout_ns, USE_TIMER, "sys")
-        if ok:
-            tl.atomic_add(flags + p, -1, sem="relaxed", scope="sys")
-        else:
-            _set_error(err_ptr, 1, p, 0, 0)
+    _await_arrivals(flags, err_ptr, 1, max_iters, timeout_ns, W, USE_TIMER)
     tl.debug_barrier()
     le = tl.arange(0, BLOCK_L)
     lmask = le < L
@@ -280,12 +287,7 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
 def combine_recv_kernel(buf_ptr, err_ptr, OFF_CFLAG, max_iters, timeout_ns, W: tl.constexpr,
                         USE_TIMER: tl.constexpr):
     flags = (buf_ptr + OFF_CFLAG).to(tl.pointer_type(tl.int32))
-    for p in range(W):
-        ok = _spin(flags + p, 1, max_iters, timeout_ns, USE_TIMER, "sys")
-        if ok:
-            tl.atomic_add(flags + p, -1, sem="relaxed", scope="sys")
-        else:
-            _set_error(err_ptr, 3, p, 0, 0)
+    _await_arrivals(flags, err_ptr, 3, max_iters, timeout_ns, W, USE_TIMER)
 
 
 @triton.jit
@@ -353,12 +355,7 @@ def contig_layout_kernel(buf_ptr, err_ptr, send_base_ptr, masked_m_ptr, stats_pt
                          E: tl.constexpr, L: tl.constexpr, W: tl.constexpr, BLOCK_E: tl.constexpr,
                          BLOCK_W: tl.constexpr, USE_TIMER: tl.constexpr):
     flags = (buf_ptr + OFF_AFLAG).to(tl.pointer_type(tl.int32))
-    for p in range(W):
-        ok = _spin(flags + p, 1, max_iters, timeout_ns, USE_TIMER, "sys")
-        if ok:
-            tl.atomic_add(flags + p, -1, sem="relaxed", scope="sys")
-        else:
-            _set_error(err_ptr, 6, p, 0, 0)
+    _await_arrivals(flags, err_ptr, 6, max_iters, timeout_ns, W, USE_TIMER)
     tl.debug_barrier()
     ww = tl.arange(0, BLOCK_W)
     ee = tl.arange(0, BLOCK_E)
@@ -436,9 +433,4 @@ def wait_arrivals_kernel(buf_ptr, err_ptr, OFF_FLAG, code, max_iters, timeout_ns
                          USE_TIMER: tl.constexpr):
     """Spin until every ``FLAG[p] >= 1`` and consume it; error ``code`` (with a = p) on a timeout."""
     flags = (buf_ptr + OFF_FLAG).to(tl.pointer_type(tl.int32))
-    for p in range(W):
-        ok = _spin(flags + p, 1, max_iters, timeout_ns, USE_TIMER, "sys")
-        if ok:
-            tl.atomic_add(flags + p, -1, sem="relaxed", scope="sys")
-        else:
-            _set_error(err_ptr, code, p, 0, 0)
+    _await_arrivals(flags, err_ptr, code, max_iters, timeout_ns, W, USE_TIMER)
