@@ -370,7 +370,8 @@ def row_group_config(m: int, k: int, gran: int, elem_bytes: int, fp4: bool = Fal
     (4 groups of 128, or 16 of 32) and about 16 KiB of input per program (8 KiB for the FP4 casts, whose
     rounding is ALU-heavy: smaller programs let more of them share an SM and hide each other's math).
     Up to 8192 values a program run on 4 warps: measured on an H100 (RESULTS.md, session 2) 4 warps beat
-    8 by 2% on the FP8 pre-dispatch and 6–7% on the FP4 cast and pre-dispatch, and tie on the FP8 cast."""
+    8 by 2% on the FP8 pre-dispatch, 6% on the FP4 cast and 5% on the FP4 pre-dispatch, and tie on the FP8
+    cast (before the FP4 cast's rewrite on the bits, after which 8 and 4 warps tie)."""
     target_bytes = 8192 if fp4 else 16384
     groups = _pow2_at_most(-(-k // gran), max(1, 512 // gran))
     block_m = _pow2_at_most(m, max(1, target_bytes // (elem_bytes * groups * gran)))
