@@ -171,6 +171,17 @@ def e2m1_code_bits_ue8m0(xb, a, s, BF16: tl.constexpr = False, SOFT: tl.constexp
 # -------------------------------------------------------------------------------------
 
 @triton.jit
+def store_row_group_scales(sf_ptr, sf, rows, groups, M, K, stride_sm, GRAN: tl.constexpr, SF_BYTES: tl.constexpr):
+    """``sf [rows, groups]`` into the per-(row, group) scale tensor: FP32, or its UE8M0 byte (``SF_BYTES``)."""
+    mask = (rows[:, None] < M) & (groups[None, :] < tl.cdiv(K, GRAN))
+    offs = rows.to(tl.int64)[:, None] * stride_sm + groups[None, :]
+    if SF_BYTES:
+        tl.store(sf_ptr + offs, ue8m0_byte(sf), mask=mask)
+    else:
+        tl.store(sf_ptr + offs, sf, mask=mask)
+
+
+@triton.jit
 def row_group_tile(tile, tiles_g, M, K, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr):
     """Tile ``tile`` of a [M, K] input cut into [BLOCK_M rows, GROUPS x GRAN columns] tiles, row-block major
     (``tiles_g`` tiles a row block): ``(row block, rows, groups, cols [GROUPS, GRAN], mask [BLOCK_M, GROUPS,
@@ -210,12 +221,7 @@ def _cast_fp8_tile(x, tile, tiles_g, q_ptr, sf_ptr, M, K, stride_qm, stride_sm,
         sf, inv = scale_from_amax(group_amax(x, 2), 448.0, USE_UE8M0)         # [BLOCK_M, GROUPS]
         q = e4m3_bytes(x.to(tl.float32) * inv[:, :, None], SOFT_CVT)
         tl.store(q_ptr + rows64[:, None, None] * stride_qm + cols[None, :, :], q, mask=mask)
-        sf_mask = (rows[:, None] < M) & (groups[None, :] < tl.cdiv(K, GRAN))
-        sf_offs = rows64[:, None] * stride_sm + groups[None, :]
-        if SF_BYTES:
-            tl.store(sf_ptr + sf_offs, ue8m0_byte(sf), mask=sf_mask)
-        else:
-            tl.store(sf_ptr + sf_offs, sf, mask=sf_mask)
+        store_row_group_scales(sf_ptr, sf, rows, groups, M, K, stride_sm, GRAN, SF_BYTES)
 
 
 @triton.jit
@@ -348,12 +354,7 @@ def per_token_cast_fp4_kernel(x_ptr, q_ptr, sf_ptr, M, K, stride_xm, stride_xk, 
     tl.store(q_ptr + rows64[None, None, :, None] * stride_qm + pairs[:, :, None, :], packed,
              mask=row_ok & (pairs < K // 2)[:, :, None, :])
     sf = tl.trans(sf)                                                                        # [BLOCK_M, GROUPS]
-    sf_mask = (rows[:, None] < M) & (groups[None, :] < tl.cdiv(K, GRAN))
-    sf_offs = rows64[:, None] * stride_sm + groups[None, :]
-    if SF_BYTES:
-        tl.store(sf_ptr + sf_offs, ue8m0_byte(sf), mask=sf_mask)
-    else:
-        tl.store(sf_ptr + sf_offs, sf, mask=sf_mask)
+    store_row_group_scales(sf_ptr, sf, rows, groups, M, K, stride_sm, GRAN, SF_BYTES)
 
 
 # -------------------------------------------------------------------------------------
