@@ -276,11 +276,23 @@ def per_block_cast_kernel(x_ptr, q_ptr, sf_ptr, M, K, stride_xm, stride_xk, stri
 @triton.jit
 def per_channel_cast_kernel(x_ptr, q_ptr, sf_ptr, M, N, stride_xm, stride_xn, stride_qm, stride_sm,
                             GRAN: tl.constexpr, BLOCK_N: tl.constexpr,
-                            USE_UE8M0: tl.constexpr, SOFT_CVT: tl.constexpr):
-    """E4M3 codes + one FP32 scale per (GRAN rows, column): a [GRAN, BLOCK_N] tile reduced over its rows."""
-    pid_m = tl.program_id(0)
+                            USE_UE8M0: tl.constexpr, SOFT_CVT: tl.constexpr, BAND_MAJOR: tl.constexpr = True):
+    """E4M3 codes + one FP32 scale per (GRAN rows, column): a [GRAN, BLOCK_N] tile reduced over its rows.
+
+    1-D grid.  ``BAND_MAJOR``: consecutive programs take consecutive column blocks of one GRAN-row band, so
+    the programs resident at once read whole rows (long DRAM runs) instead of one narrow column window of
+    many bands (each row touched for only ``BLOCK_N`` elements)."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    m_blocks = tl.cdiv(M, GRAN)
+    if BAND_MAJOR:
+        pid_m = pid // n_blocks
+        pid_n = pid % n_blocks
+    else:
+        pid_m = pid % m_blocks
+        pid_n = pid // m_blocks
     rows = pid_m * GRAN + tl.arange(0, GRAN)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows64 = rows.to(tl.int64)[:, None]
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
@@ -415,13 +427,15 @@ def launch_per_block(x, q, sf, gran: int, use_ue8m0: bool, soft: bool, config=No
 
 
 def launch_per_channel(x, q, sf, gran: int, use_ue8m0: bool, soft: bool, config=None) -> None:
+    """``config`` is ``(BLOCK_N, num_warps)`` or ``(BLOCK_N, num_warps, band_major)``."""
     m, n = x.shape
     # 32 KiB of input a program (128 columns of 128 BF16 rows): measured 3% faster than 16 KiB (H100).
-    block_n, warps = config or (_pow2_at_most(n, max(16, 32768 // (x.element_size() * gran))), 8)
-    grid = (triton.cdiv(m, gran), triton.cdiv(n, block_n))
+    block_n, warps, *rest = config or (_pow2_at_most(n, max(16, 32768 // (x.element_size() * gran))), 8)
+    band_major = rest[0] if rest else True
+    grid = (triton.cdiv(m, gran) * triton.cdiv(n, block_n),)
     per_channel_cast_kernel[grid](x, q.view(torch.uint8), sf, m, n, x.stride(0), x.stride(1), q.stride(0),
                                   sf.stride(0), GRAN=gran, BLOCK_N=block_n, USE_UE8M0=use_ue8m0, SOFT_CVT=soft,
-                                  num_warps=warps)
+                                  BAND_MAJOR=band_major, num_warps=warps)
 
 
 def launch_per_token_fp4(x, q, sf, gran: int, use_ue8m0: bool, config=None) -> None:

@@ -334,6 +334,8 @@ def test_kernels_write_everything_and_nothing_more(poison, persistent_sms, devic
         ("per_block", KQ.launch_per_block, (m, k), (math.ceil(m / 128), math.ceil(k / 128)), (1, 4),
          R.per_block_cast_to_fp8),
         ("per_channel", KQ.launch_per_channel, (m, k), (math.ceil(m / 128), k), (32, 4), R.per_channel_cast_to_fp8),
+        ("per_channel band-minor", KQ.launch_per_channel, (m, k), (math.ceil(m / 128), k), (32, 4, False),
+         R.per_channel_cast_to_fp8),
     ]
     if persistent_sms:
         monkeypatch.setattr(KQ, "get_num_sms", lambda: persistent_sms)
