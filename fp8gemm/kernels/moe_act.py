@@ -2,7 +2,9 @@
 launch) and the FP8 combine reduction.  Semantics: the "MoE activations" section of :mod:`fp8gemm.reference`.
 
 The cast itself reuses the device helpers of :mod:`fp8gemm.kernels.quant` (same amax, scale and rounding
-code, hence the same bytes as the public casts).
+code, hence the same bytes as the public casts): the FP8 tile body of the per-token cast's helpers, and for
+FP4 the per-token FP4 cast's own tile helpers (``fp4_tile_load`` / ``fp4_tile_cast`` / ``fp4_tile_store``:
+UE8M0 scale from the amax bits, the 1/sf scaling folded into the rounding FMA, BF16 read as 32-bit pairs).
 """
 from __future__ import annotations
 
@@ -11,17 +13,24 @@ import triton
 import triton.language as tl
 
 from ..runtime import get_num_sms
-from .quant import (e2m1_codes, e4m3_bytes, group_amax, row_group_config, row_group_tile, scale_from_amax,
-                    ue8m0_byte)
+from .quant import (bf16_pairs_ok, e4m3_bytes, fp4_tile_cast, fp4_tile_load, fp4_tile_store, group_amax,
+                    row_group_config, row_group_tile, scale_from_amax, ue8m0_byte)
 
 
 @triton.jit
-def _pre_dispatch_ptrs(x_ptr, tile, tiles_g, num_tokens, hidden, stride_xm, stride_xk,
-                       BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr):
-    """The input pointers and load mask of tile ``tile`` (only token rows are read)."""
+def _pre_dispatch_load(x_ptr, tile, tiles_g, num_tokens, hidden, stride_xm, stride_xk,
+                       BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr, FP4: tl.constexpr,
+                       X_PAIRS: tl.constexpr):
+    """The input of tile ``tile``; only token rows are read, zeros elsewhere (also for a tile past the last
+    one, the persistent loop's last prefetch: its rows start at or past ``capacity >= num_tokens``).  FP8:
+    [BLOCK_M, GROUPS, GRAN] values; FP4: the tile of :func:`fp8gemm.kernels.quant.fp4_tile_load` (32-bit
+    pairs with ``X_PAIRS``)."""
     pid_m, rows, groups, cols, load_mask = row_group_tile(tile, tiles_g, num_tokens, hidden, BLOCK_M, GROUPS, GRAN)
-    ptrs = x_ptr + rows.to(tl.int64)[:, None, None] * stride_xm + cols[None, :, :] * stride_xk
-    return load_mask, ptrs
+    if FP4:
+        return fp4_tile_load(x_ptr, rows, groups, num_tokens, hidden, stride_xm, stride_xk, GRAN, X_PAIRS)
+    else:
+        ptrs = x_ptr + rows.to(tl.int64)[:, None, None] * stride_xm + cols[None, :, :] * stride_xk
+        return tl.load(ptrs, mask=load_mask, other=0.0)
 
 
 @triton.jit
@@ -29,7 +38,8 @@ def _pre_dispatch_tile(x, tile, tiles_g, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_p
                        num_tokens, capacity, hidden, topk,
                        stride_im, stride_ik, stride_wm, stride_wk, stride_bxm, stride_bsm, stride_bim, stride_bwm,
                        BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr, TOPK_P2: tl.constexpr,
-                       FP4: tl.constexpr, SF_FP32: tl.constexpr, USE_UE8M0: tl.constexpr, SOFT_CVT: tl.constexpr):
+                       FP4: tl.constexpr, SF_FP32: tl.constexpr, USE_UE8M0: tl.constexpr, SOFT_CVT: tl.constexpr,
+                       X_PAIRS: tl.constexpr):
     """Writes one tile's codes and scales (the cast of ``x`` for token rows, zeros for padding rows) and,
     for the tile of the first groups, the rows' routing."""
     pid_m, rows, groups, cols, in_tile = row_group_tile(tile, tiles_g, capacity, hidden, BLOCK_M, GROUPS, GRAN)
@@ -37,12 +47,11 @@ def _pre_dispatch_tile(x, tile, tiles_g, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_p
     token = rows < num_tokens
     in_buf = rows < capacity
     if FP4:
-        sf, inv = scale_from_amax(group_amax(x, 2), 6.0, True)
-        codes = tl.where(token[:, None, None], e2m1_codes(x.to(tl.float32) * inv[:, :, None]), 0)
-        even, odd = tl.split(tl.reshape(codes, [BLOCK_M, GROUPS, GRAN // 2, 2]))
-        pairs = groups[:, None] * (GRAN // 2) + tl.arange(0, GRAN // 2)[None, :]
-        tl.store(bx_ptr + rows64[:, None, None] * stride_bxm + pairs[None, :, :], (even | (odd << 4)).to(tl.uint8),
-                 mask=in_buf[:, None, None] & (pairs[None, :, :] < hidden // 2))
+        # Always UE8M0 scales (the per-token FP4 cast's bit path, whatever USE_UE8M0 says).  Padding rows
+        # were loaded as zeros, whose codes are 0 (an all-zero group): only their scales need zeroing.
+        packed, sf = fp4_tile_cast(x, BLOCK_M, GROUPS, GRAN, X_PAIRS, True, SOFT_CVT)
+        fp4_tile_store(bx_ptr, packed, rows, groups, capacity, hidden, stride_bxm, GRAN)
+        sf = tl.trans(sf)                                                             # [BLOCK_M, GROUPS]
     else:
         sf, inv = scale_from_amax(group_amax(x, 2), 448.0, USE_UE8M0)
         q = e4m3_bytes(x.to(tl.float32) * inv[:, :, None], SOFT_CVT)
@@ -75,11 +84,15 @@ def pre_dispatch_kernel(x_ptr, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr
                         stride_bxm, stride_bsm, stride_bim, stride_bwm,
                         BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr, TOPK_P2: tl.constexpr,
                         FP4: tl.constexpr, SF_FP32: tl.constexpr, USE_UE8M0: tl.constexpr,
-                        SOFT_CVT: tl.constexpr, PERSISTENT: tl.constexpr = False):
+                        SOFT_CVT: tl.constexpr, PERSISTENT: tl.constexpr = False, X_PAIRS: tl.constexpr = False):
     """Tile t covers buffer rows ``[(t // tiles_g) * BLOCK_M, ... + BLOCK_M)`` and scale groups
     ``[(t % tiles_g) * GROUPS, ... + GROUPS)`` of every buffer; rows below ``num_tokens`` get the token's
     cast, rows from ``num_tokens`` to ``capacity`` the padding values.  The tiles of the first groups also
     write the rows' routing (top-k ids and weights), so one launch fills all four buffers.
+
+    FP4 (UE8M0 scales only): the tile is the per-token FP4 cast's [GRAN / 16, GROUPS, BLOCK_M, *] layout over
+    the same rows and groups, and ``X_PAIRS`` reads the BF16 input as 32-bit pairs (unit column stride, even
+    row stride, 4-byte aligned start: ``bf16_pairs_ok``).
 
     Plain grid: one program per tile.  ``PERSISTENT``: programs stride over the tiles and load the next
     tile before casting and storing the current one, so the loads of one tile overlap the stores of the
@@ -87,25 +100,23 @@ def pre_dispatch_kernel(x_ptr, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr
     tiles_g = tl.cdiv(tl.cdiv(hidden, GRAN), GROUPS)
     total = tl.cdiv(capacity, BLOCK_M) * tiles_g
     tile = tl.program_id(0)
-    load_mask, ptrs = _pre_dispatch_ptrs(x_ptr, tile, tiles_g, num_tokens, hidden, stride_xm, stride_xk,
-                                         BLOCK_M, GROUPS, GRAN)
-    x = tl.load(ptrs, mask=load_mask, other=0.0)
+    x = _pre_dispatch_load(x_ptr, tile, tiles_g, num_tokens, hidden, stride_xm, stride_xk,
+                           BLOCK_M, GROUPS, GRAN, FP4, X_PAIRS)
     if PERSISTENT:
         step = tl.num_programs(0)
         for tile in range(tl.program_id(0), total, step):
-            n_mask, n_ptrs = _pre_dispatch_ptrs(x_ptr, tile + step, tiles_g, num_tokens, hidden, stride_xm, stride_xk,
-                                                BLOCK_M, GROUPS, GRAN)
-            x_next = tl.load(n_ptrs, mask=n_mask & (tile + step < total), other=0.0)
+            x_next = _pre_dispatch_load(x_ptr, tile + step, tiles_g, num_tokens, hidden, stride_xm, stride_xk,
+                                        BLOCK_M, GROUPS, GRAN, FP4, X_PAIRS)
             _pre_dispatch_tile(x, tile, tiles_g, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr,
                                num_tokens, capacity, hidden, topk, stride_im, stride_ik, stride_wm, stride_wk,
                                stride_bxm, stride_bsm, stride_bim, stride_bwm,
-                               BLOCK_M, GROUPS, GRAN, TOPK_P2, FP4, SF_FP32, USE_UE8M0, SOFT_CVT)
+                               BLOCK_M, GROUPS, GRAN, TOPK_P2, FP4, SF_FP32, USE_UE8M0, SOFT_CVT, X_PAIRS)
             x = x_next
     else:
         _pre_dispatch_tile(x, tile, tiles_g, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr,
                            num_tokens, capacity, hidden, topk, stride_im, stride_ik, stride_wm, stride_wk,
                            stride_bxm, stride_bsm, stride_bim, stride_bwm,
-                           BLOCK_M, GROUPS, GRAN, TOPK_P2, FP4, SF_FP32, USE_UE8M0, SOFT_CVT)
+                           BLOCK_M, GROUPS, GRAN, TOPK_P2, FP4, SF_FP32, USE_UE8M0, SOFT_CVT, X_PAIRS)
 
 
 @triton.jit
@@ -195,7 +206,7 @@ def launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx
         buf_topk_weights.stride(0),
         BLOCK_M=block_m, GROUPS=groups, GRAN=group_size, TOPK_P2=triton.next_power_of_2(max(topk, 1)),
         FP4=use_fp4_acts, SF_FP32=fp32_scales, USE_UE8M0=use_ue8m0, SOFT_CVT=soft, PERSISTENT=bool(ctas_per_sm),
-        num_warps=warps)
+        X_PAIRS=use_fp4_acts and bf16_pairs_ok(x), num_warps=warps)
 
 
 def launch_combine_reduce(payload, sf, weights, topk_idx, out, soft: bool, config=None) -> None:

@@ -166,6 +166,84 @@ def e2m1_code_bits_ue8m0(xb, a, s, BF16: tl.constexpr = False, SOFT: tl.constexp
             [t, xb, thr], dtype=tl.int32, is_pure=True, pack=1)
 
 
+# FP4 tiles: [GRAN / 16, GROUPS, BLOCK_M, *] for the rows ``rows`` [BLOCK_M] and the GRAN-column groups
+# ``groups`` [GROUPS] (the caller picks them: the cast's 2-D grid, the pre-dispatch's row_group_tile).
+# A thread owns a piece of 16 consecutive values (two 16-byte BF16 loads, one 8-byte store of codes).
+# Triton's coalescing takes the contiguous axis first and then the others in index order, so lanes run
+# over a group's pieces and then over groups (a warp reads contiguous runs of a row), and the packed codes
+# [GRAN / 16, GROUPS, BLOCK_M, 8] get the same layout for their stores (no shared-memory round trip).
+
+@triton.jit
+def fp4_tile_load(x_ptr, rows, groups, M, K, stride_xm, stride_xk, GRAN: tl.constexpr, PAIRS: tl.constexpr):
+    """The input of an FP4 tile (rows ``>= M`` and columns ``>= K`` read as 0): [GRAN / 16, GROUPS,
+    BLOCK_M, 16] values, or with ``PAIRS`` (a BF16 input with unit column stride, even row stride and a
+    4-byte aligned start: see :func:`bf16_pairs_ok`) [GRAN / 16, GROUPS, BLOCK_M, 8] int32 pairs, the
+    even column in the low half."""
+    NP: tl.constexpr = GRAN // 16
+    rows64 = rows.to(tl.int64)[None, None, :, None]
+    row_ok = (rows < M)[None, None, :, None]
+    first = groups[None, :, None] * GRAN + tl.arange(0, NP)[:, None, None] * 16                 # [NP, GROUPS, 1]
+    if PAIRS:
+        wcols = first // 2 + tl.arange(0, 8)[None, None, :]                                      # pair index
+        return tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + rows64 * (stride_xm // 2) + wcols[:, :, None, :],
+                       mask=row_ok & (wcols < K // 2)[:, :, None, :], other=0)
+    else:
+        cols = first + tl.arange(0, 16)[None, None, :]
+        return tl.load(x_ptr + rows64 * stride_xm + cols[:, :, None, :] * stride_xk,
+                       mask=row_ok & (cols < K)[:, :, None, :], other=0.0)
+
+
+@triton.jit
+def fp4_tile_cast(x, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr, PAIRS: tl.constexpr,
+                  USE_UE8M0: tl.constexpr, SOFT: tl.constexpr):
+    """``(packed, sf)`` of a tile from :func:`fp4_tile_load`: packed E2M1 codes [GRAN / 16, GROUPS, BLOCK_M, 8]
+    uint8 (low nibble = even column) and the FP32 scales [GROUPS, BLOCK_M].  An all-zero group gets code
+    bytes 0 (and the 1e-4 floor's scale).
+
+    ``USE_UE8M0`` works on the bits: :func:`e2m1_scale_ue8m0` (no division) and :func:`e2m1_code_bits_ue8m0`
+    (the scaling folded into one FMA a value); with ``PAIRS`` the halves of a pair give the FP32 bits with
+    one shift or mask.  Without ``USE_UE8M0`` (``PAIRS`` off): the IEEE scale path of
+    :func:`scale_from_amax` and :func:`e2m1_codes`.  ``SOFT``: the interpreter (no inline assembly)."""
+    NP: tl.constexpr = GRAN // 16
+    if PAIRS:
+        # The FP32 bits of the even value are w << 16, those of the odd one w with its low half ignored.
+        lo = x << 16
+        a_lo = lo & 0x7FFFFFFF
+        a_hi = x & 0x7FFF0000
+        sf_bits, s, special = e2m1_scale_ue8m0(tl.max(tl.max(tl.maximum(a_lo, a_hi), 3), 0))   # [GROUPS, BM]
+        s4 = s[None, :, :, None]
+        packed = (e2m1_code_bits_ue8m0(lo, a_lo, s4, True, SOFT)
+                  + (e2m1_code_bits_ue8m0(x, a_hi, s4, True, SOFT) << 4))
+        packed = tl.where(special[None, :, :, None], 0, packed).to(tl.uint8)
+        sf = sf_bits.to(tl.float32, bitcast=True)
+    elif USE_UE8M0:
+        xb = x.to(tl.float32).to(tl.int32, bitcast=True)
+        a = xb & 0x7FFFFFFF
+        sf_bits, s, special = e2m1_scale_ue8m0(tl.max(tl.max(a, 3), 0))              # [GROUPS, BLOCK_M]
+        t = e2m1_code_bits_ue8m0(xb, a, s[None, :, :, None], False, SOFT)
+        even, odd = tl.split(tl.reshape(t, [NP, GROUPS, BLOCK_M, 8, 2]))
+        packed = tl.where(special[None, :, :, None], 0, even + (odd << 4)).to(tl.uint8)
+        sf = sf_bits.to(tl.float32, bitcast=True)
+    else:
+        sf, inv = scale_from_amax(tl.max(tl.max(abs_bits(x), 3), 0).to(tl.float32, bitcast=True), 6.0, False)
+        codes = e2m1_codes(x.to(tl.float32) * inv[None, :, :, None])
+        even, odd = tl.split(tl.reshape(codes, [NP, GROUPS, BLOCK_M, 8, 2]))
+        packed = (even | (odd << 4)).to(tl.uint8)
+    return packed, sf
+
+
+@triton.jit
+def fp4_tile_store(q_ptr, packed, rows, groups, M, K, stride_qm, GRAN: tl.constexpr):
+    """The packed codes of :func:`fp4_tile_cast` into rows ``< M`` of the [*, K / 2] code bytes."""
+    NP: tl.constexpr = GRAN // 16
+    # K is even, so byte j of a row is in range exactly when j < K / 2 (compared against K / 2
+    # itself, not 2j < K, so the compiler can see the mask is constant over 8-byte stores).
+    pairs = groups[None, :, None] * (GRAN // 2) + tl.arange(0, NP)[:, None, None] * 8 + tl.arange(0, 8)[None, None, :]
+    tl.store(q_ptr + rows.to(tl.int64)[None, None, :, None] * stride_qm + pairs[:, :, None, :], packed,
+             mask=(rows < M)[None, None, :, None] & (pairs < K // 2)[:, :, None, :])
+
+
+
 # -------------------------------------------------------------------------------------
 # Kernels
 # -------------------------------------------------------------------------------------
@@ -308,65 +386,20 @@ def per_token_cast_fp4_kernel(x_ptr, q_ptr, sf_ptr, M, K, stride_xm, stride_xk, 
                               USE_UE8M0: tl.constexpr, SF_BYTES: tl.constexpr,
                               X_GENERIC: tl.constexpr = False, SOFT: tl.constexpr = False):
     """Packed E2M1 codes (low nibble = even column) + one scale per (row, GRAN columns), FP32 or,
-    with ``SF_BYTES``, its UE8M0 byte.  Tiles ``[GRAN / 16, GROUPS, BLOCK_M, 16]``: 16 consecutive values a
-    thread (two 16-byte BF16 loads) whose codes become eight bytes (one 8-byte store).
-
-    ``USE_UE8M0`` (what the FP4 GEMMs take) works on the bits: :func:`e2m1_scale_ue8m0` (no division)
-    and :func:`e2m1_code_bits_ue8m0` (the scaling folded into one FMA a value); a BF16 input with unit
-    column stride, 4-byte aligned rows (``X_GENERIC`` off) is read as 32-bit pairs, whose halves are
-    the FP32 bits with one shift or mask.  Without ``USE_UE8M0``: the IEEE scale path of
-    :func:`scale_from_amax` and :func:`e2m1_codes`.  ``SOFT``: the interpreter (no inline assembly)."""
-    NP: tl.constexpr = GRAN // 16
+    with ``SF_BYTES``, its UE8M0 byte.  Program (i, j): rows ``[i*BLOCK_M, (i+1)*BLOCK_M)``, groups
+    ``[j*GROUPS, (j+1)*GROUPS)``, one FP4 tile (:func:`fp4_tile_load`, :func:`fp4_tile_cast`,
+    :func:`fp4_tile_store`).  A BF16 input is read as 32-bit pairs under ``USE_UE8M0`` unless
+    ``X_GENERIC`` (strides or alignment that pairs cannot take).  ``SOFT``: the interpreter."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-    rows64 = rows.to(tl.int64)
-    row_ok = (rows < M)[None, None, :, None]
-    # Axes [NP, GROUPS, BLOCK_M, *]: a thread owns a piece of 16 consecutive values (two 16-byte BF16
-    # loads, one 8-byte store of codes).  Triton's coalescing takes the contiguous axis first and then the
-    # others in index order, so lanes run over a group's pieces and then over groups (a warp reads
-    # contiguous runs of a row), and the packed codes [NP, GROUPS, BLOCK_M, 8] get the same layout for
-    # their stores (no shared-memory round trip).
-    first = groups[None, :, None] * GRAN + tl.arange(0, NP)[:, None, None] * 16                 # [NP, GROUPS, 1]
     if USE_UE8M0 and not X_GENERIC and x_ptr.dtype.element_ty == tl.bfloat16:
-        # [NP, GROUPS, BLOCK_M, 8] pairs (even column in the low half): the FP32 bits of the even value are
-        # w << 16, those of the odd one w with its low half ignored.
-        wcols = first // 2 + tl.arange(0, 8)[None, None, :]                                      # pair index
-        w = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + rows64[None, None, :, None] * (stride_xm // 2)
-                    + wcols[:, :, None, :], mask=row_ok & (wcols < K // 2)[:, :, None, :], other=0)
-        lo = w << 16
-        a_lo = lo & 0x7FFFFFFF
-        a_hi = w & 0x7FFF0000
-        sf_bits, s, special = e2m1_scale_ue8m0(tl.max(tl.max(tl.maximum(a_lo, a_hi), 3), 0))   # [GROUPS, BM]
-        s4 = s[None, :, :, None]
-        packed = (e2m1_code_bits_ue8m0(lo, a_lo, s4, True, SOFT)
-                  + (e2m1_code_bits_ue8m0(w, a_hi, s4, True, SOFT) << 4))
-        packed = tl.where(special[None, :, :, None], 0, packed).to(tl.uint8)
-        sf = sf_bits.to(tl.float32, bitcast=True)
+        x = fp4_tile_load(x_ptr, rows, groups, M, K, stride_xm, stride_xk, GRAN, True)
+        packed, sf = fp4_tile_cast(x, BLOCK_M, GROUPS, GRAN, True, USE_UE8M0, SOFT)
     else:
-        cols = first + tl.arange(0, 16)[None, None, :]
-        x = tl.load(x_ptr + rows64[None, None, :, None] * stride_xm + cols[:, :, None, :] * stride_xk,
-                    mask=row_ok & (cols < K)[:, :, None, :], other=0.0)
-        if USE_UE8M0:
-            xb = x.to(tl.float32).to(tl.int32, bitcast=True)
-            a = xb & 0x7FFFFFFF
-            sf_bits, s, special = e2m1_scale_ue8m0(tl.max(tl.max(a, 3), 0))      # [GROUPS, BLOCK_M]
-            t = e2m1_code_bits_ue8m0(xb, a, s[None, :, :, None], False, SOFT)
-            even, odd = tl.split(tl.reshape(t, [NP, GROUPS, BLOCK_M, 8, 2]))
-            packed = tl.where(special[None, :, :, None], 0, even + (odd << 4)).to(tl.uint8)
-            sf = sf_bits.to(tl.float32, bitcast=True)
-        else:
-            sf, inv = scale_from_amax(tl.max(tl.max(abs_bits(x), 3), 0).to(tl.float32, bitcast=True), 6.0,
-                                      USE_UE8M0)
-            codes = e2m1_codes(x.to(tl.float32) * inv[None, :, :, None])
-            even, odd = tl.split(tl.reshape(codes, [NP, GROUPS, BLOCK_M, 8, 2]))
-            packed = (even | (odd << 4)).to(tl.uint8)
-    # K is even, so byte j of a row is in range exactly when j < K / 2 (compared against K / 2
-    # itself, not 2j < K, so the compiler can see the mask is constant over 8-byte stores).
-    pairs = (first // 2) + tl.arange(0, 8)[None, None, :]                                     # [NP, GROUPS, 8]
-    tl.store(q_ptr + rows64[None, None, :, None] * stride_qm + pairs[:, :, None, :], packed,
-             mask=row_ok & (pairs < K // 2)[:, :, None, :])
-    sf = tl.trans(sf)                                                                        # [BLOCK_M, GROUPS]
-    store_row_group_scales(sf_ptr, sf, rows, groups, M, K, stride_sm, GRAN, SF_BYTES)
+        x = fp4_tile_load(x_ptr, rows, groups, M, K, stride_xm, stride_xk, GRAN, False)
+        packed, sf = fp4_tile_cast(x, BLOCK_M, GROUPS, GRAN, False, USE_UE8M0, SOFT)
+    fp4_tile_store(q_ptr, packed, rows, groups, M, K, stride_qm, GRAN)
+    store_row_group_scales(sf_ptr, tl.trans(sf), rows, groups, M, K, stride_sm, GRAN, SF_BYTES)
 
 
 # -------------------------------------------------------------------------------------
@@ -391,6 +424,12 @@ def row_group_config(m: int, k: int, gran: int, elem_bytes: int, fp4: bool = Fal
     elems = block_m * groups * gran
     num_warps = 8 if elems > 8192 else 4 if elems >= 1024 else 2 if elems >= 256 else 1
     return block_m, groups, num_warps
+
+
+def bf16_pairs_ok(x) -> bool:
+    """Whether the FP4 tiles may read ``x`` [M, K] as 32-bit BF16 pairs (:func:`fp4_tile_load` ``PAIRS``):
+    BF16, unit column stride, even row stride, 4-byte aligned start."""
+    return x.dtype == torch.bfloat16 and x.stride(1) == 1 and x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0
 
 
 def _persistent_grid(tiles: int, ctas_per_sm: int) -> int:
@@ -443,9 +482,7 @@ def launch_per_token_fp4(x, q, sf, gran: int, use_ue8m0: bool, config=None) -> N
     block_m, groups, warps = config or row_group_config(m, k, gran, x.element_size(), fp4=True)
     grid = (triton.cdiv(m, block_m), triton.cdiv(triton.cdiv(k, gran), groups))
     sf_bytes = sf.dtype == torch.uint8
-    # BF16 read as 32-bit pairs: unit column stride, even row stride, 4-byte aligned start
-    pairs_ok = (x.dtype == torch.bfloat16 and x.stride(1) == 1 and x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0)
     per_token_cast_fp4_kernel[grid](x, q, sf, m, k, x.stride(0), x.stride(1), q.stride(0), sf.stride(0),
                                     BLOCK_M=block_m, GROUPS=groups, GRAN=gran, USE_UE8M0=use_ue8m0,
-                                    SF_BYTES=sf_bytes, X_GENERIC=not pairs_ok, SOFT=interpreting(),
+                                    SF_BYTES=sf_bytes, X_GENERIC=not bf16_pairs_ok(x), SOFT=interpreting(),
                                     num_warps=warps)

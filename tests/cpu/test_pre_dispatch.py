@@ -186,6 +186,60 @@ def test_pre_dispatch_small_tiles_and_strided_inputs(fp4, persistent_sms, device
     assert (wide[2][:, topk:] == 12345).all() and wide[3][:, topk:].isnan().all()
 
 
+def fp4_tie_rows(n_groups, gran=32):
+    """One row per scale 2^s (s in -10..10 over the rows): every E2M1 value and midpoint (the ties), both signs,
+    in each of ``n_groups`` groups of ``gran``, the group's amax exactly 6 * 2^s (just above, in odd groups)."""
+    table = torch.tensor(R.E2M1_VALUES[1:])
+    pts = torch.cat([table, (table[1:] + table[:-1]) / 2, torch.tensor([0.25])])           # 15 magnitudes
+    group = torch.cat([pts, -pts, torch.zeros(gran - 2 * pts.numel())])[:gran]
+    rows = []
+    for s in (-10, -3, 0, 4, 10):
+        row = group.repeat(n_groups) * 2.0 ** s
+        row[gran + 6::2 * gran] *= 1 + 2 ** -7                                       # 6 -> a BF16 above
+        rows.append(row)
+    return torch.stack(rows).bfloat16()
+
+
+@pytest.mark.parametrize("persistent_sms", [0, 2])
+@pytest.mark.parametrize("layout,pairs", [("contiguous", True), ("odd_row_stride", False), ("unaligned", False),
+                                          ("column_stride", False)])
+def test_pre_dispatch_fp4_input_routes(layout, pairs, persistent_sms, device, monkeypatch):
+    """FP4: a BF16 input the tiles can read as 32-bit pairs (unit column stride, even row stride, 4-byte aligned
+    start) takes that route, any other layout the value loads; same bytes either way, on ties at several
+    scales, zero / NaN / inf groups, padding rows and the routing, on the plain and the persistent grid."""
+    from fp8gemm import runtime
+    num_tokens, capacity, hidden, topk = 12, 20, 256, 3
+    src = tokens(num_tokens, hidden, "cpu")
+    src[5:10] = fp4_tie_rows(hidden // 32)
+    if layout == "contiguous":
+        x = src.to(device)
+    elif layout == "odd_row_stride":                   # 4-byte aligned start, rows 257 elements apart
+        x = torch.zeros(num_tokens, hidden + 1, dtype=torch.bfloat16, device=device)[:, :hidden]
+    elif layout == "unaligned":                        # start 2 bytes into the allocation
+        x = torch.zeros(num_tokens, hidden + 2, dtype=torch.bfloat16, device=device)[:, 1:hidden + 1]
+        assert x.data_ptr() % 4 == 2
+    else:
+        x = torch.zeros(num_tokens, 2 * hidden, dtype=torch.bfloat16, device=device)[:, ::2]
+    if layout != "contiguous":
+        x.copy_(src.to(device))
+    idx = torch.randint(-1, 8, (num_tokens, topk), device=device)
+    w = torch.rand(num_tokens, topk, device=device)
+    bufs = poisoned_buffers(capacity, hidden, topk, 32, True, device=device)
+    routes = []
+    pairs_ok = KM.bf16_pairs_ok
+    monkeypatch.setattr(KM, "bf16_pairs_ok", lambda t: routes.append(pairs_ok(t)) or routes[-1])
+    config = (4, 4, 2)
+    if persistent_sms:
+        monkeypatch.setattr(KM, "get_num_sms", lambda: persistent_sms)
+        config += (1,)
+    KM.launch_pre_dispatch(x, idx, w, *bufs, num_tokens, 32, True, False, True, soft=runtime.interpreting(),
+                           config=config)
+    assert routes == [pairs], f"{layout}: pair loads {'not ' if pairs else ''}chosen"
+    want = R.mega_moe_pre_dispatch(src, idx.cpu(), w.cpu(), num_tokens, capacity, 32, True)
+    for name, got, ref in zip(("buf_x", "buf_x_sf", "buf_topk_idx", "buf_topk_weights"), bufs, want):
+        assert_same(got, ref, f"{name} ({layout})")
+
+
 def test_pre_dispatch_accepts_float4_buffer(device):
     fp4_type = getattr(torch, "float4_e2m1fn_x2", None)
     if fp4_type is None:
@@ -381,15 +435,23 @@ def test_pre_dispatch_kernel_compiles_sm90():
            "stride_bsm": "i32", "stride_bim": "i32", "stride_bwm": "i32"}
     div = ["x_ptr", "idx_ptr", "w_ptr", "bx_ptr", "bsf_ptr", "bidx_ptr", "bw_ptr", "hidden", "stride_xm",
            "stride_im", "stride_wm", "stride_bxm", "stride_bsm", "stride_bim", "stride_bwm"]
-    for fp4, gran, groups, persistent in ((False, 128, 4, False), (True, 32, 16, False), (False, 128, 4, True)):
+    for fp4, gran, groups, persistent, pairs in ((False, 128, 4, False, False), (True, 32, 16, False, True),
+                                                 (True, 32, 16, False, False), (True, 32, 16, True, True),
+                                                 (False, 128, 4, True, False)):
         c = dict(stride_xk=1, stride_ik=1, stride_wk=1, BLOCK_M=16, GROUPS=groups, GRAN=gran, TOPK_P2=8, FP4=fp4,
-                 SF_FP32=False, USE_UE8M0=True, SOFT_CVT=False, PERSISTENT=persistent)
+                 SF_FP32=False, USE_UE8M0=True, SOFT_CVT=False, PERSISTENT=persistent, X_PAIRS=pairs)
         res = compile_sm90_in_subprocess("fp8gemm.kernels.moe_act", "pre_dispatch_kernel", sig, c,
                                          num_warps=4 if persistent else 8, divisible_by_16=div)
         assert res["regs"] <= (168 if persistent else 128), f"{res['regs']} registers"
         assert res["local"] == 0 and res["stack"] == 0
         assert sass_count(res["sass"], "LDG.E.128") > 0, "activations not read with 16-byte loads"
         assert sass_count(res["sass"], "STG.E.128" if not fp4 else "STG.E.64") > 0, "codes not stored wide"
+        if fp4:
+            # the UE8M0 bit path of the FP4 cast: no IEEE division (its slow path is a CALL); the one MUFU.RCP
+            # left is the tile index's integer division.  1,168 SASS instructions with the division path,
+            # 560 now (the standalone FP4 cast: 472).
+            assert "CALL" not in res["sass"], "IEEE division on the FP4 path"
+            assert sass_count(res["sass"], "MUFU.RCP") <= (2 if persistent else 1)
 
 
 def test_combine_kernel_compiles_sm90_without_fma():
