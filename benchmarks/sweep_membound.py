@@ -98,7 +98,7 @@ def quant_sweeps(ceiling):
     sf_ch = torch.empty(m // 128, k, device="cuda", dtype=torch.float32)
     sweep("quant", f"per_channel {m}x{k}", x.numel() * 2 + q.numel() + sf_ch.numel() * 4,
           lambda c: KQ.launch_per_channel(x, q, sf_ch, 128, False, False, config=c), (q, sf_ch),
-          [(128, 8, False), (128, 8), (64, 8), (64, 4), (32, 4), (256, 8), (256, 16), (128, 4)], ceiling)
+          [(64, 4), (128, 8), (128, 4), (64, 2), (32, 2), (32, 1), (64, 8)], ceiling)
     q4 = torch.empty(m, k // 2, device="cuda", dtype=torch.uint8)
     sf4 = torch.empty(m, k // 32, device="cuda", dtype=torch.uint8)
     sweep("quant", f"per_token_fp4 {m}x{k}", x.numel() * 2 + q4.numel() + sf4.numel(),

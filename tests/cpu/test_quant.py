@@ -334,8 +334,6 @@ def test_kernels_write_everything_and_nothing_more(poison, persistent_sms, devic
         ("per_block", KQ.launch_per_block, (m, k), (math.ceil(m / 128), math.ceil(k / 128)), (1, 4),
          R.per_block_cast_to_fp8),
         ("per_channel", KQ.launch_per_channel, (m, k), (math.ceil(m / 128), k), (32, 4), R.per_channel_cast_to_fp8),
-        ("per_channel band-minor", KQ.launch_per_channel, (m, k), (math.ceil(m / 128), k), (32, 4, False),
-         R.per_channel_cast_to_fp8),
     ]
     if persistent_sms:
         monkeypatch.setattr(KQ, "get_num_sms", lambda: persistent_sms)
@@ -539,6 +537,27 @@ def test_quant_kernels_compile_sm90(kernel, constexprs, warps, stores):
     assert sass_count(sass, stores) > 0, f"{kernel}: codes not stored with wide stores"
     if "SOFT_CVT" in constexprs:
         assert "F2FP.SATFINITE.E4M3" in sass, f"{kernel}: hardware E4M3 conversion not used"
+
+
+def test_per_channel_cast_sm90_division_free():
+    """The per-channel cast derives each column's scale in every thread holding a piece of the column; on
+    the GPU it takes the FMA-corrected quotient and ``rcp.rn`` (no IEEE division: no FCHK; ``rcp.rn`` keeps
+    a called slow path for extreme inputs), stays in registers and within 128 of them (four 4-warp programs
+    an SM)."""
+    from fp8gemm.testing import compile_sm90_in_subprocess, sass_count
+    sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "sf_ptr": "*fp32", "M": "i32", "N": "i32", "stride_xm": "i32",
+           "stride_qm": "i32", "stride_sm": "i32"}
+    for ue8m0 in (False, True):
+        res = compile_sm90_in_subprocess("fp8gemm.kernels.quant", "per_channel_cast_kernel", sig,
+                                         dict(stride_xn=1, GRAN=128, BLOCK_N=64, USE_UE8M0=ue8m0, SOFT_CVT=False),
+                                         num_warps=4, divisible_by_16=["x_ptr", "q_ptr", "sf_ptr", "M", "N",
+                                                                        "stride_xm", "stride_qm", "stride_sm"])
+        assert res["local"] == 0 and res["stack"] == 0, "local memory used"
+        assert 0 < res["regs"] <= 128, f"{res['regs']} registers"
+        sass = res["sass"]
+        assert sass_count(sass, "FCHK") == 0, "IEEE division used"
+        assert sass_count(sass, "MUFU.RCP") > 0 and sass_count(sass, "LDG.E.128") > 0
+        assert "F2FP.SATFINITE.E4M3" in sass
 
 
 # =====================================================================================

@@ -50,7 +50,7 @@ def realistic(m, k, dtype=torch.bfloat16, specials=True):
 
 
 @pytest.mark.parametrize("use_ue8m0", [False, True])
-@pytest.mark.parametrize("name", ["per_token_cast_to_fp8", "per_block_cast_to_fp8"])
+@pytest.mark.parametrize("name", ["per_token_cast_to_fp8", "per_block_cast_to_fp8", "per_channel_cast_to_fp8"])
 def test_fp8_casts_8192x7168_bf16(name, use_ue8m0):
     x = realistic(8192, 7168)
     q, sf = getattr(fp8gemm, name)(x, use_ue8m0)
@@ -64,6 +64,25 @@ def test_fp8_casts_8192x7168_bf16(name, use_ue8m0):
                                        (torch.bfloat16, 300, 1536)])
 def test_fp8_casts_other_shapes(name, dtype, m, k):
     x = realistic(m, k, dtype)
+    for use_ue8m0 in (False, True):
+        q, sf = getattr(fp8gemm, name)(x, use_ue8m0)
+        rq, rsf = reference_sliced(getattr(R, name), x, use_ue8m0=use_ue8m0)
+        assert_same_bytes(q, rq, f"{name} codes")
+        assert_same_bytes(sf, rsf, f"{name} scales")
+
+
+@pytest.mark.parametrize("name", ["per_token_cast_to_fp8", "per_block_cast_to_fp8", "per_channel_cast_to_fp8"])
+def test_fp8_scales_over_the_whole_exponent_range(name):
+    """Group amaxes from 2^-140 to 2^127 (FP32 input), so the scale arithmetic (the per-channel cast's
+    division-free path included) meets every binade, the 1e-4 floor and subnormal inputs."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    m, k = 1024, 4096
+    e = torch.randint(-140, 127, (1, k), device="cuda", generator=gen).float()
+    x = torch.randn(m, k, device="cuda", generator=gen) * torch.exp2(e)
+    x = x * torch.exp2(torch.randint(-3, 1, (m, 1), device="cuda", generator=gen).float())
+    x[:, :8] = torch.rand(m, 8, device="cuda", generator=gen) * 1e-4 * 448.0     # near the floor
+    x[3, 9] = float("inf")
+    x[5, 10] = float("nan")
     for use_ue8m0 in (False, True):
         q, sf = getattr(fp8gemm, name)(x, use_ue8m0)
         rq, rsf = reference_sliced(getattr(R, name), x, use_ue8m0=use_ue8m0)
