@@ -123,13 +123,25 @@ def _fp4_words_to_fp8(w, t_lo, t_hi, SOFT: tl.constexpr):
     return out_lo, out_hi
 
 
+@triton.jit
+def _launch_dependents():
+    """PTX ``griddepcontrol.launch_dependents``: the kernel launched after this one with programmatic
+    dependent launch (``launch_pdl=True``) may be scheduled once every program of this grid has executed it
+    (or exited).  That kernel still waits for this grid's completion and memory writes with its own
+    ``griddepcontrol.wait``; without a dependent launch this is a no-op.  Not pure, so it is not moved
+    or removed."""
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
 @triton.jit(do_not_specialize=["stride_bk", "stride_fm"])
 def fp4_to_fp8_kernel(codes_ptr, sbytes_ptr, q_ptr, sf_ptr, rows_ptr,
                       M, K, num_groups, num_progs,
                       stride_cg, stride_cm, stride_ck, stride_bg, stride_bm, stride_bk,
                       stride_qg, stride_qm, stride_fg, stride_fm, stride_fk,
                       ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUPS_POW2: tl.constexpr, SOFT: tl.constexpr, WORDS: tl.constexpr = True):
+                      GROUPS_POW2: tl.constexpr, SOFT: tl.constexpr, WORDS: tl.constexpr = True,
+                      PDL_TRIGGER: tl.constexpr = False):
     """Persistent over tiles ``(m-block, group, k-block)`` (k fastest), ``[BLOCK_M, BLOCK_K]`` values each.
 
     ROWS_MASKED walks only the m-blocks below the largest ``masked_m`` (read here, on the device) and skips
@@ -141,7 +153,12 @@ def fp4_to_fp8_kernel(codes_ptr, sbytes_ptr, q_ptr, sf_ptr, rows_ptr,
     read and the bytes written as int32 words, and each word of eight codes becomes its eight bytes by two
     table look-ups (:func:`_fp4_words_to_fp8`), the table (:func:`_e4m3_table`) built once per 32-chunk.
     Otherwise each value goes through FP32 (the codes' values times the chunk's relative scale, converted).
+
+    ``PDL_TRIGGER`` (GPU only, never with ``SOFT``): the first instruction lets a dependent launch (the Gluon
+    GEMM on this operand, ``launch_pdl=True``) be scheduled while this grid runs, see :func:`_launch_dependents`.
     """
+    if PDL_TRIGGER:
+        _launch_dependents()
     NB: tl.constexpr = BLOCK_K // 128
     NG: tl.constexpr = BLOCK_K // 32
     num_m_blocks = tl.cdiv(M, BLOCK_M)
@@ -277,7 +294,7 @@ def convert_config(rows_hint: int, k: int) -> tuple[int, int, int]:
 def launch_fp4_to_fp8(codes: torch.Tensor, sbytes: torch.Tensor, q: torch.Tensor, sf: torch.Tensor, *,
                       masked_m: torch.Tensor | None = None, m_indices: torch.Tensor | None = None,
                       rows_hint: int | None = None, config: tuple[int, int, int] | None = None,
-                      ctas_per_sm: int = 3) -> None:
+                      ctas_per_sm: int = 3, pdl_trigger: bool = False) -> None:
     """Fill ``q``/``sf`` (see :func:`empty_fp8_operand`; any strides with unit stride along K for ``q``)
     from ``codes``/``sbytes`` (validated by the caller; 3-D ``[G, M, *]`` or 2-D ``[M, *]``).
 
@@ -286,6 +303,9 @@ def launch_fp4_to_fp8(codes: torch.Tensor, sbytes: torch.Tensor, q: torch.Tensor
     with ``masked_m`` the number of programs: enough for twice the hint, at least one per SM; more rows are
     still all converted, by the persistent loop).  ``ctas_per_sm`` caps the programs (3 of 8 warps at ~80
     registers fit an SM at once, so the decode's single wave never queues).
+    ``pdl_trigger``: the kernel executes ``griddepcontrol.launch_dependents`` first, so that the next launch on
+    the stream, if made with programmatic dependent launch, can start its prologue while this one runs
+    (ignored in the interpreter; a no-op for a normal next launch).
     """
     if masked_m is not None and m_indices is not None:
         raise ValueError("give masked_m or m_indices, not both")
@@ -315,7 +335,8 @@ def launch_fp4_to_fp8(codes: torch.Tensor, sbytes: torch.Tensor, q: torch.Tensor
         codes, sbytes, q8, sf, rows_t, m, k, g, grid[0],
         *s3(codes), *s3(sbytes), *s3(q)[:2], *s3(sf),
         ROWS=rows, BLOCK_M=block_m, BLOCK_K=block_k, GROUPS_POW2=triton.next_power_of_2(g),
-        SOFT=runtime.interpreting(), WORDS=_words_fit(codes, sbytes, q8, k, block_m), num_warps=warps)
+        SOFT=runtime.interpreting(), WORDS=_words_fit(codes, sbytes, q8, k, block_m),
+        PDL_TRIGGER=bool(pdl_trigger) and not runtime.interpreting(), num_warps=warps)
 
 
 def _words_fit(codes: torch.Tensor, sbytes: torch.Tensor, q8: torch.Tensor, k: int, block_m: int) -> bool:

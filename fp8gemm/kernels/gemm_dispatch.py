@@ -7,7 +7,8 @@ FP4 activations (uint8 E2M1 codes + UE8M0 bytes per 32) take one of two routes, 
 where the Gluon kernel takes the converted call, one launch of :mod:`.fp4_convert` writes the FP8 operand
 (1D2D scales, rows the GEMM skips left alone) and the Gluon kernel runs on it; elsewhere (``FP8GEMM_BACKEND=
 triton``, no SM90, K not a multiple of 128, per-row B scales, 64-row contiguous alignment) the Triton kernel
-dequantises in its A-load.  Both multiply the same E4M3 values and scales.
+dequantises in its A-load.  Both multiply the same E4M3 values and scales.  On the convert + Gluon route the
+GEMM follows the convert by programmatic dependent launch (:data:`USE_PDL`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ import triton
 
 from .. import runtime
 from . import fp4_convert, gemm_triton
+
+# Programmatic dependent launch (PDL) on the "fp4-gluon" route: the convert kernel executes
+# ``griddepcontrol.launch_dependents`` first and the Gluon GEMM is launched right after it on the same stream
+# with ``launch_pdl=True`` (built with ``PDL_WAIT``), so the GEMM's programs are scheduled, set up and
+# prefetch their first weight stages while the short, latency-bound convert still runs; each of its
+# partitions executes ``griddepcontrol.wait`` (full completion and memory visibility of the convert) before
+# it reads the converted operand.  Aimed at the ~3.5 us the separate convert launch added over the FP8-input
+# GEMM at the 6-group decode shapes (issue #6).  Safe under CUDA-graph capture: CUDA 12.3+ records the launch
+# attribute as a programmatic graph edge.  Read at every call (so at capture time for a graph): tests and
+# benchmarks flip it (``benchmarks/fp4_pdl_ab.py`` times both settings in one run).  Other routes never use PDL.
+USE_PDL = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,15 +163,19 @@ def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, 
     """
     num_sms = runtime.get_num_sms()
     kind, cfg = _plan(mode_name, a, sfa, b, sfb, d, c, expected_m, gran_n_b, max_block_n, force_block_m)
+    pdl = False
     if kind == "fp4-gluon":
         q, sf = cfg
+        pdl = bool(USE_PDL)
         fp4_convert.launch_fp4_to_fp8(a, sfa, q, sf, masked_m=masked_m, m_indices=m_indices,
-                                      rows_hint=expected_m if masked_m is not None else None)
+                                      rows_hint=expected_m if masked_m is not None else None, pdl_trigger=pdl)
         a, sfa, kind = q, sf, "gluon"
     if kind == "gluon":
         from . import gemm_gluon
+        # pdl: right after the convert, on the same stream, nothing launched in between
         return gemm_gluon.launch(mode_name, a, sfa, b, sfb, d, c=c, m_indices=m_indices, masked_m=masked_m,
-                                 expected_m=expected_m, signal=signal, num_sms=num_sms, max_block_n=max_block_n)
+                                 expected_m=expected_m, signal=signal, num_sms=num_sms, max_block_n=max_block_n,
+                                 pdl=pdl)
     mode = {"dense": gemm_triton.MODE_DENSE, "contiguous": gemm_triton.MODE_CONTIGUOUS,
             "masked": gemm_triton.MODE_MASKED}[mode_name]
     scaled = sfa is not None

@@ -23,6 +23,10 @@ Structure of the kernel (one persistent program per SM, at most ``num_sms`` prog
 * opt-in (``GluonConfig.wide_n``, :func:`wide_config`, :data:`WIDE_N_DEFAULT` off): dense 128x256 tiles
   with two independent one-warpgroup consumer partitions, each 64x256 as two 128-wide halves through one
   scratch accumulator (:func:`_consumer_wide`): 25% fewer operand bytes per FLOP than 128x128.
+* programmatic dependent launch (``PDL_WAIT``, ``launch(..., pdl=True)``; the FP4 route launches it right
+  after the convert kernel that writes A and its scales): the programs start while that kernel runs, the
+  producer prefetches the first tile's first B stages, then every partition executes ``griddepcontrol.wait``
+  before it touches A or the A scales.
 
 Measured numbers and the history of each version: ``benchmarks/GLUON_NOTES.md``.
 
@@ -206,11 +210,78 @@ if HAS_GLUON:
         return g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt
 
     @gluon.jit
+    def _grid_dependency_wait():
+        """PTX ``griddepcontrol.wait``: block until the grid this launch depends on programmatically (PDL:
+        the kernel before it on the stream, launched with ``launch_pdl=True``) has completed and its memory
+        writes are visible.  A no-op when the launch has no programmatic dependency.  Not pure: it stays in
+        order with the loads, barrier operations and TMA copies around it."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _prefetch_b(b_desc, b_bufs, full_bars, total, M, N, K, G, masked_m_ptr, m_indices_ptr,
+                    nbytes: gl.constexpr, MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    GROUP_M: gl.constexpr, STAGES: gl.constexpr, K_ROTATE: gl.constexpr, WIDE_N: gl.constexpr,
+                    IDX_LAYOUT: gl.constexpr):
+        """PDL_WAIT only, before the grid-dependency wait: start the B (weight) loads of the first
+        ``min(STAGES, num_k)`` K-slices of this program's first tile, each with its stage's full-barrier
+        ``expect`` of the whole stage (A + B bytes), so the phase completes only once the A box, loaded
+        after the wait, lands too.  Returns how many slices it started (0 when the first tile is not this
+        program's or is skipped): :func:`_producer` loads only A for those.  B, ``masked_m`` and
+        ``m_indices`` are not written by the kernel this launch waits for (the FP4 convert), and whatever
+        wrote them completed before that kernel started, so reading them here is safe."""
+        BK: gl.constexpr = b_bufs.type.shape[2]
+        pid = gl.program_id(0)
+        num_k = K // BK
+        npre = gl.to_tensor(0)
+        if pid < total:
+            zero = gl.to_tensor(0)
+            cnt = _first_group_count(M, N, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
+            g, m_blk, n_blk, row_a, valid, c0, c1, c2 = _locate(
+                pid, zero, zero, cnt, M, N, G, masked_m_ptr, m_indices_ptr,
+                MODE, BLOCK_M, BLOCK_N, GROUP_M, IDX_LAYOUT)
+            if valid:
+                row_b = g * N + n_blk * BLOCK_N
+                rot = _k_rotation(pid, num_k, K_ROTATE)
+                npre = gl.minimum(num_k, STAGES)
+                for kb in range(npre):
+                    kk = _rotated(kb, rot, num_k) * BK
+                    bar = full_bars.index(kb)
+                    mbarrier.expect(bar, nbytes)
+                    if WIDE_N:
+                        HALF_N: gl.constexpr = b_desc.block_type.shape[0]
+                        row_b_hi = gl.where(row_b + HALF_N < N, row_b + HALF_N, row_b)
+                        tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(2 * kb))
+                        tma.async_copy_global_to_shared(b_desc, [row_b_hi, kk], bar, b_bufs.index(2 * kb + 1))
+                    else:
+                        tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(kb))
+        return npre
+
+    @gluon.jit
+    def _load_stage_after_prefetch(a_desc, b_desc, a_bufs, b_bufs, bar, s, row_a, row_b, kk, M, N, with_b,
+                                   nbytes: gl.constexpr, WIDE_N: gl.constexpr):
+        """One stage of :func:`_producer` under PDL_WAIT: the A box(es) always; the full-barrier ``expect``
+        and the B box(es) only with ``with_b`` (False for the slices :func:`_prefetch_b` has started)."""
+        mbarrier.expect(bar, nbytes, pred=with_b)
+        if WIDE_N:
+            # as in _producer: an upper half wholly past M (N) loads the lower rows again
+            HALF_M: gl.constexpr = a_desc.block_type.shape[0]
+            HALF_N: gl.constexpr = b_desc.block_type.shape[0]
+            row_a_hi = gl.where(row_a + HALF_M < M, row_a + HALF_M, row_a)
+            row_b_hi = gl.where(row_b + HALF_N < N, row_b + HALF_N, row_b)
+            tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(2 * s))
+            tma.async_copy_global_to_shared(a_desc, [row_a_hi, kk], bar, a_bufs.index(2 * s + 1))
+            tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(2 * s), pred=with_b)
+            tma.async_copy_global_to_shared(b_desc, [row_b_hi, kk], bar, b_bufs.index(2 * s + 1), pred=with_b)
+        else:
+            tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(s))
+            tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s), pred=with_b)
+
+    @gluon.jit
     def _producer(a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                   masked_m_ptr, m_indices_ptr,
                   MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                   STAGES: gl.constexpr, K_ROTATE: gl.constexpr, WIDE_N: gl.constexpr = False,
-                  PROBE: gl.constexpr = False, probe_ptr=None):
+                  PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False):
         BK: gl.constexpr = a_desc.block_type.shape[1]
         idx_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
         if WIDE_N:
@@ -230,6 +301,12 @@ if HAS_GLUON:
             pbase, pw, prow = _probe_row(probe_ptr, True)
             hdr = probe_ptr + pid * _PR_CTA + 3 * _PR_ROW
             _stamp(hdr, pw, 0, _HDR_PCLK0)
+        if PDL_WAIT:
+            # The weights' first stages stream in while the previous kernel still runs; A (its output) only
+            # after the wait.
+            npre = _prefetch_b(b_desc, b_bufs, full_bars, total, M, N, K, G, masked_m_ptr, m_indices_ptr,
+                               nbytes, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE, WIDE_N, idx_layout)
+            _grid_dependency_wait()
         for t in range(pid, total, nprog):
             g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
                 t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
@@ -247,21 +324,26 @@ if HAS_GLUON:
                     if PROBE:
                         _stamp(pbase, pw, it, _EV_P_EMPTY)
                     bar = full_bars.index(s)
-                    mbarrier.expect(bar, nbytes)
-                    if WIDE_N:
-                        # An upper half wholly past M (N) loads the lower rows again instead: never a box
-                        # entirely out of bounds; those rows (columns) are not stored.
-                        HALF_M: gl.constexpr = a_desc.block_type.shape[0]
-                        HALF_N: gl.constexpr = b_desc.block_type.shape[0]
-                        row_a_hi = gl.where(row_a + HALF_M < M, row_a + HALF_M, row_a)
-                        row_b_hi = gl.where(row_b + HALF_N < N, row_b + HALF_N, row_b)
-                        tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(2 * s))
-                        tma.async_copy_global_to_shared(a_desc, [row_a_hi, kk], bar, a_bufs.index(2 * s + 1))
-                        tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(2 * s))
-                        tma.async_copy_global_to_shared(b_desc, [row_b_hi, kk], bar, b_bufs.index(2 * s + 1))
+                    if PDL_WAIT:
+                        # Slices _prefetch_b started (the first tile's first ones) have their expect and B.
+                        _load_stage_after_prefetch(a_desc, b_desc, a_bufs, b_bufs, bar, s, row_a, row_b, kk,
+                                                   M, N, it >= npre, nbytes, WIDE_N)
                     else:
-                        tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(s))
-                        tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s))
+                        mbarrier.expect(bar, nbytes)
+                        if WIDE_N:
+                            # An upper half wholly past M (N) loads the lower rows again instead: never a box
+                            # entirely out of bounds; those rows (columns) are not stored.
+                            HALF_M: gl.constexpr = a_desc.block_type.shape[0]
+                            HALF_N: gl.constexpr = b_desc.block_type.shape[0]
+                            row_a_hi = gl.where(row_a + HALF_M < M, row_a + HALF_M, row_a)
+                            row_b_hi = gl.where(row_b + HALF_N < N, row_b + HALF_N, row_b)
+                            tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(2 * s))
+                            tma.async_copy_global_to_shared(a_desc, [row_a_hi, kk], bar, a_bufs.index(2 * s + 1))
+                            tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(2 * s))
+                            tma.async_copy_global_to_shared(b_desc, [row_b_hi, kk], bar, b_bufs.index(2 * s + 1))
+                        else:
+                            tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(s))
+                            tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s))
                     if PROBE:
                         _stamp(pbase, pw, it, _EV_P_ISSUED)
                     it += 1
@@ -351,7 +433,7 @@ if HAS_GLUON:
                   MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                   STAGES: gl.constexpr, TMA_STORE: gl.constexpr, HAS_C: gl.constexpr,
                   HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr, K_ROTATE: gl.constexpr,
-                  PROBE: gl.constexpr = False, probe_ptr=None):
+                  PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False):
         BK: gl.constexpr = a_bufs.type.shape[2]
         num_warps: gl.constexpr = gl.num_warps()
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -391,6 +473,10 @@ if HAS_GLUON:
         else:
             pbase = probe_ptr
             pw = probe_ptr
+        if PDL_WAIT:
+            # The A scales are the previous kernel's output (A itself arrives through the producer's TMA,
+            # issued after its own wait).
+            _grid_dependency_wait()
         for t in range(pid, total, nprog):
             g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
                 t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
@@ -488,7 +574,8 @@ if HAS_GLUON:
     @gluon.jit
     def _consumer_wide(a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
                        s_am, s_ak, s_bn, s_bk,
-                       BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr):
+                       BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
+                       PDL_WAIT: gl.constexpr = False):
         """One consumer warpgroup of the opt-in 128x256 dense tile (``GluonConfig.wide_n``).
 
         The two warpgroups are separate 4-warp partitions (``WG`` 0/1: rows [64*WG, 64*WG+64) of the
@@ -521,6 +608,8 @@ if HAS_GLUON:
         zero = gl.to_tensor(0)
         it = gl.to_tensor(0)
         S = gl.zeros([WG_M, HALF], gl.float32, mma_layout)
+        if PDL_WAIT:
+            _grid_dependency_wait()     # the A scales (see _consumer)
         for t in range(pid, total, nprog):
             g, m_blk, n_blk, row_a, valid, c0, c1, c2 = _locate(
                 t, zero, zero, zero, M, N, 1, sfa_ptr, sfa_ptr, 0, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
@@ -582,7 +671,7 @@ if HAS_GLUON:
                            GROUP_M: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr,
                            HAS_C: gl.constexpr, HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr,
                            K_ROTATE: gl.constexpr, PRODUCER_REGS: gl.constexpr, WIDE_N: gl.constexpr = False,
-                           PROBE: gl.constexpr = False, probe_ptr=None):
+                           PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``a_desc``: TMA over A as 2-D [rows, K] (masked: [G*max_m, K]); ``b_desc``: B as [G*N, K];
@@ -593,7 +682,10 @@ if HAS_GLUON:
         ``[programs * PROBE_CTA_STRIDE]``, zeroed): %clock64 stamps around the barrier waits, MMA issue/wait,
         empty arrive and promotion of the first ``PROBE_SLICES`` K-slices of each program (layout at
         ``PROBE_SLICES``; ``benchmarks/gluon_probe.py`` reads them).  With ``PROBE`` False (the default) no
-        probe code is generated: the SASS is the same as without these arguments.
+        probe code is generated: the SASS is the same as without these arguments.  ``PDL_WAIT`` (launched with
+        ``launch_pdl=True``, see :func:`launch`'s ``pdl``): the producer issues its B prefetch
+        (:func:`_prefetch_b`) and every partition its ``griddepcontrol.wait`` before reading A or its scales;
+        off (the default) the SASS is that of the kernel before the flag existed.
         """
         if WIDE_N:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES] + a_desc.block_type.shape, a_desc.layout)
@@ -616,11 +708,12 @@ if HAS_GLUON:
             WG_REGS: gl.constexpr = (65536 // 32 - 4 * PRODUCER_REGS) // 8 // 8 * 8
             gl.warp_specialize([
                 (_consumer_wide, (a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
-                                  s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 0)),
+                                  s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 0, PDL_WAIT)),
                 (_consumer_wide, (a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
-                                  s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 1)),
+                                  s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 1, PDL_WAIT)),
                 (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
-                             masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, False, True)),
+                             masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, False, True,
+                             False, None, PDL_WAIT)),
             ], [4, 1], [WG_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
@@ -629,10 +722,10 @@ if HAS_GLUON:
                              M, N, K, G,
                              s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
                              MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
-                             K_ROTATE, PROBE, probe_ptr)),
+                             K_ROTATE, PROBE, probe_ptr, PDL_WAIT)),
                 (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                              masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
-                             False, PROBE, probe_ptr)),
+                             False, PROBE, probe_ptr, PDL_WAIT)),
             ], [1], [PRODUCER_REGS])
 
 
@@ -855,12 +948,22 @@ def _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms, wide_n=None)
 
 
 def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=None, expected_m=None,
-           signal=None, num_sms: int, max_block_n: int = 256, config: GluonConfig | None = None) -> tuple[int, int]:
+           signal=None, num_sms: int, max_block_n: int = 256, config: GluonConfig | None = None,
+           pdl: bool = False) -> tuple[int, int]:
     """Run ``D = C + A @ B.T`` (1D2D scaling) with the Gluon kernel; returns ``(block_m, block_n)``.
 
     Arguments arrive validated (see :func:`supports`).  No host synchronisation, no allocation:
     safe under CUDA-graph capture.  ``signal`` (masked mode): counters ``[G * ceil(max_m / block_m)]``,
     zeroed by the caller, each ends at ``ceil(N / block_n)`` for m-blocks below ``masked_m[g]``.
+
+    ``pdl``: programmatic dependent launch (``launch_pdl=True``, kernel built with ``PDL_WAIT``) for a call
+    that follows the kernel writing ``a``/``sfa`` on the same stream (the FP4 convert, which triggers early):
+    the programs start, and prefetch their first B stages, while that kernel runs; every partition executes
+    ``griddepcontrol.wait`` before it reads A or its scales.  Correct after any kernel (one that does not
+    trigger early triggers when it ends: the programs start then and the wait returns at once) and under
+    CUDA-graph capture (CUDA 12.3+ records the launch attribute as a programmatic graph edge).  ``b``,
+    ``masked_m`` and ``m_indices`` must not be written by the kernel right before (they are read before the
+    wait; what earlier kernels wrote is complete, since that kernel itself started only after them).
     """
     mode_id = _MODES[mode]
     m, n, k, groups, tma_store = _problem(mode, a, b, d, c)
@@ -895,5 +998,6 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         TMA_STORE=tma_store, HAS_C=c is not None, HAS_SIGNAL=signal is not None,
         SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate and not cfg.wide_n, PRODUCER_REGS=cfg.producer_regs,
         WIDE_N=cfg.wide_n, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
+        **({"PDL_WAIT": True, "launch_pdl": True} if pdl else {}),
     )
     return bm, bn
