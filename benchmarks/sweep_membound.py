@@ -189,10 +189,9 @@ def prefill_sweeps(ceiling):
                 return holder[0]
             launch(None)
             out_ref = holder[0].clone()
-            for cfg in [None, C(256 // h, 64, 8, 3, True), C(128 // h, 64, 4, 3, True), C(256 // h, 64, 4, 3, True),
-                        C(128 // h, 64, 4, 3), C(256 // h, 128, 8, 3), C(128 // h, 128, 8, 3)]:
-                tag = "default" if cfg is None else \
-                    f"{cfg.block_q},{cfg.block_k},{cfg.num_warps},{cfg.num_stages}{',pipe' if cfg.pipe_mma else ''}"
+            for cfg in [None, C(128 // h, 64, 4, 3), C(256 // h, 64, 4, 3), C(256 // h, 64, 8, 3),
+                        C(256 // h, 64, 8, 4), C(512 // h, 64, 8, 3)]:
+                tag = "default" if cfg is None else f"{cfg.block_q},{cfg.block_k},{cfg.num_warps},{cfg.num_stages}"
                 try:
                     launch(cfg)
                     torch.cuda.synchronize()

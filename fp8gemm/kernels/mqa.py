@@ -42,7 +42,6 @@ class PrefillConfig:
     block_k: int      # keys per loop step (the MMA's M)
     num_warps: int
     num_stages: int
-    pipe_mma: bool = False   # issue the next tile's MMA before this tile's epilogue (mqa_logits_kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,31 +86,10 @@ def paged_config(num_heads: int, head_dim: int, next_n: int, block_kv: int) -> P
 # -------------------------------------------------------------------------------------
 
 @triton.jit
-def _mqa_tile_epilogue(acc, k0, kvs_ptr, out_ptr, w, start, end, ks, q_ok, row_off, seq_len_kv,
-                       H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, COMPRESSED: tl.constexpr):
-    """Logits of keys ``[k0, k0 + BLOCK_K)`` from their scores ``acc`` [BLOCK_K, BLOCK_Q * H]: relu, head
-    weights, the sum over heads, the key scale; stored (the plain form with -inf where a row does not see
-    the key)."""
-    rk = k0 + tl.arange(0, BLOCK_K)
-    k_ok = rk < seq_len_kv
-    sc = tl.load(kvs_ptr + rk, mask=k_ok, other=0.0)
-    acc = tl.maximum(acc, 0.0) * w[None, :]
-    logit = tl.sum(tl.reshape(acc, (BLOCK_K, BLOCK_Q, H)), axis=2) * sc[:, None]       # [BLOCK_K, BLOCK_Q]
-    valid = (rk[:, None] >= start[None, :]) & (rk[:, None] < end[None, :])
-    if COMPRESSED:
-        col = rk[:, None] - ks[None, :]
-        tl.store(out_ptr + row_off[None, :] + col, logit, mask=valid & q_ok[None, :])
-    else:
-        logit = tl.where(valid, logit, float("-inf"))
-        tl.store(out_ptr + row_off[None, :] + rk[:, None], logit, mask=k_ok[:, None] & q_ok[None, :])
-
-
-@triton.jit
 def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
                       seq_len, seq_len_kv, max_seqlen_k, stride_w, stride_out,
                       H: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                      COMPRESSED: tl.constexpr, CLEAN: tl.constexpr, CLEAN_BLOCK: tl.constexpr,
-                      PIPE_MMA: tl.constexpr = False):
+                      COMPRESSED: tl.constexpr, CLEAN: tl.constexpr, CLEAN_BLOCK: tl.constexpr):
     """One program per ``BLOCK_Q`` queries; loops over the keys any of them sees.
 
     Plain form: writes ``out[i, j]`` for every j of the key blocks in ``[min ks, max ke)`` of the block
@@ -151,28 +129,21 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
     w = tl.load(w_ptr + cq.to(tl.int64) * stride_w + tl.arange(0, QH) % H, mask=cq < seq_len, other=0.0)
 
     row_off = rq.to(tl.int64) * stride_out
-    if PIPE_MMA:
-        # The next tile's MMA is issued before this tile's epilogue, so the tensor cores work while the
-        # CUDA cores apply relu / weights / the head sum (one extra, masked-out MMA past the last tile).
-        rk = lo + tl.arange(0, BLOCK_K)
-        kv = tl.load(kv_ptr + rk.to(tl.int64)[:, None] * D + rd[None, :], mask=(rk < hi)[:, None], other=0.0)
-        acc = tl.dot(kv, q_t)
-        for k0 in range(lo, hi, BLOCK_K):
-            rk_n = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
-            kv_n = tl.load(kv_ptr + rk_n.to(tl.int64)[:, None] * D + rd[None, :], mask=(rk_n < hi)[:, None],
-                           other=0.0)
-            acc_n = tl.dot(kv_n, q_t)
-            _mqa_tile_epilogue(acc, k0, kvs_ptr, out_ptr, w, start, end, ks, q_ok, row_off, seq_len_kv,
-                               H, BLOCK_Q, BLOCK_K, COMPRESSED)
-            acc = acc_n
-    else:
-        for k0 in range(lo, hi, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            kv = tl.load(kv_ptr + rk.to(tl.int64)[:, None] * D + rd[None, :], mask=(rk < seq_len_kv)[:, None],
-                         other=0.0)
-            acc = tl.dot(kv, q_t)                                   # [BLOCK_K, BLOCK_Q * H]
-            _mqa_tile_epilogue(acc, k0, kvs_ptr, out_ptr, w, start, end, ks, q_ok, row_off, seq_len_kv,
-                               H, BLOCK_Q, BLOCK_K, COMPRESSED)
+    for k0 in range(lo, hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < seq_len_kv
+        kv = tl.load(kv_ptr + rk.to(tl.int64)[:, None] * D + rd[None, :], mask=k_ok[:, None], other=0.0)
+        sc = tl.load(kvs_ptr + rk, mask=k_ok, other=0.0)
+        acc = tl.dot(kv, q_t)                                       # [BLOCK_K, BLOCK_Q * H]
+        acc = tl.maximum(acc, 0.0) * w[None, :]
+        logit = tl.sum(tl.reshape(acc, (BLOCK_K, BLOCK_Q, H)), axis=2) * sc[:, None]   # [BLOCK_K, BLOCK_Q]
+        valid = (rk[:, None] >= start[None, :]) & (rk[:, None] < end[None, :])
+        if COMPRESSED:
+            col = rk[:, None] - ks[None, :]
+            tl.store(out_ptr + row_off[None, :] + col, logit, mask=valid & q_ok[None, :])
+        else:
+            logit = tl.where(valid, logit, float("-inf"))
+            tl.store(out_ptr + row_off[None, :] + rk[:, None], logit, mask=k_ok[:, None] & q_ok[None, :])
 
     if CLEAN:
         rc = tl.arange(0, CLEAN_BLOCK)
