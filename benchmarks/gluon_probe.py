@@ -25,6 +25,24 @@ Before any number is read, the probe kernel's output is checked against ``fp8gem
 Output: per shape a table of per-event medians (cycles, p10-p90 over programs x steady slices), an
 ASCII timeline of a few slices of program 0, a verdict list; ``DIR/gluon_probe.json`` (stats, program
 0's raw stamps), ``DIR/gluon_probe_raw.pt`` (every stamp), ``DIR/gluon_probe.log`` (this output).
+
+Diagnostic modes (``--diag 0,1,2,3,4``; ~1.5 min on one H100 for the three shapes): the kernel's ``DIAG``
+constexpr removes one suspect of the slice period at a time (outputs are garbage in modes 1-4 and are not
+checked; mode 0 is the production kernel and is checked):
+
+    0  production
+    1  L2-resident operands: every K-slice loaded from K coordinate 0 (same TMA/smem bytes, no DRAM traffic)
+    2  no refill: each stage filled once, then the producer only arrives on the full barrier (no TMA, no
+       smem writes, no L2/DRAM traffic; the MMAs read stale stages)
+    3  no promotion: MMAs, waits and stage releases as usual, no scale loads and no promotion FFMAs
+    4  2 + 3: the MMA + barrier loop alone
+
+Per shape and mode: the probe's steady-state medians (period, MMA-done period, waits; PROBE on) and the time
+with PROBE off (CUDA-graph replay, L2 flushed, ``fp8gemm.bench.core.time_us``; the probe runs follow the
+timing loop right away, so both see the same clock), one table with mode 0 first, then interpretation
+lines; ``DIR/gluon_probe_diag.json`` and ``DIR/gluon_probe_diag.log``.
+
+    PYTHONPATH=. python3 benchmarks/gluon_probe.py --diag 0,1,2,3,4 --out DIR
 """
 from __future__ import annotations
 
@@ -76,9 +94,10 @@ def production_config(gg, a, b, d, num_sms):
     return cfg
 
 
-def launch_probe(gg, a, sfa, b, sfb, d, cfg, probe, num_sms):
+def launch_probe(gg, a, sfa, b, sfb, d, cfg, probe, num_sms, diag=None):
     """The same kernel launch as ``gemm_gluon.launch`` does for a dense BF16 TMA-store call, with
-    ``PROBE=True`` and the probe buffer (``launch`` itself is left untouched)."""
+    ``PROBE=True`` and the probe buffer (``launch`` itself is left untouched); ``probe=None``: PROBE off.
+    ``diag``: the kernel's ``DIAG`` mode (None: not passed, the production kernel)."""
     import triton
     m, k = a.shape
     n = b.shape[0]
@@ -87,14 +106,15 @@ def launch_probe(gg, a, sfa, b, sfb, d, cfg, probe, num_sms):
     b_desc = gg._desc2d(b, n, (bn, gg.BLOCK_K), "fp8")
     d_desc = gg._desc2d(d, m, (bm, bn), "bf16")
     grid = (max(1, min(num_sms, triton.cdiv(m, bm) * triton.cdiv(n, bn))),)
-    assert probe.numel() >= grid[0] * gg.PROBE_CTA_STRIDE and probe.dtype.itemsize == 8
+    assert probe is None or (probe.numel() >= grid[0] * gg.PROBE_CTA_STRIDE and probe.dtype.itemsize == 8)
     sd, sa, sb = gg._s3(d), gg._s3(sfa), gg._s3(sfb)
     gg.fp8_gemm_ws_kernel[grid](
         a_desc, b_desc, d_desc, d, d, sfa, sfb, sfa, sfa, sfa, m, n, k, 1,
         sd[0], sd[1], 0, 0, sa[0], sa[1], sa[2], sb[0], sb[1], sb[2],
         MODE=0, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages, TMA_STORE=True, HAS_C=False,
         HAS_SIGNAL=False, SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate, PRODUCER_REGS=cfg.producer_regs,
-        WIDE_N=False, PROBE=True, probe_ptr=probe, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
+        WIDE_N=False, PROBE=probe is not None, probe_ptr=probe, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
+        **({} if diag is None else {"DIAG": diag}))
     return grid[0]
 
 
@@ -276,6 +296,22 @@ def analyse(raw, gg, num_k, stages, tiles_per_cta):
     return metrics, per_cta, queued
 
 
+def analyse_runs(raws, gg, num_k, stages, tiles_per_cta):
+    """:func:`analyse` over several probe runs (CPU tensors [programs, ROWS, SLICES, EVENTS]): the metric lists
+    pooled, the per-program summaries of each run, the queued counts summed."""
+    metrics, per_cta_all, queued = None, [], [0, 0]
+    for raw in raws:
+        mt, pc, q = analyse(raw.tolist(), gg, num_k, stages, tiles_per_cta)
+        if metrics is None:
+            metrics = mt
+        else:
+            for key in metrics:
+                metrics[key].extend(mt[key])
+        per_cta_all.append(pc)
+        queued = [queued[0] + q[0], queued[1] + q[1]]
+    return metrics, per_cta_all, queued
+
+
 def timeline(cta, gg, s0, nslices=3, width=120):
     """ASCII timeline of program ``cta`` from WG0's pre_bar of slice s0 over ``nslices`` slice periods."""
     EC = dict(pre_bar=gg.EV_C_PRE_BAR, pre_wait=gg.EV_C_PRE_WAIT, full=gg.EV_C_FULL, issued=gg.EV_C_ISSUED,
@@ -442,16 +478,7 @@ def run_shape(gg, m, n, k, num_sms, reps, out):
     smi_sum = smi.summary()
 
     # analysis over the reps
-    metrics, per_cta_all, queued = None, [], [0, 0]
-    for raw in raws:
-        mt, pc, q = analyse(raw.tolist(), gg, num_k, cfg.stages, tiles_per_cta)
-        if metrics is None:
-            metrics = mt
-        else:
-            for key in metrics:
-                metrics[key].extend(mt[key])
-        per_cta_all.append(pc)
-        queued = [queued[0] + q[0], queued[1] + q[1]]
+    metrics, per_cta_all, queued = analyse_runs(raws, gg, num_k, cfg.stages, tiles_per_cta)
     pc_last = per_cta_all[-1]
     ghz = [p["ghz"] for pcs in per_cta_all for p in pcs if p["ghz"]]
     cyc = [p["cycles"] for p in pc_last if p["cycles"]]
@@ -551,6 +578,219 @@ def verdicts(st, qfrac, ghz, smi, cfg):
         out.append("no single dominant stall above the thresholds: see the table and the timeline")
     return out
 
+# ------------------------------------------------------------------------------------------------
+# diagnostic modes (--diag): the kernel's DIAG constexpr removes one suspect at a time
+# ------------------------------------------------------------------------------------------------
+
+DIAG_NAMES = {0: "production", 1: "L2-resident", 2: "no refill", 3: "no promotion", 4: "MMA only"}
+_MUCH, _SAME = 0.90, 0.95      # period ratio vs mode 0: below _MUCH = "much lower", above _SAME = "about equal"
+
+
+def run_diag_shape(gg, m, n, k, modes, num_sms, reps):
+    """Every DIAG mode of ``modes`` on one shape: PROBE-off time (graph replay, ``time_us``), then ``reps`` probe
+    runs right after it (same clock state); mode 0 also checked against the reference (probe on and off)."""
+    import torch
+
+    from fp8gemm import reference as R
+    from fp8gemm.bench.core import time_us
+    from fp8gemm.testing import calc_diff
+    a, sfa, b, sfb, d = make_inputs(m, n, k)
+    cfg = production_config(gg, a, b, d, num_sms)
+    num_k = k // 128
+    tiles = triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n)
+    grid = max(1, min(num_sms, tiles))
+    tiles_per_cta = [len(range(c, tiles, grid)) for c in range(grid)]
+    probe = torch.zeros(grid * gg.PROBE_CTA_STRIDE, dtype=torch.int64, device="cuda")
+    flops = 2.0 * m * n * k
+    shape = f"{m}x{n}x{k}"
+    log(f"\n=== {shape} (diag): config {cfg.block_m}x{cfg.block_n}, {cfg.stages} stages, grid {grid}, {tiles} tiles "
+        f"({min(tiles_per_cta)}-{max(tiles_per_cta)} per program), {num_k} K-slices per tile")
+    correct = None
+    rows = []
+    for mode in modes:
+        t0 = time.time()
+        run = lambda: launch_probe(gg, a, sfa, b, sfb, d, cfg, None, num_sms, diag=mode)         # noqa: E731
+        run_probe = lambda: launch_probe(gg, a, sfa, b, sfb, d, cfg, probe, num_sms, diag=mode)  # noqa: E731
+        check = None
+        if mode == 0:
+            ref = R.fp8_gemm_nt(a, sfa, b, sfb, None, out_dtype=torch.bfloat16)
+            check = {}
+            for name, fn in (("probe_off", run), ("probe_on", run_probe)):
+                d.fill_(float("nan"))
+                fn()
+                torch.cuda.synchronize()
+                check[name] = dict(diff=calc_diff(d, ref), nan=int(d.isnan().sum()))
+            correct = all(c["nan"] == 0 and c["diff"] < 1e-3 for c in check.values())
+            del ref
+        else:
+            run_probe()          # compile both variants before anything is timed
+            run()
+            torch.cuda.synchronize()
+        us = time_us(run)
+        # the probe runs follow the timing loop at once: the SM clock is the one the timing saw
+        raws_dev = []
+        for _ in range(reps):
+            probe.zero_()
+            run_probe()
+            raws_dev.append(probe.clone())
+        torch.cuda.synchronize()
+        raws = [r.view(grid, gg.PROBE_ROWS, gg.PROBE_SLICES, gg.PROBE_EVENTS).cpu() for r in raws_dev]
+        metrics, per_cta_all, queued = analyse_runs(raws, gg, num_k, cfg.stages, tiles_per_cta)
+        stats = {key: stat(metrics[key]) for key, _ in DESCR}
+        ghz = [p["ghz"] for pcs in per_cta_all for p in pcs if p["ghz"]]
+        cps = [p["cycles"] / (p["tiles"] * num_k) for pcs in per_cta_all for p in pcs if p["cycles"] and p["tiles"]]
+        row = dict(mode=mode, name=DIAG_NAMES.get(mode, str(mode)), us=us, tflops=flops / us / 1e6,
+                   sm_ghz_in_kernel=pct(ghz, 0.5), cycles_per_slice_whole_program=pct(cps, 0.5),
+                   mma_queued_fraction=queued[0] / max(1, queued[1]), stats=stats, check=check,
+                   wall_s=time.time() - t0)
+        rows.append(row)
+        sm = {k_: v["median"] for k_, v in stats.items()}
+        log(f"  mode {mode} ({row['name']}): {us:.1f} us {row['tflops']:.0f} TFLOPS (PROBE off); probe: period "
+            f"{sm['period']} MMA-done period {sm['done_period']} cycles, {row['sm_ghz_in_kernel'] or 0:.3f} GHz"
+            + (f"; correctness {check} -> {'OK' if correct else 'FAILED'}" if check else "")
+            + f"  [{row['wall_s']:.1f} s]")
+    return dict(shape=[m, n, k], config=dict(block_m=cfg.block_m, block_n=cfg.block_n, stages=cfg.stages,
+                                              num_warps=cfg.num_warps, maxnreg=cfg.maxnreg),
+                grid=grid, tiles=tiles, num_k=num_k, correct=correct, modes=rows,
+                hints=diag_hints({r["mode"]: r for r in rows}))
+
+
+def _med(row, key):
+    return row["stats"][key]["median"] if row and row["stats"][key]["median"] is not None else None
+
+
+DIAG_MEANING = [
+    f"periods are cycles (clock-independent; the us also move with the SM clock); ideal {TENSOR_CYCLES_128}; "
+    f"'MUCH LOWER' < {_MUCH:.2f}x, 'about equal' > {_SAME:.2f}x of mode 0's period",
+    "mode 1 (L2-resident) << mode 0: DRAM traffic (d) is a limit; about equal: DRAM is not",
+    "mode 2 (no refill) << mode 0: operand delivery (TMA, L2->SM bandwidth (a), TMA writes into shared memory (b)) is "
+    "the limit; about equal: the limit is inside the SM (wgmma operand reads / tensor pipe, or promotion)",
+    "mode 1 about equal but mode 2 << mode 0: L2->SM bandwidth or the smem fill, not DRAM (these modes cannot split "
+    "(a) from (b)-writes)",
+    "mode 3 (no promotion) << mode 0: the promotion FFMAs / scale loads / issue contention (c) cost time; about "
+    "equal: they hide behind the queued MMA",
+    f"mode 4 (MMA only) near {TENSOR_CYCLES_128}: the tensor pipe runs at rate once delivery and promotion are gone "
+    "(the loss is the causes above, possibly overlapping: 4 << 0 while 2 and 3 alone are not = two costs that hide "
+    "behind each other); still near mode 0: the wgmma itself is the limit (its shared-memory operand reads, A + B "
+    "twice per 128x128 slice with two m64n128 warpgroups) -> fewer smem bytes per FLOP (N=256 per wgmma, multicast)",
+]
+
+
+def diag_hints(by_mode):
+    """Per mode this run's period against mode 0 (see DIAG_MEANING for what each means), then the reading."""
+    r0 = by_mode.get(0)
+    p0 = _med(r0, "period")
+    ratio, word = {}, {}
+    for mode, row in by_mode.items():
+        p = _med(row, "period")
+        if mode and p and p0:
+            ratio[mode] = p / p0
+            word[mode] = ("MUCH LOWER" if ratio[mode] < _MUCH else "about equal" if ratio[mode] > _SAME
+                          else "somewhat lower") if ratio[mode] <= 1.05 else "HIGHER"
+    out = []
+    for mode in sorted(by_mode):
+        if not mode:
+            continue
+        row = by_mode[mode]
+        if mode in ratio:
+            out.append(f"mode {mode} ({row['name']}): period {_med(row, 'period')} vs {p0} cycles = {ratio[mode]:.2f}x, "
+                       f"{word[mode]} (MMA-done period {_med(row, 'done_period')} vs {_med(r0, 'done_period')})")
+        else:
+            out.append(f"mode {mode} ({row['name']}): n/a (needs mode 0 and steady-state samples)")
+    if 4 in ratio:
+        out.append(f"mode 4 recovers {p0 - _med(by_mode[4], 'period')} of the {p0 - TENSOR_CYCLES_128} cycles "
+                   "lost per slice in mode 0")
+    # combined reading: every finding that the numbers show
+    w = word.get
+    found = []
+    if w(1) == "MUCH LOWER":
+        found.append("DRAM (d): L2-resident operands run much faster -> better L2 reuse (rasterisation, larger tiles)")
+    if w(2) == "MUCH LOWER" and w(1) in ("about equal", "somewhat lower"):
+        found.append("delivery into the SM, not DRAM: L2->SM bandwidth (a) or the TMA writes into shared memory (b); "
+                     "these modes cannot separate the two -> fewer L2->SM bytes per FLOP (256-wide tiles, multicast)")
+    elif w(2) == "MUCH LOWER":
+        found.append("operand delivery (TMA/L2/DRAM): no refill runs much faster")
+    if w(3) == "MUCH LOWER":
+        found.append("promotion / issue (c): fold the scales, fewer FFMA per slice, promote off the MMA path")
+    if w(4) == "MUCH LOWER" and w(2) != "MUCH LOWER" and w(3) != "MUCH LOWER":
+        found.append("only removing delivery AND promotion together helps: each alone hides behind the other "
+                     "(two costs of similar size)")
+    if w(4) in ("about equal", "HIGHER"):
+        found.append("the MMA + barrier loop alone runs at mode 0's period: the wgmma's shared-memory operand reads "
+                     "(b, read side) / the m64n128 shape, not delivery, DRAM or promotion")
+    if found:
+        out.extend("reading: " + f for f in found)
+    elif word:
+        out.append("reading: no mode removes much of the loss alone; compare modes 2, 3 and 4 for additive parts")
+    return out
+
+
+def print_diag_table(results):
+    log("\ndiag summary (cycles: medians over programs x steady slices; us/TFLOPS with PROBE off, graph replay):")
+    log(f"{'shape':>15} {'mode':>4} {'name':>12} {'ok':>3} {'GHz':>5} {'period':>6} {'mmaDone':>7} {'cyc/sl':>6} "
+        f"{'bar':>4} {'full':>5} {'mmaW':>5} {'arrive':>6} {'promo':>5} {'pEmpty':>6} {'queued':>6} {'us':>7} "
+        f"{'TFLOPS':>6} {'vs0':>5}")
+    for r in results:
+        shape = "x".join(map(str, r["shape"]))
+        if "modes" not in r:
+            log(f"{shape:>15} ERR {r.get('error', '')}")
+            continue
+        us0 = next((row["us"] for row in r["modes"] if row["mode"] == 0), None)
+        for row in r["modes"]:
+            s = {k_: (v["median"] if v["median"] is not None else -1) for k_, v in row["stats"].items()}
+            ok = "-" if row["check"] is None else ("ok" if r["correct"] else "BAD")
+            cps = row["cycles_per_slice_whole_program"]
+            log(f"{shape:>15} {row['mode']:>4} {row['name']:>12} {ok:>3} {row['sm_ghz_in_kernel'] or 0:>5.3f} "
+                f"{s['period']:>6} {s['done_period']:>7} {cps or 0:>6.0f} {s['bar_before_full']:>4} "
+                f"{s['full_wait']:>5} {s['mma_wait']:>5} {s['arrive']:>6} {s['promote']:>5} {s['p_empty_wait']:>6} "
+                f"{100 * row['mma_queued_fraction']:>5.0f}% {row['us']:>7.1f} {row['tflops']:>6.0f} "
+                f"{(us0 / row['us']) if us0 else 0:>5.2f}")
+    log("columns: period = consumer slice period, mmaDone = MMA completion period, cyc/sl = whole program cycles / "
+        "slices (incl. prologue/epilogue), bar/full = partition bar.sync / full-barrier wait before an MMA, mmaW = "
+        "time blocked in warpgroup_mma_wait with the next MMA queued, pEmpty = producer's wait for a free stage, "
+        "queued = slices whose successor MMA was queued, vs0 = mode-0 us / this us")
+    log("\nhow to read the modes:")
+    for h in DIAG_MEANING:
+        log("  * " + h)
+    for r in results:
+        if "hints" in r:
+            log(f"{'x'.join(map(str, r['shape']))}:")
+            for h in r["hints"]:
+                log("  - " + h)
+
+
+def main_diag(args, gg, props, num_sms):
+    modes = sorted({int(x) for x in args.diag.split(",") if x.strip()}, key=lambda x: (x != 0, x))
+    bad = [x for x in modes if x not in gg.DIAG_MODES]
+    if bad:
+        sys.exit(f"--diag: unknown modes {bad} (known: {gg.DIAG_MODES})")
+    t_start = time.time()
+    results = []
+    failed = False
+    path = os.path.join(args.out, "gluon_probe_diag.json")
+    for spec in args.shapes.split(","):
+        m, n, k = (int(x) for x in spec.lower().split("x"))
+        try:
+            res = run_diag_shape(gg, m, n, k, modes, num_sms, args.reps)
+            failed |= res["correct"] is False
+            results.append(res)
+        except Exception as e:  # noqa: BLE001
+            import traceback
+            log(f"=== {spec}: FAILED {type(e).__name__}: {e}")
+            log(traceback.format_exc())
+            failed = True
+            results.append(dict(shape=[m, n, k], error=repr(e)))
+        with open(path, "w") as f:
+            json.dump(dict(device=props.name, num_sms=num_sms, modes={m_: DIAG_NAMES.get(m_) for m_ in modes},
+                           tensor_cycles_per_slice=TENSOR_CYCLES_128, how_to_read=DIAG_MEANING, results=results),
+                      f, indent=1)
+    print_diag_table(results)
+    log(f"total {time.time() - t_start:.0f} s; mode 0 {'correct' if not failed else 'CHECK FAILED'}; "
+        f"JSON: {path}")
+    with open(os.path.join(args.out, "gluon_probe_diag.log"), "w") as f:
+        f.write("\n".join(_LOG) + "\n")
+    sys.exit(1 if failed else 0)
+
 
 def triton_cdiv(a, b):
     return (a + b - 1) // b
@@ -562,6 +802,9 @@ def main():
     ap.add_argument("--shapes", default=",".join(f"{m}x{n}x{k}" for m, n, k in SHAPES),
                     help="comma-separated MxNxK (dense, 128x128 production config)")
     ap.add_argument("--reps", type=int, default=3, help="probe runs pooled into the statistics")
+    ap.add_argument("--diag", default=None,
+                    help="comma-separated DIAG modes (0-4, e.g. 0,1,2,3,4): compare the kernel's diagnostic modes "
+                         "(probe stats + PROBE-off time per mode) instead of the full probe report")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -573,6 +816,9 @@ def main():
     props = torch.cuda.get_device_properties(0)
     num_sms = props.multi_processor_count
     log(f"device {props.name}, {num_sms} SMs, torch {torch.__version__}, triton {__import__('triton').__version__}")
+    if args.diag:
+        main_diag(args, gg, props, num_sms)
+        return
     t_start = time.time()
     out = {"raw": {}}
     results = []

@@ -27,6 +27,9 @@ Structure of the kernel (one persistent program per SM, at most ``num_sms`` prog
   after the convert kernel that writes A and its scales): the programs start while that kernel runs, the
   producer prefetches the first tile's first B stages, then every partition executes ``griddepcontrol.wait``
   before it touches A or the A scales.
+* diagnostics only (``benchmarks/gluon_probe.py``; both off by default, off = the production SASS): ``PROBE``
+  (%clock64 stamps of the main loop) and ``DIAG`` (modes that each remove one suspect of the slice period:
+  L2-resident operands, no stage refill, no promotion, both; see :data:`DIAG_MODES`).
 
 Measured numbers and the history of each version: ``benchmarks/GLUON_NOTES.md``.
 
@@ -91,6 +94,16 @@ EV_P_PRE_WAIT, EV_P_EMPTY, EV_P_ISSUED = range(3)
 # header row (consumer warpgroup 0): clock64 and globaltimer (ns) at the consumer's start and end, %smid;
 # clock64 at the producer's start (its writer thread)
 PROBE_HDR_CLK0, PROBE_HDR_NS0, PROBE_HDR_CLK1, PROBE_HDR_NS1, PROBE_HDR_SMID, PROBE_HDR_PCLK0 = range(6)
+
+# Diagnostic modes (``DIAG``, dense 128xN default kernel only, diagnostics only: ``benchmarks/gluon_probe.py
+# --diag``).  Each removes one suspect of the main loop's slice period; the output is garbage in every mode
+# but DIAG_OFF.  DIAG_OFF (0) compiles to the production kernel (byte-identical SASS, AOT-tested).
+DIAG_OFF = 0
+DIAG_L2_RESIDENT = 1   # producer loads every K-slice from K coordinate 0: same TMA/smem bytes, L2 hits only
+DIAG_NO_REFILL = 2     # producer fills each stage once (its first STAGES slices), then only arrives on full
+DIAG_NO_PROMOTE = 3    # consumer: MMAs, waits and releases as usual, no scale loads and no promotion FFMAs
+DIAG_MMA_ONLY = 4      # DIAG_NO_REFILL + DIAG_NO_PROMOTE: the MMA + barrier loop alone
+DIAG_MODES = (DIAG_OFF, DIAG_L2_RESIDENT, DIAG_NO_REFILL, DIAG_NO_PROMOTE, DIAG_MMA_ONLY)
 
 
 if HAS_GLUON:
@@ -281,7 +294,8 @@ if HAS_GLUON:
                   masked_m_ptr, m_indices_ptr,
                   MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                   STAGES: gl.constexpr, K_ROTATE: gl.constexpr, WIDE_N: gl.constexpr = False,
-                  PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False):
+                  PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
+                  DIAG: gl.constexpr = 0):
         BK: gl.constexpr = a_desc.block_type.shape[1]
         idx_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
         if WIDE_N:
@@ -324,7 +338,10 @@ if HAS_GLUON:
                     if PROBE:
                         _stamp(pbase, pw, it, _EV_P_EMPTY)
                     bar = full_bars.index(s)
-                    if PDL_WAIT:
+                    if DIAG == 1 or DIAG == 2 or DIAG == 4:
+                        _diag_load_stage(a_desc, b_desc, a_bufs, b_bufs, bar, s, it, row_a, row_b, kk, nbytes,
+                                         STAGES, DIAG)
+                    elif PDL_WAIT:
                         # Slices _prefetch_b started (the first tile's first ones) have their expect and B.
                         _load_stage_after_prefetch(a_desc, b_desc, a_bufs, b_bufs, bar, s, row_a, row_b, kk,
                                                    M, N, it >= npre, nbytes, WIDE_N)
@@ -349,6 +366,27 @@ if HAS_GLUON:
                     it += 1
 
     @gluon.jit
+    def _diag_load_stage(a_desc, b_desc, a_bufs, b_bufs, bar, s, it, row_a, row_b, kk, nbytes: gl.constexpr,
+                         STAGES: gl.constexpr, DIAG: gl.constexpr):
+        """One stage of :func:`_producer` in a diagnostic mode (dense, not wide, no PDL).
+
+        DIAG 1 (L2-resident operands): the tile's A and B boxes at K coordinate 0 for every slice: the same
+        bytes through TMA into shared memory, but the whole working set (M + N rows x 128 bytes) stays in L2.
+        DIAG 2/4 (no refill): the program's first ``STAGES`` slices (``it`` < STAGES: each stage once) load as
+        usual; after that the full barrier only gets the producer's plain arrive (init count 1, no transaction
+        bytes: the phase completes at once) and the MMAs read whatever the stage holds."""
+        if DIAG == 1:
+            mbarrier.expect(bar, nbytes)
+            tma.async_copy_global_to_shared(a_desc, [row_a, kk * 0], bar, a_bufs.index(s))
+            tma.async_copy_global_to_shared(b_desc, [row_b, kk * 0], bar, b_bufs.index(s))
+        else:
+            fill = it < STAGES
+            mbarrier.expect(bar, nbytes, pred=fill)
+            tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(s), pred=fill)
+            tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s), pred=fill)
+            mbarrier.arrive(bar, count=1, pred=it >= STAGES)
+
+    @gluon.jit
     def _k_rotation(t, num_k, K_ROTATE: gl.constexpr):
         """First K-slice of tile ``t``: tiles running side by side start at different K so that they do
         not all read the same lines of the shared operand at the same moment (the sum is order-free)."""
@@ -365,14 +403,20 @@ if HAS_GLUON:
 
     @gluon.jit
     def _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, kb_logical, rot, num_k,
-                     s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR: gl.constexpr):
-        kb = _rotated(kb_logical, rot, num_k)
-        sa = gl.load(sfa_ptr + g64 * s_ag + offs_m * s_am + kb * s_ak, mask=m_ok, other=0.0)
-        sb0 = gl.load(sfb_ptr + g64 * s_bg + nb0 * s_bn + kb * s_bk)
-        if SB_SCALAR:
-            sb1 = sb0
+                     s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR: gl.constexpr, NO_PROMO: gl.constexpr = False):
+        if NO_PROMO:
+            # DIAG 3/4: no scale loads (the values are never read)
+            sa = gl.to_tensor(0.0)
+            sb0 = sa
+            sb1 = sa
         else:
-            sb1 = gl.load(sfb_ptr + g64 * s_bg + nb1 * s_bn + kb * s_bk)
+            kb = _rotated(kb_logical, rot, num_k)
+            sa = gl.load(sfa_ptr + g64 * s_ag + offs_m * s_am + kb * s_ak, mask=m_ok, other=0.0)
+            sb0 = gl.load(sfb_ptr + g64 * s_bg + nb0 * s_bn + kb * s_bk)
+            if SB_SCALAR:
+                sb1 = sb0
+            else:
+                sb1 = gl.load(sfb_ptr + g64 * s_bg + nb1 * s_bn + kb * s_bk)
         return sa, sb0, sb1
 
     @gluon.jit
@@ -406,21 +450,27 @@ if HAS_GLUON:
 
     @gluon.jit
     def _retire(tok, empty_bars, it, acc, sa, sb0, sb1, col_lo, SB_SCALAR: gl.constexpr, STAGES: gl.constexpr,
-                OUTSTANDING: gl.constexpr, PROBE: gl.constexpr = False, pbase=None, pw=None):
-        """Wait for K-slice ``it``'s MMA, free its stage, promote it into ``acc`` with its scales."""
+                OUTSTANDING: gl.constexpr, PROBE: gl.constexpr = False, pbase=None, pw=None,
+                NO_PROMO: gl.constexpr = False):
+        """Wait for K-slice ``it``'s MMA, free its stage, promote it into ``acc`` with its scales
+        (``NO_PROMO``, DIAG 3/4: no promotion, ``acc`` is returned unchanged and the MMA's registers are
+        handed on as they are)."""
         done = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(tok, ))
         if PROBE:
             _stamp(pbase, pw, it, _EV_C_MMA_DONE)
         mbarrier.arrive(empty_bars.index(it % STAGES), count=1)
         if PROBE:
             _stamp(pbase, pw, it, _EV_C_ARRIVED)
-        acc = _promote(acc, done, sa, sb0, sb1, col_lo, SB_SCALAR)
-        # The scratch registers are handed to the next MMA through an identity that also reads ``acc``:
-        # this pins the promotion before that MMA is issued.  Otherwise LLVM may schedule the FMAs after
-        # the issue, the scratch must then be copied while the MMA writes it, and ptxas serialises all
-        # MMAs (C7514).  ptxas coalesces the moves away.
-        free = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [done, acc], dtype=gl.float32,
-                                         is_pure=True, pack=1)
+        if NO_PROMO:
+            free = done
+        else:
+            acc = _promote(acc, done, sa, sb0, sb1, col_lo, SB_SCALAR)
+            # The scratch registers are handed to the next MMA through an identity that also reads ``acc``:
+            # this pins the promotion before that MMA is issued.  Otherwise LLVM may schedule the FMAs after
+            # the issue, the scratch must then be copied while the MMA writes it, and ptxas serialises all
+            # MMAs (C7514).  ptxas coalesces the moves away.
+            free = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [done, acc], dtype=gl.float32,
+                                             is_pure=True, pack=1)
         if PROBE:
             _stamp(pbase, pw, it, _EV_C_PROMOTED)
         return acc, free
@@ -433,8 +483,10 @@ if HAS_GLUON:
                   MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                   STAGES: gl.constexpr, TMA_STORE: gl.constexpr, HAS_C: gl.constexpr,
                   HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr, K_ROTATE: gl.constexpr,
-                  PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False):
+                  PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
+                  DIAG: gl.constexpr = 0):
         BK: gl.constexpr = a_bufs.type.shape[2]
+        NO_PROMO: gl.constexpr = DIAG == 3 or DIAG == 4      # diagnostics: no scale loads, no promotion
         num_warps: gl.constexpr = gl.num_warps()
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32])
@@ -501,37 +553,44 @@ if HAS_GLUON:
                 base = it
                 last = num_k - 1
                 saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, 0, rot, num_k,
-                                               s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
+                                               s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO)
                 saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
                                                gl.minimum(1, last), rot, num_k,
-                                               s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
+                                               s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO)
                 X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES, PROBE, pbase, pw)
                 for j in range(0, last // 2):
                     k1 = 2 * j + 1
                     naX, nbX0, nbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
                                                    k1 + 1, rot, num_k,
-                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
+                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO)
                     naY, nbY0, nbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
                                                    gl.minimum(k1 + 2, last), rot, num_k,
-                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR)
+                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO)
                     Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES, PROBE, pbase, pw)
                     acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
-                                     SB_SCALAR, STAGES, 1, PROBE, pbase, pw)
+                                     SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
                     X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES, PROBE, pbase, pw)
                     acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
-                                     SB_SCALAR, STAGES, 1, PROBE, pbase, pw)
+                                     SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
                     saX, sbX0, sbX1 = naX, nbX0, nbX1
                     saY, sbY0, sbY1 = naY, nbY0, nbY1
                 if num_k % 2 == 0:
                     Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES, PROBE, pbase, pw)
                     acc, Xd = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
-                                      SB_SCALAR, STAGES, 1, PROBE, pbase, pw)
+                                      SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
                     acc, Y = _retire(Y, empty_bars, base + last, acc, saY, sbY0, sbY1, col_lo,
-                                     SB_SCALAR, STAGES, 0, PROBE, pbase, pw)
+                                     SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
                 else:
                     acc, Xd = _retire(X, empty_bars, base + last, acc, saX, sbX0, sbX1, col_lo,
-                                      SB_SCALAR, STAGES, 0, PROBE, pbase, pw)
+                                      SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
                 X = Xd
+                if NO_PROMO:
+                    # DIAG 3/4: every MMA of the tile is complete here; fold the last two results into ``acc``
+                    # once per tile so that the MMA chain stays live (the pin as in _retire keeps these adds
+                    # ahead of the next tile's first MMA, which reuses X's registers).
+                    acc = acc + X + Y
+                    X = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [X, acc], dtype=gl.float32,
+                                                  is_pure=True, pack=1)
                 it = base + num_k
 
                 # ---------------- epilogue ----------------
@@ -671,7 +730,8 @@ if HAS_GLUON:
                            GROUP_M: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr,
                            HAS_C: gl.constexpr, HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr,
                            K_ROTATE: gl.constexpr, PRODUCER_REGS: gl.constexpr, WIDE_N: gl.constexpr = False,
-                           PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False):
+                           PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
+                           DIAG: gl.constexpr = 0):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``a_desc``: TMA over A as 2-D [rows, K] (masked: [G*max_m, K]); ``b_desc``: B as [G*N, K];
@@ -685,7 +745,11 @@ if HAS_GLUON:
         probe code is generated: the SASS is the same as without these arguments.  ``PDL_WAIT`` (launched with
         ``launch_pdl=True``, see :func:`launch`'s ``pdl``): the producer issues its B prefetch
         (:func:`_prefetch_b`) and every partition its ``griddepcontrol.wait`` before reading A or its scales;
-        off (the default) the SASS is that of the kernel before the flag existed.
+        off (the default) the SASS is that of the kernel before the flag existed.  ``DIAG`` (diagnostics only,
+        dense default kernel without PDL; ``DIAG_*`` at the top of the module, ``benchmarks/gluon_probe.py
+        --diag``): 1 = every K-slice loaded from K coordinate 0 (L2-resident operands), 2 = each stage filled
+        once then only full-barrier arrives (no TMA), 3 = no scale loads / promotion, 4 = 2 + 3; the output is
+        garbage in modes 1-4.  ``DIAG`` 0 (the default) compiles to the production SASS.
         """
         if WIDE_N:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES] + a_desc.block_type.shape, a_desc.layout)
@@ -703,6 +767,7 @@ if HAS_GLUON:
             gl.static_assert(MODE == 0 and TMA_STORE and BLOCK_M == 2 * a_desc.block_type.shape[0]
                              and BLOCK_N == 2 * b_desc.block_type.shape[0] and gl.num_warps() == 4)
             gl.static_assert(not PROBE, "PROBE: default (non-wide) kernel only")
+            gl.static_assert(not DIAG, "DIAG: default (non-wide) kernel only")
             # 12 warps share the register file (the 1-warp producer occupies a warpgroup's share):
             # the second consumer warpgroup gets what the producer leaves, like the first.
             WG_REGS: gl.constexpr = (65536 // 32 - 4 * PRODUCER_REGS) // 8 // 8 * 8
@@ -716,16 +781,19 @@ if HAS_GLUON:
                              False, None, PDL_WAIT)),
             ], [4, 1], [WG_REGS, PRODUCER_REGS])
         else:
+            # (an AOT compile that does not name DIAG passes None: same as 0)
+            gl.static_assert(not DIAG or (MODE == 0 and not PDL_WAIT and DIAG <= 4),
+                             "DIAG: dense mode without PDL_WAIT, modes 0-4")
             gl.warp_specialize([
                 (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
                              d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                              M, N, K, G,
                              s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
                              MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
-                             K_ROTATE, PROBE, probe_ptr, PDL_WAIT)),
+                             K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG)),
                 (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                              masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
-                             False, PROBE, probe_ptr, PDL_WAIT)),
+                             False, PROBE, probe_ptr, PDL_WAIT, DIAG)),
             ], [1], [PRODUCER_REGS])
 
 
