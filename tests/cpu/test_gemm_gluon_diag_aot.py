@@ -67,10 +67,9 @@ def _config(which):
     if which == "dense_fp32_c":   # FP32 output with C, masked vector stores
         cfg = gg.pick_config("dense", 4096, 4096, 7168, out_bytes=4, has_c=True)
         return cfg, "dense", False, torch.float32, True, False, {}
-    if which == "masked":         # the 6-group decode route (SBO signal off, as test_pdl_aot records it)
-        return gg.pick_config("masked", 4096, 4096, 4096, groups=6, expected_m=20), "masked", False, \
-            torch.bfloat16, False, False, {}
-    if which == "masked_signal":
+    if which == "masked":         # the 64x128 8-stage decode tile test_pdl_aot recorded (SBO signal off)
+        return gg.GluonConfig(64, 128, 8, 4), "masked", False, torch.bfloat16, False, False, {}
+    if which == "masked_signal":  # today's pick for the 6-group decode rows (64x64, K rotation), SBO on
         return gg.pick_config("masked", 4096, 4096, 4096, groups=6, expected_m=20), "masked", False, \
             torch.bfloat16, False, True, {}
     if which == "contiguous":
