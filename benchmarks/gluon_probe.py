@@ -582,7 +582,8 @@ def verdicts(st, qfrac, ghz, smi, cfg):
 # diagnostic modes (--diag): the kernel's DIAG constexpr removes one suspect at a time
 # ------------------------------------------------------------------------------------------------
 
-DIAG_NAMES = {0: "production", 1: "L2-resident", 2: "no refill", 3: "no promotion", 4: "MMA only"}
+DIAG_NAMES = {0: "production", 1: "L2-resident", 2: "no refill", 3: "no promotion", 4: "MMA only",
+              5: "no scale loads"}
 _MUCH, _SAME = 0.90, 0.95      # period ratio vs mode 0: below _MUCH = "much lower", above _SAME = "about equal"
 
 
@@ -673,6 +674,8 @@ DIAG_MEANING = [
     "(the loss is the causes above, possibly overlapping: 4 << 0 while 2 and 3 alone are not = two costs that hide "
     "behind each other); still near mode 0: the wgmma itself is the limit (its shared-memory operand reads, A + B "
     "twice per 128x128 slice with two m64n128 warpgroups) -> fewer smem bytes per FLOP (N=256 per wgmma, multicast)",
+    "mode 5 (no scale loads: the promotion FFMAs with scales made in registers) near mode 3: the scales' global "
+    "loads are the cost (load them through TMA/shared memory); near mode 0: the FFMAs running beside the MMAs are",
 ]
 
 

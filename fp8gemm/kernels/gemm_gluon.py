@@ -103,7 +103,8 @@ DIAG_L2_RESIDENT = 1   # producer loads every K-slice from K coordinate 0: same 
 DIAG_NO_REFILL = 2     # producer fills each stage once (its first STAGES slices), then only arrives on full
 DIAG_NO_PROMOTE = 3    # consumer: MMAs, waits and releases as usual, no scale loads and no promotion FFMAs
 DIAG_MMA_ONLY = 4      # DIAG_NO_REFILL + DIAG_NO_PROMOTE: the MMA + barrier loop alone
-DIAG_MODES = (DIAG_OFF, DIAG_L2_RESIDENT, DIAG_NO_REFILL, DIAG_NO_PROMOTE, DIAG_MMA_ONLY)
+DIAG_NO_SCALE_LOADS = 5  # promotion FFMAs as in production, scales computed in registers (no global loads)
+DIAG_MODES = (DIAG_OFF, DIAG_L2_RESIDENT, DIAG_NO_REFILL, DIAG_NO_PROMOTE, DIAG_MMA_ONLY, DIAG_NO_SCALE_LOADS)
 
 
 if HAS_GLUON:
@@ -403,12 +404,19 @@ if HAS_GLUON:
 
     @gluon.jit
     def _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, kb_logical, rot, num_k,
-                     s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR: gl.constexpr, NO_PROMO: gl.constexpr = False):
+                     s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR: gl.constexpr, NO_PROMO: gl.constexpr = False,
+                     NO_LOADS: gl.constexpr = False):
         if NO_PROMO:
             # DIAG 3/4: no scale loads (the values are never read)
             sa = gl.to_tensor(0.0)
             sb0 = sa
             sb1 = sa
+        elif NO_LOADS:
+            # DIAG 5: scales that vary by row and slice like loaded ones, from registers only
+            kb = _rotated(kb_logical, rot, num_k)
+            sa = (offs_m & 3).to(gl.float32) * 0.25 + 1.0
+            sb0 = kb.to(gl.float32) * 0.001 + 1.0
+            sb1 = sb0
         else:
             kb = _rotated(kb_logical, rot, num_k)
             sa = gl.load(sfa_ptr + g64 * s_ag + offs_m * s_am + kb * s_ak, mask=m_ok, other=0.0)
@@ -487,6 +495,7 @@ if HAS_GLUON:
                   DIAG: gl.constexpr = 0):
         BK: gl.constexpr = a_bufs.type.shape[2]
         NO_PROMO: gl.constexpr = DIAG == 3 or DIAG == 4      # diagnostics: no scale loads, no promotion
+        NO_LOADS: gl.constexpr = DIAG == 5                   # diagnostics: promotion without scale loads
         num_warps: gl.constexpr = gl.num_warps()
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32])
@@ -553,19 +562,19 @@ if HAS_GLUON:
                 base = it
                 last = num_k - 1
                 saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, 0, rot, num_k,
-                                               s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO)
+                                               s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
                 saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
                                                gl.minimum(1, last), rot, num_k,
-                                               s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO)
+                                               s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
                 X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES, PROBE, pbase, pw)
                 for j in range(0, last // 2):
                     k1 = 2 * j + 1
                     naX, nbX0, nbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
                                                    k1 + 1, rot, num_k,
-                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO)
+                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
                     naY, nbY0, nbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
                                                    gl.minimum(k1 + 2, last), rot, num_k,
-                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO)
+                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
                     Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES, PROBE, pbase, pw)
                     acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
                                      SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
@@ -782,8 +791,8 @@ if HAS_GLUON:
             ], [4, 1], [WG_REGS, PRODUCER_REGS])
         else:
             # (an AOT compile that does not name DIAG passes None: same as 0)
-            gl.static_assert(not DIAG or (MODE == 0 and not PDL_WAIT and DIAG <= 4),
-                             "DIAG: dense mode without PDL_WAIT, modes 0-4")
+            gl.static_assert(not DIAG or (MODE == 0 and not PDL_WAIT and DIAG <= 5),
+                             "DIAG: dense mode without PDL_WAIT, modes 0-5")
             gl.warp_specialize([
                 (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
                              d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
