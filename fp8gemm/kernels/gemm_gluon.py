@@ -643,12 +643,8 @@ if HAS_GLUON:
     def _consumer_wide(a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
                        s_am, s_ak, s_bn, s_bk,
                        BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                       PDL_WAIT: gl.constexpr = False, go_bar=None, STAGGER: gl.constexpr = False):
+                       PDL_WAIT: gl.constexpr = False):
         """One consumer warpgroup of the opt-in 128x256 dense tile (``GluonConfig.wide_n``).
-
-        ``STAGGER`` (experiment, ``GluonConfig.stagger``): warpgroup 1 starts only after warpgroup 0's first
-        MMA has completed (``go_bar``), so that from the start one warpgroup promotes while the other's MMA
-        runs instead of both promoting at once (benchmarks/GLUON_NOTES.md, v6).
 
         The two warpgroups are separate 4-warp partitions (``WG`` 0/1: rows [64*WG, 64*WG+64) of the
         tile, A box ``2*stage+WG``), so neither waits for the other: no partition-wide ``bar.sync``
@@ -682,9 +678,6 @@ if HAS_GLUON:
         S = gl.zeros([WG_M, HALF], gl.float32, mma_layout)
         if PDL_WAIT:
             _grid_dependency_wait()     # the A scales (see _consumer)
-        if STAGGER:
-            if WG == 1:
-                mbarrier.wait(go_bar, 0)
         for t in range(pid, total, nprog):
             g, m_blk, n_blk, row_a, valid, c0, c1, c2 = _locate(
                 t, zero, zero, zero, M, N, 1, sfa_ptr, sfa_ptr, 0, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
@@ -713,10 +706,6 @@ if HAS_GLUON:
                 # (unlike _retire); ptxas reports neither C7514 nor C7515 (tests/cpu).
                 S = warpgroup_mma(a_s, b_bufs.index(2 * s).permute((1, 0)), S, use_acc=False, is_async=True)
                 S = warpgroup_mma_wait(num_outstanding=0, deps=(S, ))
-                if STAGGER:
-                    if WG == 0:
-                        if it == 0:
-                            mbarrier.arrive(go_bar, count=1)
                 accL = accL + S * gl.expand_dims(sa * sbL, 1)
                 S = warpgroup_mma(a_s, b_bufs.index(2 * s + 1).permute((1, 0)), S, use_acc=False, is_async=True)
                 S = warpgroup_mma_wait(num_outstanding=0, deps=(S, ))
@@ -751,7 +740,7 @@ if HAS_GLUON:
                            HAS_C: gl.constexpr, HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr,
                            K_ROTATE: gl.constexpr, PRODUCER_REGS: gl.constexpr, WIDE_N: gl.constexpr = False,
                            PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
-                           DIAG: gl.constexpr = 0, STAGGER: gl.constexpr = False):
+                           DIAG: gl.constexpr = 0):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``a_desc``: TMA over A as 2-D [rows, K] (masked: [G*max_m, K]); ``b_desc``: B as [G*N, K];
@@ -791,16 +780,11 @@ if HAS_GLUON:
             # 12 warps share the register file (the 1-warp producer occupies a warpgroup's share):
             # the second consumer warpgroup gets what the producer leaves, like the first.
             WG_REGS: gl.constexpr = (65536 // 32 - 4 * PRODUCER_REGS) // 8 // 8 * 8
-            if STAGGER:
-                go_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-                mbarrier.init(go_bar, count=1)
-            else:
-                go_bar = empty_bars.index(0)     # a stand-in the partitions never touch without STAGGER
             gl.warp_specialize([
                 (_consumer_wide, (a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
-                                  s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 0, PDL_WAIT, go_bar, STAGGER)),
+                                  s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 0, PDL_WAIT)),
                 (_consumer_wide, (a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
-                                  s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 1, PDL_WAIT, go_bar, STAGGER)),
+                                  s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 1, PDL_WAIT)),
                 (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                              masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, False, True,
                              False, None, PDL_WAIT)),
@@ -840,7 +824,6 @@ class GluonConfig:
     # is then the default partition's 4).  Only for dense BF16 output through TMA stores; ``launch``
     # falls back to the picked config for anything else.
     wide_n: bool = False
-    stagger: bool = False    # wide_n only, experiment: warpgroup 1 starts after warpgroup 0's first MMA
 
     @property
     def maxnreg(self) -> int:
@@ -1109,6 +1092,5 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate and not cfg.wide_n, PRODUCER_REGS=cfg.producer_regs,
         WIDE_N=cfg.wide_n, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
         **({"PDL_WAIT": True, "launch_pdl": True} if pdl else {}),
-        **({"STAGGER": True} if cfg.wide_n and cfg.stagger else {}),
     )
     return bm, bn

@@ -77,8 +77,6 @@ def _config(which):
             False, False, {}
     if which == "wide":
         return gg.wide_config(), "dense", True, torch.bfloat16, False, False, {"WIDE_N": True}
-    if which == "wide_stagger":   # experiment: warpgroup 1 starts one MMA late
-        return gg.wide_config(), "dense", True, torch.bfloat16, False, False, {"WIDE_N": True, "STAGGER": True}
     raise KeyError(which)
 
 
@@ -218,15 +216,3 @@ def test_diag_mode_compiles(diag, probe):
 def test_diag_rejected_outside_dense():
     with pytest.raises(RuntimeError, match="DIAG"):
         _compile("masked", diag=2)
-
-
-def test_wide_stagger_compiles_clean():
-    """The staggered 128x256 experiment: same MMAs and registers as the wide tile, no spills, clean ptxas, one
-    extra barrier wait (warpgroup 1) and one extra arrive (warpgroup 0)."""
-    base, r = _compile("wide"), _compile("wide_stagger")
-    assert r["local"] == 0 and r["stack"] == 0
-    assert sass_count(r["sass"], "QGMMA") == sass_count(base["sass"], "QGMMA")
-    log = ptxas_log(r["ptx"])
-    assert "C7514" not in log and "C7515" not in log and "warning" not in log.lower(), log
-    waits = r["ptx"].count("mbarrier.try_wait")
-    assert waits > base["ptx"].count("mbarrier.try_wait"), "warpgroup 1 does not wait for the go barrier"
