@@ -21,6 +21,7 @@ import torch
 
 from fp8gemm import attention, runtime
 from fp8gemm import reference as R
+from fp8gemm.bench import core as bench_core
 from fp8gemm.bench.core import time_us
 from fp8gemm.kernels import moe_act as KM
 from fp8gemm.kernels import mqa as KMQ
@@ -213,16 +214,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="results")
     ap.add_argument("--only", default="quant,pre,paged,prefill")
+    ap.add_argument("--flush", default="write", choices=("write", "read"),
+                    help="how the L2 is evicted before each timed call (fp8gemm.bench.core.FLUSH_MODE)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    print(torch.cuda.get_device_name(), flush=True)
+    bench_core.FLUSH_MODE = args.flush
+    print(torch.cuda.get_device_name(), f"(L2 flush: {args.flush})", flush=True)
     ceiling = copy_ceiling()
     t0 = time.time()
     for part in args.only.split(","):
         {"quant": quant_sweeps, "pre": pre_dispatch_sweeps, "paged": paged_sweeps, "prefill": prefill_sweeps}[part](ceiling)
         print(f"-- {part} done at {time.time() - t0:.0f} s", flush=True)
         with open(os.path.join(args.out, "sweep_membound.json"), "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_gbs=ceiling, rows=ROWS), f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), copy_gbs=ceiling, flush=args.flush, rows=ROWS), f,
+                      indent=1)
 
 
 if __name__ == "__main__":

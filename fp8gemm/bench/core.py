@@ -64,15 +64,33 @@ def _as_graph(fn: Callable[[], object]) -> Callable[[], object]:
         return fn
 
 
+# How time_us evicts the L2 before each timed call: "write" (zero a 256 MB buffer; the L2 is then full of dirty
+# lines that the timed kernel's own traffic must write back) or "read" (sum it; the L2 holds clean lines).
+# "write" is what every figure in benchmarks/RESULTS.md used; "read" isolates a kernel's own bytes.
+FLUSH_MODE = "write"
+
+
 def time_us(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 100.0,
-            max_iters: int = 1000, graph: bool = True) -> float:
+            max_iters: int = 1000, graph: bool = True, flush_mode: str | None = None) -> float:
     """Median time of ``fn`` in µs: CUDA events around each call, L2 flushed before each call.
 
     With ``graph`` (default) the call is captured in a CUDA graph first and the replays are timed, so
     that the Python-side launch cost (argument checks, Triton's launcher) does not leak into short
-    kernels' times; the device-side work is the same.
+    kernels' times; the device-side work is the same.  ``flush_mode``: see :data:`FLUSH_MODE` (its value
+    when None).
     """
+    mode = flush_mode or FLUSH_MODE
+    if mode not in ("write", "read"):
+        raise ValueError(f"flush_mode must be 'write' or 'read', got {mode!r}")
     flush = torch.empty(int(256e6) // 4, dtype=torch.int32, device="cuda")
+    sink = torch.empty((), dtype=torch.int64, device="cuda")
+    flush.zero_()
+
+    def evict():
+        if mode == "write":
+            flush.zero_()
+        else:
+            torch.sum(flush, dtype=torch.int64, out=sink)
     fn()
     torch.cuda.synchronize()
     if graph:
@@ -91,7 +109,7 @@ def time_us(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 1
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     for i in range(n_rep):
-        flush.zero_()
+        evict()
         starts[i].record()
         fn()
         ends[i].record()
