@@ -43,6 +43,24 @@ timing loop right away, so both see the same clock), one table with mode 0 first
 lines; ``DIR/gluon_probe_diag.json`` and ``DIR/gluon_probe_diag.log``.
 
     PYTHONPATH=. python3 benchmarks/gluon_probe.py --diag 0,1,2,3,4 --out DIR
+
+Kernel variants (``--variants default,wide,split``; default: ``default`` only; with variants other than the
+default and no ``--diag``, ``--diag 0,3``): the same per-mode rows for
+
+    default  the production 128x128 kernel (one 8-warp consumer partition, scratch X/Y, the MMA of slice k issued
+             before slice k-1 is promoted, warpgroup_mma_wait(1))
+    wide     the opt-in 128x256 tile (gemm_gluon.wide_config: two one-warpgroup partitions, one scratch each,
+             per slice MMA(left), wait(0), promote left, MMA(right), wait(0), release, promote right)
+    split    the opt-in 128x128 tile of gemm_gluon.split_config (two one-warpgroup 64x128 partitions, one
+             scratch each, per slice wait full -> MMA -> wait(0) -> release -> promote: DeepGEMM's order)
+
+The wide/split kernels take DIAG 0 and 3 only (other modes are skipped for them).  Their probe stamps are per
+K-slice with the default's event meanings (see gemm_gluon.EV_C_HALF): ``issued``/``mma_done`` belong to the
+slice's last MMA (wide: the right half's), ``mmaW`` is then that MMA's whole wait(0) (nothing queued behind it),
+``half`` (wide) = full -> left half's MMA, wait and promotion.  ``norm`` = period per 128x128x128 of the tile
+(wide: period / 2; ideal 512 for all).  ~2 min on one H100 for --variants default,wide,split --diag 0,3:
+
+    PYTHONPATH=. python3 benchmarks/gluon_probe.py --variants default,wide,split --diag 0,3 --out DIR
 """
 from __future__ import annotations
 
@@ -62,6 +80,8 @@ sys.path.insert(0, ROOT)
 SHAPES = [(4096, 4096, 7168), (4096, 2112, 7168), (4096, 7168, 2048)]
 TENSOR_CYCLES_128 = 512      # 2*128*128*128 FLOP / 8192 FP8 FLOP per clock per SM (H100/H200 dense)
 C_EVENTS = ["pre_bar", "pre_wait", "full", "issued", "mma_done", "arrived", "promoted"]
+VARIANTS = ("default", "wide", "split")
+WIDE_MODES = (0, 3)          # the DIAG modes the wide/split kernels take
 P_EVENTS = ["pre_wait", "empty", "issued"]
 
 _LOG = []
@@ -94,6 +114,16 @@ def production_config(gg, a, b, d, num_sms):
     return cfg
 
 
+def variant_config(gg, variant, a, b, d, num_sms):
+    """The config a variant runs with: ``default`` = what ``launch`` picks (128x128), ``wide`` =
+    ``wide_config()`` (128x256), ``split`` = ``split_config()`` (128x128, the default's stages)."""
+    if variant == "default":
+        return production_config(gg, a, b, d, num_sms)
+    cfg = gg.wide_config() if variant == "wide" else gg.split_config()
+    assert cfg.wide_n and cfg.block_n == (256 if variant == "wide" else 128), cfg
+    return cfg
+
+
 def launch_probe(gg, a, sfa, b, sfb, d, cfg, probe, num_sms, diag=None):
     """The same kernel launch as ``gemm_gluon.launch`` does for a dense BF16 TMA-store call, with
     ``PROBE=True`` and the probe buffer (``launch`` itself is left untouched); ``probe=None``: PROBE off.
@@ -102,9 +132,11 @@ def launch_probe(gg, a, sfa, b, sfb, d, cfg, probe, num_sms, diag=None):
     m, k = a.shape
     n = b.shape[0]
     bm, bn = cfg.block_m, cfg.block_n
-    a_desc = gg._desc2d(a, m, (bm, gg.BLOCK_K), "fp8")
-    b_desc = gg._desc2d(b, n, (bn, gg.BLOCK_K), "fp8")
-    d_desc = gg._desc2d(d, m, (bm, bn), "bf16")
+    # wide/split (cfg.wide_n): 64-row A boxes (one per consumer warpgroup), 128-wide B and D boxes, as launch does
+    box_m, box_n = (bm // 2, 128) if cfg.wide_n else (bm, bn)
+    a_desc = gg._desc2d(a, m, (box_m, gg.BLOCK_K), "fp8")
+    b_desc = gg._desc2d(b, n, (box_n, gg.BLOCK_K), "fp8")
+    d_desc = gg._desc2d(d, m, (box_m, box_n), "bf16")
     grid = (max(1, min(num_sms, triton.cdiv(m, bm) * triton.cdiv(n, bn))),)
     assert probe is None or (probe.numel() >= grid[0] * gg.PROBE_CTA_STRIDE and probe.dtype.itemsize == 8)
     sd, sa, sb = gg._s3(d), gg._s3(sfa), gg._s3(sfb)
@@ -112,8 +144,8 @@ def launch_probe(gg, a, sfa, b, sfb, d, cfg, probe, num_sms, diag=None):
         a_desc, b_desc, d_desc, d, d, sfa, sfb, sfa, sfa, sfa, m, n, k, 1,
         sd[0], sd[1], 0, 0, sa[0], sa[1], sa[2], sb[0], sb[1], sb[2],
         MODE=0, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages, TMA_STORE=True, HAS_C=False,
-        HAS_SIGNAL=False, SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate, PRODUCER_REGS=cfg.producer_regs,
-        WIDE_N=False, PROBE=probe is not None, probe_ptr=probe, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
+        HAS_SIGNAL=False, SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate and not cfg.wide_n,
+        PRODUCER_REGS=cfg.producer_regs, WIDE_N=cfg.wide_n, PROBE=probe is not None, probe_ptr=probe, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
         **({} if diag is None else {"DIAG": diag}))
     return grid[0]
 
@@ -211,15 +243,18 @@ def stat(vals):
         {"median": None, "p10": None, "p90": None, "n": 0}
 
 
-def analyse(raw, gg, num_k, stages, tiles_per_cta):
+def analyse(raw, gg, num_k, stages, tiles_per_cta, variant="default"):
     """raw: int64 [programs, ROWS, SLICES, EVENTS] (lists).  Returns per-metric lists over programs x steady
-    slices and per-program summaries."""
+    slices and per-program summaries.  ``variant`` wide/split (one partition per warpgroup, wait(0)): ``mma_wait``
+    is the wait(0) of the slice's last MMA (issued -> done; nothing queued behind it), ``left_half`` (wide) the
+    left half's MMA + wait + promotion."""
+    serial = variant != "default"
     S_MAX = gg.PROBE_SLICES
     EC = dict(pre_bar=gg.EV_C_PRE_BAR, pre_wait=gg.EV_C_PRE_WAIT, full=gg.EV_C_FULL, issued=gg.EV_C_ISSUED,
               mma_done=gg.EV_C_MMA_DONE, arrived=gg.EV_C_ARRIVED, promoted=gg.EV_C_PROMOTED)
     EP = dict(pre_wait=gg.EV_P_PRE_WAIT, empty=gg.EV_P_EMPTY, issued=gg.EV_P_ISSUED)
     metrics = {k: [] for k in [
-        "bar_before_full", "full_wait", "mma_issue", "mma_wait", "issue_to_done", "arrive", "promote",
+        "bar_before_full", "full_wait", "mma_issue", "mma_wait", "issue_to_done", "arrive", "promote", "left_half",
         "promote_to_next_bar", "period", "done_period", "wg_skew_abs",
         "p_empty_wait", "p_tma_issue", "p_interval", "p_lead", "load_latency_waited", "p_wake_after_free"]}
     queued = [0, 0]     # slices whose successor was issued >= 20 cycles before they completed / all
@@ -254,7 +289,10 @@ def analyse(raw, gg, num_k, stages, tiles_per_cta):
                 m["bar_before_full"].append(ev["pre_wait"] - ev["pre_bar"])
                 m["full_wait"].append(ev["full"] - ev["pre_wait"])
                 m["mma_issue"].append(ev["issued"] - ev["full"])
-                m["mma_wait"].append(ev["mma_done"] - nx["issued"])
+                m["mma_wait"].append(ev["mma_done"] - (ev["issued"] if serial else nx["issued"]))
+                half = wg[w][s][gg.EV_C_HALF] if variant == "wide" else 0
+                if half:
+                    m["left_half"].append(half - ev["full"])
                 m["issue_to_done"].append(ev["mma_done"] - ev["issued"])
                 m["arrive"].append(ev["arrived"] - ev["mma_done"])
                 m["promote"].append(ev["promoted"] - ev["arrived"])
@@ -263,7 +301,7 @@ def analyse(raw, gg, num_k, stages, tiles_per_cta):
                 m["done_period"].append(nx["mma_done"] - ev["mma_done"])
                 periods.append(nx["pre_bar"] - ev["pre_bar"])
                 queued[1] += 1
-                if ev["mma_done"] - nx["issued"] >= 20:
+                if not serial and ev["mma_done"] - nx["issued"] >= 20:
                     queued[0] += 1
             if C(0, s, "pre_bar") and C(1, s, "pre_bar"):
                 metrics["wg_skew_abs"].append(abs(C(1, s, "pre_bar") - C(0, s, "pre_bar")))
@@ -296,12 +334,12 @@ def analyse(raw, gg, num_k, stages, tiles_per_cta):
     return metrics, per_cta, queued
 
 
-def analyse_runs(raws, gg, num_k, stages, tiles_per_cta):
+def analyse_runs(raws, gg, num_k, stages, tiles_per_cta, variant="default"):
     """:func:`analyse` over several probe runs (CPU tensors [programs, ROWS, SLICES, EVENTS]): the metric lists
     pooled, the per-program summaries of each run, the queued counts summed."""
     metrics, per_cta_all, queued = None, [], [0, 0]
     for raw in raws:
-        mt, pc, q = analyse(raw.tolist(), gg, num_k, stages, tiles_per_cta)
+        mt, pc, q = analyse(raw.tolist(), gg, num_k, stages, tiles_per_cta, variant)
         if metrics is None:
             metrics = mt
         else:
@@ -399,11 +437,12 @@ DESCR = [
     ("done_period", "MMA completion interval (mma_done[s+1]-mma_done[s])"),
     ("bar_before_full", "partition bar.sync before the full wait (= wait for the other warpgroup)"),
     ("full_wait", "full-barrier wait after the bar.sync (TMA data of slice s not yet in smem)"),
-    ("mma_issue", "full -> 4 QGMMA + commit issued"),
+    ("mma_issue", "full -> 4 QGMMA + commit issued (wide: full -> the right half's MMA issued)"),
     ("mma_wait", "blocked in warpgroup_mma_wait(1) for slice s (slice s+1 already queued)"),
     ("issue_to_done", "slice s issued -> seen complete (includes issuing s+1)"),
     ("arrive", "empty arrive incl. its partition bar.sync"),
     ("promote", "promotion: 64 FFMA (+ waiting for the scale loads)"),
+    ("left_half", "wide only: full -> the left half's MMA issued, waited (wait 0) and promoted"),
     ("promote_to_next_bar", "promoted[s] -> pre_bar[s+2] (scale-load issue, loop overhead)"),
     ("wg_skew_abs", "|WG1 - WG0| arrival at the pre-wait bar.sync"),
     ("p_empty_wait", "producer: empty-barrier wait (ring full, waiting for the consumer)"),
@@ -587,16 +626,22 @@ DIAG_NAMES = {0: "production", 1: "L2-resident", 2: "no refill", 3: "no promotio
 _MUCH, _SAME = 0.90, 0.95      # period ratio vs mode 0: below _MUCH = "much lower", above _SAME = "about equal"
 
 
-def run_diag_shape(gg, m, n, k, modes, num_sms, reps):
+def run_diag_shape(gg, m, n, k, modes, num_sms, reps, variant="default"):
     """Every DIAG mode of ``modes`` on one shape: PROBE-off time (graph replay, ``time_us``), then ``reps`` probe
-    runs right after it (same clock state); mode 0 also checked against the reference (probe on and off)."""
+    runs right after it (same clock state); mode 0 also checked against the reference (probe on and off).
+    ``variant`` (:data:`VARIANTS`): the kernel; wide/split run only the modes of :data:`WIDE_MODES`."""
     import torch
 
     from fp8gemm import reference as R
     from fp8gemm.bench.core import time_us
     from fp8gemm.testing import calc_diff
     a, sfa, b, sfb, d = make_inputs(m, n, k)
-    cfg = production_config(gg, a, b, d, num_sms)
+    cfg = variant_config(gg, variant, a, b, d, num_sms)
+    if variant != "default":
+        skipped = [x for x in modes if x not in WIDE_MODES]
+        modes = [x for x in modes if x in WIDE_MODES]
+        if skipped:
+            log(f"  ({variant}: DIAG modes {skipped} skipped, the wide/split kernels take {WIDE_MODES})")
     num_k = k // 128
     tiles = triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n)
     grid = max(1, min(num_sms, tiles))
@@ -604,7 +649,7 @@ def run_diag_shape(gg, m, n, k, modes, num_sms, reps):
     probe = torch.zeros(grid * gg.PROBE_CTA_STRIDE, dtype=torch.int64, device="cuda")
     flops = 2.0 * m * n * k
     shape = f"{m}x{n}x{k}"
-    log(f"\n=== {shape} (diag): config {cfg.block_m}x{cfg.block_n}, {cfg.stages} stages, grid {grid}, {tiles} tiles "
+    log(f"\n=== {shape} (diag, {variant}): config {cfg.block_m}x{cfg.block_n}, {cfg.stages} stages, grid {grid}, {tiles} tiles "
         f"({min(tiles_per_cta)}-{max(tiles_per_cta)} per program), {num_k} K-slices per tile")
     correct = None
     rows = []
@@ -636,7 +681,7 @@ def run_diag_shape(gg, m, n, k, modes, num_sms, reps):
             raws_dev.append(probe.clone())
         torch.cuda.synchronize()
         raws = [r.view(grid, gg.PROBE_ROWS, gg.PROBE_SLICES, gg.PROBE_EVENTS).cpu() for r in raws_dev]
-        metrics, per_cta_all, queued = analyse_runs(raws, gg, num_k, cfg.stages, tiles_per_cta)
+        metrics, per_cta_all, queued = analyse_runs(raws, gg, num_k, cfg.stages, tiles_per_cta, variant)
         stats = {key: stat(metrics[key]) for key, _ in DESCR}
         ghz = [p["ghz"] for pcs in per_cta_all for p in pcs if p["ghz"]]
         cps = [p["cycles"] / (p["tiles"] * num_k) for pcs in per_cta_all for p in pcs if p["cycles"] and p["tiles"]]
@@ -650,8 +695,9 @@ def run_diag_shape(gg, m, n, k, modes, num_sms, reps):
             f"{sm['period']} MMA-done period {sm['done_period']} cycles, {row['sm_ghz_in_kernel'] or 0:.3f} GHz"
             + (f"; correctness {check} -> {'OK' if correct else 'FAILED'}" if check else "")
             + f"  [{row['wall_s']:.1f} s]")
-    return dict(shape=[m, n, k], config=dict(block_m=cfg.block_m, block_n=cfg.block_n, stages=cfg.stages,
-                                              num_warps=cfg.num_warps, maxnreg=cfg.maxnreg),
+    return dict(shape=[m, n, k], variant=variant,
+                config=dict(block_m=cfg.block_m, block_n=cfg.block_n, stages=cfg.stages, num_warps=cfg.num_warps,
+                            maxnreg=cfg.maxnreg, wide_n=cfg.wide_n),
                 grid=grid, tiles=tiles, num_k=num_k, correct=correct, modes=rows,
                 hints=diag_hints({r["mode"]: r for r in rows}))
 
@@ -728,38 +774,110 @@ def diag_hints(by_mode):
     return out
 
 
+def _norm(r):
+    """Periods per 128x128x128 of the tile: the wide tile's slice is 128x256x128."""
+    return 128.0 / r["config"]["block_n"] if "config" in r else 1.0
+
+
 def print_diag_table(results):
     log("\ndiag summary (cycles: medians over programs x steady slices; us/TFLOPS with PROBE off, graph replay):")
-    log(f"{'shape':>15} {'mode':>4} {'name':>12} {'ok':>3} {'GHz':>5} {'period':>6} {'mmaDone':>7} {'cyc/sl':>6} "
-        f"{'bar':>4} {'full':>5} {'mmaW':>5} {'arrive':>6} {'promo':>5} {'pEmpty':>6} {'queued':>6} {'us':>7} "
-        f"{'TFLOPS':>6} {'vs0':>5}")
+    log(f"{'shape':>15} {'variant':>7} {'mode':>4} {'name':>12} {'ok':>3} {'GHz':>5} {'period':>6} {'norm':>5} "
+        f"{'mmaDone':>7} {'cyc/sl':>6} {'bar':>4} {'full':>5} {'issue':>5} {'mmaW':>5} {'arrive':>6} {'promo':>5} "
+        f"{'half':>5} {'pEmpty':>6} {'queued':>6} {'us':>7} {'TFLOPS':>6} {'vs0':>5} {'vsDef':>5}")
+    us_def0 = {}
+    for r in results:
+        if r.get("variant", "default") == "default" and "modes" in r:
+            us_def0[tuple(r["shape"])] = next((row["us"] for row in r["modes"] if row["mode"] == 0), None)
     for r in results:
         shape = "x".join(map(str, r["shape"]))
+        variant = r.get("variant", "default")
         if "modes" not in r:
-            log(f"{shape:>15} ERR {r.get('error', '')}")
+            log(f"{shape:>15} {variant:>7} ERR {r.get('error', '')}")
             continue
         us0 = next((row["us"] for row in r["modes"] if row["mode"] == 0), None)
+        usd = us_def0.get(tuple(r["shape"]))
+        f = _norm(r)
         for row in r["modes"]:
             s = {k_: (v["median"] if v["median"] is not None else -1) for k_, v in row["stats"].items()}
             ok = "-" if row["check"] is None else ("ok" if r["correct"] else "BAD")
             cps = row["cycles_per_slice_whole_program"]
-            log(f"{shape:>15} {row['mode']:>4} {row['name']:>12} {ok:>3} {row['sm_ghz_in_kernel'] or 0:>5.3f} "
-                f"{s['period']:>6} {s['done_period']:>7} {cps or 0:>6.0f} {s['bar_before_full']:>4} "
-                f"{s['full_wait']:>5} {s['mma_wait']:>5} {s['arrive']:>6} {s['promote']:>5} {s['p_empty_wait']:>6} "
+            norm = s["period"] * f if s["period"] > 0 else -1
+            log(f"{shape:>15} {variant:>7} {row['mode']:>4} {row['name']:>12} {ok:>3} "
+                f"{row['sm_ghz_in_kernel'] or 0:>5.3f} {s['period']:>6} {norm:>5.0f} {s['done_period']:>7} "
+                f"{cps or 0:>6.0f} {s['bar_before_full']:>4} {s['full_wait']:>5} {s['mma_issue']:>5} "
+                f"{s['mma_wait']:>5} {s['arrive']:>6} {s['promote']:>5} {s['left_half']:>5} {s['p_empty_wait']:>6} "
                 f"{100 * row['mma_queued_fraction']:>5.0f}% {row['us']:>7.1f} {row['tflops']:>6.0f} "
-                f"{(us0 / row['us']) if us0 else 0:>5.2f}")
-    log("columns: period = consumer slice period, mmaDone = MMA completion period, cyc/sl = whole program cycles / "
-        "slices (incl. prologue/epilogue), bar/full = partition bar.sync / full-barrier wait before an MMA, mmaW = "
-        "time blocked in warpgroup_mma_wait with the next MMA queued, pEmpty = producer's wait for a free stage, "
-        "queued = slices whose successor MMA was queued, vs0 = mode-0 us / this us")
+                f"{(us0 / row['us']) if us0 else 0:>5.2f} {(usd / row['us']) if usd else 0:>5.2f}")
+    log("columns: period = consumer slice period (one K-slice of the tile), norm = period per 128x128x128 (wide: "
+        f"period / 2; ideal {TENSOR_CYCLES_128} for every variant), mmaDone = MMA completion period (wide/split: of "
+        "the slice's last MMA), cyc/sl = whole program cycles / slices (incl. prologue/epilogue; not normalised), "
+        "bar/full = partition bar.sync / full-barrier wait before an MMA, issue = full -> MMA issued (wide: the "
+        "right half's), mmaW = default: time blocked in warpgroup_mma_wait(1) with the next MMA queued; wide/split: "
+        "the last MMA's wait(0) (issued -> done), promo = one 64-FFMA promotion (after the empty arrive), half = wide: "
+        "the left half (MMA + wait + promotion), pEmpty = producer's wait for a free stage, queued = default: slices "
+        "whose successor MMA was queued, vs0 = this variant's mode-0 us / this us, vsDef = default mode-0 us / this us")
     log("\nhow to read the modes:")
     for h in DIAG_MEANING:
         log("  * " + h)
     for r in results:
         if "hints" in r:
-            log(f"{'x'.join(map(str, r['shape']))}:")
+            log(f"{'x'.join(map(str, r['shape']))} ({r.get('variant', 'default')}):")
             for h in r["hints"]:
                 log("  - " + h)
+    lines = variant_hints(results)
+    if lines:
+        log("\nvariants (hypothesis: a warpgroup promoting while its OWN next MMA is in flight (default) slows the "
+            "MMAs; DeepGEMM's order (MMA, wait(0), release, promote while the OTHER warpgroup's MMA runs: split) "
+            "hides the FFMAs):")
+        for h in lines:
+            log("  - " + h)
+
+
+def variant_hints(results):
+    """Per shape: each variant's normalised mode-0 period against the default's and against its own mode 3."""
+    by = {}
+    for r in results:
+        if "modes" in r:
+            by.setdefault(tuple(r["shape"]), {})[r.get("variant", "default")] = r
+    out = []
+    for shape, vs in by.items():
+        name = "x".join(map(str, shape))
+
+        def per(v, mode):
+            r = vs.get(v)
+            row = next((x for x in r["modes"] if x["mode"] == mode), None) if r else None
+            p = _med(row, "period") if row else None
+            return p * _norm(r) if p else None
+
+        def us(v, mode):
+            r = vs.get(v)
+            row = next((x for x in r["modes"] if x["mode"] == mode), None) if r else None
+            return row["us"] if row else None
+
+        d0 = per("default", 0)
+        for v in ("split", "wide"):
+            p0, p3 = per(v, 0), per(v, 3)
+            if not p0:
+                continue
+            txt = f"{name} {v}: mode-0 period {p0:.0f} per 128^3"
+            if d0:
+                txt += f" vs default {d0:.0f} ({p0 / d0:.2f}x)"
+            if p3:
+                txt += f", its own mode 3 {p3:.0f} ({p0 / p3:.2f}x)"
+            if us(v, 0) and us("default", 0):
+                txt += f"; {us(v, 0):.1f} us vs default {us('default', 0):.1f} us"
+            if p3 and p0 <= 1.05 * p3:
+                txt += " -> its promotion is hidden (mode 0 ~ mode 3)"
+                if v == "split":
+                    txt += ": DeepGEMM's order hides the FFMAs -> CONFIRMED for the 128x128 tile"
+            elif p3:
+                txt += " -> its promotion still costs cycles"
+                if v == "split" and d0 and p0 >= 0.95 * d0:
+                    txt += "; no better than the default: the order alone does NOT hide the FFMAs -> REFUTED"
+                elif v == "split" and d0:
+                    txt += "; better than the default: the order helps partly"
+            out.append(txt)
+    return out
 
 
 def main_diag(args, gg, props, num_sms):
@@ -767,26 +885,31 @@ def main_diag(args, gg, props, num_sms):
     bad = [x for x in modes if x not in gg.DIAG_MODES]
     if bad:
         sys.exit(f"--diag: unknown modes {bad} (known: {gg.DIAG_MODES})")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    badv = [v for v in variants if v not in VARIANTS]
+    if badv or not variants:
+        sys.exit(f"--variants: unknown {badv} (known: {VARIANTS})")
     t_start = time.time()
     results = []
     failed = False
     path = os.path.join(args.out, "gluon_probe_diag.json")
     for spec in args.shapes.split(","):
         m, n, k = (int(x) for x in spec.lower().split("x"))
-        try:
-            res = run_diag_shape(gg, m, n, k, modes, num_sms, args.reps)
-            failed |= res["correct"] is False
-            results.append(res)
-        except Exception as e:  # noqa: BLE001
-            import traceback
-            log(f"=== {spec}: FAILED {type(e).__name__}: {e}")
-            log(traceback.format_exc())
-            failed = True
-            results.append(dict(shape=[m, n, k], error=repr(e)))
-        with open(path, "w") as f:
-            json.dump(dict(device=props.name, num_sms=num_sms, modes={m_: DIAG_NAMES.get(m_) for m_ in modes},
-                           tensor_cycles_per_slice=TENSOR_CYCLES_128, how_to_read=DIAG_MEANING, results=results),
-                      f, indent=1)
+        for variant in variants:
+            try:
+                res = run_diag_shape(gg, m, n, k, modes, num_sms, args.reps, variant)
+                failed |= res["correct"] is False
+                results.append(res)
+            except Exception as e:  # noqa: BLE001
+                import traceback
+                log(f"=== {spec} ({variant}): FAILED {type(e).__name__}: {e}")
+                log(traceback.format_exc())
+                failed = True
+                results.append(dict(shape=[m, n, k], variant=variant, error=repr(e)))
+            with open(path, "w") as f:
+                json.dump(dict(device=props.name, num_sms=num_sms, modes={m_: DIAG_NAMES.get(m_) for m_ in modes},
+                               variants=variants, tensor_cycles_per_slice=TENSOR_CYCLES_128, how_to_read=DIAG_MEANING,
+                               results=results, variant_reading=variant_hints(results)), f, indent=1)
     print_diag_table(results)
     log(f"total {time.time() - t_start:.0f} s; mode 0 {'correct' if not failed else 'CHECK FAILED'}; "
         f"JSON: {path}")
@@ -808,7 +931,13 @@ def main():
     ap.add_argument("--diag", default=None,
                     help="comma-separated DIAG modes (0-4, e.g. 0,1,2,3,4): compare the kernel's diagnostic modes "
                          "(probe stats + PROBE-off time per mode) instead of the full probe report")
+    ap.add_argument("--variants", default="default",
+                    help="comma-separated kernels for the --diag table: default (production 128x128), wide "
+                         "(wide_config, 128x256), split (split_config, 128x128 in DeepGEMM's order); wide/split run "
+                         "modes 0 and 3 only; without --diag, variants other than default imply --diag 0,3")
     args = ap.parse_args()
+    if not args.diag and args.variants.replace(" ", "") != "default":
+        args.diag = "0,3"
     os.makedirs(args.out, exist_ok=True)
 
     import torch

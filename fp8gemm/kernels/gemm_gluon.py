@@ -23,13 +23,16 @@ Structure of the kernel (one persistent program per SM, at most ``num_sms`` prog
 * opt-in (``GluonConfig.wide_n``, :func:`wide_config`, :data:`WIDE_N_DEFAULT` off): dense 128x256 tiles
   with two independent one-warpgroup consumer partitions, each 64x256 as two 128-wide halves through one
   scratch accumulator (:func:`_consumer_wide`): 25% fewer operand bytes per FLOP than 128x128.
+* opt-in only (:func:`split_config`, never picked): the same structure with one half, a 128x128 tile whose two
+  warpgroups are independent 64x128 partitions promoting in DeepGEMM's order (MMA, wait(0), release, promote).
 * programmatic dependent launch (``PDL_WAIT``, ``launch(..., pdl=True)``; the FP4 route launches it right
   after the convert kernel that writes A and its scales): the programs start while that kernel runs, the
   producer prefetches the first tile's first B stages, then every partition executes ``griddepcontrol.wait``
   before it touches A or the A scales.
 * diagnostics only (``benchmarks/gluon_probe.py``; both off by default, off = the production SASS): ``PROBE``
   (%clock64 stamps of the main loop) and ``DIAG`` (modes that each remove one suspect of the slice period:
-  L2-resident operands, no stage refill, no promotion, both; see :data:`DIAG_MODES`).
+  L2-resident operands, no stage refill, no promotion, both; see :data:`DIAG_MODES`); the wide/split kernels
+  take ``PROBE`` and ``DIAG`` 3.
 
 Measured numbers and the history of each version: ``benchmarks/GLUON_NOTES.md``.
 
@@ -89,13 +92,20 @@ assert PROBE_SLICES == 32    # spelled out in _stamp's PTX
 # after the wait, after the MMA issue (commit), after warpgroup_mma_wait of s, after the empty arrive of s,
 # after the promotion of s
 EV_C_PRE_BAR, EV_C_PRE_WAIT, EV_C_FULL, EV_C_ISSUED, EV_C_MMA_DONE, EV_C_ARRIVED, EV_C_PROMOTED = range(7)
+# The wide/split consumer (_consumer_wide: one partition per warpgroup, wait(0)) stamps the same events PER SLICE:
+# pre_bar / pre_wait around the explicit bar.sync of its 4-warp partition before the full wait, full after it;
+# issued / mma_done around the slice's LAST MMA (split: its only one; wide: the right half's) and its wait(0);
+# arrived after the empty arrive; promoted after the promotion that follows the arrive (64 FFMA a thread in both).
+# Wide only (two MMAs a slice): EV_C_HALF = after the left half's MMA, wait(0) and promotion (full -> half = the
+# left half; half -> issued = the right MMA's issue).
+EV_C_HALF = 7
 # producer events (slice s): before the empty-barrier wait, after it, after both TMA issues
 EV_P_PRE_WAIT, EV_P_EMPTY, EV_P_ISSUED = range(3)
 # header row (consumer warpgroup 0): clock64 and globaltimer (ns) at the consumer's start and end, %smid;
 # clock64 at the producer's start (its writer thread)
 PROBE_HDR_CLK0, PROBE_HDR_NS0, PROBE_HDR_CLK1, PROBE_HDR_NS1, PROBE_HDR_SMID, PROBE_HDR_PCLK0 = range(6)
 
-# Diagnostic modes (``DIAG``, dense 128xN default kernel only, diagnostics only: ``benchmarks/gluon_probe.py
+# Diagnostic modes (``DIAG``, dense 128xN default kernel; the wide/split kernels mode 3 only; diagnostics only: ``benchmarks/gluon_probe.py
 # --diag``).  Each removes one suspect of the main loop's slice period; the output is garbage in every mode
 # but DIAG_OFF.  DIAG_OFF (0) compiles to the production kernel (byte-identical SASS, AOT-tested).
 DIAG_OFF = 0
@@ -120,6 +130,7 @@ if HAS_GLUON:
     _EV_C_MMA_DONE = gl.constexpr(EV_C_MMA_DONE)
     _EV_C_ARRIVED = gl.constexpr(EV_C_ARRIVED)
     _EV_C_PROMOTED = gl.constexpr(EV_C_PROMOTED)
+    _EV_C_HALF = gl.constexpr(EV_C_HALF)
     _EV_P_PRE_WAIT = gl.constexpr(EV_P_PRE_WAIT)
     _EV_P_EMPTY = gl.constexpr(EV_P_EMPTY)
     _EV_P_ISSUED = gl.constexpr(EV_P_ISSUED)
@@ -131,14 +142,18 @@ if HAS_GLUON:
     _HDR_PCLK0 = gl.constexpr(PROBE_HDR_PCLK0)
 
     @gluon.jit
-    def _probe_row(probe_ptr, PRODUCER: gl.constexpr):
+    def _probe_row(probe_ptr, PRODUCER: gl.constexpr, ROW: gl.constexpr = -1):
         """This thread's row of the probe buffer and whether it writes: one thread per consumer warpgroup
         (rows 0/1: threads 0 and 128 of the default partition, which holds warps 0..num_warps-1) and lane 0 of
-        the producer warp (row 2)."""
+        the producer warp (row 2).  ``ROW`` >= 0 (the one-warpgroup partitions of ``_consumer_wide``): that row,
+        written by the partition's first thread (a warpgroup-aligned partition: %tid.x a multiple of 128)."""
         tid = gl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r", [], dtype=gl.int32, is_pure=True, pack=1)
         if PRODUCER:
             row = tid * 0 + 2
             writer = (tid % 32 == 0).to(gl.int32)
+        elif ROW >= 0:
+            row = tid * 0 + ROW
+            writer = (tid % 128 == 0).to(gl.int32)
         else:
             row = tid // 128
             writer = (tid % 128 == 0).to(gl.int32)
@@ -261,22 +276,29 @@ if HAS_GLUON:
                     kk = _rotated(kb, rot, num_k) * BK
                     bar = full_bars.index(kb)
                     mbarrier.expect(bar, nbytes)
-                    if WIDE_N:
+                    if WIDE_N and BLOCK_N == 2 * b_desc.block_type.shape[0]:
                         HALF_N: gl.constexpr = b_desc.block_type.shape[0]
                         row_b_hi = gl.where(row_b + HALF_N < N, row_b + HALF_N, row_b)
                         tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(2 * kb))
                         tma.async_copy_global_to_shared(b_desc, [row_b_hi, kk], bar, b_bufs.index(2 * kb + 1))
-                    else:
+                    else:       # default kernel, and the split tile (one B box a stage)
                         tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(kb))
         return npre
 
     @gluon.jit
     def _load_stage_after_prefetch(a_desc, b_desc, a_bufs, b_bufs, bar, s, row_a, row_b, kk, M, N, with_b,
-                                   nbytes: gl.constexpr, WIDE_N: gl.constexpr):
+                                   nbytes: gl.constexpr, WIDE_N: gl.constexpr, WIDE_NH: gl.constexpr = 2):
         """One stage of :func:`_producer` under PDL_WAIT: the A box(es) always; the full-barrier ``expect``
-        and the B box(es) only with ``with_b`` (False for the slices :func:`_prefetch_b` has started)."""
+        and the B box(es) only with ``with_b`` (False for the slices :func:`_prefetch_b` has started).
+        ``WIDE_NH`` (wide path): B boxes a stage, 2 (128x256) or 1 (the split 128x128 tile)."""
         mbarrier.expect(bar, nbytes, pred=with_b)
-        if WIDE_N:
+        if WIDE_N and WIDE_NH == 1:
+            HALF_M1: gl.constexpr = a_desc.block_type.shape[0]
+            row_a_hi1 = gl.where(row_a + HALF_M1 < M, row_a + HALF_M1, row_a)
+            tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(2 * s))
+            tma.async_copy_global_to_shared(a_desc, [row_a_hi1, kk], bar, a_bufs.index(2 * s + 1))
+            tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s), pred=with_b)
+        elif WIDE_N:
             # as in _producer: an upper half wholly past M (N) loads the lower rows again
             HALF_M: gl.constexpr = a_desc.block_type.shape[0]
             HALF_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -300,9 +322,12 @@ if HAS_GLUON:
         BK: gl.constexpr = a_desc.block_type.shape[1]
         idx_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
         if WIDE_N:
-            # Two A boxes (64 rows, one per consumer warpgroup) and two B boxes (128 rows) per stage.
-            nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + 2 * b_desc.block_type.nbytes
+            # Two A boxes (64 rows, one per consumer warpgroup) and two B boxes (128 rows) per stage; the split
+            # 128x128 tile (BLOCK_N = one B box): one B box.
+            WIDE_NH: gl.constexpr = BLOCK_N // b_desc.block_type.shape[0]
+            nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + WIDE_NH * b_desc.block_type.nbytes
         else:
+            WIDE_NH: gl.constexpr = 0
             nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
@@ -345,10 +370,17 @@ if HAS_GLUON:
                     elif PDL_WAIT:
                         # Slices _prefetch_b started (the first tile's first ones) have their expect and B.
                         _load_stage_after_prefetch(a_desc, b_desc, a_bufs, b_bufs, bar, s, row_a, row_b, kk,
-                                                   M, N, it >= npre, nbytes, WIDE_N)
+                                                   M, N, it >= npre, nbytes, WIDE_N, WIDE_NH)
                     else:
                         mbarrier.expect(bar, nbytes)
-                        if WIDE_N:
+                        if WIDE_N and WIDE_NH == 1:
+                            # split 128x128 tile: two 64-row A boxes, one B box
+                            HALF_M1: gl.constexpr = a_desc.block_type.shape[0]
+                            row_a_hi1 = gl.where(row_a + HALF_M1 < M, row_a + HALF_M1, row_a)
+                            tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(2 * s))
+                            tma.async_copy_global_to_shared(a_desc, [row_a_hi1, kk], bar, a_bufs.index(2 * s + 1))
+                            tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s))
+                        elif WIDE_N:
                             # An upper half wholly past M (N) loads the lower rows again instead: never a box
                             # entirely out of bounds; those rows (columns) are not stored.
                             HALF_M: gl.constexpr = a_desc.block_type.shape[0]
@@ -643,24 +675,33 @@ if HAS_GLUON:
     def _consumer_wide(a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
                        s_am, s_ak, s_bn, s_bk,
                        BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                       PDL_WAIT: gl.constexpr = False):
-        """One consumer warpgroup of the opt-in 128x256 dense tile (``GluonConfig.wide_n``).
+                       PDL_WAIT: gl.constexpr = False, NH: gl.constexpr = 2, PROBE: gl.constexpr = False,
+                       probe_ptr=None, DIAG: gl.constexpr = 0):
+        """One consumer warpgroup of the opt-in 128x256 dense tile (``GluonConfig.wide_n``, ``NH`` = 2 halves)
+        or of the opt-in split 128x128 tile (:func:`split_config`, ``NH`` = 1).
 
         The two warpgroups are separate 4-warp partitions (``WG`` 0/1: rows [64*WG, 64*WG+64) of the
         tile, A box ``2*stage+WG``), so neither waits for the other: no partition-wide ``bar.sync``
-        couples them, and each stage's empty barrier takes one arrive from each.  A warpgroup owns 64 x 256
-        outputs: accumulators ``accL``/``accR`` (columns [0, 128) and [128, 256), one B scale block each)
-        and ONE 64-register scratch ``S`` (64 + 64 + 64 registers a thread; a second scratch would need
-        256).  Per K-slice: MMA(left) -> S, wait, promote into accL, MMA(right) -> S, wait, free the stage,
+        couples them, and each stage's empty barrier takes one arrive from each.  Wide (``NH`` 2): a warpgroup
+        owns 64 x 256 outputs: accumulators ``accL``/``accR`` (columns [0, 128) and [128, 256), one B scale
+        block each) and ONE 64-register scratch ``S`` (64 + 64 + 64 registers a thread; a second scratch would
+        need 256).  Per K-slice: MMA(left) -> S, wait, promote into accL, MMA(right) -> S, wait, free the stage,
         promote into accR.  While one warpgroup promotes, the tensor cores run the other's MMA (they
         execute in issue order, so the two drift half an MMA apart and stay there); each stage carries
         25% fewer operand bytes per FLOP than the 128x128 tile, which is what that main loop is short of
         (benchmarks/GLUON_NOTES.md, "What limits the big shapes").
+        Split (``NH`` 1): a warpgroup owns 64 x 128 outputs (``accL``, one scratch ``S``, B box ``stage``);
+        per K-slice DeepGEMM's order: wait full -> MMA -> wait(0) -> arrive empty -> promote.
+
+        Diagnostics (``benchmarks/gluon_probe.py --variants``): ``PROBE`` stamps per K-slice (event meanings
+        at :data:`EV_C_HALF`), ``DIAG`` 3: no scale loads and no promotion FFMAs (waits and releases as usual;
+        the last MMA of each tile is folded into ``accL`` so the MMA chain stays live).
         """
         BK: gl.constexpr = a_bufs.type.shape[2]
         WG_M: gl.constexpr = a_bufs.type.shape[1]
         HALF: gl.constexpr = b_bufs.type.shape[1]
-        BLOCK_N: gl.constexpr = 2 * HALF
+        BLOCK_N: gl.constexpr = NH * HALF
+        NO_PROMO: gl.constexpr = DIAG == 3
         num_warps: gl.constexpr = gl.num_warps()
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HALF, 32])
@@ -676,6 +717,13 @@ if HAS_GLUON:
         zero = gl.to_tensor(0)
         it = gl.to_tensor(0)
         S = gl.zeros([WG_M, HALF], gl.float32, mma_layout)
+        if PROBE:
+            pbase, pw, prow = _probe_row(probe_ptr, False, WG)
+            hdr = probe_ptr + pid * _PR_CTA + 3 * _PR_ROW
+            hw = pw * (prow == 0).to(gl.int32)          # the header: warpgroup 0's writer only
+            _stamp(hdr, hw, 0, _HDR_CLK0)
+            _stamp(hdr, hw, 0, _HDR_NS0, 1)
+            _stamp(hdr, hw, 0, _HDR_SMID, 2)
         if PDL_WAIT:
             _grid_dependency_wait()     # the A scales (see _consumer)
         for t in range(pid, total, nprog):
@@ -691,30 +739,79 @@ if HAS_GLUON:
             accL = gl.zeros([WG_M, HALF], gl.float32, mma_layout)
             accR = gl.zeros([WG_M, HALF], gl.float32, mma_layout)
             # the scales of slice kb are in registers when slice kb starts; slice kb+1's load meanwhile
-            sa = gl.load(sa_ptrs, mask=m_ok, other=0.0)
-            sbL = gl.load(sbL_ptr)
-            sbR = gl.load(sbR_ptr)
+            if NO_PROMO:
+                sa = gl.to_tensor(0.0)      # DIAG 3: no scale loads (the values are never read)
+                sbL = sa
+                sbR = sa
+            else:
+                sa = gl.load(sa_ptrs, mask=m_ok, other=0.0)
+                sbL = gl.load(sbL_ptr)
+                sbR = gl.load(sbR_ptr)
             for kb in range(num_k):
-                kn = gl.minimum(kb + 1, num_k - 1)
-                na = gl.load(sa_ptrs + kn * s_ak, mask=m_ok, other=0.0)
-                nbL = gl.load(sbL_ptr + kn * s_bk)
-                nbR = gl.load(sbR_ptr + kn * s_bk)
+                if NO_PROMO:
+                    na = sa
+                    nbL = sbL
+                    nbR = sbR
+                else:
+                    kn = gl.minimum(kb + 1, num_k - 1)
+                    na = gl.load(sa_ptrs + kn * s_ak, mask=m_ok, other=0.0)
+                    nbL = gl.load(sbL_ptr + kn * s_bk)
+                    nbR = gl.load(sbR_ptr + kn * s_bk)
                 s = it % STAGES
+                if PROBE:
+                    # as in _issue: the partition bar.sync before the full wait made explicit between two stamps
+                    _stamp(pbase, pw, it, _EV_C_PRE_BAR)
+                    gl.thread_barrier()
+                    _stamp(pbase, pw, it, _EV_C_PRE_WAIT)
                 mbarrier.wait(full_bars.index(s), (it // STAGES) & 1)
+                if PROBE:
+                    _stamp(pbase, pw, it, _EV_C_FULL)
                 a_s = a_bufs.index(2 * s + WG)
-                # No MMA is in flight while S is read (wait 0), so no identity pin is needed here
-                # (unlike _retire); ptxas reports neither C7514 nor C7515 (tests/cpu).
-                S = warpgroup_mma(a_s, b_bufs.index(2 * s).permute((1, 0)), S, use_acc=False, is_async=True)
+                if NH == 2:
+                    # No MMA is in flight while S is read (wait 0), so no identity pin is needed here
+                    # (unlike _retire); ptxas reports neither C7514 nor C7515 (tests/cpu).
+                    S = warpgroup_mma(a_s, b_bufs.index(2 * s).permute((1, 0)), S, use_acc=False, is_async=True)
+                    S = warpgroup_mma_wait(num_outstanding=0, deps=(S, ))
+                    if not NO_PROMO:
+                        accL = accL + S * gl.expand_dims(sa * sbL, 1)
+                    if PROBE:
+                        _stamp(pbase, pw, it, _EV_C_HALF)
+                    if NO_PROMO:
+                        # DIAG 3: nothing reads the left MMA's result, and ptxas drops an MMA whose result is dead
+                        # when the next one ignores S (use_acc=False); a use_acc that is false at run time (K < 0
+                        # never holds) but unknown to the compilers keeps S an input of the right MMA instead.
+                        S = warpgroup_mma(a_s, b_bufs.index(2 * s + 1).permute((1, 0)), S, use_acc=K < 0,
+                                          is_async=True)
+                    else:
+                        S = warpgroup_mma(a_s, b_bufs.index(2 * s + 1).permute((1, 0)), S, use_acc=False,
+                                          is_async=True)
+                else:
+                    S = warpgroup_mma(a_s, b_bufs.index(s).permute((1, 0)), S, use_acc=False, is_async=True)
+                if PROBE:
+                    _stamp(pbase, pw, it, _EV_C_ISSUED)
                 S = warpgroup_mma_wait(num_outstanding=0, deps=(S, ))
-                accL = accL + S * gl.expand_dims(sa * sbL, 1)
-                S = warpgroup_mma(a_s, b_bufs.index(2 * s + 1).permute((1, 0)), S, use_acc=False, is_async=True)
-                S = warpgroup_mma_wait(num_outstanding=0, deps=(S, ))
+                if PROBE:
+                    _stamp(pbase, pw, it, _EV_C_MMA_DONE)
                 mbarrier.arrive(empty_bars.index(s), count=1)
-                accR = accR + S * gl.expand_dims(sa * sbR, 1)
+                if PROBE:
+                    _stamp(pbase, pw, it, _EV_C_ARRIVED)
+                if not NO_PROMO:
+                    if NH == 2:
+                        accR = accR + S * gl.expand_dims(sa * sbR, 1)
+                    else:
+                        accL = accL + S * gl.expand_dims(sa * sbL, 1)
+                if PROBE:
+                    _stamp(pbase, pw, it, _EV_C_PROMOTED)
                 sa = na
                 sbL = nbL
                 sbR = nbR
                 it += 1
+            if NO_PROMO:
+                # DIAG 3: fold the tile's last MMA result into accL once per tile so that the MMA chain stays
+                # live; the pin (as in _retire) keeps the adds ahead of the next tile's first MMA into S.
+                accL = accL + S
+                S = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [S, accL], dtype=gl.float32,
+                                              is_pure=True, pack=1)
 
             # epilogue: the two halves go out one after the other through one [64, 128] buffer; halves
             # wholly past M or N are skipped (their operands were stand-in rows, see _producer)
@@ -723,12 +820,16 @@ if HAS_GLUON:
                 c_smem.store(accL.to(d_desc.dtype))
                 fence_async_shared()
                 tma.async_copy_shared_to_global(d_desc, [off_m, off_n], c_smem)
-                if off_n + HALF < N:
-                    tma.store_wait(pendings=0)
-                    c_smem.store(accR.to(d_desc.dtype))
-                    fence_async_shared()
-                    tma.async_copy_shared_to_global(d_desc, [off_m, off_n + HALF], c_smem)
+                if NH == 2:
+                    if off_n + HALF < N:
+                        tma.store_wait(pendings=0)
+                        c_smem.store(accR.to(d_desc.dtype))
+                        fence_async_shared()
+                        tma.async_copy_shared_to_global(d_desc, [off_m, off_n + HALF], c_smem)
         tma.store_wait(pendings=0)
+        if PROBE:
+            _stamp(hdr, hw, 0, _HDR_CLK1)
+            _stamp(hdr, hw, 0, _HDR_NS1, 1)
 
     @gluon.jit
     def fp8_gemm_ws_kernel(a_desc, b_desc, d_desc,
@@ -746,8 +847,9 @@ if HAS_GLUON:
         ``a_desc``: TMA over A as 2-D [rows, K] (masked: [G*max_m, K]); ``b_desc``: B as [G*N, K];
         ``d_desc``: TMA over D (dense BF16 only, ``TMA_STORE``).  ``M`` is the row count of one group
         (dense: M, masked: max_m, contiguous: M_total).  ``WIDE_N`` (dense, BF16 TMA store, 128x256 tiles,
-        ``num_warps=4``): two consumer partitions of one warpgroup each, A and B in 64- and 128-row boxes,
-        see :func:`_consumer_wide`.  ``PROBE`` (diagnostics, default kernel only, ``probe_ptr``: int64
+        ``num_warps=4``; also ``BLOCK_N`` 128 = one B box: the split tile): two consumer partitions of one
+        warpgroup each, A and B in 64- and 128-row boxes, see :func:`_consumer_wide`.  ``PROBE`` (diagnostics,
+        default and wide/split kernels, ``probe_ptr``: int64
         ``[programs * PROBE_CTA_STRIDE]``, zeroed): %clock64 stamps around the barrier waits, MMA issue/wait,
         empty arrive and promotion of the first ``PROBE_SLICES`` K-slices of each program (layout at
         ``PROBE_SLICES``; ``benchmarks/gluon_probe.py`` reads them).  With ``PROBE`` False (the default) no
@@ -758,11 +860,15 @@ if HAS_GLUON:
         dense default kernel without PDL; ``DIAG_*`` at the top of the module, ``benchmarks/gluon_probe.py
         --diag``): 1 = every K-slice loaded from K coordinate 0 (L2-resident operands), 2 = each stage filled
         once then only full-barrier arrives (no TMA), 3 = no scale loads / promotion, 4 = 2 + 3; the output is
-        garbage in modes 1-4.  ``DIAG`` 0 (the default) compiles to the production SASS.
+        garbage in modes 1-4; the wide/split kernels take mode 3 only.  ``DIAG`` 0 (the default) compiles to the
+        production SASS.
         """
         if WIDE_N:
+            # B boxes a stage: 2 (128x256) or 1 (the split 128x128 tile)
+            WIDE_NH: gl.constexpr = BLOCK_N // b_desc.block_type.shape[0]
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES] + a_desc.block_type.shape, a_desc.layout)
-            b_bufs = gl.allocate_shared_memory(b_desc.dtype, [2 * STAGES] + b_desc.block_type.shape, b_desc.layout)
+            b_bufs = gl.allocate_shared_memory(b_desc.dtype, [WIDE_NH * STAGES] + b_desc.block_type.shape,
+                                               b_desc.layout)
         else:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
             b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
@@ -773,21 +879,26 @@ if HAS_GLUON:
             mbarrier.init(full_bars.index(i), count=1)
 
         if WIDE_N:
+            WNH: gl.constexpr = BLOCK_N // b_desc.block_type.shape[0]
             gl.static_assert(MODE == 0 and TMA_STORE and BLOCK_M == 2 * a_desc.block_type.shape[0]
-                             and BLOCK_N == 2 * b_desc.block_type.shape[0] and gl.num_warps() == 4)
-            gl.static_assert(not PROBE, "PROBE: default (non-wide) kernel only")
-            gl.static_assert(not DIAG, "DIAG: default (non-wide) kernel only")
+                             and (WNH == 1 or WNH == 2) and BLOCK_N == WNH * b_desc.block_type.shape[0]
+                             and gl.num_warps() == 4)
+            # (an AOT compile that does not name DIAG passes None: same as 0)
+            gl.static_assert(not DIAG or (DIAG == 3 and not PDL_WAIT),
+                             "DIAG: wide/split kernels take mode 3 only, without PDL_WAIT")
             # 12 warps share the register file (the 1-warp producer occupies a warpgroup's share):
             # the second consumer warpgroup gets what the producer leaves, like the first.
             WG_REGS: gl.constexpr = (65536 // 32 - 4 * PRODUCER_REGS) // 8 // 8 * 8
             gl.warp_specialize([
                 (_consumer_wide, (a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
-                                  s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 0, PDL_WAIT)),
+                                  s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 0, PDL_WAIT, WNH, PROBE,
+                                  probe_ptr, DIAG)),
                 (_consumer_wide, (a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
-                                  s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 1, PDL_WAIT)),
+                                  s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 1, PDL_WAIT, WNH, PROBE,
+                                  probe_ptr, DIAG)),
                 (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                              masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, False, True,
-                             False, None, PDL_WAIT)),
+                             PROBE, probe_ptr, PDL_WAIT)),
             ], [4, 1], [WG_REGS, PRODUCER_REGS])
         else:
             # (an AOT compile that does not name DIAG passes None: same as 0)
@@ -822,8 +933,15 @@ class GluonConfig:
     # Opt-in 128x256 dense tiles (block_n 256; two independent one-warpgroup consumer partitions, each
     # 64 x 256 as two 128-wide halves through one scratch accumulator, see ``_consumer_wide``; num_warps
     # is then the default partition's 4).  Only for dense BF16 output through TMA stores; ``launch``
-    # falls back to the picked config for anything else.
+    # falls back to the picked config for anything else.  With block_n 128 (:func:`split_config`, opt-in only,
+    # never picked): the "split" 128x128 tile, the same two one-warpgroup partitions, each 64 x 128 with one
+    # scratch (DeepGEMM's order: MMA, wait(0), release the stage, promote).
     wide_n: bool = False
+
+    @property
+    def split(self) -> bool:
+        """The split 128x128 tile of :func:`split_config` (the wide path with one 128-wide half)."""
+        return self.wide_n and self.block_n == 128
 
     @property
     def maxnreg(self) -> int:
@@ -871,6 +989,18 @@ def wide_config(group_m: int = 8) -> GluonConfig:
     would allow 3)."""
     stages = max(2, min(4, (_WIDE_SMEM - 2 * 64 * 128 * 2) // ((128 + 256) * BLOCK_K)))
     return GluonConfig(128, 256, stages, 4, group_m=group_m, wide_n=True)
+
+
+def split_config(group_m: int = 8, stages: int | None = None) -> GluonConfig:
+    """The opt-in split 128x128 dense config (``wide_n`` with ``block_n`` 128, :attr:`GluonConfig.split`): two
+    independent one-warpgroup consumer partitions, each 64 x 128 with one scratch accumulator, per K-slice
+    wait full -> MMA -> wait(0) -> arrive empty -> promote (:func:`_consumer_wide` with one half).  Stages: by
+    default those of the default 128x128 BF16 TMA-store kernel (5), so that the two differ only in the consumer;
+    6 would fit (32 KB stages + two [64, 128] BF16 epilogue buffers).  Never chosen by :func:`pick_config`."""
+    if stages is None:
+        stages = _stages(128, 128, 128 * 128 * 2)
+    assert 2 <= stages and stages * 2 * 128 * BLOCK_K + 2 * 64 * 128 * 2 <= _WIDE_SMEM, stages
+    return GluonConfig(128, 128, stages, 4, group_m=group_m, wide_n=True)
 
 
 def pick_config(mode: str, m: int, n: int, k: int, *, groups: int = 1, expected_m: int | None = None,
@@ -1061,15 +1191,15 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     mode_id = _MODES[mode]
     m, n, k, groups, tma_store = _problem(mode, a, b, d, c)
     cfg = config if config is not None else _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms)
-    if cfg.wide_n and not (mode == "dense" and tma_store and cfg.block_m == 128 and cfg.block_n == 256):
+    if cfg.wide_n and not (mode == "dense" and tma_store and cfg.block_m == 128 and cfg.block_n in (128, 256)):
         cfg = _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms, wide_n=False)
     bm, bn = cfg.block_m, cfg.block_n
     if m == 0 or n == 0 or groups == 0:
         return bm, bn
     a_rows = a.shape[0] * a.shape[1] if a.dim() == 3 else a.shape[0]
     b_rows = b.shape[0] * b.shape[1] if b.dim() == 3 else b.shape[0]
-    # wide: A in 64-row boxes (one per consumer warpgroup), B and D in 128-wide halves
-    box_m, box_n = (bm // 2, bn // 2) if cfg.wide_n else (bm, bn)
+    # wide/split: A in 64-row boxes (one per consumer warpgroup), B and D in 128-wide halves
+    box_m, box_n = (bm // 2, 128) if cfg.wide_n else (bm, bn)
     a_desc = _desc2d(a, a_rows, (box_m, BLOCK_K), "fp8")
     b_desc = _desc2d(b, b_rows, (box_n, BLOCK_K), "fp8")
     d_desc = _desc2d(d, d.shape[0], (box_m, box_n), "bf16") if tma_store else None

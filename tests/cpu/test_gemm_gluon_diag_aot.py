@@ -7,6 +7,10 @@
   the barrier / MMA-wait structure of production, and each removes exactly what it claims: 1 loads every slice
   at K coordinate 0, 2/4 add the producer's plain arrive on the full barrier (next to its predicated TMA), 3/4
   drop the scale loads and the promotion FFMAs.
+* The wide path's diagnostics and the split tile (``split_config``): every production config (``wide``
+  included, flags off) compiles to the SASS of the kernel at ``_PRE_SPLIT_COMMIT`` (before the wide kernel took
+  ``PROBE``/``DIAG`` and the split variant existed) and to the recorded digests; wide and split with ``PROBE``
+  and/or ``DIAG`` 3 compile cleanly (no local memory, ptxas without C7514/C7515, QGMMA asynchronous).
 """
 from __future__ import annotations
 
@@ -29,10 +33,16 @@ FP8 = torch.float8_e4m3fn
 _DIV16 = ["sfa_ptr", "sfb_ptr", "d_ptr", "c_ptr", "N", "K", "s_dm"]
 # The last commit of fp8gemm/kernels/gemm_gluon.py before DIAG was added.
 _PRE_DIAG_COMMIT = "f5f6f68041a1151c114514063bbbbfa9efae27d9"
+# The last commit of fp8gemm/kernels/gemm_gluon.py before the wide kernel's PROBE/DIAG and the split tile.
+_PRE_SPLIT_COMMIT = "fc13375babc780fd3e272fe48b4176149e77dc87"
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # sha256[:16] of cuobjdump -sass recorded by tests/cpu/test_gemm_gluon_aot.py (dense) and test_pdl_aot.py
 # (masked, contiguous) for triton 3.6.0 (the same configs as _config below gives).
-_RECORDED = {"3.6.0": {"dense": "bbdd37ed050fed1e", "masked": "f5570d6537275196", "contiguous": "6203e9777274bc5c"}}
+# The other configs' digests were recorded with the kernel at _PRE_SPLIT_COMMIT (same triton).
+_RECORDED = {"3.6.0": {"dense": "bbdd37ed050fed1e", "masked": "f5570d6537275196", "contiguous": "6203e9777274bc5c",
+                       "dense_pdl": "d0b27a2c35192ef4", "dense_small": "30a0fdd7e329e722",
+                       "dense_fp32_c": "84d4b68fb39b5acb", "masked_signal": "7bdd34daaa27e370",
+                       "wide": "4e3929678de093a3"}}
 
 
 def _signature(bm, bn, tma_store, out_dtype=torch.bfloat16, has_c=False, probe=False):
@@ -77,13 +87,15 @@ def _config(which):
             False, False, {}
     if which == "wide":
         return gg.wide_config(), "dense", True, torch.bfloat16, False, False, {"WIDE_N": True}
+    if which == "split":          # opt-in only (never picked): the wide path with one 128-wide half
+        return gg.split_config(), "dense", True, torch.bfloat16, False, False, {"WIDE_N": True}
     raise KeyError(which)
 
 
 def _compile(which, diag=None, probe=False, module="fp8gemm.kernels.gemm_gluon"):
     cfg, mode, tma_store, out, has_c, signal, extra = _config(which)
     if cfg.wide_n:
-        sig = _signature(64, 128, True)            # 64-row A boxes, 128-wide B/D halves
+        sig = _signature(64, 128, True, probe=probe)   # 64-row A boxes, 128-wide B/D halves
     else:
         sig = _signature(cfg.block_m, cfg.block_n, tma_store, out, has_c, probe)
     c = dict(MODE=gg._MODES[mode], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
@@ -106,19 +118,34 @@ def _digest(sass: str) -> str:
     return hashlib.sha256(sass.encode()).hexdigest()[:16]
 
 
-@pytest.fixture(scope="module")
-def pre_diag_dir(tmp_path_factory):
-    """A directory holding ``gemm_gluon_pre_diag.py``: the kernel module at ``_PRE_DIAG_COMMIT`` (its one
-    relative import made absolute), or None when git or the commit is not available."""
+def _module_at(commit, name, tmp_path_factory):
+    """A directory holding ``{name}.py``: the kernel module at ``commit`` (its one relative import made
+    absolute), and its source; (None, None) when git or the commit is not available."""
     try:
-        src = subprocess.run(["git", "-C", _ROOT, "show", f"{_PRE_DIAG_COMMIT}:fp8gemm/kernels/gemm_gluon.py"],
+        src = subprocess.run(["git", "-C", _ROOT, "show", f"{commit}:fp8gemm/kernels/gemm_gluon.py"],
                              check=True, capture_output=True, text=True, timeout=60).stdout
     except Exception:  # noqa: BLE001
-        return None
-    assert src.count("from .. import runtime") == 1 and "DIAG" not in src
-    d = tmp_path_factory.mktemp("pre_diag")
-    (d / "gemm_gluon_pre_diag.py").write_text(src.replace("from .. import runtime", "from fp8gemm import runtime"))
-    return str(d)
+        return None, None
+    assert src.count("from .. import runtime") == 1
+    d = tmp_path_factory.mktemp(name)
+    (d / f"{name}.py").write_text(src.replace("from .. import runtime", "from fp8gemm import runtime"))
+    return str(d), src
+
+
+@pytest.fixture(scope="module")
+def pre_diag_dir(tmp_path_factory):
+    """A directory holding ``gemm_gluon_pre_diag.py``: the kernel module at ``_PRE_DIAG_COMMIT``, or None."""
+    d, src = _module_at(_PRE_DIAG_COMMIT, "gemm_gluon_pre_diag", tmp_path_factory)
+    assert src is None or "DIAG" not in src
+    return d
+
+
+@pytest.fixture(scope="module")
+def pre_split_dir(tmp_path_factory):
+    """A directory holding ``gemm_gluon_pre_split.py``: the kernel module at ``_PRE_SPLIT_COMMIT``, or None."""
+    d, src = _module_at(_PRE_SPLIT_COMMIT, "gemm_gluon_pre_split", tmp_path_factory)
+    assert src is None or ("split_config" not in src and 'gl.static_assert(not PROBE, "PROBE: default' in src)
+    return d
 
 
 _PRODUCTION = ["dense", "dense_pdl", "dense_small", "dense_fp32_c", "masked", "masked_signal", "contiguous", "wide"]
@@ -216,3 +243,101 @@ def test_diag_mode_compiles(diag, probe):
 def test_diag_rejected_outside_dense():
     with pytest.raises(RuntimeError, match="DIAG"):
         _compile("masked", diag=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The wide path's PROBE / DIAG 3 and the split tile (benchmarks/gluon_probe.py --variants default,wide,split)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", _PRODUCTION)
+def test_production_unchanged_by_wide_probe_and_split(which, pre_split_dir, monkeypatch):
+    """Production configs (flags off, named or not) compile to the SASS of the kernel at _PRE_SPLIT_COMMIT and
+    to the recorded digest."""
+    import triton
+    plain = _compile(which)
+    named = _compile(which, diag=0)
+    assert named["sass"] == plain["sass"]
+    if pre_split_dir is not None:
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([pre_split_dir, _ROOT, os.environ.get("PYTHONPATH", "")]))
+        ref = _compile(which, module="gemm_gluon_pre_split")
+        assert plain["sass"] == ref["sass"], f"{which}: SASS differs from the kernel at {_PRE_SPLIT_COMMIT[:8]}"
+        assert plain["shared"] == ref["shared"] and plain["regs"] == ref["regs"]
+    want = _RECORDED.get(triton.__version__, {}).get(which)
+    if want is not None:
+        assert _digest(plain["sass"]) == want, (which, _digest(plain["sass"]), want)
+
+
+def _clean(r):
+    assert r["local"] == 0 and r["stack"] == 0, (r["local"], r["stack"])
+    assert sass_count(r["sass"], "LDL") == 0 and sass_count(r["sass"], "STL") == 0
+    log = ptxas_log(r["ptx"])
+    assert "C7514" not in log and "C7515" not in log, log
+    assert "spill" not in log or "0 bytes spill stores" in log, log
+    assert "warning" not in log.lower(), log
+    # each consumer warpgroup gets the consumer's register budget (see test_gemm_gluon_aot's wide test)
+    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+232;", r["ptx"])
+
+
+_CLOCK_SASS = re.compile(r"SR_CLOCK|SR_GLOBALTIMER|CLOCKLO|CLOCKHI")
+
+
+def test_split_compiles():
+    """The split 128x128 tile: 2 x 4 QGMMA 64x128x32 per K-slice (one per warpgroup partition), one B box a stage
+    (32 KB stages: A 2 x 8 KB + B 16 KB), two [64, 128] epilogue buffers, promotion FFMAs and scale loads."""
+    cfg = gg.split_config()
+    assert cfg.split and not gg.wide_config().split and (cfg.block_m, cfg.block_n, cfg.num_warps) == (128, 128, 4)
+    assert cfg.stages == gg.pick_config("dense", 4096, 4096, 7168, tma_store=True).stages == 5
+    r = _compile("split")
+    _clean(r)
+    sass, ptx = r["sass"], r["ptx"]
+    assert sass_count(sass, "QGMMA") == 8 and "QGMMA.64x128x32" in sass
+    assert not _CLOCK_SASS.search(sass)
+    assert sass_count(sass, "FFMA") >= 64 and sass_count(sass, "LDG") > 0
+    assert cfg.stages * 256 * 128 + 2 * 64 * 128 * 2 <= r["shared"] <= 227 * 1024, r["shared"]
+    # one stage = 2 A boxes (8 KB) + 1 B box (16 KB) into its full barrier; 3 TMA loads in the producer
+    assert re.search(r"mbarrier\.arrive\.expect_tx\.shared\.b64\s+_,\s*\[%r\d+\],\s*32768;", ptx)
+    assert len(_TMA_LOAD.findall(ptx)) == 3, _TMA_LOAD.findall(ptx)
+    # empty barriers take one arrive per consumer warpgroup: init count 2
+    assert re.search(r"mbarrier\.init\.shared(::cta)?\.b64\s+\[%r\d+\],\s*2;", ptx)
+
+
+@pytest.mark.parametrize("which", ["wide", "split"])
+@pytest.mark.parametrize("probe,diag", [(True, 0), (False, 3), (True, 3)],
+                         ids=["probe", "diag3", "probe_diag3"])
+def test_wide_split_diagnostics_compile(which, probe, diag):
+    """PROBE and DIAG 3 on the wide path: clean compile, the production QGMMA / MMA-wait / barrier structure
+    kept (the probe adds one explicit partition bar.sync per K-slice before the full wait, see _consumer_wide),
+    DIAG 3 without scale loads and promotion FFMAs, the probe's stamps present."""
+    base = _compile(which)
+    r = _compile(which, diag=diag, probe=probe)
+    _clean(r)
+    sass = r["sass"]
+    assert r["shared"] == base["shared"]
+    assert sass_count(sass, "QGMMA") == sass_count(base["sass"], "QGMMA") == (16 if which == "wide" else 8)
+    depbar = re.findall(r"WARPGROUP\.DEPBAR\S*\s+\S+\s+\S+", sass)
+    assert depbar == re.findall(r"WARPGROUP\.DEPBAR\S*\s+\S+\s+\S+", base["sass"])
+    for op in ("SYNCS.ARRIVE", "UTMALDG", "UTMASTG"):
+        assert sass_count(sass, op) == sass_count(base["sass"], op), op
+    if diag == 3:
+        assert sass_count(sass, "LDG") == 0 and sass_count(sass, "FFMA") == 0
+        assert sass_count(sass, "FADD") <= 2 * 64, sass_count(sass, "FADD")     # one fold a tile a partition
+    else:
+        assert sass_count(sass, "LDG") == sass_count(base["sass"], "LDG") > 0
+        assert sass_count(sass, "FFMA") == sass_count(base["sass"], "FFMA") >= 64
+    if probe:
+        ptx = r["ptx"]
+        # both consumer partitions carry the header code (only warpgroup 0's writer stores it)
+        assert ptx.count("%clock64") >= 10 and ptx.count("%globaltimer") == 4
+        assert sass_count(sass, "STG") >= 10 and len(_CLOCK_SASS.findall(sass)) >= 10
+        # stamps: per consumer partition 7 events a slice (wide: + EV_C_HALF) + 5 header, the producer 3 + 1
+        want = 2 * (7 + (which == "wide") + 5) + 4
+        assert ptx.count("st.global.b64") >= want, (ptx.count("st.global.b64"), want)
+    else:
+        assert not _CLOCK_SASS.search(sass) and sass_count(sass, "STG") == 0
+
+
+def test_split_and_probe_rejected_where_unsupported():
+    with pytest.raises(RuntimeError, match="DIAG"):
+        _compile("wide", diag=2)
+    assert not any(gg.pick_config("dense", 4096, n, k, tma_store=True, wide_n=w).split
+                   for n, k in ((4096, 7168), (2112, 7168), (7168, 2048)) for w in (False, True))
