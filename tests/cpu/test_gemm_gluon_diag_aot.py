@@ -306,7 +306,7 @@ def test_split_compiles():
                          ids=["probe", "diag3", "probe_diag3"])
 def test_wide_split_diagnostics_compile(which, probe, diag):
     """PROBE and DIAG 3 on the wide path: clean compile, the production QGMMA / MMA-wait / barrier structure
-    kept (the probe adds one explicit partition bar.sync per K-slice before the full wait, see _consumer_wide),
+    kept (the probe's explicit partition bar.sync before each full wait replaces membar's, see _consumer_wide),
     DIAG 3 without scale loads and promotion FFMAs, the probe's stamps present."""
     base = _compile(which)
     r = _compile(which, diag=diag, probe=probe)
@@ -316,7 +316,8 @@ def test_wide_split_diagnostics_compile(which, probe, diag):
     assert sass_count(sass, "QGMMA") == sass_count(base["sass"], "QGMMA") == (16 if which == "wide" else 8)
     depbar = re.findall(r"WARPGROUP\.DEPBAR\S*\s+\S+\s+\S+", sass)
     assert depbar == re.findall(r"WARPGROUP\.DEPBAR\S*\s+\S+\s+\S+", base["sass"])
-    for op in ("SYNCS.ARRIVE", "UTMALDG", "UTMASTG"):
+    # (BAR.SYNC: the probe's explicit partition barrier before each full wait replaces the one membar puts there)
+    for op in ("SYNCS.ARRIVE", "UTMALDG", "UTMASTG", "BAR.SYNC"):
         assert sass_count(sass, op) == sass_count(base["sass"], op), op
     if diag == 3:
         assert sass_count(sass, "LDG") == 0 and sass_count(sass, "FFMA") == 0
