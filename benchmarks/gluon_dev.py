@@ -193,8 +193,8 @@ def phase_bench(out_dir: str, quick: bool) -> None:
             ref = R.fp8_gemm_nt(a, sfa, b, sfb)
             row["block"] = list(blk)
             row["diff"] = calc_diff(d, ref)
-            row["us"] = bench(lambda: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms))
-            row["graph_us"] = graph_us(lambda: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms))
+            row["us"] = bench(lambda a=a, b=b, d=d: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms))
+            row["graph_us"] = graph_us(lambda a=a, b=b, d=d: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms))
             row["tflops"] = 2 * m * n * k / row["graph_us"] * 1e-6
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -202,8 +202,8 @@ def phase_bench(out_dir: str, quick: bool) -> None:
             try:
                 out = cublas(a, sfa_cm, b, sfb)
                 row["cublas_diff"] = calc_diff(out, ref)
-                row["cublas_us"] = bench(lambda: cublas(a, sfa_cm, b, sfb))
-                row["cublas_graph_us"] = graph_us(lambda: cublas(a, sfa_cm, b, sfb))
+                row["cublas_us"] = bench(lambda a=a, b=b, d=d: cublas(a, sfa_cm, b, sfb))
+                row["cublas_graph_us"] = graph_us(lambda a=a, b=b, d=d: cublas(a, sfa_cm, b, sfb))
             except Exception as e:  # noqa: BLE001
                 row["cublas_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         if "us" in row and "cublas_us" in row:
@@ -235,9 +235,9 @@ def phase_bench(out_dir: str, quick: bool) -> None:
             blk = gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m, expected_m=expected, signal=sig,
                             num_sms=sms)
             row["block"] = list(blk)
-            row["us"] = bench(lambda: gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m,
+            row["us"] = bench(lambda a=a, b=b, d=d: gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m,
                                                 expected_m=expected, signal=sig, num_sms=sms))
-            row["graph_us"] = graph_us(lambda: gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m,
+            row["graph_us"] = graph_us(lambda a=a, b=b, d=d: gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m,
                                                          expected_m=expected, signal=sig, num_sms=sms))
             valid = int(counts.sum())
             row["tflops"] = 2 * valid * n * k / row["graph_us"] * 1e-6
@@ -267,8 +267,8 @@ def phase_bench(out_dir: str, quick: bool) -> None:
         try:
             blk = gg.launch("contiguous", a, sfa, b, sfb, d, m_indices=m_indices, num_sms=sms)
             row["block"] = list(blk)
-            row["us"] = bench(lambda: gg.launch("contiguous", a, sfa, b, sfb, d, m_indices=m_indices, num_sms=sms))
-            row["graph_us"] = graph_us(lambda: gg.launch("contiguous", a, sfa, b, sfb, d, m_indices=m_indices,
+            row["us"] = bench(lambda a=a, b=b, d=d: gg.launch("contiguous", a, sfa, b, sfb, d, m_indices=m_indices, num_sms=sms))
+            row["graph_us"] = graph_us(lambda a=a, b=b, d=d: gg.launch("contiguous", a, sfa, b, sfb, d, m_indices=m_indices,
                                                          num_sms=sms))
             row["tflops"] = 2 * sum(sizes) * n * k / row["graph_us"] * 1e-6
         except Exception as e:  # noqa: BLE001
@@ -342,9 +342,9 @@ def phase_variant(out_dir: str, quick: bool, name: str = "wide") -> None:
         cfg_def = gg.pick_config("dense", m, n, k, num_sms=sms, tma_store=True)
         cfg_var = _variant_config(gg, name, m, n, k, sms)
         fns = {
-            "default": lambda: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms, config=cfg_def),
-            "variant": lambda: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms, config=cfg_var),
-            "cublas": lambda: cublas(a, sfa_cm, b, sfb),
+            "default": lambda a=a, b=b, d=d: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms, config=cfg_def),
+            "variant": lambda a=a, b=b, d=d: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms, config=cfg_var),
+            "cublas": lambda a=a, b=b, d=d: cublas(a, sfa_cm, b, sfb),
         }
         row = dict(m=m, n=n, k=k, card=card, default_cfg=str(cfg_def), variant_cfg=str(cfg_var))
         ok = {}
@@ -465,7 +465,7 @@ def phase_sweep(out_dir: str, quick: bool) -> None:
         if m > 1:
             sfa_cm = sfa.t().contiguous().t()
             try:
-                cub = graph_us(lambda: cublas(a, sfa_cm, b, sfb))
+                cub = graph_us(lambda a=a, b=b, d=d: cublas(a, sfa_cm, b, sfb))
             except Exception:  # noqa: BLE001
                 cub = None
         auto = gg.pick_config("dense", m, n, k, num_sms=sms, tma_store=True)
@@ -477,7 +477,7 @@ def phase_sweep(out_dir: str, quick: bool) -> None:
                 d.fill_(float("nan"))
                 gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms, config=c)
                 row["diff"] = calc_diff(d, ref)
-                row["us"] = graph_us(lambda: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms, config=c))
+                row["us"] = graph_us(lambda a=a, b=b, d=d: gg.launch("dense", a, sfa, b, sfb, d, num_sms=sms, config=c))
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
