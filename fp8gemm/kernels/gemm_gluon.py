@@ -286,11 +286,13 @@ if HAS_GLUON:
         return npre
 
     @gluon.jit
-    def _load_stage_after_prefetch(a_desc, b_desc, a_bufs, b_bufs, bar, s, row_a, row_b, kk, M, N, with_b,
-                                   nbytes: gl.constexpr, WIDE_N: gl.constexpr, WIDE_NH: gl.constexpr = 2):
-        """One stage of :func:`_producer` under PDL_WAIT: the A box(es) always; the full-barrier ``expect``
-        and the B box(es) only with ``with_b`` (False for the slices :func:`_prefetch_b` has started).
-        ``WIDE_NH`` (wide path): B boxes a stage, 2 (128x256) or 1 (the split 128x128 tile)."""
+    def _load_stage(a_desc, b_desc, a_bufs, b_bufs, bar, s, row_a, row_b, kk, M, N, with_b,
+                    nbytes: gl.constexpr, WIDE_N: gl.constexpr, WIDE_NH: gl.constexpr = 2):
+        """One stage of :func:`_producer`: the A box(es) always; the full-barrier ``expect`` and the B box(es)
+        only with ``with_b`` (True outside PDL; under PDL_WAIT False for the slices :func:`_prefetch_b` has
+        started).  ``WIDE_NH`` (wide path): B boxes a stage, 2 (128x256) or 1 (the split 128x128 tile: two
+        64-row A boxes, one B box).  Wide: an upper half wholly past M (N) loads the lower rows again instead,
+        so no box is ever entirely out of bounds; those rows (columns) are not stored."""
         mbarrier.expect(bar, nbytes, pred=with_b)
         if WIDE_N and WIDE_NH == 1:
             HALF_M1: gl.constexpr = a_desc.block_type.shape[0]
@@ -299,7 +301,6 @@ if HAS_GLUON:
             tma.async_copy_global_to_shared(a_desc, [row_a_hi1, kk], bar, a_bufs.index(2 * s + 1))
             tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s), pred=with_b)
         elif WIDE_N:
-            # as in _producer: an upper half wholly past M (N) loads the lower rows again
             HALF_M: gl.constexpr = a_desc.block_type.shape[0]
             HALF_N: gl.constexpr = b_desc.block_type.shape[0]
             row_a_hi = gl.where(row_a + HALF_M < M, row_a + HALF_M, row_a)
@@ -369,31 +370,11 @@ if HAS_GLUON:
                                          STAGES, DIAG)
                     elif PDL_WAIT:
                         # Slices _prefetch_b started (the first tile's first ones) have their expect and B.
-                        _load_stage_after_prefetch(a_desc, b_desc, a_bufs, b_bufs, bar, s, row_a, row_b, kk,
-                                                   M, N, it >= npre, nbytes, WIDE_N, WIDE_NH)
+                        _load_stage(a_desc, b_desc, a_bufs, b_bufs, bar, s, row_a, row_b, kk, M, N, it >= npre,
+                                    nbytes, WIDE_N, WIDE_NH)
                     else:
-                        mbarrier.expect(bar, nbytes)
-                        if WIDE_N and WIDE_NH == 1:
-                            # split 128x128 tile: two 64-row A boxes, one B box
-                            HALF_M1: gl.constexpr = a_desc.block_type.shape[0]
-                            row_a_hi1 = gl.where(row_a + HALF_M1 < M, row_a + HALF_M1, row_a)
-                            tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(2 * s))
-                            tma.async_copy_global_to_shared(a_desc, [row_a_hi1, kk], bar, a_bufs.index(2 * s + 1))
-                            tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s))
-                        elif WIDE_N:
-                            # An upper half wholly past M (N) loads the lower rows again instead: never a box
-                            # entirely out of bounds; those rows (columns) are not stored.
-                            HALF_M: gl.constexpr = a_desc.block_type.shape[0]
-                            HALF_N: gl.constexpr = b_desc.block_type.shape[0]
-                            row_a_hi = gl.where(row_a + HALF_M < M, row_a + HALF_M, row_a)
-                            row_b_hi = gl.where(row_b + HALF_N < N, row_b + HALF_N, row_b)
-                            tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(2 * s))
-                            tma.async_copy_global_to_shared(a_desc, [row_a_hi, kk], bar, a_bufs.index(2 * s + 1))
-                            tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(2 * s))
-                            tma.async_copy_global_to_shared(b_desc, [row_b_hi, kk], bar, b_bufs.index(2 * s + 1))
-                        else:
-                            tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(s))
-                            tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s))
+                        _load_stage(a_desc, b_desc, a_bufs, b_bufs, bar, s, row_a, row_b, kk, M, N, True,
+                                    nbytes, WIDE_N, WIDE_NH)
                     if PROBE:
                         _stamp(pbase, pw, it, _EV_P_ISSUED)
                     it += 1

@@ -190,7 +190,7 @@ def test_gemm_pdl_wait_sites_and_b_prefetch(which):
     assert len(want) == 2
     callers = {chain[1] for chain in _sites(ptx, "griddepcontrol.wait;")}
     assert callers == want, (callers, want)
-    pre, stage = _source_lines(gg._prefetch_b), _source_lines(gg._load_stage_after_prefetch)
+    pre, stage = _source_lines(gg._prefetch_b), _source_lines(gg._load_stage)
     tma = _sites(ptx, "cp.async.bulk.tensor")
     b_boxes = 2 if which == "wide" else 1
     assert sum(1 for c in tma if c and c[0] in pre) == b_boxes
