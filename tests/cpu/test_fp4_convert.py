@@ -2,6 +2,7 @@
 statement on poisoned buffers (rows the GEMM skips must stay untouched), against the Triton GEMM's in-kernel
 A-load (the same values), and the dispatcher's route choice (convert + Gluon vs in-kernel Triton).
 """
+import functools
 import math
 import re
 
@@ -408,19 +409,35 @@ def test_route_contiguous_fp4_converts_then_gluon(fake_sm90, device):
 # sm_90a compile: no local memory, 16-byte E4M3 stores
 # =====================================================================================
 
+# stride_bk and stride_fm are not specialised (do_not_specialize): runtime integers here as well
+_CONVERT_SIG = {"codes_ptr": "*u8", "sbytes_ptr": "*u8", "q_ptr": "*u8", "sf_ptr": "*fp32", "rows_ptr": "*i32",
+                "M": "i32", "K": "i32", "num_groups": "i32", "num_progs": "i32",
+                "stride_cg": "i64", "stride_cm": "i32", "stride_bg": "i64", "stride_bm": "i32", "stride_bk": "i32",
+                "stride_qg": "i64", "stride_qm": "i32", "stride_fg": "i64", "stride_fm": "i32", "stride_fk": "i32"}
+_CONVERT_DIV = ["codes_ptr", "sbytes_ptr", "q_ptr", "sf_ptr", "rows_ptr", "K", "stride_cg", "stride_cm", "stride_bg",
+                "stride_bm", "stride_qg", "stride_qm"]
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_convert(rows, block_m, block_k, warps, groups_pow2, trigger=None):
+    from fp8gemm.testing import compile_sm90_in_subprocess
+    c = dict(stride_ck=1, ROWS=rows, BLOCK_M=block_m, BLOCK_K=block_k, GROUPS_POW2=groups_pow2, SOFT=False,
+             WORDS=True)
+    if trigger is not None:
+        c["PDL_TRIGGER"] = trigger
+    return compile_sm90_in_subprocess("fp8gemm.kernels.fp4_convert", "fp4_to_fp8_kernel", _CONVERT_SIG, c,
+                                      num_warps=warps, divisible_by_16=_CONVERT_DIV)
+
+
+def _sass_ops(sass: str) -> list[str]:
+    """SASS opcodes in order (predicates dropped)."""
+    return re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+
+
 @pytest.mark.parametrize("rows,block_m,block_k,warps", [(2, 16, 1024, 8), (1, 32, 512, 8)])
 def test_convert_kernel_compiles_sm90(rows, block_m, block_k, warps):
-    from fp8gemm.testing import compile_sm90_in_subprocess, sass_count
-    # stride_bk and stride_fm are not specialised (do_not_specialize): runtime integers here as well
-    sig = {"codes_ptr": "*u8", "sbytes_ptr": "*u8", "q_ptr": "*u8", "sf_ptr": "*fp32", "rows_ptr": "*i32",
-           "M": "i32", "K": "i32", "num_groups": "i32", "num_progs": "i32",
-           "stride_cg": "i64", "stride_cm": "i32", "stride_bg": "i64", "stride_bm": "i32", "stride_bk": "i32",
-           "stride_qg": "i64", "stride_qm": "i32", "stride_fg": "i64", "stride_fm": "i32", "stride_fk": "i32"}
-    div = ["codes_ptr", "sbytes_ptr", "q_ptr", "sf_ptr", "rows_ptr", "K", "stride_cg", "stride_cm", "stride_bg",
-           "stride_bm", "stride_qg", "stride_qm"]
-    c = dict(stride_ck=1, ROWS=rows, BLOCK_M=block_m, BLOCK_K=block_k, GROUPS_POW2=32, SOFT=False, WORDS=True)
-    res = compile_sm90_in_subprocess("fp8gemm.kernels.fp4_convert", "fp4_to_fp8_kernel", sig, c, num_warps=warps,
-                                     divisible_by_16=div)
+    from fp8gemm.testing import sass_count
+    res = _compile_convert(rows, block_m, block_k, warps, 32)
     sass = res["sass"]
     assert res["regs"] <= 128, f"{res['regs']} registers"
     assert res["local"] == 0 and res["stack"] == 0
@@ -429,6 +446,43 @@ def test_convert_kernel_compiles_sm90(rows, block_m, block_k, warps):
     # The word path: table look-ups (PRMT), no shared-memory layout conversion, and about 7 instructions per
     # value in all (prologue included; 30 for the value-by-value FP32 path, measured on sm_90a SASS)
     assert sass_count(sass, "STS") == 0 and sass_count(sass, "BAR") == 0, "layout conversion through shared memory"
-    ops = len(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?[A-Z0-9_]+", sass))
+    ops = len(_sass_ops(sass))
     per_thread = block_m * block_k // (32 * warps)
     assert ops <= 8 * per_thread, f"{ops} SASS instructions for {per_thread} values a thread"
+
+
+# =====================================================================================
+# Programmatic dependent launch: PDL_TRIGGER first, or nothing (the GEMM side: test_pdl_aot.py)
+# =====================================================================================
+
+# sha256[:16] of cuobjdump -sass of the decode shapes' convert (masked rows, convert_config(20, 4096)),
+# recorded at the commit before PDL_TRIGGER existed (triton 3.6.0).
+_CONVERT_SASS_BEFORE_PDL = {"3.6.0": "ec73490ae365b7f6"}
+
+
+def _decode_convert(trigger):
+    block_m, block_k, warps = FC.convert_config(20, 4096)
+    return _compile_convert(FC.ROWS_MASKED, block_m, block_k, warps, 8, trigger)
+
+
+def test_convert_trigger_off_is_the_committed_kernel():
+    import hashlib
+    default, off = _decode_convert(None), _decode_convert(False)
+    assert off["sass"] == default["sass"]
+    assert not re.search(r"\b(ACQBULK|PREEXIT)\b", default["sass"]) and "griddepcontrol" not in default["ptx"]
+    want = _CONVERT_SASS_BEFORE_PDL.get(triton.__version__)
+    if want is not None:
+        assert hashlib.sha256(default["sass"].encode()).hexdigest()[:16] == want
+
+
+def test_convert_trigger_comes_first():
+    off, on = _decode_convert(False), _decode_convert(True)
+    ops = _sass_ops(on["sass"])
+    assert ops.count("PREEXIT") == 1 and "ACQBULK" not in ops
+    assert on["ptx"].count("griddepcontrol.launch_dependents;") == 1
+    # before any memory access (only constant-bank and register set-up ahead of it)
+    first = ops.index("PREEXIT")
+    memory = ("LDG", "STG", "LDS", "STS")
+    assert first < 12 and not any(op.startswith(memory) for op in ops[:first]), ops[:first + 1]
+    assert on["regs"] <= off["regs"] + 2 and on["local"] == 0
+    assert len(ops) <= len(_sass_ops(off["sass"])) + 4

@@ -3,8 +3,8 @@
 * sm_90a AOT: ``PDL_WAIT`` off generates the committed GEMM byte for byte (SASS digests recorded before the
   flag existed, triton 3.6.0); on, every partition executes ``griddepcontrol.wait`` (SASS ``ACQBULK``), the
   producer issues only its weight (B) prefetch before it, and the pipeline is otherwise intact (same QGMMA,
-  shared memory, no spills, MMAs asynchronous).  The convert kernel with ``PDL_TRIGGER`` executes
-  ``griddepcontrol.launch_dependents`` (SASS ``PREEXIT``) before anything else; without it, unchanged.
+  shared memory, no spills, MMAs asynchronous).  The convert's side (``PDL_TRIGGER``: SASS ``PREEXIT``
+  first, or nothing) is tested beside its other compile checks in test_fp4_convert.py.
 * The dispatcher: only the "fp4-gluon" route asks for PDL, both kernels together, and ``USE_PDL = False``
   turns it off; in the interpreter the convert never gets the trigger.
 """
@@ -30,7 +30,6 @@ _DIV16 = ["sfa_ptr", "sfb_ptr", "d_ptr", "c_ptr", "N", "K", "s_dm"]
 _SASS_BEFORE_PDL = {"3.6.0": {
     "masked": "f5570d6537275196",        # the 6-group decode route's GEMM: 64x128, 8 stages, BF16 masked stores
     "contiguous": "6203e9777274bc5c",    # 128x128, 5 stages
-    "convert": "ec73490ae365b7f6",       # masked rows, 16 x 1024 tiles, 8 warps (the decode shapes' convert)
 }}
 
 
@@ -90,29 +89,7 @@ def _gemm(which: str, pdl: bool | None):
                                       divisible_by_16=_DIV16)
 
 
-@functools.lru_cache(maxsize=None)
-def _convert(trigger: bool | None):
-    sig = {"codes_ptr": "*u8", "sbytes_ptr": "*u8", "q_ptr": "*u8", "sf_ptr": "*fp32", "rows_ptr": "*i32",
-           "M": "i32", "K": "i32", "num_groups": "i32", "num_progs": "i32",
-           "stride_cg": "i64", "stride_cm": "i32", "stride_bg": "i64", "stride_bm": "i32", "stride_bk": "i32",
-           "stride_qg": "i64", "stride_qm": "i32", "stride_fg": "i64", "stride_fm": "i32", "stride_fk": "i32"}
-    div = ["codes_ptr", "sbytes_ptr", "q_ptr", "sf_ptr", "rows_ptr", "K", "stride_cg", "stride_cm", "stride_bg",
-           "stride_bm", "stride_qg", "stride_qm"]
-    block_m, block_k, warps = FC.convert_config(20, 4096)
-    c = dict(stride_ck=1, ROWS=FC.ROWS_MASKED, BLOCK_M=block_m, BLOCK_K=block_k, GROUPS_POW2=8, SOFT=False,
-             WORDS=True)
-    if trigger is not None:
-        c["PDL_TRIGGER"] = trigger
-    return compile_sm90_in_subprocess("fp8gemm.kernels.fp4_convert", "fp4_to_fp8_kernel", sig, c, num_warps=warps,
-                                      divisible_by_16=div)
-
-
 _GDC_SASS = re.compile(r"\b(ACQBULK|PREEXIT)\b")
-
-
-def _instructions(sass: str) -> list[str]:
-    """SASS opcodes in order (predicates dropped)."""
-    return re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
 
 
 # =====================================================================================
@@ -196,32 +173,6 @@ def test_gemm_pdl_wait_sites_and_b_prefetch(which):
     assert sum(1 for c in tma if c and c[0] in pre) == b_boxes
     assert sum(1 for c in tma if c and c[0] in stage) == 2 * b_boxes
     assert any(c and c[0] in pre for c in _sites(ptx, "mbarrier.arrive.expect_tx"))
-
-
-# =====================================================================================
-# The convert: PDL_TRIGGER first, or nothing
-# =====================================================================================
-
-def test_convert_trigger_off_is_the_committed_kernel():
-    default, off = _convert(None), _convert(False)
-    assert off["sass"] == default["sass"]
-    assert not _GDC_SASS.search(default["sass"]) and "griddepcontrol" not in default["ptx"]
-    want = _want("convert")
-    if want is not None:
-        assert _digest(default["sass"]) == want
-
-
-def test_convert_trigger_comes_first():
-    off, on = _convert(False), _convert(True)
-    ops = _instructions(on["sass"])
-    assert ops.count("PREEXIT") == 1 and "ACQBULK" not in ops
-    assert on["ptx"].count("griddepcontrol.launch_dependents;") == 1
-    # before any memory access (only constant-bank and register set-up ahead of it)
-    first = ops.index("PREEXIT")
-    memory = ("LDG", "STG", "LDS", "STS")
-    assert first < 12 and not any(op.startswith(memory) for op in ops[:first]), ops[:first + 1]
-    assert on["regs"] <= off["regs"] + 2 and on["local"] == 0
-    assert len(ops) <= len(_instructions(off["sass"])) + 4
 
 
 # =====================================================================================
