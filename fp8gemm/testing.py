@@ -185,6 +185,12 @@ def sass_count(sass: str, opcode: str) -> int:
     return len(re.findall(rf"\b{opcode}[\.\s]", sass))
 
 
+def sass_opcodes(sass: str) -> list[str]:
+    """The SASS instructions' opcodes in order (predicates dropped), for instruction counts and order checks."""
+    import re
+    return re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+
+
 def make_moe_weights(num_experts: int, hidden: int, inter: int, seed: int = 0, device="cpu", scale: float = 1.0):
     """Random block-scaled FP8 expert weights (the same on every rank for a given seed)."""
     from . import reference

@@ -16,7 +16,7 @@ from fp8gemm import reference as R
 from fp8gemm import runtime
 from fp8gemm.kernels import fp4_convert as FC
 from fp8gemm.kernels import gemm_dispatch, gemm_triton
-from fp8gemm.testing import bit_view, calc_diff
+from fp8gemm.testing import bit_view, calc_diff, sass_opcodes
 
 FP8 = torch.float8_e4m3fn
 POISON = 0xAB
@@ -429,11 +429,6 @@ def _compile_convert(rows, block_m, block_k, warps, groups_pow2, trigger=None):
                                       num_warps=warps, divisible_by_16=_CONVERT_DIV)
 
 
-def _sass_ops(sass: str) -> list[str]:
-    """SASS opcodes in order (predicates dropped)."""
-    return re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
-
-
 @pytest.mark.parametrize("rows,block_m,block_k,warps", [(2, 16, 1024, 8), (1, 32, 512, 8)])
 def test_convert_kernel_compiles_sm90(rows, block_m, block_k, warps):
     from fp8gemm.testing import sass_count
@@ -446,7 +441,7 @@ def test_convert_kernel_compiles_sm90(rows, block_m, block_k, warps):
     # The word path: table look-ups (PRMT), no shared-memory layout conversion, and about 7 instructions per
     # value in all (prologue included; 30 for the value-by-value FP32 path, measured on sm_90a SASS)
     assert sass_count(sass, "STS") == 0 and sass_count(sass, "BAR") == 0, "layout conversion through shared memory"
-    ops = len(_sass_ops(sass))
+    ops = len(sass_opcodes(sass))
     per_thread = block_m * block_k // (32 * warps)
     assert ops <= 8 * per_thread, f"{ops} SASS instructions for {per_thread} values a thread"
 
@@ -477,7 +472,7 @@ def test_convert_trigger_off_is_the_committed_kernel():
 
 def test_convert_trigger_comes_first():
     off, on = _decode_convert(False), _decode_convert(True)
-    ops = _sass_ops(on["sass"])
+    ops = sass_opcodes(on["sass"])
     assert ops.count("PREEXIT") == 1 and "ACQBULK" not in ops
     assert on["ptx"].count("griddepcontrol.launch_dependents;") == 1
     # before any memory access (only constant-bank and register set-up ahead of it)
@@ -485,4 +480,4 @@ def test_convert_trigger_comes_first():
     memory = ("LDG", "STG", "LDS", "STS")
     assert first < 12 and not any(op.startswith(memory) for op in ops[:first]), ops[:first + 1]
     assert on["regs"] <= off["regs"] + 2 and on["local"] == 0
-    assert len(ops) <= len(_sass_ops(off["sass"])) + 4
+    assert len(ops) <= len(sass_opcodes(off["sass"])) + 4

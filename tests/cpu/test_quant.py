@@ -660,9 +660,7 @@ def test_e2m1_codes_device_helper(device):
 def test_fp4_cast_sass_on_the_bits():
     """sm_90a: the UE8M0 FP4 cast has no IEEE division (no MUFU.RCP and its slow path) and about 15 SASS
     instructions a value (1096 before, ~34), with 16-byte loads and 8-byte code stores."""
-    import re
-
-    from fp8gemm.testing import compile_sm90_in_subprocess, sass_count
+    from fp8gemm.testing import compile_sm90_in_subprocess, sass_count, sass_opcodes
     for sf_bytes in (False, True):
         sig = dict(_aot_signature(), sf_ptr="*u8" if sf_bytes else "*fp32")
         c = dict(BLOCK_M=16, GROUPS=16, GRAN=32, USE_UE8M0=True, SF_BYTES=sf_bytes, stride_xk=1)
@@ -672,5 +670,5 @@ def test_fp4_cast_sass_on_the_bits():
         assert res["local"] == 0 and res["stack"] == 0 and res["regs"] <= 128
         assert "MUFU.RCP" not in sass and "CALL" not in sass, "division on the UE8M0 path"
         assert sass_count(sass, "LDG.E.128") > 0 and sass_count(sass, "STG.E.64") > 0
-        ops = len(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?[A-Z0-9_]+", sass))
+        ops = len(sass_opcodes(sass))
         assert ops <= 16 * 32, f"{ops} SASS instructions for 32 values a thread"
