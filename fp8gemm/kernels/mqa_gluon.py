@@ -92,15 +92,18 @@ if HAS_GLUON:
         return num_blocks - 1 - lin, lin < num_blocks
 
     @gluon.jit
-    def _key_range(ks_ptr, ke_ptr, q0, seq_len, seq_len_kv, NQ: gl.constexpr, BLOCK: gl.constexpr,
-                   LAYOUT: gl.constexpr):
-        """The key tiles of queries [q0, q0 + NQ): ``lo`` (a multiple of BLOCK) and ``hi`` (lo <= hi)."""
-        rq = q0 + gl.arange(0, NQ, layout=LAYOUT)
+    def _query_keys(ks_ptr, ke_ptr, rq, seq_len, seq_len_kv):
+        """Per query ``rq``: in range, and the keys it sees ``[start, end)`` clipped to the KV sequence."""
         q_ok = rq < seq_len
         ks = gl.load(ks_ptr + rq, mask=q_ok, other=0)
         ke = gl.load(ke_ptr + rq, mask=q_ok, other=0)
-        start = gl.maximum(ks, 0)
-        end = gl.minimum(ke, seq_len_kv)
+        return q_ok, gl.maximum(ks, 0), gl.minimum(ke, seq_len_kv)
+
+    @gluon.jit
+    def _key_range(ks_ptr, ke_ptr, q0, seq_len, seq_len_kv, NQ: gl.constexpr, BLOCK: gl.constexpr,
+                   LAYOUT: gl.constexpr):
+        """The key tiles of queries [q0, q0 + NQ): ``lo`` (a multiple of BLOCK) and ``hi`` (lo <= hi)."""
+        q_ok, start, end = _query_keys(ks_ptr, ke_ptr, q0 + gl.arange(0, NQ, layout=LAYOUT), seq_len, seq_len_kv)
         busy = q_ok & (end > start)
         lo = gl.min(gl.where(busy, start, seq_len_kv), axis=0)
         hi = gl.max(gl.where(busy, end, 0), axis=0)
@@ -220,11 +223,7 @@ if HAS_GLUON:
                 cq = qw0 + cols // H
                 wv = gl.load(w_ptr + cq.to(gl.int64) * stride_w + cols % H, mask=cq < seq_len, other=0.0)
                 rq = qw0 + gl.arange(0, QW, layout=qry_layout)
-                q_ok = rq < seq_len
-                ks = gl.load(ks_ptr + rq, mask=q_ok, other=0)
-                ke = gl.load(ke_ptr + rq, mask=q_ok, other=0)
-                start = gl.maximum(ks, 0)
-                end = gl.minimum(ke, seq_len_kv)
+                q_ok, start, end = _query_keys(ks_ptr, ke_ptr, rq, seq_len, seq_len_kv)
                 row_off = rq.to(gl.int64) * stride_out
                 lo, hi = _key_range(ks_ptr, ke_ptr, q0, seq_len, seq_len_kv, BLOCK_Q, BK, q_layout)
                 n = gl.cdiv(hi - lo, BK)
