@@ -23,6 +23,17 @@ def _same_bits(got, want, what):
     assert bad == 0, f"{what}: {bad} of {got.numel()} elements differ"
 
 
+def _pdl_on_equals_off(call, codes, sbytes, seeds, what):
+    """For each seed: new FP4 inputs in the same buffers, ``call`` with PDL off then on, same bits; returns the
+    last PDL-on output."""
+    for seed in seeds:
+        _new_fp4(codes, sbytes, seed)
+        want = _with_pdl(False, call)
+        got = _with_pdl(True, call)
+        _same_bits(got, want, f"{what}, inputs {seed}")
+    return got
+
+
 def _new_fp4(codes, sbytes, seed):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     codes.copy_(torch.randint(0, 256, codes.shape, dtype=torch.uint8, device="cuda", generator=gen))
@@ -63,11 +74,7 @@ def test_masked_fp4_pdl_equals_no_pdl(n, k, monkeypatch):
         d.fill_(float("nan"))
         fp8gemm.m_grouped_fp8_gemm_nt_masked((codes, sbytes), (b, sfb), d, masked_m, expected)
         return d.clone()
-    for seed in range(1, 4):
-        _new_fp4(codes, sbytes, seed)
-        want = _with_pdl(False, call)
-        got = _with_pdl(True, call)
-        _same_bits(got, want, f"PDL vs no PDL, inputs {seed}")
+    got = _pdl_on_equals_off(call, codes, sbytes, range(1, 4), "PDL vs no PDL")
     ref = R.m_grouped_fp8_gemm_nt_masked(codes, sbytes, b, sfb, masked_m, torch.zeros_like(d))
     for i, c in enumerate(masked_m.tolist()):
         if c:
@@ -121,11 +128,7 @@ def test_contiguous_fp4_pdl_equals_no_pdl(monkeypatch):
         d.fill_(float("nan"))
         fp8gemm.m_grouped_fp8_gemm_nt_contiguous((codes, sbytes), (b, sfb), d, m_indices)
         return d.clone()
-    for seed in range(20, 23):
-        _new_fp4(codes, sbytes, seed)
-        want = _with_pdl(False, call)
-        got = _with_pdl(True, call)
-        _same_bits(got, want, f"contiguous, inputs {seed}")
+    got = _pdl_on_equals_off(call, codes, sbytes, range(20, 23), "contiguous")
     ok = m_indices >= 0
     ref = R.m_grouped_fp8_gemm_nt_contiguous(codes, sbytes, b, sfb, m_indices, torch.zeros_like(d))
     assert calc_diff(got[ok], ref[ok]) < 1e-3 and got[~ok].isnan().all()
