@@ -111,14 +111,12 @@ def _run_prefill(q, kv_t, kv_sf, weights, ks, ke, clean_logits: bool, max_seqlen
     # not apply: SM90, plain form, H 32/64, D 64/128, TMA-able inputs).  "auto" keeps the Triton kernel:
     # measured on an H100 (benchmarks/RESULTS.md, session 2) the Gluon kernel is 0.81-0.95x the Triton one
     # on three of the four anchor rows (1.05x only at H64 D128 without causal ranges).
-    choice = runtime.backend()
-    if cfg is None and choice == "gluon":
+    if cfg is None and runtime.backend() == "gluon":
         if mqa_gluon.supports(q, kv_t, kv_sf, weights, ks, ke, clean_logits, max_seqlen_k):
             mqa_gluon.launch(q, kv_t, kv_sf, weights, ks, ke, out, clean_logits, runtime.get_num_sms())
             return out
-        if choice == "gluon":
-            raise RuntimeError("FP8GEMM_BACKEND=gluon but the Gluon MQA-logits kernel does not support this call "
-                               "(it needs an SM90 GPU, the plain form, num_heads 32/64 and head_dim 64/128)")
+        raise RuntimeError("FP8GEMM_BACKEND=gluon but the Gluon MQA-logits kernel does not support this call "
+                           "(it needs an SM90 GPU, the plain form, num_heads 32/64 and head_dim 64/128)")
     cfg = cfg or K.prefill_config(num_heads, head_dim)
     grid = (_cdiv(seq_len, cfg.block_q),)
     K.mqa_logits_kernel[grid](
