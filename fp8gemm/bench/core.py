@@ -65,7 +65,7 @@ def _as_graph(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 # How time_us evicts the L2 before each timed call: "write" (zero a 256 MB buffer; the L2 is then full of dirty
-# lines that the timed kernel's own traffic must write back) or "read" (sum it; the L2 holds clean lines).
+# lines, which the timed kernel's own traffic may have to write back) or "read" (sum it; the L2 holds clean lines).
 # "write" is what every figure in benchmarks/RESULTS.md used; "read" isolates a kernel's own bytes.
 FLUSH_MODE = "write"
 
