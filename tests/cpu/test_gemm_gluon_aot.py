@@ -37,6 +37,19 @@ def test_pick_config():
     assert big.maxnreg * (8 + 4) * 32 <= 65536 and small.maxnreg <= 255
 
 
+@pytest.mark.parametrize("groups,n,k,want_bn", [
+    (6, 6144, 7168, 64), (6, 7168, 3072, 128), (6, 4096, 4096, 64), (6, 4096, 2048, 64),
+    (32, 6144, 7168, 128), (32, 7168, 3072, 128), (32, 4096, 4096, 128), (32, 4096, 2048, 128)])
+def test_pick_config_masked_decode_tiles(groups, n, k, want_bn):
+    """Masked decode (expected_m 20): the tile each ANCHORS row got on the H100 sweep
+    (benchmarks/masked_tiles.py): 64x64 where 64x128 leaves a ragged last wave, K rotation on; larger
+    expected_m and dense calls keep their model picks without rotation."""
+    cfg = gg.pick_config("masked", 4096, n, k, groups=groups, expected_m=20, num_sms=132)
+    assert (cfg.block_m, cfg.block_n, cfg.k_rotate) == (64, want_bn, True)
+    assert not gg.pick_config("masked", 4096, n, k, groups=groups, expected_m=1024, num_sms=132).k_rotate
+    assert not gg.pick_config("dense", 64, n, k, tma_store=True, num_sms=132).k_rotate
+
+
 def test_pick_config_wide_is_opt_in():
     """The 128x256 variant (GluonConfig.wide_n) is chosen only when asked for (or WIDE_N_DEFAULT is flipped),
     only for dense BF16 TMA-store calls, and its config fits the SM."""
