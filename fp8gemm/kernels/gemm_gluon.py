@@ -565,7 +565,7 @@ if HAS_GLUON:
         num_k - 1 odd; on entry slice ``base`` is issued into X).  Per pair of slices: one partition
         bar.sync, one full-barrier wait, one release.  The release of pair j waits for the barrier that
         precedes pair j + 1's full wait (by then every warp has retired slice 2j + 1), so it needs no
-        barrier of its own; the caller's tail (the last pair) releases the tile's last two pairs."""
+        barrier of its own; the tile's last two pairs are released after the loop."""
         # the first pair (nothing to release yet) is peeled so that the loop's release is unconditional:
         # a conditional one would make the compiler keep its own barrier before the full wait as well
         for j in range(0, gl.minimum(last // 2, 1)):
@@ -578,7 +578,15 @@ if HAS_GLUON:
                 a_bufs, b_bufs, empty_bars, full_bars, X, Y, acc, base, 2 * j + 1, last, rot, num_k,
                 sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, col_lo, saX, sbX0, sbX1, saY, sbY0, sbY1,
                 s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, STAGES, PROBE, pbase, pw, NO_PROMO, NO_LOADS, True)
-        return acc, X, Y, saX, sbX0, sbX1, saY, sbY0, sbY1
+        Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES, PROBE, pbase, pw, True, False)
+        acc, X = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
+                         SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO, True, False)
+        if last > 1:
+            _release_pair(empty_bars, base + last - 2, STAGES)
+        acc, Y = _retire(Y, empty_bars, base + last, acc, saY, sbY0, sbY1, col_lo,
+                         SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO, True, False)
+        _release_pair(empty_bars, base + last, STAGES)
+        return acc, X, Y
 
     @gluon.jit
     def _consumer(a_bufs, b_bufs, empty_bars, full_bars, d_desc,
@@ -667,7 +675,7 @@ if HAS_GLUON:
                                                s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
                 X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES, PROBE, pbase, pw, PAIRED)
                 if PAIRED:
-                    acc, X, Y, saX, sbX0, sbX1, saY, sbY0, sbY1 = _paired_mainloop(
+                    acc, X, Y = _paired_mainloop(
                         a_bufs, b_bufs, empty_bars, full_bars, X, Y, acc, base, last, rot, num_k,
                         sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, col_lo,
                         saX, sbX0, sbX1, saY, sbY0, sbY1,
@@ -689,21 +697,14 @@ if HAS_GLUON:
                                          SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
                         saX, sbX0, sbX1 = naX, nbX0, nbX1
                         saY, sbY0, sbY1 = naY, nbY0, nbY1
-                # The odd-K branch stays in the paired kernel too, although its host never runs it there: without
-                # it ptxas copies a scratch accumulator while its MMA is in flight and serialises every MMA
-                # of the kernel (C7514; found by bisecting the compile).
-                if num_k % 2 == 0:
-                    Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES, PROBE, pbase, pw, PAIRED,
-                               not PAIRED)
+                if PAIRED:
+                    Xd = X
+                elif num_k % 2 == 0:
+                    Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES, PROBE, pbase, pw)
                     acc, Xd = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
-                                      SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO, PAIRED, not PAIRED)
-                    if PAIRED:
-                        if last > 1:
-                            _release_pair(empty_bars, base + last - 2, STAGES)
+                                      SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
                     acc, Y = _retire(Y, empty_bars, base + last, acc, saY, sbY0, sbY1, col_lo,
-                                     SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO, PAIRED, not PAIRED)
-                    if PAIRED:
-                        _release_pair(empty_bars, base + last, STAGES)
+                                     SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
                 else:
                     acc, Xd = _retire(X, empty_bars, base + last, acc, saX, sbX0, sbX1, col_lo,
                                       SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)

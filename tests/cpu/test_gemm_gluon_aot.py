@@ -223,26 +223,3 @@ def test_aot_sm90a_probe_off_is_production(tmp_path):
         got = hashlib.sha256(sass.encode()).hexdigest()[:16]
         assert got == want, (f"production SASS changed ({got} != {want}); if the kernel change is deliberate, "
                              "check its SASS and update _PROD_SASS_SHA256")
-
-
-def test_aot_sm90a_paired():
-    """Barrier pairs (GluonConfig.paired): 6 stages for the 128x128 BF16 TMA-store tile, one zero-byte
-    arrive.expect_tx release per pair, the MMAs still asynchronous (a variant of the tail without the odd-K
-    branch made ptxas serialise every MMA: C7514), and no local memory."""
-    base = gg.pick_config("dense", 4096, 4096, 7168, tma_store=True)
-    cfg = gg.paired_config(base, 128 * 128 * 2)
-    assert cfg.paired and cfg.stages == 6 and gg.paired_ok(cfg, 7168) and not gg.paired_ok(cfg, 7168 + 128)
-    assert not gg.paired_ok(base, 7168) and gg.paired_config(gg.wide_config(), 0) == gg.wide_config()
-    constexprs = dict(MODE=0, BLOCK_M=128, BLOCK_N=128, GROUP_M=cfg.group_m, STAGES=cfg.stages, TMA_STORE=True,
-                      HAS_C=False, HAS_SIGNAL=False, SB_SCALAR=True, K_ROTATE=False, PRODUCER_REGS=cfg.producer_regs,
-                      PAIRED=True)
-    r = compile_sm90_in_subprocess("fp8gemm.kernels.gemm_gluon", "fp8_gemm_ws_kernel",
-                                   _signature("dense", 128, 128, True, torch.bfloat16, False), constexprs,
-                                   num_warps=cfg.num_warps, gluon=True, maxnreg=cfg.maxnreg,
-                                   divisible_by_16=["sfa_ptr", "sfb_ptr", "d_ptr", "c_ptr", "N", "K", "s_dm"])
-    assert sass_count(r["sass"], "QGMMA") >= 8
-    assert r["local"] == 0 and r["stack"] == 0, (r["local"], r["stack"])
-    assert r["shared"] <= 227 * 1024
-    assert re.search(r"mbarrier\.arrive\.expect_tx\.shared\.b64 _, \[%r\d+\], 0;", r["ptx"])
-    log = ptxas_log(r["ptx"])
-    assert "C7514" not in log and "C7515" not in log, log
