@@ -80,7 +80,7 @@ sys.path.insert(0, ROOT)
 SHAPES = [(4096, 4096, 7168), (4096, 2112, 7168), (4096, 7168, 2048)]
 TENSOR_CYCLES_128 = 512      # 2*128*128*128 FLOP / 8192 FP8 FLOP per clock per SM (H100/H200 dense)
 C_EVENTS = ["pre_bar", "pre_wait", "full", "issued", "mma_done", "arrived", "promoted"]
-VARIANTS = ("default", "wide", "split", "paired")
+VARIANTS = ("default", "wide", "split")
 WIDE_MODES = (0, 3)          # the DIAG modes the wide/split kernels take
 P_EVENTS = ["pre_wait", "empty", "issued"]
 
@@ -119,10 +119,6 @@ def variant_config(gg, variant, a, b, d, num_sms):
     ``wide_config()`` (128x256), ``split`` = ``split_config()`` (128x128, the default's stages)."""
     if variant == "default":
         return production_config(gg, a, b, d, num_sms)
-    if variant == "paired":
-        cfg = gg.paired_config(production_config(gg, a, b, d, num_sms), 128 * 128 * 2)
-        assert cfg.paired, cfg
-        return cfg
     cfg = gg.wide_config() if variant == "wide" else gg.split_config()
     assert cfg.wide_n and cfg.block_n == (256 if variant == "wide" else 128), cfg
     return cfg
@@ -149,9 +145,7 @@ def launch_probe(gg, a, sfa, b, sfb, d, cfg, probe, num_sms, diag=None):
         sd[0], sd[1], 0, 0, sa[0], sa[1], sa[2], sb[0], sb[1], sb[2],
         MODE=0, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages, TMA_STORE=True, HAS_C=False,
         HAS_SIGNAL=False, SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate and not cfg.wide_n,
-        PRODUCER_REGS=cfg.producer_regs, WIDE_N=cfg.wide_n, PROBE=probe is not None, probe_ptr=probe,
-        num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
-        **({"PAIRED": True} if gg.paired_ok(cfg, k) else {}),
+        PRODUCER_REGS=cfg.producer_regs, WIDE_N=cfg.wide_n, PROBE=probe is not None, probe_ptr=probe, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
         **({} if diag is None else {"DIAG": diag}))
     return grid[0]
 
@@ -254,7 +248,7 @@ def analyse(raw, gg, num_k, stages, tiles_per_cta, variant="default"):
     slices and per-program summaries.  ``variant`` wide/split (one partition per warpgroup, wait(0)): ``mma_wait``
     is the wait(0) of the slice's last MMA (issued -> done; nothing queued behind it), ``left_half`` (wide) the
     left half's MMA + wait + promotion."""
-    serial = variant in ("wide", "split")
+    serial = variant != "default"
     S_MAX = gg.PROBE_SLICES
     EC = dict(pre_bar=gg.EV_C_PRE_BAR, pre_wait=gg.EV_C_PRE_WAIT, full=gg.EV_C_FULL, issued=gg.EV_C_ISSUED,
               mma_done=gg.EV_C_MMA_DONE, arrived=gg.EV_C_ARRIVED, promoted=gg.EV_C_PROMOTED)
@@ -643,7 +637,7 @@ def run_diag_shape(gg, m, n, k, modes, num_sms, reps, variant="default"):
     from fp8gemm.testing import calc_diff
     a, sfa, b, sfb, d = make_inputs(m, n, k)
     cfg = variant_config(gg, variant, a, b, d, num_sms)
-    if variant in ("wide", "split"):
+    if variant != "default":
         skipped = [x for x in modes if x not in WIDE_MODES]
         modes = [x for x in modes if x in WIDE_MODES]
         if skipped:
@@ -861,7 +855,7 @@ def variant_hints(results):
             return row["us"] if row else None
 
         d0 = per("default", 0)
-        for v in ("split", "wide", "paired"):
+        for v in ("split", "wide"):
             p0, p3 = per(v, 0), per(v, 3)
             if not p0:
                 continue

@@ -90,7 +90,7 @@ def time_us(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 1
         if mode == "write":
             flush.zero_()
         else:
-            torch.sum(flush, dim=0, dtype=torch.int64, out=sink)
+            torch.sum(flush, dtype=torch.int64, out=sink)
     fn()
     torch.cuda.synchronize()
     if graph:

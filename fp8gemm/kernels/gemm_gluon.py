@@ -250,7 +250,7 @@ if HAS_GLUON:
     def _prefetch_b(b_desc, b_bufs, full_bars, total, M, N, K, G, masked_m_ptr, m_indices_ptr,
                     nbytes: gl.constexpr, MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     GROUP_M: gl.constexpr, STAGES: gl.constexpr, K_ROTATE: gl.constexpr, WIDE_N: gl.constexpr,
-                    IDX_LAYOUT: gl.constexpr, PAIRED: gl.constexpr = False):
+                    IDX_LAYOUT: gl.constexpr):
         """PDL_WAIT only, before the grid-dependency wait: start the B (weight) loads of the first
         ``min(STAGES, num_k)`` K-slices of this program's first tile, each with its stage's full-barrier
         ``expect`` of the whole stage (A + B bytes), so the phase completes only once the A box, loaded
@@ -274,10 +274,7 @@ if HAS_GLUON:
                 npre = gl.minimum(num_k, STAGES)
                 for kb in range(npre):
                     kk = _rotated(kb, rot, num_k) * BK
-                    if PAIRED:
-                        bar = full_bars.index(kb // 2)
-                    else:
-                        bar = full_bars.index(kb)
+                    bar = full_bars.index(kb)
                     mbarrier.expect(bar, nbytes)
                     if WIDE_N and BLOCK_N == 2 * b_desc.block_type.shape[0]:
                         HALF_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -322,7 +319,7 @@ if HAS_GLUON:
                   MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                   STAGES: gl.constexpr, K_ROTATE: gl.constexpr, WIDE_N: gl.constexpr = False,
                   PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
-                  DIAG: gl.constexpr = 0, PAIRED: gl.constexpr = False):
+                  DIAG: gl.constexpr = 0):
         BK: gl.constexpr = a_desc.block_type.shape[1]
         idx_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
         if WIDE_N:
@@ -349,8 +346,7 @@ if HAS_GLUON:
             # The weights' first stages stream in while the previous kernel still runs; A (its output) only
             # after the wait.
             npre = _prefetch_b(b_desc, b_bufs, full_bars, total, M, N, K, G, masked_m_ptr, m_indices_ptr,
-                               nbytes, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE, WIDE_N, idx_layout,
-                               PAIRED)
+                               nbytes, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE, WIDE_N, idx_layout)
             _grid_dependency_wait()
         for t in range(pid, total, nprog):
             g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
@@ -365,17 +361,10 @@ if HAS_GLUON:
                     kk = _rotated(kb, rot, num_k) * BK
                     if PROBE:
                         _stamp(pbase, pw, it, _EV_P_PRE_WAIT)
-                    if PAIRED:
-                        # one barrier pair per two stages: wait before the even slice; each slice's expect
-                        # is one of the full barrier's two arrivals
-                        if it % 2 == 0:
-                            mbarrier.wait(empty_bars.index(s // 2), ph ^ 1)
-                        bar = full_bars.index(s // 2)
-                    else:
-                        mbarrier.wait(empty_bars.index(s), ph ^ 1)
-                        bar = full_bars.index(s)
+                    mbarrier.wait(empty_bars.index(s), ph ^ 1)
                     if PROBE:
                         _stamp(pbase, pw, it, _EV_P_EMPTY)
+                    bar = full_bars.index(s)
                     if DIAG == 1 or DIAG == 2 or DIAG == 4:
                         _diag_load_stage(a_desc, b_desc, a_bufs, b_bufs, bar, s, it, row_a, row_b, kk, nbytes,
                                          STAGES, DIAG)
@@ -463,28 +452,17 @@ if HAS_GLUON:
 
     @gluon.jit
     def _issue(a_bufs, b_bufs, full_bars, it, buf, STAGES: gl.constexpr,
-               PROBE: gl.constexpr = False, pbase=None, pw=None, PAIRED: gl.constexpr = False,
-               WAIT: gl.constexpr = True):
-        """Wait for K-slice ``it`` to land, start its MMA into ``buf`` (whose old value is ignored).
-        ``PAIRED``: one full barrier per pair of stages (``it`` even and odd); only the pair's first slice
-        waits (``WAIT``), the barrier's phase covers both."""
+               PROBE: gl.constexpr = False, pbase=None, pw=None):
+        """Wait for K-slice ``it`` to land, start its MMA into ``buf`` (whose old value is ignored)."""
         s = it % STAGES
-        if WAIT:
-            if PROBE:
-                # The compiler puts a partition bar.sync right before every mbarrier.wait (membar); the probe
-                # makes it explicit so that a stamp can sit between it and the wait (membar then adds none).
-                _stamp(pbase, pw, it, _EV_C_PRE_BAR)
-                gl.thread_barrier()
-                _stamp(pbase, pw, it, _EV_C_PRE_WAIT)
-            if PAIRED:
-                mbarrier.wait(full_bars.index(s // 2), (it // STAGES) & 1)
-            else:
-                mbarrier.wait(full_bars.index(s), (it // STAGES) & 1)
-            if PROBE:
-                _stamp(pbase, pw, it, _EV_C_FULL)
-        elif PROBE:
+        if PROBE:
+            # The compiler puts a partition bar.sync right before every mbarrier.wait (membar); the probe
+            # makes it explicit so that a stamp can sit between it and the wait (membar then adds none).
             _stamp(pbase, pw, it, _EV_C_PRE_BAR)
+            gl.thread_barrier()
             _stamp(pbase, pw, it, _EV_C_PRE_WAIT)
+        mbarrier.wait(full_bars.index(s), (it // STAGES) & 1)
+        if PROBE:
             _stamp(pbase, pw, it, _EV_C_FULL)
         tok = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), buf, use_acc=False, is_async=True)
         if PROBE:
@@ -494,19 +472,14 @@ if HAS_GLUON:
     @gluon.jit
     def _retire(tok, empty_bars, it, acc, sa, sb0, sb1, col_lo, SB_SCALAR: gl.constexpr, STAGES: gl.constexpr,
                 OUTSTANDING: gl.constexpr, PROBE: gl.constexpr = False, pbase=None, pw=None,
-                NO_PROMO: gl.constexpr = False, PAIRED: gl.constexpr = False, RELEASE: gl.constexpr = True):
+                NO_PROMO: gl.constexpr = False):
         """Wait for K-slice ``it``'s MMA, free its stage, promote it into ``acc`` with its scales
         (``NO_PROMO``, DIAG 3/4: no promotion, ``acc`` is returned unchanged and the MMA's registers are
-        handed on as they are).  ``PAIRED``: one empty barrier per pair of stages, released (``RELEASE``)
-        after the pair's second slice only, when the MMAs of both are complete."""
+        handed on as they are)."""
         done = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(tok, ))
         if PROBE:
             _stamp(pbase, pw, it, _EV_C_MMA_DONE)
-        if RELEASE:
-            if PAIRED:
-                mbarrier.arrive(empty_bars.index((it % STAGES) // 2), count=1)
-            else:
-                mbarrier.arrive(empty_bars.index(it % STAGES), count=1)
+        mbarrier.arrive(empty_bars.index(it % STAGES), count=1)
         if PROBE:
             _stamp(pbase, pw, it, _EV_C_ARRIVED)
         if NO_PROMO:
@@ -524,71 +497,6 @@ if HAS_GLUON:
         return acc, free
 
     @gluon.jit
-    def _release_pair(empty_bars, it, STAGES: gl.constexpr):
-        """Free the stage pair of K-slice ``it`` (PAIRED).  Every consumer warp has retired the pair's MMAs
-        before the barrier; the release itself is a zero-byte ``arrive.expect_tx`` (one arrival, like
-        ``mbarrier.arrive``) because the compiler orders a plain arrive with a second partition bar.sync
-        after it, which this one does not need: nothing in this partition reads the empty barrier."""
-        gl.thread_barrier()
-        mbarrier.expect(empty_bars.index((it % STAGES) // 2), 0)
-
-    @gluon.jit
-    def _paired_step(a_bufs, b_bufs, empty_bars, full_bars, X, Y, acc, base, k1, last, rot, num_k,
-                     sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, col_lo, saX, sbX0, sbX1, saY, sbY0, sbY1,
-                     s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR: gl.constexpr, STAGES: gl.constexpr,
-                     PROBE: gl.constexpr, pbase, pw, NO_PROMO: gl.constexpr, NO_LOADS: gl.constexpr,
-                     RELEASE: gl.constexpr):
-        """One pair of :func:`_paired_mainloop`: slice ``k1`` (odd, same pair as the slice in flight in X)
-        without a wait, then slice ``k1 + 1`` after the pair's full wait; ``RELEASE``: free the pair before
-        the one in flight (slices ``k1 - 3``, ``k1 - 2``) at the barrier of that wait."""
-        naX, nbX0, nbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, k1 + 1, rot, num_k,
-                                       s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-        naY, nbY0, nbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, gl.minimum(k1 + 2, last),
-                                       rot, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-        Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES, PROBE, pbase, pw, True, False)
-        acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
-                         SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO, True, False)
-        if RELEASE:
-            _release_pair(empty_bars, base + k1 - 2, STAGES)
-        X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES, PROBE, pbase, pw, True, True)
-        acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
-                         SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO, True, False)
-        return acc, X, Y, naX, nbX0, nbX1, naY, nbY0, nbY1
-
-    @gluon.jit
-    def _paired_mainloop(a_bufs, b_bufs, empty_bars, full_bars, X, Y, acc, base, last, rot, num_k,
-                         sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, col_lo,
-                         saX, sbX0, sbX1, saY, sbY0, sbY1,
-                         s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR: gl.constexpr, STAGES: gl.constexpr,
-                         PROBE: gl.constexpr, pbase, pw, NO_PROMO: gl.constexpr, NO_LOADS: gl.constexpr):
-        """The K loop of one tile with one barrier pair per two stages (PAIRED; ``base`` even, ``last`` =
-        num_k - 1 odd; on entry slice ``base`` is issued into X).  Per pair of slices: one partition
-        bar.sync, one full-barrier wait, one release.  The release of pair j waits for the barrier that
-        precedes pair j + 1's full wait (by then every warp has retired slice 2j + 1), so it needs no
-        barrier of its own; the tile's last two pairs are released after the loop."""
-        # the first pair (nothing to release yet) is peeled so that the loop's release is unconditional:
-        # a conditional one would make the compiler keep its own barrier before the full wait as well
-        for j in range(0, gl.minimum(last // 2, 1)):
-            acc, X, Y, saX, sbX0, sbX1, saY, sbY0, sbY1 = _paired_step(
-                a_bufs, b_bufs, empty_bars, full_bars, X, Y, acc, base, 1, last, rot, num_k,
-                sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, col_lo, saX, sbX0, sbX1, saY, sbY0, sbY1,
-                s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, STAGES, PROBE, pbase, pw, NO_PROMO, NO_LOADS, False)
-        for j in range(1, last // 2):
-            acc, X, Y, saX, sbX0, sbX1, saY, sbY0, sbY1 = _paired_step(
-                a_bufs, b_bufs, empty_bars, full_bars, X, Y, acc, base, 2 * j + 1, last, rot, num_k,
-                sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, col_lo, saX, sbX0, sbX1, saY, sbY0, sbY1,
-                s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, STAGES, PROBE, pbase, pw, NO_PROMO, NO_LOADS, True)
-        Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES, PROBE, pbase, pw, True, False)
-        acc, X = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
-                         SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO, True, False)
-        if last > 1:
-            _release_pair(empty_bars, base + last - 2, STAGES)
-        acc, Y = _retire(Y, empty_bars, base + last, acc, saY, sbY0, sbY1, col_lo,
-                         SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO, True, False)
-        _release_pair(empty_bars, base + last, STAGES)
-        return acc, X, Y
-
-    @gluon.jit
     def _consumer(a_bufs, b_bufs, empty_bars, full_bars, d_desc,
                   d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                   M, N, K, G,
@@ -597,10 +505,8 @@ if HAS_GLUON:
                   STAGES: gl.constexpr, TMA_STORE: gl.constexpr, HAS_C: gl.constexpr,
                   HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr, K_ROTATE: gl.constexpr,
                   PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
-                  DIAG: gl.constexpr = 0, PAIRED: gl.constexpr = False):
+                  DIAG: gl.constexpr = 0):
         BK: gl.constexpr = a_bufs.type.shape[2]
-        # PAIRED (host: K a multiple of 2 * BK, so every tile starts at an even slice): the full barrier is
-        # waited for before the even slice of each pair only, the empty one released after the odd slice.
         NO_PROMO: gl.constexpr = DIAG == 3 or DIAG == 4      # diagnostics: no scale loads, no promotion
         NO_LOADS: gl.constexpr = DIAG == 5                   # diagnostics: promotion without scale loads
         num_warps: gl.constexpr = gl.num_warps()
@@ -673,33 +579,24 @@ if HAS_GLUON:
                 saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
                                                gl.minimum(1, last), rot, num_k,
                                                s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-                X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES, PROBE, pbase, pw, PAIRED)
-                if PAIRED:
-                    acc, X, Y = _paired_mainloop(
-                        a_bufs, b_bufs, empty_bars, full_bars, X, Y, acc, base, last, rot, num_k,
-                        sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, col_lo,
-                        saX, sbX0, sbX1, saY, sbY0, sbY1,
-                        s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, STAGES, PROBE, pbase, pw, NO_PROMO, NO_LOADS)
-                else:
-                    for j in range(0, last // 2):
-                        k1 = 2 * j + 1
-                        naX, nbX0, nbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
-                                                       k1 + 1, rot, num_k,
-                                                       s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-                        naY, nbY0, nbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
-                                                       gl.minimum(k1 + 2, last), rot, num_k,
-                                                       s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-                        Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES, PROBE, pbase, pw)
-                        acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
-                                         SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
-                        X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES, PROBE, pbase, pw)
-                        acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
-                                         SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
-                        saX, sbX0, sbX1 = naX, nbX0, nbX1
-                        saY, sbY0, sbY1 = naY, nbY0, nbY1
-                if PAIRED:
-                    Xd = X
-                elif num_k % 2 == 0:
+                X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES, PROBE, pbase, pw)
+                for j in range(0, last // 2):
+                    k1 = 2 * j + 1
+                    naX, nbX0, nbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
+                                                   k1 + 1, rot, num_k,
+                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
+                    naY, nbY0, nbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
+                                                   gl.minimum(k1 + 2, last), rot, num_k,
+                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
+                    Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES, PROBE, pbase, pw)
+                    acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
+                                     SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
+                    X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES, PROBE, pbase, pw)
+                    acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
+                                     SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
+                    saX, sbX0, sbX1 = naX, nbX0, nbX1
+                    saY, sbY0, sbY1 = naY, nbY0, nbY1
+                if num_k % 2 == 0:
                     Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES, PROBE, pbase, pw)
                     acc, Xd = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
                                       SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
@@ -925,7 +822,7 @@ if HAS_GLUON:
                            HAS_C: gl.constexpr, HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr,
                            K_ROTATE: gl.constexpr, PRODUCER_REGS: gl.constexpr, WIDE_N: gl.constexpr = False,
                            PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
-                           DIAG: gl.constexpr = 0, PAIRED: gl.constexpr = False):
+                           DIAG: gl.constexpr = 0):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``a_desc``: TMA over A as 2-D [rows, K] (masked: [G*max_m, K]); ``b_desc``: B as [G*N, K];
@@ -956,18 +853,11 @@ if HAS_GLUON:
         else:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
             b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-        if PAIRED:
-            # one barrier pair per two stages (default kernel only, K a multiple of 2 * BLOCK_K): the producer's
-            # two expects arrive on the full barrier, the consumer releases the pair once
-            gl.static_assert(not WIDE_N and STAGES % 2 == 0, "PAIRED: default kernel, an even number of stages")
-            NBARS: gl.constexpr = STAGES // 2
-        else:
-            NBARS: gl.constexpr = STAGES
-        empty_bars = gl.allocate_shared_memory(gl.int64, [NBARS, 1], mbarrier.MBarrierLayout())
-        full_bars = gl.allocate_shared_memory(gl.int64, [NBARS, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NBARS):
+        empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        full_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
             mbarrier.init(empty_bars.index(i), count=2 if WIDE_N else 1)   # wide: one arrive per warpgroup
-            mbarrier.init(full_bars.index(i), count=2 if PAIRED else 1)
+            mbarrier.init(full_bars.index(i), count=1)
 
         if WIDE_N:
             WNH: gl.constexpr = BLOCK_N // b_desc.block_type.shape[0]
@@ -1001,10 +891,10 @@ if HAS_GLUON:
                              M, N, K, G,
                              s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
                              MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
-                             K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG, PAIRED)),
+                             K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG)),
                 (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                              masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
-                             False, PROBE, probe_ptr, PDL_WAIT, DIAG, PAIRED)),
+                             False, PROBE, probe_ptr, PDL_WAIT, DIAG)),
             ], [1], [PRODUCER_REGS])
 
 
@@ -1028,10 +918,6 @@ class GluonConfig:
     # never picked): the "split" 128x128 tile, the same two one-warpgroup partitions, each 64 x 128 with one
     # scratch (DeepGEMM's order: MMA, wait(0), release the stage, promote).
     wide_n: bool = False
-    # One full and one empty barrier per pair of stages (the default kernel, an even number of stages; used
-    # when K is a multiple of 2 * BLOCK_K, otherwise the launch runs the unpaired kernel with these stages):
-    # one partition barrier, one full wait and one release per two K-slices instead of four, two and two.
-    paired: bool = False
 
     @property
     def split(self) -> bool:
@@ -1084,19 +970,6 @@ def wide_config(group_m: int = 8) -> GluonConfig:
     would allow 3)."""
     stages = max(2, min(4, (_WIDE_SMEM - 2 * 64 * 128 * 2) // ((128 + 256) * BLOCK_K)))
     return GluonConfig(128, 256, stages, 4, group_m=group_m, wide_n=True)
-
-
-def paired_config(cfg: GluonConfig, epi_bytes: int) -> GluonConfig:
-    """``cfg`` with barrier pairs (:attr:`GluonConfig.paired`): the even stage count that fits the SM next to an
-    epilogue buffer of ``epi_bytes`` (the 2 KB reserve of the wide tile covers the barriers), at least 4;
-    ``cfg`` unchanged where 4 do not fit or for the wide/split tiles."""
-    if cfg.wide_n:
-        return cfg
-    stage = (cfg.block_m + cfg.block_n) * BLOCK_K
-    stages = min(16, (_WIDE_SMEM - epi_bytes) // stage) // 2 * 2
-    if stages < 4:
-        return cfg
-    return dataclasses.replace(cfg, stages=stages, paired=True)
 
 
 def split_config(group_m: int = 8, stages: int | None = None) -> GluonConfig:
@@ -1278,11 +1151,6 @@ def _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms, wide_n=None)
                        wide_n=wide_n)
 
 
-def paired_ok(cfg: GluonConfig, k: int) -> bool:
-    """Whether a launch of ``cfg`` with this K runs the paired kernel: every tile an even number of slices."""
-    return cfg.paired and not cfg.wide_n and cfg.stages % 2 == 0 and k % (2 * BLOCK_K) == 0
-
-
 def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=None, expected_m=None,
            signal=None, num_sms: int, max_block_n: int = 256, config: GluonConfig | None = None,
            pdl: bool = False) -> tuple[int, int]:
@@ -1334,7 +1202,6 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         TMA_STORE=tma_store, HAS_C=c is not None, HAS_SIGNAL=signal is not None,
         SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate and not cfg.wide_n, PRODUCER_REGS=cfg.producer_regs,
         WIDE_N=cfg.wide_n, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
-        **({"PAIRED": True} if paired_ok(cfg, k) else {}),
         **({"PDL_WAIT": True, "launch_pdl": True} if pdl else {}),
     )
     return bm, bn

@@ -43,7 +43,7 @@ def test_analyse_variants(variant):
     mt, _, queued = P.analyse_runs([_raw(variant, 600)], gg, NUM_K, STAGES, [1] * GRID, variant)
     st = {k: P.stat(mt[k])["median"] for k, _ in P.DESCR}
     assert st["period"] == 600 and st["done_period"] == 600 and st["promote"] == 80
-    if variant in ("default", "paired"):   # wait(1): from the NEXT slice's issue to this slice's done
+    if variant == "default":      # wait(1): from the NEXT slice's issue to this slice's done
         assert st["mma_wait"] == 400 - (600 + 80) and st["left_half"] is None and queued[1] > 0
     else:                         # wait(0): this slice's own MMA, issued -> done; nothing is ever queued
         assert st["mma_wait"] == 400 - 80 and queued[0] == 0
