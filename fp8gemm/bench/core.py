@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import statistics
 import sys
 from typing import Callable
@@ -66,8 +67,9 @@ def _as_graph(fn: Callable[[], object]) -> Callable[[], object]:
 
 # How time_us evicts the L2 before each timed call: "write" (zero a 256 MB buffer; the L2 is then full of dirty
 # lines, which the timed kernel's own traffic may have to write back) or "read" (sum it; the L2 holds clean lines).
-# "write" is what every figure in benchmarks/RESULTS.md used; "read" isolates a kernel's own bytes.
-FLUSH_MODE = "write"
+# "write" (do_bench's way, and ANCHORS.md's) is what benchmarks/RESULTS.md uses unless a row says otherwise;
+# "read" isolates a kernel's own bytes.  The environment variable FP8GEMM_BENCH_FLUSH sets the default.
+FLUSH_MODE = os.environ.get("FP8GEMM_BENCH_FLUSH", "write")
 
 
 def time_us(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 100.0,
@@ -90,7 +92,7 @@ def time_us(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 1
         if mode == "write":
             flush.zero_()
         else:
-            torch.sum(flush, dtype=torch.int64, out=sink)
+            torch.sum(flush, dim=0, dtype=torch.int64, out=sink)
     fn()
     torch.cuda.synchronize()
     if graph:
