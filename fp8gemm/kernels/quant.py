@@ -17,11 +17,17 @@ The UE8M0 FP4 cast needs no division at all: its power-of-two scale comes from t
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ..runtime import get_num_sms, interpreting
+
+# L2 eviction priority of the casts' input loads (each element is read once).  "" = the default policy;
+# FP8GEMM_STREAM_EVICT=evict_first marks the streamed lines first for eviction (A/B: benchmarks/RESULTS.md).
+STREAM_EVICT = tl.constexpr(os.environ.get("FP8GEMM_STREAM_EVICT", ""))
 
 
 # -------------------------------------------------------------------------------------
@@ -209,10 +215,11 @@ def fp4_tile_load(x_ptr, rows, groups, M, K, stride_xm, stride_xk, GRAN: tl.cons
     if PAIRS:
         wcols = first // 2 + tl.arange(0, 8)[None, None, :]                                      # pair index
         return tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + rows64 * (stride_xm // 2) + wcols[:, :, None, :],
+                       eviction_policy=STREAM_EVICT,
                        mask=row_ok & (wcols < K // 2)[:, :, None, :], other=0)
     else:
         cols = first + tl.arange(0, 16)[None, None, :]
-        return tl.load(x_ptr + rows64 * stride_xm + cols[:, :, None, :] * stride_xk,
+        return tl.load(x_ptr + rows64 * stride_xm + cols[:, :, None, :] * stride_xk, eviction_policy=STREAM_EVICT,
                        mask=row_ok & (cols < K)[:, :, None, :], other=0.0)
 
 
@@ -301,7 +308,7 @@ def _load_row_group_tile(x_ptr, tile, tiles_g, total, M, K, stride_xm, stride_xk
     """The input of tile ``tile`` (zeros past ``total`` tiles: the persistent loop's last prefetch)."""
     pid_m, rows, groups, cols, mask = row_group_tile(tile, tiles_g, M, K, BLOCK_M, GROUPS, GRAN)
     ptrs = x_ptr + rows.to(tl.int64)[:, None, None] * stride_xm + cols[None, :, :] * stride_xk
-    return tl.load(ptrs, mask=mask & (tile < total), other=0.0)
+    return tl.load(ptrs, mask=mask & (tile < total), other=0.0, eviction_policy=STREAM_EVICT)
 
 
 @triton.jit
@@ -391,7 +398,8 @@ def per_channel_cast_kernel(x_ptr, q_ptr, sf_ptr, M, N, stride_xm, stride_xn, st
     cols = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows64 = rows.to(tl.int64)[:, None]
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
+    x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0,
+                eviction_policy=STREAM_EVICT)
     sf, inv = scale_from_amax(group_amax(x, 0), 448.0, USE_UE8M0, not SOFT_CVT)  # [BLOCK_N]
     q = e4m3_bytes(x.to(tl.float32) * inv[None, :], SOFT_CVT)
     tl.store(q_ptr + rows64 * stride_qm + cols[None, :], q, mask=mask)
