@@ -185,6 +185,11 @@ def sass_count(sass: str, opcode: str) -> int:
     return len(re.findall(rf"\b{opcode}[\.\s]", sass))
 
 
+def sass_wide_loads(sass: str) -> int:
+    """16-byte global loads (``LDG.E.128``), with or without the evict-first hint (``LDG.E.EF.128``)."""
+    return sass_count(sass, "LDG.E.128") + sass_count(sass, "LDG.E.EF.128")
+
+
 def sass_opcodes(sass: str) -> list[str]:
     """The SASS instructions' opcodes in order (predicates dropped), for instruction counts and order checks."""
     import re

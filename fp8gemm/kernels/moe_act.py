@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..runtime import get_num_sms
-from .quant import (STREAM_EVICT, bf16_pairs_ok, e4m3_bytes, fp4_tile_cast, fp4_tile_load, fp4_tile_store, group_amax,
+from .quant import (ROWS_EVICT, bf16_pairs_ok, e4m3_bytes, fp4_tile_cast, fp4_tile_load, fp4_tile_store, group_amax,
                     row_group_config, row_group_tile, scale_from_amax, ue8m0_byte)
 
 
@@ -30,7 +30,7 @@ def _pre_dispatch_load(x_ptr, tile, tiles_g, num_tokens, hidden, stride_xm, stri
         return fp4_tile_load(x_ptr, rows, groups, num_tokens, hidden, stride_xm, stride_xk, GRAN, X_PAIRS)
     else:
         ptrs = x_ptr + rows.to(tl.int64)[:, None, None] * stride_xm + cols[None, :, :] * stride_xk
-        return tl.load(ptrs, mask=load_mask, other=0.0, eviction_policy=STREAM_EVICT)
+        return tl.load(ptrs, mask=load_mask, other=0.0, eviction_policy=ROWS_EVICT)
 
 
 @triton.jit

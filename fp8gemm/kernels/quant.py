@@ -25,9 +25,14 @@ import triton.language as tl
 
 from ..runtime import get_num_sms, interpreting
 
-# L2 eviction priority of the casts' input loads (each element is read once).  "" = the default policy;
-# FP8GEMM_STREAM_EVICT=evict_first marks the streamed lines first for eviction (A/B: benchmarks/RESULTS.md).
-STREAM_EVICT = tl.constexpr(os.environ.get("FP8GEMM_STREAM_EVICT", ""))
+# L2 eviction priority of the casts' input loads (each element is read once).  Measured on an H100 (RESULTS.md,
+# session 4, same card and flush, A/B in one call): evict-first on the input makes the per-channel cast, the
+# FP4 cast and the FP4 pre-dispatch 1-3% faster, and the row-group FP8 casts (per-token, per-block, FP8
+# pre-dispatch) 0-1.5% slower, so each gets the faster one.  FP8GEMM_STREAM_EVICT ("" or "evict_first") sets
+# both, for A/B runs.
+_EVICT_ENV = os.environ.get("FP8GEMM_STREAM_EVICT")
+STREAM_EVICT = tl.constexpr("evict_first" if _EVICT_ENV is None else _EVICT_ENV)    # per-channel, FP4 tiles
+ROWS_EVICT = tl.constexpr("" if _EVICT_ENV is None else _EVICT_ENV)                 # FP8 row-group tiles
 
 
 # -------------------------------------------------------------------------------------
@@ -308,7 +313,7 @@ def _load_row_group_tile(x_ptr, tile, tiles_g, total, M, K, stride_xm, stride_xk
     """The input of tile ``tile`` (zeros past ``total`` tiles: the persistent loop's last prefetch)."""
     pid_m, rows, groups, cols, mask = row_group_tile(tile, tiles_g, M, K, BLOCK_M, GROUPS, GRAN)
     ptrs = x_ptr + rows.to(tl.int64)[:, None, None] * stride_xm + cols[None, :, :] * stride_xk
-    return tl.load(ptrs, mask=mask & (tile < total), other=0.0, eviction_policy=STREAM_EVICT)
+    return tl.load(ptrs, mask=mask & (tile < total), other=0.0, eviction_policy=ROWS_EVICT)
 
 
 @triton.jit

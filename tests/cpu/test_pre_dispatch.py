@@ -428,7 +428,7 @@ def test_combine_argument_errors(no_launch):
 # =====================================================================================
 
 def test_pre_dispatch_kernel_compiles_sm90():
-    from fp8gemm.testing import compile_sm90_in_subprocess, sass_count
+    from fp8gemm.testing import compile_sm90_in_subprocess, sass_count, sass_wide_loads
     sig = {"x_ptr": "*bf16", "idx_ptr": "*i64", "w_ptr": "*fp32", "bx_ptr": "*u8", "bsf_ptr": "*u8",
            "bidx_ptr": "*i64", "bw_ptr": "*fp32", "num_tokens": "i32", "capacity": "i32", "hidden": "i32",
            "topk": "i32", "stride_xm": "i32", "stride_im": "i32", "stride_wm": "i32", "stride_bxm": "i32",
@@ -444,7 +444,7 @@ def test_pre_dispatch_kernel_compiles_sm90():
                                          num_warps=4 if persistent else 8, divisible_by_16=div)
         assert res["regs"] <= (168 if persistent else 128), f"{res['regs']} registers"
         assert res["local"] == 0 and res["stack"] == 0
-        assert sass_count(res["sass"], "LDG.E.128") > 0, "activations not read with 16-byte loads"
+        assert sass_wide_loads(res["sass"]) > 0, "activations not read with 16-byte loads"
         assert sass_count(res["sass"], "STG.E.128" if not fp4 else "STG.E.64") > 0, "codes not stored wide"
         if fp4:
             # the UE8M0 bit path of the FP4 cast: no IEEE division (its slow path is a CALL); the one MUFU.RCP

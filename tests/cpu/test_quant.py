@@ -4,6 +4,7 @@ byte for byte (the interpreter on CPU), argument validation, scale layouts, and 
 Reference: the "Scale factors and quantisation" section of fp8gemm.reference.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 import fp8gemm
 from fp8gemm import reference as R
 from fp8gemm.kernels import quant as KQ
+from fp8gemm.testing import sass_wide_loads
 
 FP8 = torch.float8_e4m3fn
 NAN_BITS = 0x7FC00000
@@ -514,6 +516,8 @@ def _aot_signature():
 
 # Register budget: the one-tile kernels stay at <= 128; the persistent ones hold a second (prefetched)
 # tile, so up to 168 (three 4-warp programs or one 8-warp program and a half per SM still fit).
+
+
 @pytest.mark.parametrize("kernel,constexprs,warps,stores", [
     ("per_token_cast_kernel", dict(BLOCK_M=16, GROUPS=4, GRAN=128, USE_UE8M0=True, SOFT_CVT=False), 8, "STG.E.128"),
     ("per_block_cast_kernel", dict(BLOCK_M=128, GROUPS=1, GRAN=128, USE_UE8M0=False, SOFT_CVT=False), 8,
@@ -533,7 +537,10 @@ def test_quant_kernels_compile_sm90(kernel, constexprs, warps, stores):
     assert res["local"] == 0 and res["stack"] == 0, f"{kernel}: local memory used"
     assert 0 < res["regs"] <= (168 if constexprs.get("PERSISTENT") else 128), f"{kernel}: {res['regs']} registers"
     sass = res["sass"]
-    assert sass_count(sass, "LDG.E.128") > 0, f"{kernel}: input not read with 16-byte loads"
+    # 16-byte loads; evict-first ones (.EF) where quant.STREAM_EVICT applies (the FP4 tiles)
+    assert sass_wide_loads(sass) > 0, f"{kernel}: input not read with 16-byte loads"
+    if os.environ.get("FP8GEMM_STREAM_EVICT") is None:
+        assert (sass_count(sass, "LDG.E.EF.128") > 0) == ("fp4" in kernel), f"{kernel}: eviction policy"
     assert sass_count(sass, stores) > 0, f"{kernel}: codes not stored with wide stores"
     if "SOFT_CVT" in constexprs:
         assert "F2FP.SATFINITE.E4M3" in sass, f"{kernel}: hardware E4M3 conversion not used"
@@ -556,7 +563,7 @@ def test_per_channel_cast_sm90_division_free():
         assert 0 < res["regs"] <= 128, f"{res['regs']} registers"
         sass = res["sass"]
         assert sass_count(sass, "FCHK") == 0, "IEEE division used"
-        assert sass_count(sass, "MUFU.RCP") > 0 and sass_count(sass, "LDG.E.128") > 0
+        assert sass_count(sass, "MUFU.RCP") > 0 and sass_wide_loads(sass) > 0
         assert "F2FP.SATFINITE.E4M3" in sass
 
 
@@ -669,6 +676,6 @@ def test_fp4_cast_sass_on_the_bits():
         sass = res["sass"]
         assert res["local"] == 0 and res["stack"] == 0 and res["regs"] <= 128
         assert "MUFU.RCP" not in sass and "CALL" not in sass, "division on the UE8M0 path"
-        assert sass_count(sass, "LDG.E.128") > 0 and sass_count(sass, "STG.E.64") > 0
+        assert sass_wide_loads(sass) > 0 and sass_count(sass, "STG.E.64") > 0
         ops = len(sass_opcodes(sass))
         assert ops <= 16 * 32, f"{ops} SASS instructions for 32 values a thread"
