@@ -287,7 +287,8 @@ if HAS_GLUON:
 
     @gluon.jit
     def _load_stage(a_desc, b_desc, a_bufs, b_bufs, bar, s, row_a, row_b, kk, M, N, with_b,
-                    nbytes: gl.constexpr, WIDE_N: gl.constexpr, WIDE_NH: gl.constexpr = 2):
+                    nbytes: gl.constexpr, WIDE_N: gl.constexpr, WIDE_NH: gl.constexpr = 2,
+                    b2_desc=None, b2_bufs=None, row_b2=None, BN_TAIL: gl.constexpr = 0):
         """One stage of :func:`_producer`: the A box(es) always; the full-barrier ``expect`` and the B box(es)
         only with ``with_b`` (True outside PDL; under PDL_WAIT False for the slices :func:`_prefetch_b` has
         started).  ``WIDE_NH`` (wide path): B boxes a stage, 2 (128x256) or 1 (the split 128x128 tile: two
@@ -312,6 +313,8 @@ if HAS_GLUON:
         else:
             tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(s))
             tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s), pred=with_b)
+            if BN_TAIL:
+                tma.async_copy_global_to_shared(b2_desc, [row_b2, kk], bar, b2_bufs.index(s))
 
     @gluon.jit
     def _producer(a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
@@ -319,7 +322,7 @@ if HAS_GLUON:
                   MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                   STAGES: gl.constexpr, K_ROTATE: gl.constexpr, WIDE_N: gl.constexpr = False,
                   PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
-                  DIAG: gl.constexpr = 0):
+                  DIAG: gl.constexpr = 0, b2_desc=None, b2_bufs=None, BN_TAIL: gl.constexpr = 0):
         BK: gl.constexpr = a_desc.block_type.shape[1]
         idx_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
         if WIDE_N:
@@ -327,16 +330,22 @@ if HAS_GLUON:
             # 128x128 tile (BLOCK_N = one B box): one B box.
             WIDE_NH: gl.constexpr = BLOCK_N // b_desc.block_type.shape[0]
             nbytes: gl.constexpr = 2 * a_desc.block_type.nbytes + WIDE_NH * b_desc.block_type.nbytes
+        elif BN_TAIL:
+            WIDE_NH: gl.constexpr = 0
+            nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes + b2_desc.block_type.nbytes
         else:
             WIDE_NH: gl.constexpr = 0
             nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
-        total = _num_tiles(M, N, G, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
+        # BN_TAIL: the tiles cover the N // BLOCK_N full column blocks, each with a BN_TAIL-wide slice of the
+        # remainder (_tail_col)
+        NT = N // BLOCK_N * BLOCK_N if BN_TAIL else N
+        total = _num_tiles(M, NT, G, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
         num_k = K // BK
         cur_g = gl.to_tensor(0)
         cur_base = gl.to_tensor(0)
-        cur_cnt = _first_group_count(M, N, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
+        cur_cnt = _first_group_count(M, NT, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
         it = gl.to_tensor(0)
         if PROBE:
             pbase, pw, prow = _probe_row(probe_ptr, True)
@@ -350,10 +359,14 @@ if HAS_GLUON:
             _grid_dependency_wait()
         for t in range(pid, total, nprog):
             g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
-                t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
+                t, cur_g, cur_base, cur_cnt, M, NT, G, masked_m_ptr, m_indices_ptr,
                 MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
             if valid:
                 row_b = g * N + n_blk * BLOCK_N
+                if BN_TAIL:
+                    row_b2 = g * N + _tail_col(n_blk, N, BLOCK_N, BN_TAIL)
+                else:
+                    row_b2 = row_b
                 rot = _k_rotation(t, num_k, K_ROTATE)
                 for kb in range(num_k):
                     s = it % STAGES
@@ -374,7 +387,7 @@ if HAS_GLUON:
                                     nbytes, WIDE_N, WIDE_NH)
                     else:
                         _load_stage(a_desc, b_desc, a_bufs, b_bufs, bar, s, row_a, row_b, kk, M, N, True,
-                                    nbytes, WIDE_N, WIDE_NH)
+                                    nbytes, WIDE_N, WIDE_NH, b2_desc, b2_bufs, row_b2, BN_TAIL)
                     if PROBE:
                         _stamp(pbase, pw, it, _EV_P_ISSUED)
                     it += 1
@@ -399,6 +412,18 @@ if HAS_GLUON:
             tma.async_copy_global_to_shared(a_desc, [row_a, kk], bar, a_bufs.index(s), pred=fill)
             tma.async_copy_global_to_shared(b_desc, [row_b, kk], bar, b_bufs.index(s), pred=fill)
             mbarrier.arrive(bar, count=1, pred=it >= STAGES)
+
+    @gluon.jit
+    def _tail_col(n_blk, N, BLOCK_N: gl.constexpr, BN_TAIL: gl.constexpr):
+        """First column of the BN_TAIL-wide remainder slice that tile column ``n_blk`` computes beside its full
+        block: the remainder ``N - N // BLOCK_N * BLOCK_N`` is shared out in BN_TAIL-wide slices to the first
+        tiles; later tiles repeat the last slice (computed, never stored: :func:`_tail_owned`)."""
+        NT = N // BLOCK_N * BLOCK_N
+        return NT + BN_TAIL * gl.minimum(n_blk, (N - NT) // BN_TAIL - 1)
+
+    @gluon.jit
+    def _tail_owned(n_blk, N, BLOCK_N: gl.constexpr, BN_TAIL: gl.constexpr):
+        return n_blk < (N - N // BLOCK_N * BLOCK_N) // BN_TAIL
 
     @gluon.jit
     def _k_rotation(t, num_k, K_ROTATE: gl.constexpr):
@@ -497,6 +522,165 @@ if HAS_GLUON:
         return acc, free
 
     @gluon.jit
+    def _store_tile(acc, out_layout: gl.constexpr, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m, off_n,
+                    M, N, s_dg, s_dm, s_cg, s_cm, MODE: gl.constexpr, HAS_C: gl.constexpr, col_ok=True):
+        """Store (C +) ``acc`` at rows ``off_m..`` and columns ``off_n..`` of group ``g`` of D, through
+        ``out_layout``: only the group's valid rows (masked: below ``masked_m[g]``; contiguous: rows whose
+        ``m_indices`` entry is ``g``) and columns below N; nothing with ``col_ok`` False."""
+        BM: gl.constexpr = acc.type.shape[0]
+        BN: gl.constexpr = acc.type.shape[1]
+        out = gl.convert_layout(acc, out_layout)
+        o_rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, out_layout))
+        o_cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, out_layout))
+        if MODE == 1:
+            row_limit = gl.minimum(gl.load(masked_m_ptr + g), M)
+            r_ok = o_rows < row_limit
+        elif MODE == 2:
+            ids = gl.load(m_indices_ptr + o_rows, mask=o_rows < M, other=-1)
+            r_ok = ids == g   # -1 padding (and any other expert's rows) stay untouched
+        else:
+            r_ok = o_rows < M
+        mask = gl.expand_dims(r_ok, 1) & gl.expand_dims((o_cols < N) & col_ok, 0)
+        o_rows64 = o_rows.to(gl.int64)
+        if HAS_C:
+            c_ptrs = (c_ptr + g64 * s_cg + gl.expand_dims(o_rows64 * s_cm, 1)
+                      + gl.expand_dims(o_cols, 0))
+            out = out + gl.load(c_ptrs, mask=mask, other=0.0)
+        d_ptrs = d_ptr + g64 * s_dg + gl.expand_dims(o_rows64 * s_dm, 1) + gl.expand_dims(o_cols, 0)
+        gl.store(d_ptrs, out.to(d_ptr.dtype.element_ty), mask=mask)
+
+    @gluon.jit
+    def _issue_tail(a_bufs, b_bufs, b2_bufs, full_bars, it, buf, buf2, STAGES: gl.constexpr):
+        """:func:`_issue` for the BN_TAIL kernel: the full block's MMA and the tail slice's, two groups."""
+        s = it % STAGES
+        mbarrier.wait(full_bars.index(s), (it // STAGES) & 1)
+        tok = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), buf, use_acc=False, is_async=True)
+        tok2 = warpgroup_mma(a_bufs.index(s), b2_bufs.index(s).permute((1, 0)), buf2, use_acc=False, is_async=True)
+        return tok, tok2
+
+    @gluon.jit
+    def _retire_tail(tok, tok2, empty_bars, it, acc, acc2, sa, sb, sb2, STAGES: gl.constexpr,
+                     OUTSTANDING: gl.constexpr):
+        """:func:`_retire` for the BN_TAIL kernel (``OUTSTANDING`` counts MMA groups: two a slice).  Both
+        column ranges have one B scale block: the full block is 128-aligned and the remainder lies in the
+        last block."""
+        done, done2 = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(tok, tok2))
+        mbarrier.arrive(empty_bars.index(it % STAGES), count=1)
+        acc = acc + done * gl.expand_dims(sa * sb, 1)
+        sa2 = gl.convert_layout(sa, gl.SliceLayout(1, acc2.type.layout))
+        acc2 = acc2 + done2 * gl.expand_dims(sa2 * sb2, 1)
+        # the pins of _retire, one per scratch
+        free = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [done, acc], dtype=gl.float32,
+                                         is_pure=True, pack=1)
+        free2 = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [done2, acc2], dtype=gl.float32,
+                                          is_pure=True, pack=1)
+        return acc, acc2, free, free2
+
+    @gluon.jit
+    def _tail_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nbt, kb_logical, rot, num_k,
+                     s_ag, s_am, s_ak, s_bg, s_bn, s_bk):
+        kb = _rotated(kb_logical, rot, num_k)
+        sa = gl.load(sfa_ptr + g64 * s_ag + offs_m * s_am + kb * s_ak, mask=m_ok, other=0.0)
+        sb = gl.load(sfb_ptr + g64 * s_bg + nb0 * s_bn + kb * s_bk)
+        sb2 = gl.load(sfb_ptr + g64 * s_bg + nbt * s_bn + kb * s_bk)
+        return sa, sb, sb2
+
+    @gluon.jit
+    def _consumer_tail(a_bufs, b_bufs, b2_bufs, empty_bars, full_bars,
+                       d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr,
+                       M, N, K, G,
+                       s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
+                       MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                       STAGES: gl.constexpr, HAS_C: gl.constexpr, K_ROTATE: gl.constexpr, BN_TAIL: gl.constexpr):
+        """The consumer of the BN_TAIL kernel (``BLOCK_N`` 128): each tile is a full 128-column block plus a
+        BN_TAIL-wide slice of the N remainder (:func:`_tail_col`), two MMAs a K-slice on the same A stage, so
+        that N = 128 * q + r runs as q tile columns instead of q + 1 (e.g. N 576: 4 instead of 5, one wave of
+        m = 4096 tiles on 132 SMs instead of two).  Same pipeline as :func:`_consumer` (two scratch pairs by
+        K-slice parity, scales two slices ahead, the pins); stores without TMA."""
+        BK: gl.constexpr = a_bufs.type.shape[2]
+        num_warps: gl.constexpr = gl.num_warps()
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32])
+        tail_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN_TAIL, 32])
+        row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        VEC: gl.constexpr = 8 if d_ptr.dtype.element_ty == gl.bfloat16 else 4
+        TPW_N: gl.constexpr = min(32, BLOCK_N // VEC)
+        out_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
+        TVEC: gl.constexpr = min(VEC, BN_TAIL)
+        TPW_T: gl.constexpr = min(32, BN_TAIL // TVEC)
+        tail_out_layout: gl.constexpr = gl.BlockedLayout([1, TVEC], [32 // TPW_T, TPW_T], [num_warps, 1], [1, 0])
+        idx_layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        NT = N // BLOCK_N * BLOCK_N
+        total = _num_tiles(M, NT, G, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
+        num_k = K // BK
+        cur_g = gl.to_tensor(0)
+        cur_base = gl.to_tensor(0)
+        cur_cnt = _first_group_count(M, NT, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
+        it = gl.to_tensor(0)
+        X = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
+        Y = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
+        X2 = gl.zeros([BLOCK_M, BN_TAIL], gl.float32, tail_layout)
+        Y2 = gl.zeros([BLOCK_M, BN_TAIL], gl.float32, tail_layout)
+        for t in range(pid, total, nprog):
+            g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
+                t, cur_g, cur_base, cur_cnt, M, NT, G, masked_m_ptr, m_indices_ptr,
+                MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
+            if valid:
+                g64 = g.to(gl.int64)
+                off_m = m_blk * BLOCK_M
+                off_n = n_blk * BLOCK_N
+                off_t = _tail_col(n_blk, N, BLOCK_N, BN_TAIL)
+                offs_m = off_m + gl.arange(0, BLOCK_M, layout=row_layout)
+                m_ok = offs_m < M
+                nb0 = off_n // 128
+                nbt = off_t // 128
+                rot = _k_rotation(t, num_k, K_ROTATE)
+                acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
+                acc2 = gl.zeros([BLOCK_M, BN_TAIL], gl.float32, tail_layout)
+                base = it
+                last = num_k - 1
+                saX, sbX, sbX2 = _tail_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nbt, 0, rot, num_k,
+                                              s_ag, s_am, s_ak, s_bg, s_bn, s_bk)
+                saY, sbY, sbY2 = _tail_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nbt, gl.minimum(1, last),
+                                              rot, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk)
+                X, X2 = _issue_tail(a_bufs, b_bufs, b2_bufs, full_bars, base, X, X2, STAGES)
+                for j in range(0, last // 2):
+                    k1 = 2 * j + 1
+                    naX, nbX, nbX2 = _tail_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nbt, k1 + 1, rot, num_k,
+                                                  s_ag, s_am, s_ak, s_bg, s_bn, s_bk)
+                    naY, nbY, nbY2 = _tail_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nbt,
+                                                  gl.minimum(k1 + 2, last), rot, num_k,
+                                                  s_ag, s_am, s_ak, s_bg, s_bn, s_bk)
+                    Y, Y2 = _issue_tail(a_bufs, b_bufs, b2_bufs, full_bars, base + k1, Y, Y2, STAGES)
+                    acc, acc2, X, X2 = _retire_tail(X, X2, empty_bars, base + k1 - 1, acc, acc2, saX, sbX, sbX2,
+                                                    STAGES, 2)
+                    X, X2 = _issue_tail(a_bufs, b_bufs, b2_bufs, full_bars, base + k1 + 1, X, X2, STAGES)
+                    acc, acc2, Y, Y2 = _retire_tail(Y, Y2, empty_bars, base + k1, acc, acc2, saY, sbY, sbY2,
+                                                    STAGES, 2)
+                    saX, sbX, sbX2 = naX, nbX, nbX2
+                    saY, sbY, sbY2 = naY, nbY, nbY2
+                if num_k % 2 == 0:
+                    Y, Y2 = _issue_tail(a_bufs, b_bufs, b2_bufs, full_bars, base + last, Y, Y2, STAGES)
+                    acc, acc2, Xd, Xd2 = _retire_tail(X, X2, empty_bars, base + last - 1, acc, acc2, saX, sbX, sbX2,
+                                                      STAGES, 2)
+                    acc, acc2, Y, Y2 = _retire_tail(Y, Y2, empty_bars, base + last, acc, acc2, saY, sbY, sbY2,
+                                                    STAGES, 0)
+                else:
+                    acc, acc2, Xd, Xd2 = _retire_tail(X, X2, empty_bars, base + last, acc, acc2, saX, sbX, sbX2,
+                                                      STAGES, 0)
+                X = Xd
+                X2 = Xd2
+                it = base + num_k
+                _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m, off_n,
+                            M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C)
+                _store_tile(acc2, tail_out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m, off_t,
+                            M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C, _tail_owned(n_blk, N, BLOCK_N, BN_TAIL))
+
+    @gluon.jit
     def _consumer(a_bufs, b_bufs, empty_bars, full_bars, d_desc,
                   d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                   M, N, K, G,
@@ -520,8 +704,6 @@ if HAS_GLUON:
         TPW_M: gl.constexpr = 32 // TPW_N
         out_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [TPW_M, TPW_N], [num_warps, 1], [1, 0])
         idx_layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-        out_rows_layout: gl.constexpr = gl.SliceLayout(1, out_layout)
-        out_cols_layout: gl.constexpr = gl.SliceLayout(0, out_layout)
 
         if TMA_STORE:
             c_smem = gl.allocate_shared_memory(d_desc.dtype, d_desc.block_type.shape, d_desc.layout)
@@ -622,25 +804,8 @@ if HAS_GLUON:
                     fence_async_shared()
                     tma.async_copy_shared_to_global(d_desc, [off_m, off_n], c_smem)
                 else:
-                    out = gl.convert_layout(acc, out_layout)
-                    o_rows = off_m + gl.arange(0, BLOCK_M, layout=out_rows_layout)
-                    o_cols = off_n + gl.arange(0, BLOCK_N, layout=out_cols_layout)
-                    if MODE == 1:
-                        row_limit = gl.minimum(gl.load(masked_m_ptr + g), M)
-                        r_ok = o_rows < row_limit
-                    elif MODE == 2:
-                        ids = gl.load(m_indices_ptr + o_rows, mask=o_rows < M, other=-1)
-                        r_ok = ids == g   # -1 padding (and any other expert's rows) stay untouched
-                    else:
-                        r_ok = o_rows < M
-                    mask = gl.expand_dims(r_ok, 1) & gl.expand_dims(o_cols < N, 0)
-                    o_rows64 = o_rows.to(gl.int64)
-                    if HAS_C:
-                        c_ptrs = (c_ptr + g64 * s_cg + gl.expand_dims(o_rows64 * s_cm, 1)
-                                  + gl.expand_dims(o_cols, 0))
-                        out = out + gl.load(c_ptrs, mask=mask, other=0.0)
-                    d_ptrs = d_ptr + g64 * s_dg + gl.expand_dims(o_rows64 * s_dm, 1) + gl.expand_dims(o_cols, 0)
-                    gl.store(d_ptrs, out.to(d_ptr.dtype.element_ty), mask=mask)
+                    _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m, off_n,
+                                M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C)
                     if HAS_SIGNAL:
                         # Every thread's stores of this tile happen before the barrier; the release
                         # atomic (one thread) then publishes them at GPU scope.
@@ -822,7 +987,7 @@ if HAS_GLUON:
                            HAS_C: gl.constexpr, HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr,
                            K_ROTATE: gl.constexpr, PRODUCER_REGS: gl.constexpr, WIDE_N: gl.constexpr = False,
                            PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
-                           DIAG: gl.constexpr = 0):
+                           DIAG: gl.constexpr = 0, BN_TAIL: gl.constexpr = 0, b2_desc=None):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``a_desc``: TMA over A as 2-D [rows, K] (masked: [G*max_m, K]); ``b_desc``: B as [G*N, K];
@@ -853,6 +1018,10 @@ if HAS_GLUON:
         else:
             a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
             b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+        if BN_TAIL:
+            b2_bufs = gl.allocate_shared_memory(b2_desc.dtype, [STAGES] + b2_desc.block_type.shape, b2_desc.layout)
+        else:
+            b2_bufs = b_bufs
         empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         full_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -881,6 +1050,19 @@ if HAS_GLUON:
                              masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, False, True,
                              PROBE, probe_ptr, PDL_WAIT)),
             ], [4, 1], [WG_REGS, PRODUCER_REGS])
+        elif BN_TAIL:
+            gl.static_assert(BLOCK_N == 128 and not TMA_STORE and not HAS_SIGNAL and not PDL_WAIT and not PROBE
+                             and not DIAG, "BN_TAIL: 128-wide blocks, plain stores, no signal, PDL, probe or DIAG")
+            gl.warp_specialize([
+                (_consumer_tail, (a_bufs, b_bufs, b2_bufs, empty_bars, full_bars,
+                                  d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr,
+                                  M, N, K, G,
+                                  s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
+                                  MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, HAS_C, K_ROTATE, BN_TAIL)),
+                (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
+                             masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
+                             False, False, None, False, 0, b2_desc, b2_bufs, BN_TAIL)),
+            ], [1], [PRODUCER_REGS])
         else:
             # (an AOT compile that does not name DIAG passes None: same as 0)
             gl.static_assert(not DIAG or (MODE == 0 and not PDL_WAIT and DIAG <= 5),
@@ -918,6 +1100,10 @@ class GluonConfig:
     # never picked): the "split" 128x128 tile, the same two one-warpgroup partitions, each 64 x 128 with one
     # scratch (DeepGEMM's order: MMA, wait(0), release the stage, promote).
     wide_n: bool = False
+    # 128-wide blocks that each also compute a bn_tail-wide slice of the N remainder (N = 128 q + r: q tile
+    # columns instead of q + 1; see ``_consumer_tail``).  Only where :func:`tail_ok` holds; launch falls back
+    # to the plain 128x128 kernel otherwise.
+    bn_tail: int = 0
 
     @property
     def split(self) -> bool:
@@ -970,6 +1156,28 @@ def wide_config(group_m: int = 8) -> GluonConfig:
     would allow 3)."""
     stages = max(2, min(4, (_WIDE_SMEM - 2 * 64 * 128 * 2) // ((128 + 256) * BLOCK_K)))
     return GluonConfig(128, 256, stages, 4, group_m=group_m, wide_n=True)
+
+
+TAIL_DEFAULT = False      # pick_config considers the bn_tail tile only when asked, until measured
+
+
+def tail_ok(n: int, bn_tail: int = 16, *, signal: bool = False, pdl: bool = False) -> bool:
+    """Whether N's remainder over 128 can be shared out in ``bn_tail``-wide slices, one per full block:
+    N a multiple of ``bn_tail``, a non-zero remainder of at most ``bn_tail`` columns per full block.  Not with
+    SBO signals (their counters count ceil(N / block_n) tiles) or PDL."""
+    q, r = divmod(n, 128)
+    return bn_tail in (16, 32) and not signal and not pdl and n % bn_tail == 0 and r > 0 and q > 0 and \
+        r // bn_tail <= q
+
+
+def tail_config(bn_tail: int = 16, group_m: int = 8) -> GluonConfig:
+    """128x128 tiles plus a ``bn_tail``-wide remainder slice each (``GluonConfig.bn_tail``); plain stores, so
+    the stages take the epilogue-free budget minus the tail's B boxes."""
+    stage = (128 + 128 + bn_tail) * BLOCK_K
+    # The TMA warp needs no more than 24 registers (no spills there; AOT test), and the consumer then gets 240:
+    # with the producer's default 40 it would spill ~70 registers around the tile epilogue.
+    return GluonConfig(128, 128, max(2, min(16, (_SMEM_BUDGET - 128 * 128 * 4) // stage)), 8, group_m=group_m,
+                       producer_regs=24, bn_tail=bn_tail)
 
 
 def split_config(group_m: int = 8, stages: int | None = None) -> GluonConfig:
@@ -1174,6 +1382,11 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     cfg = config if config is not None else _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms)
     if cfg.wide_n and not (mode == "dense" and tma_store and cfg.block_m == 128 and cfg.block_n in (128, 256)):
         cfg = _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms, wide_n=False)
+    if cfg.bn_tail and not (cfg.block_m == 128 and cfg.block_n == 128 and not cfg.wide_n
+                            and tail_ok(n, cfg.bn_tail, signal=signal is not None, pdl=pdl)):
+        cfg = dataclasses.replace(cfg, bn_tail=0)
+    if cfg.bn_tail:
+        tma_store = False       # the tail kernel stores through registers
     bm, bn = cfg.block_m, cfg.block_n
     if m == 0 or n == 0 or groups == 0:
         return bm, bn
@@ -1184,8 +1397,9 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     a_desc = _desc2d(a, a_rows, (box_m, BLOCK_K), "fp8")
     b_desc = _desc2d(b, b_rows, (box_n, BLOCK_K), "fp8")
     d_desc = _desc2d(d, d.shape[0], (box_m, box_n), "bf16") if tma_store else None
+    tail = {"BN_TAIL": cfg.bn_tail, "b2_desc": _desc2d(b, b_rows, (cfg.bn_tail, BLOCK_K), "fp8")} if cfg.bn_tail else {}
 
-    num_n = triton.cdiv(n, bn)
+    num_n = n // bn if cfg.bn_tail else triton.cdiv(n, bn)
     max_tiles = groups * triton.cdiv(m, bm) * num_n if mode != "contiguous" else triton.cdiv(m, bm) * num_n
     grid = (max(1, min(num_sms, max_tiles)),)
     sd, sc, sa, sb = _s3(d), _s3(c), _s3(sfa), _s3(sfb)
@@ -1201,7 +1415,7 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         MODE=mode_id, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages,
         TMA_STORE=tma_store, HAS_C=c is not None, HAS_SIGNAL=signal is not None,
         SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate and not cfg.wide_n, PRODUCER_REGS=cfg.producer_regs,
-        WIDE_N=cfg.wide_n, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
+        WIDE_N=cfg.wide_n, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg, **tail,
         **({"PDL_WAIT": True, "launch_pdl": True} if pdl else {}),
     )
     return bm, bn

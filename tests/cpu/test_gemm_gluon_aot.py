@@ -223,3 +223,35 @@ def test_aot_sm90a_probe_off_is_production(tmp_path):
         got = hashlib.sha256(sass.encode()).hexdigest()[:16]
         assert got == want, (f"production SASS changed ({got} != {want}); if the kernel change is deliberate, "
                              "check its SASS and update _PROD_SASS_SHA256")
+
+
+@pytest.mark.parametrize("mode", ["dense", "masked", "contiguous"])
+def test_aot_sm90a_tail(mode):
+    """The BN_TAIL kernel (128x128 blocks + a 16-wide remainder slice each): compiles for sm_90a with the
+    MMAs asynchronous (no C7514/C7515: both scratch pairs are pinned), 64x128 and 64x16 QGMMAs, within the
+    shared memory, and no local memory in the K loop (a few registers spill around the tile epilogue, once a
+    tile)."""
+    from triton.runtime.jit import mangle_type
+    cfg = gg.tail_config()
+    assert cfg.bn_tail == 16 and cfg.stages * (128 + 128 + 16) * gg.BLOCK_K + 128 * 128 * 4 <= 227 * 1024
+    constexprs = dict(MODE=gg._MODES[mode], BLOCK_M=128, BLOCK_N=128, GROUP_M=cfg.group_m, STAGES=cfg.stages,
+                      TMA_STORE=False, HAS_C=False, HAS_SIGNAL=False, SB_SCALAR=True, K_ROTATE=False,
+                      PRODUCER_REGS=cfg.producer_regs, BN_TAIL=16, d_desc=None)
+    sig = _signature(mode, 128, 128, False, torch.bfloat16, False)
+    sig["b2_desc"] = mangle_type(gg._desc2d(torch.empty(256, 512, dtype=FP8), 256, (16, 128), "fp8"))
+    r = compile_sm90_in_subprocess("fp8gemm.kernels.gemm_gluon", "fp8_gemm_ws_kernel", sig, constexprs,
+                                   num_warps=cfg.num_warps, gluon=True, maxnreg=cfg.maxnreg,
+                                   divisible_by_16=["sfa_ptr", "sfb_ptr", "d_ptr", "c_ptr", "N", "K", "s_dm"])
+    assert "QGMMA.64x128x32" in r["sass"] and "QGMMA.64x16x32" in r["sass"], "expected both MMAs"
+    assert r["shared"] <= 227 * 1024 and r["stack"] <= 128, r["stack"]
+    lines = [ln for ln in r["sass"].splitlines() if re.search(r"/\*[0-9a-f]{4,5}\*/", ln)]
+    mma = [i for i, ln in enumerate(lines) if "QGMMA" in ln]
+    assert not any(re.search(r"\b(STL|LDL)\b", ln) for ln in lines[mma[0]:mma[-1]]), "spills in the K loop"
+    log = ptxas_log(r["ptx"])
+    assert "C7514" not in log and "C7515" not in log, log
+
+
+def test_tail_rules():
+    assert gg.tail_ok(576) and gg.tail_ok(2112) and gg.tail_ok(4096 + 64)
+    assert not gg.tail_ok(4096) and not gg.tail_ok(100) and not gg.tail_ok(128 + 64)   # r = 0; r > 16 q
+    assert not gg.tail_ok(576, signal=True) and not gg.tail_ok(576, pdl=True) and not gg.tail_ok(584)
