@@ -1,0 +1,90 @@
+"""A/B of the Gluon GEMM's remainder-tail tile (``GluonConfig.bn_tail``): N = 128 q + r runs as q tile columns,
+each a 128-wide block plus a 16-wide slice of the remainder, instead of q + 1 columns of 128.  One run, one card,
+cuBLAS side by side:
+
+    PYTHONPATH=. python benchmarks/tail_ab.py [--out DIR] [--rounds 3]
+
+Per row: ``pick`` (what ``launch`` picks today) and ``tail`` (``tail_config()``), timed in interleaved rounds
+(CUDA-graph replays, L2 flushed).  Each config's output is NaN-poisoned, run and compared with the reference
+first; a wrong one is reported and not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fp8gemm import reference as R  # noqa: E402
+from fp8gemm.bench.core import time_us  # noqa: E402
+from fp8gemm.bench.suite_gemm import _scaled_mm  # noqa: E402
+from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
+from fp8gemm.testing import calc_diff  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+DENSE = [(4096, 576, 7168), (4096, 2112, 7168), (2048, 576, 7168), (8192, 576, 7168), (4096, 1088, 2048),
+         (128, 576, 7168)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cublas = _scaled_mm()
+    print(f"{torch.cuda.get_device_name()}, {num_sms} SMs", flush=True)
+    rows = []
+    for m, n, k in DENSE:
+        a = torch.randn(m, k, device="cuda").to(FP8)
+        b = torch.randn(n, k, device="cuda").to(FP8)
+        sfa = (torch.rand(m, k // 128, device="cuda") + 0.5).t().contiguous().t()
+        sfb = torch.rand(math.ceil(n / 128), k // 128, device="cuda") + 0.5
+        d = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        want = R.fp8_gemm_nt(a, sfa, b, sfb)
+        flops = 2.0 * m * n * k
+        label = f"m{m} n{n} k{k}"
+        pick = G._config_for("dense", a, b, d, None, None, 256, num_sms)
+        configs = {"pick": pick, "tail": G.tail_config()}
+        runs = {}
+        for tag, cfg in configs.items():
+            def run(cfg=cfg):
+                G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms, config=cfg)
+            try:
+                d.fill_(float("nan"))
+                run()
+                torch.cuda.synchronize()
+                diff = calc_diff(d.float(), want.float())
+                ok = diff < 1e-3 and not torch.isnan(d).any().item()
+            except Exception as e:  # noqa: BLE001 - a config that does not build is reported
+                print(f"{label} {tag:5s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            print(f"{label} {tag:5s} {cfg.block_m}x{cfg.block_n}+{cfg.bn_tail} {cfg.stages} stages diff {diff:.2e} "
+                  f"{'ok' if ok else 'WRONG'}", flush=True)
+            if ok:
+                runs[tag] = run
+        cb = min(time_us(lambda: cublas(a, sfa, b, sfb.t())) for _ in range(2)) if cublas is not None else None
+        times = {t: [] for t in runs}
+        for _ in range(args.rounds):
+            for tag, run in runs.items():
+                times[tag].append(time_us(run))
+        for tag, ts in times.items():
+            us = min(ts)
+            print(f"{label} {tag:5s} {us:8.1f} us (rounds {', '.join(f'{t:.1f}' for t in ts)}) "
+                  f"{flops / us / 1e6:6.0f} TFLOPS" + (f"  vs cuBLAS {cb:.1f} us: {cb / us:5.3f}x" if cb else ""),
+                  flush=True)
+            rows.append(dict(case=label, config=tag, us=us, rounds=ts, cublas_us=cb))
+        if len(times) == 2:
+            print(f"{label} tail / pick: {min(times['pick']) / min(times['tail']):.3f}x faster", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "tail_ab.json"), "w") as f:
+        json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
