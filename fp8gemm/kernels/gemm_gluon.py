@@ -1158,7 +1158,21 @@ def wide_config(group_m: int = 8) -> GluonConfig:
     return GluonConfig(128, 256, stages, 4, group_m=group_m, wide_n=True)
 
 
-TAIL_DEFAULT = False      # pick_config considers the bn_tail tile only when asked, until measured
+# A 128x128 + 16 tail tile costs ~1.45x a plain 128x128 tile (measured: benchmarks/tail_ab.py, RESULTS.md
+# session 4; more than its 1.125x FLOPs: 4 stages instead of 5, the small 64x16 MMAs, plain stores), so it pays
+# only where it saves a wave out of few: dense, K >= 4096, tail waves * 1.4 < plain waves.  On an H100 that held for
+# all six measured rows (m4096 n576 k7168 1.38x faster, m8192 n576 1.17x; n2112, m2048 n576, n1088 k2048 and m128
+# stay plain, where the tail was 1-48% slower).
+TAIL_DEFAULT = True
+_TAIL_COST = 1.4
+
+
+def _tail_pays(m: int, n: int, k: int, num_sms: int) -> bool:
+    if not tail_ok(n) or k < 4096:
+        return False
+    waves_tail = math.ceil(math.ceil(m / 128) * (n // 128) / num_sms)
+    waves_plain = math.ceil(math.ceil(m / 128) * math.ceil(n / 128) / num_sms)
+    return waves_tail * _TAIL_COST < waves_plain
 
 
 def tail_ok(n: int, bn_tail: int = 16, *, signal: bool = False, pdl: bool = False) -> bool:
@@ -1244,6 +1258,8 @@ def _pick_config(mode, m, n, k, groups, expected_m, max_block_n, num_sms, tma_st
                 _wave_fill(g * math.ceil(rows / 64) * math.ceil(n / 128), num_sms) + 0.1:
             bn = 64
         k_rotate = True
+    if TAIL_DEFAULT and mode == "dense" and (bm, bn) == (128, 128) and _tail_pays(m, n, k, num_sms):
+        return tail_config()
     epi = bm * bn * out_bytes if tma_store else bm * bn * (4 if (has_c or out_bytes == 4) else 2)
     return GluonConfig(bm, bn, _stages(bm, bn, epi), 8 if bm == 128 else 4, k_rotate=k_rotate)
 

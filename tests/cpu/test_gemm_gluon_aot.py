@@ -251,6 +251,16 @@ def test_aot_sm90a_tail(mode):
     assert "C7514" not in log and "C7515" not in log, log
 
 
+@pytest.mark.parametrize("m,n,k,tail", [
+    (4096, 576, 7168, True), (8192, 576, 7168, True), (4096, 2112, 7168, False), (2048, 576, 7168, False),
+    (4096, 1088, 2048, False), (128, 576, 7168, False), (4096, 4096, 7168, False)])
+def test_pick_config_tail(m, n, k, tail):
+    """The remainder-tail tile where the H100 A/B (benchmarks/tail_ab.py) measured it faster, nowhere else."""
+    cfg = gg.pick_config("dense", m, n, k, tma_store=True, num_sms=132)
+    assert (cfg.bn_tail == 16) == tail, cfg
+    assert not gg.pick_config("contiguous", m, n, k, num_sms=132).bn_tail
+
+
 def test_tail_rules():
     assert gg.tail_ok(576) and gg.tail_ok(2112) and gg.tail_ok(4096 + 64)
     assert not gg.tail_ok(4096) and not gg.tail_ok(100) and not gg.tail_ok(128 + 64)   # r = 0; r > 16 q

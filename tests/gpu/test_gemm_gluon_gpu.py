@@ -255,3 +255,38 @@ def test_wide_variant_falls_back_where_unsupported():
     assert tuple(res["block"]) != (128, 256)
     check_masked(3, 150, 272, 384, [150, 0, 65], 60, config=cfg)
     check_contiguous([130, 5], 200, 384, config=cfg)
+
+
+# 128x128 + 16 remainder-tail tiles (GluonConfig.bn_tail): N = 128 q + r as q tile columns.  Cases: the row it is
+# picked for (m4096 n576), rows not a multiple of 128 with an odd K-slice count (the odd-K tail branch), several
+# tiles per program (num_sms=7), r = 64 shared by 4 of 8 blocks (the others compute a repeated slice and must not
+# store it), FP32 + C, MN-major scales, graph replay; masked (without signal) and contiguous forms; a width the
+# tail cannot take (falls back).
+TAIL_CASES = [
+    dict(m=4096, n=576, k=7168), dict(m=300, n=576, k=384), dict(m=256, n=1088, k=640, num_sms=7),
+    dict(m=200, n=2112, k=256, out_dtype=torch.float32, with_c=True), dict(m=129, n=144, k=1536, sfa_layout="mn"),
+    dict(m=512, n=576, k=2048, graph=True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("kw", TAIL_CASES, ids=lambda kw: "x".join(str(kw[k]) for k in ("m", "n", "k")))
+def test_dense_tail(kw):
+    gg = _gg()
+    assert gg.tail_ok(kw["n"])
+    check_dense(config=gg.tail_config(), **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_tail_grouped_and_fallback():
+    gg = _gg()
+    cfg = gg.tail_config()
+    check_masked(3, 150, 272, 384, [150, 0, 65], 60, signal=False, config=cfg)
+    check_masked(3, 150, 272, 384, [150, 0, 65], 60, signal=True, config=cfg)     # signal: plain kernel
+    check_contiguous([130, 5], 144, 384, config=cfg)
+    check_contiguous([300, 0, 77], 272, 640, config=cfg)
+    check_dense(300, 200, 384, config=cfg)                                        # r = 72: plain kernel
+    if _sms() == 132:
+        assert gg.pick_config("dense", 4096, 576, 7168, tma_store=True, num_sms=132).bn_tail == 16
