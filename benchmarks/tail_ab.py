@@ -11,6 +11,7 @@ first; a wrong one is reported and not timed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from fp8gemm.testing import calc_diff  # noqa: E402
 FP8 = torch.float8_e4m3fn
 DENSE = [(4096, 576, 7168), (4096, 2112, 7168), (2048, 576, 7168), (8192, 576, 7168), (4096, 1088, 2048),
          (128, 576, 7168)]
+EXTRA_STAGES = [int(x) for x in os.environ.get("TAIL_STAGES", "").split(",") if x]   # e.g. TAIL_STAGES=3,5
 
 
 def main():
@@ -51,6 +53,8 @@ def main():
         label = f"m{m} n{n} k{k}"
         pick = G._config_for("dense", a, b, d, None, None, 256, num_sms)
         configs = {"pick": pick, "tail": G.tail_config()}
+        for st in EXTRA_STAGES:
+            configs[f"tail{st}"] = dataclasses.replace(G.tail_config(), stages=st)
         runs = {}
         for tag, cfg in configs.items():
             def run(cfg=cfg):
@@ -62,9 +66,9 @@ def main():
                 diff = calc_diff(d.float(), want.float())
                 ok = diff < 1e-3 and not torch.isnan(d).any().item()
             except Exception as e:  # noqa: BLE001 - a config that does not build is reported
-                print(f"{label} {tag:5s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                print(f"{label} {tag:6s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
-            print(f"{label} {tag:5s} {cfg.block_m}x{cfg.block_n}+{cfg.bn_tail} {cfg.stages} stages diff {diff:.2e} "
+            print(f"{label} {tag:6s} {cfg.block_m}x{cfg.block_n}+{cfg.bn_tail} {cfg.stages} stages diff {diff:.2e} "
                   f"{'ok' if ok else 'WRONG'}", flush=True)
             if ok:
                 runs[tag] = run
@@ -75,11 +79,11 @@ def main():
                 times[tag].append(time_us(run))
         for tag, ts in times.items():
             us = min(ts)
-            print(f"{label} {tag:5s} {us:8.1f} us (rounds {', '.join(f'{t:.1f}' for t in ts)}) "
+            print(f"{label} {tag:6s} {us:8.1f} us (rounds {', '.join(f'{t:.1f}' for t in ts)}) "
                   f"{flops / us / 1e6:6.0f} TFLOPS" + (f"  vs cuBLAS {cb:.1f} us: {cb / us:5.3f}x" if cb else ""),
                   flush=True)
             rows.append(dict(case=label, config=tag, us=us, rounds=ts, cublas_us=cb))
-        if len(times) == 2:
+        if "pick" in times and "tail" in times:
             print(f"{label} tail / pick: {min(times['pick']) / min(times['tail']):.3f}x faster", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "tail_ab.json"), "w") as f:
