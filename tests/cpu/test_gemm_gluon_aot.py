@@ -225,19 +225,20 @@ def test_aot_sm90a_probe_off_is_production(tmp_path):
                              "check its SASS and update _PROD_SASS_SHA256")
 
 
-@pytest.mark.parametrize("mode", ["dense", "masked", "contiguous"])
-def test_aot_sm90a_tail(mode):
+@pytest.mark.parametrize("mode,out,has_c", [("dense", torch.bfloat16, False), ("dense", torch.float32, True),
+                                            ("masked", torch.bfloat16, False), ("contiguous", torch.bfloat16, False)])
+def test_aot_sm90a_tail(mode, out, has_c):
     """The BN_TAIL kernel (128x128 blocks + a 16-wide remainder slice each): compiles for sm_90a with the
     MMAs asynchronous (no C7514/C7515: both scratch pairs are pinned), 64x128 and 64x16 QGMMAs, within the
     shared memory, and no local memory in the K loop (a few registers spill around the tile epilogue, once a
     tile)."""
     from triton.runtime.jit import mangle_type
-    cfg = gg.tail_config()
-    assert cfg.bn_tail == 16 and cfg.stages * (128 + 128 + 16) * gg.BLOCK_K + 128 * 128 * 4 <= 227 * 1024
+    cfg = gg.tail_config(out_bytes=out.itemsize)
+    assert cfg.bn_tail == 16 and cfg.stages == (5 if out == torch.bfloat16 else 4)
     constexprs = dict(MODE=gg._MODES[mode], BLOCK_M=128, BLOCK_N=128, GROUP_M=cfg.group_m, STAGES=cfg.stages,
-                      TMA_STORE=False, HAS_C=False, HAS_SIGNAL=False, SB_SCALAR=True, K_ROTATE=False,
+                      TMA_STORE=False, HAS_C=has_c, HAS_SIGNAL=False, SB_SCALAR=True, K_ROTATE=False,
                       PRODUCER_REGS=cfg.producer_regs, BN_TAIL=16, d_desc=None)
-    sig = _signature(mode, 128, 128, False, torch.bfloat16, False)
+    sig = _signature(mode, 128, 128, False, out, has_c)
     sig["b2_desc"] = mangle_type(gg._desc2d(torch.empty(256, 512, dtype=FP8), 256, (16, 128), "fp8"))
     r = compile_sm90_in_subprocess("fp8gemm.kernels.gemm_gluon", "fp8_gemm_ws_kernel", sig, constexprs,
                                    num_warps=cfg.num_warps, gluon=True, maxnreg=cfg.maxnreg,
