@@ -1,0 +1,101 @@
+"""A/B: a dense GEMM whose N leaves a ragged last 128-column block, run as two launches (the full blocks, then the
+remainder with its own tile pick), serially or on two streams (the remainder's programs take the SMs that the
+main launch's last partial wave leaves idle).  One run, one card, cuBLAS side by side:
+
+    PYTHONPATH=. python benchmarks/split_n_ab.py [--out DIR]
+
+Outputs are NaN-poisoned, run and compared with the reference before timing (CUDA-graph replays, L2 flushed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fp8gemm import reference as R  # noqa: E402
+from fp8gemm.bench.core import time_us  # noqa: E402
+from fp8gemm.bench.suite_gemm import _scaled_mm  # noqa: E402
+from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
+from fp8gemm.testing import calc_diff  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+SHAPES = [(4096, 2112, 7168), (4096, 1088, 2048), (4096, 576, 7168), (8192, 2112, 7168), (4096, 7232, 2048)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cublas = _scaled_mm()
+    side = torch.cuda.Stream()
+    print(f"{torch.cuda.get_device_name()}, {num_sms} SMs", flush=True)
+    rows = []
+    for m, n, k in SHAPES:
+        a = torch.randn(m, k, device="cuda").to(FP8)
+        b = torch.randn(n, k, device="cuda").to(FP8)
+        sfa = (torch.rand(m, k // 128, device="cuda") + 0.5).t().contiguous().t()
+        sfb = torch.rand(math.ceil(n / 128), k // 128, device="cuda") + 0.5
+        d = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        want = R.fp8_gemm_nt(a, sfa, b, sfb)
+        nm = n // 128 * 128
+        label = f"m{m} n{n} k{k}"
+        assert G.supports("dense", a, sfa, b[:nm], sfb[:nm // 128], d[:, :nm])
+        assert G.supports("dense", a, sfa, b[nm:], sfb[nm // 128:], d[:, nm:])
+
+        def plain():
+            G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms)
+
+        def main_part():
+            G.launch("dense", a, sfa, b[:nm], sfb[:nm // 128], d[:, :nm], num_sms=num_sms)
+
+        def rest_part():
+            G.launch("dense", a, sfa, b[nm:], sfb[nm // 128:], d[:, nm:], num_sms=num_sms)
+
+        def serial():
+            main_part()
+            rest_part()
+
+        def two_streams():
+            cur = torch.cuda.current_stream()
+            side.wait_stream(cur)
+            main_part()
+            with torch.cuda.stream(side):
+                rest_part()
+            cur.wait_stream(side)
+
+        runs = {"plain": plain, "serial": serial, "2streams": two_streams}
+        ok_runs = {}
+        for tag, fn in runs.items():
+            d.fill_(float("nan"))
+            fn()
+            torch.cuda.synchronize()
+            diff = calc_diff(d.float(), want.float())
+            ok = diff < 1e-3 and not torch.isnan(d).any().item()
+            print(f"{label} {tag:9s} diff {diff:.2e} {'ok' if ok else 'WRONG'}", flush=True)
+            if ok:
+                ok_runs[tag] = fn
+        cb = min(time_us(lambda: cublas(a, sfa, b, sfb.t())) for _ in range(2)) if cublas is not None else None
+        times = {t: [] for t in ok_runs}
+        for _ in range(args.rounds):
+            for tag, fn in ok_runs.items():
+                times[tag].append(time_us(fn))
+        for tag, ts in times.items():
+            us = min(ts)
+            print(f"{label} {tag:9s} {us:8.1f} us (rounds {', '.join(f'{t:.1f}' for t in ts)})"
+                  + (f"  vs cuBLAS {cb:.1f} us: {cb / us:5.3f}x" if cb else ""), flush=True)
+            rows.append(dict(case=label, config=tag, us=us, rounds=ts, cublas_us=cb))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "split_n_ab.json"), "w") as f:
+        json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
