@@ -1377,6 +1377,31 @@ def _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms, wide_n=None)
                        wide_n=wide_n)
 
 
+def split_n_columns(m: int, n: int, k: int, cfg: GluonConfig, num_sms: int) -> int:
+    """Columns of the first of two launches for a dense call whose N leaves a ragged last 128-column block,
+    or 0 for one launch.  The full blocks run as one launch and the remainder as a second one on a side stream,
+    whose programs take the SMs the first launch's last wave leaves idle; it pays where dropping the remainder's
+    tiles removes a wave.  H100 (benchmarks/split_n_ab.py, RESULTS.md session 4): m4096 n2112 k7168 1.08x
+    faster, m8192 n2112 1.04x, m4096 n1088 k2048 1.06x; m4096 n7232 k2048 (no wave saved) 4% slower, so not
+    taken there."""
+    if cfg.bn_tail or cfg.wide_n or (cfg.block_m, cfg.block_n) != (128, 128) or n % 128 == 0 or n < 128:
+        return 0
+    mb = math.ceil(m / 128)
+    plain = math.ceil(mb * math.ceil(n / 128) / num_sms)
+    main = math.ceil(mb * (n // 128) / num_sms)
+    return n // 128 * 128 if main < plain else 0
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    key = torch.device(device).index
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[key]
+
+
 def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=None, expected_m=None,
            signal=None, num_sms: int, max_block_n: int = 256, config: GluonConfig | None = None,
            pdl: bool = False) -> tuple[int, int]:
@@ -1398,6 +1423,21 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     mode_id = _MODES[mode]
     m, n, k, groups, tma_store = _problem(mode, a, b, d, c)
     cfg = config if config is not None else _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms)
+    if mode == "dense" and config is None and not pdl and m > 0:
+        nm = split_n_columns(m, n, k, cfg, num_sms)
+        parts = [(b[:nm], sfb[:nm // 128], d[:, :nm], None if c is None else c[:, :nm]),
+                 (b[nm:], sfb[nm // 128:], d[:, nm:], None if c is None else c[:, nm:])] if nm else []
+        if parts and sfb.shape[0] * 128 >= n and all(supports("dense", a, sfa, *p) for p in parts):
+            # fork: the remainder on the side stream, joined back before anything later on this stream
+            cur = torch.cuda.current_stream(d.device)
+            side = _side_stream(d.device)
+            side.wait_stream(cur)
+            (b0, sfb0, d0, c0), (b1, sfb1, d1, c1) = parts
+            out = launch("dense", a, sfa, b0, sfb0, d0, c=c0, num_sms=num_sms, max_block_n=max_block_n)
+            with torch.cuda.stream(side):
+                launch("dense", a, sfa, b1, sfb1, d1, c=c1, num_sms=num_sms, max_block_n=max_block_n)
+            cur.wait_stream(side)
+            return out
     if cfg.wide_n and not (mode == "dense" and tma_store and cfg.block_m == 128 and cfg.block_n in (128, 256)):
         cfg = _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms, wide_n=False)
     if cfg.bn_tail and not (cfg.block_m == 128 and cfg.block_n == 128 and not cfg.wide_n

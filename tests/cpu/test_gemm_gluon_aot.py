@@ -262,6 +262,16 @@ def test_pick_config_tail(m, n, k, tail):
     assert not gg.pick_config("contiguous", m, n, k, num_sms=132).bn_tail
 
 
+@pytest.mark.parametrize("m,n,k,want", [(4096, 2112, 7168, 2048), (8192, 2112, 7168, 2048), (4096, 1088, 2048, 1024),
+                                         (4096, 1088, 7168, 0), (4096, 7232, 2048, 0), (4096, 4096, 7168, 0),
+                                         (4096, 576, 7168, 0), (64, 2112, 7168, 0)])
+def test_split_n_columns(m, n, k, want):
+    """Two launches (full blocks + remainder on a side stream) only where that saves a wave (H100 A/B rows);
+    never for the tail tile (n576), 128-aligned N, or tiles other than 128x128."""
+    cfg = gg.pick_config("dense", m, n, k, tma_store=True, num_sms=132)
+    assert gg.split_n_columns(m, n, k, cfg, 132) == want
+
+
 def test_tail_rules():
     assert gg.tail_ok(576) and gg.tail_ok(2112) and gg.tail_ok(4096 + 64)
     assert not gg.tail_ok(4096) and not gg.tail_ok(100) and not gg.tail_ok(128 + 64)   # r = 0; r > 16 q

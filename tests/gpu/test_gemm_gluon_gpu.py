@@ -290,3 +290,22 @@ def test_tail_grouped_and_fallback():
     check_dense(300, 200, 384, config=cfg)                                        # r = 72: plain kernel
     if _sms() == 132:
         assert gg.pick_config("dense", 4096, 576, 7168, tma_store=True, num_sms=132).bn_tail == 16
+
+
+# A ragged N as two launches (full 128-column blocks, then the remainder on a side stream, joined back):
+# the outputs of both parts, FP32 + C, graph capture of the fork/join, and an explicit config (one launch).
+SPLIT_CASES = [dict(m=4096, n=2112, k=256), dict(m=4096, n=1088, k=384, out_dtype=torch.float32, with_c=True),
+               dict(m=4000, n=2112, k=256, graph=True, sfa_layout="mn")]
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("kw", SPLIT_CASES, ids=lambda kw: "x".join(str(kw[k]) for k in ("m", "n", "k")))
+def test_dense_split_n(kw):
+    gg = _gg()
+    cfg = gg.pick_config("dense", kw["m"], kw["n"], kw["k"], tma_store="with_c" not in kw, num_sms=_sms(),
+                         out_bytes=4 if "out_dtype" in kw else 2, has_c="with_c" in kw)
+    if _sms() == 132:
+        assert gg.split_n_columns(kw["m"], kw["n"], kw["k"], cfg, 132) > 0
+    check_dense(**kw)
+    check_dense(config=cfg, **kw)
