@@ -25,6 +25,11 @@ Structure of the kernel (one persistent program per SM, at most ``num_sms`` prog
   scratch accumulator (:func:`_consumer_wide`): 25% fewer operand bytes per FLOP than 128x128.
 * opt-in only (:func:`split_config`, never picked): the same structure with one half, a 128x128 tile whose two
   warpgroups are independent 64x128 partitions promoting in DeepGEMM's order (MMA, wait(0), release, promote).
+* a ragged N (``N = 128 q + r``): where it saves a wave, :func:`pick_config` gives dense calls the remainder-tail
+  tile (``GluonConfig.bn_tail``, :func:`tail_config`, :func:`_consumer_tail`): q tile columns, each a 128-wide
+  block plus a 16-wide slice of the remainder; otherwise, where the remainder's own tiles cost a wave,
+  :func:`launch` runs the full blocks and the remainder as two launches on two streams
+  (:func:`split_n_columns`).
 * programmatic dependent launch (``PDL_WAIT``, ``launch(..., pdl=True)``; the FP4 route launches it right
   after the convert kernel that writes A and its scales): the programs start while that kernel runs, the
   producer prefetches the first tile's first B stages, then every partition executes ``griddepcontrol.wait``
