@@ -150,8 +150,19 @@ def compile_sm90_in_subprocess(module: str, kernel: str, signature: dict, conste
     # two optional flags of one kernel, each set alone, collide and the second compile returns the
     # first one's binary.  A cache directory per request (named by its full description) keeps the reuse
     # across runs without the collisions.
+    # The text of the module's package is part of the name too: Triton's key covers the kernels' own source,
+    # not line numbers, so an edit elsewhere would otherwise return a binary whose PTX ``.loc`` lines (which
+    # source-attribution tests read) point at the old text.
+    import glob
+    import importlib.util
+    text = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(importlib.util.find_spec(module).origin), "*.py"))):
+        with open(path, "rb") as f:
+            text.update(f.read())
+    text_digest = text.hexdigest()
     base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "fp8gemm_aot_cache")
-    env["TRITON_CACHE_DIR"] = os.path.join(base, "aot-" + hashlib.sha256(payload.encode()).hexdigest()[:24])
+    env["TRITON_CACHE_DIR"] = os.path.join(
+        base, "aot-" + hashlib.sha256((payload + text_digest).encode()).hexdigest()[:24])
     code = ("import json,sys,importlib\n"
             "from fp8gemm.testing import compile_sm90\n"
             "p=json.loads(sys.stdin.read())\n"
