@@ -1012,7 +1012,9 @@ if HAS_GLUON:
         --diag``): 1 = every K-slice loaded from K coordinate 0 (L2-resident operands), 2 = each stage filled
         once then only full-barrier arrives (no TMA), 3 = no scale loads / promotion, 4 = 2 + 3; the output is
         garbage in modes 1-4; the wide/split kernels take mode 3 only.  ``DIAG`` 0 (the default) compiles to the
-        production SASS.
+        production SASS.  ``BN_TAIL`` (16; ``b2_desc``: B in [BN_TAIL, 128] boxes; 128-wide blocks, plain stores,
+        no signal, PDL, probe or DIAG): each tile also computes a BN_TAIL-wide slice of the N remainder
+        (:func:`_consumer_tail`); 0/None (the default) compiles to the production SASS.
         """
         if WIDE_N:
             # B boxes a stage: 2 (128x256) or 1 (the split 128x128 tile)
@@ -1424,6 +1426,10 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     CUDA-graph capture (CUDA 12.3+ records the launch attribute as a programmatic graph edge).  ``b``,
     ``masked_m`` and ``m_indices`` must not be written by the kernel right before (they are read before the
     wait; what earlier kernels wrote is complete, since that kernel itself started only after them).
+
+    A dense call without ``config`` whose ragged last column block would cost a wave (:func:`split_n_columns`)
+    runs as two launches, the remainder's on a side stream that forks from and joins back into the current
+    one (capturable in a CUDA graph); the returned tile is the first launch's.
     """
     mode_id = _MODES[mode]
     m, n, k, groups, tma_store = _problem(mode, a, b, d, c)
