@@ -155,10 +155,16 @@ def compile_sm90_in_subprocess(module: str, kernel: str, signature: dict, conste
     # source-attribution tests read) point at the old text.
     import glob
     import importlib.util
+    # (A module this process cannot find, e.g. one on the subprocess's path only, is named by its name.)
     text = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(importlib.util.find_spec(module).origin), "*.py"))):
-        with open(path, "rb") as f:
-            text.update(f.read())
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin:
+        for path in sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "*.py"))):
+            with open(path, "rb") as f:
+                text.update(f.read())
     text_digest = text.hexdigest()
     base = os.environ.get("TRITON_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "fp8gemm_aot_cache")
     env["TRITON_CACHE_DIR"] = os.path.join(
