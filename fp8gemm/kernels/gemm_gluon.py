@@ -110,9 +110,9 @@ EV_P_PRE_WAIT, EV_P_EMPTY, EV_P_ISSUED = range(3)
 # clock64 at the producer's start (its writer thread)
 PROBE_HDR_CLK0, PROBE_HDR_NS0, PROBE_HDR_CLK1, PROBE_HDR_NS1, PROBE_HDR_SMID, PROBE_HDR_PCLK0 = range(6)
 
-# Diagnostic modes (``DIAG``, dense 128xN default kernel; the wide/split kernels mode 3 only; diagnostics only: ``benchmarks/gluon_probe.py
-# --diag``).  Each removes one suspect of the main loop's slice period; the output is garbage in every mode
-# but DIAG_OFF.  DIAG_OFF (0) compiles to the production kernel (byte-identical SASS, AOT-tested).
+# Diagnostic modes (``DIAG``, dense 128xN default kernel; the wide/split kernels mode 3 only; diagnostics only:
+# ``benchmarks/gluon_probe.py --diag``).  Each removes one suspect of the main loop's slice period; the output is
+# garbage in every mode but DIAG_OFF.  DIAG_OFF (0) compiles to the production kernel (byte-identical SASS, AOT-tested).
 DIAG_OFF = 0
 DIAG_L2_RESIDENT = 1   # producer loads every K-slice from K coordinate 0: same TMA/smem bytes, L2 hits only
 DIAG_NO_REFILL = 2     # producer fills each stage once (its first STAGES slices), then only arrives on full
@@ -298,7 +298,8 @@ if HAS_GLUON:
         only with ``with_b`` (True outside PDL; under PDL_WAIT False for the slices :func:`_prefetch_b` has
         started).  ``WIDE_NH`` (wide path): B boxes a stage, 2 (128x256) or 1 (the split 128x128 tile: two
         64-row A boxes, one B box).  Wide: an upper half wholly past M (N) loads the lower rows again instead,
-        so no box is ever entirely out of bounds; those rows (columns) are not stored."""
+        so no box is ever entirely out of bounds; those rows (columns) are not stored.  ``BN_TAIL``: also the
+        tail slice's B box (``b2_desc`` rows ``row_b2``) into ``b2_bufs``."""
         mbarrier.expect(bar, nbytes, pred=with_b)
         if WIDE_N and WIDE_NH == 1:
             HALF_M1: gl.constexpr = a_desc.block_type.shape[0]
@@ -500,6 +501,15 @@ if HAS_GLUON:
         return tok
 
     @gluon.jit
+    def _pin(x, after):
+        """``x`` unchanged, as an identity that also reads ``after``: the scratch registers of a finished MMA are
+        handed to the next MMA through it, which pins the promotion into ``after`` before that MMA is issued.
+        Otherwise LLVM may schedule the FMAs after the issue, the scratch must then be copied while the MMA
+        writes it, and ptxas serialises every MMA of the kernel (C7514).  ptxas coalesces the moves away."""
+        return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [x, after], dtype=gl.float32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
     def _retire(tok, empty_bars, it, acc, sa, sb0, sb1, col_lo, SB_SCALAR: gl.constexpr, STAGES: gl.constexpr,
                 OUTSTANDING: gl.constexpr, PROBE: gl.constexpr = False, pbase=None, pw=None,
                 NO_PROMO: gl.constexpr = False):
@@ -516,12 +526,7 @@ if HAS_GLUON:
             free = done
         else:
             acc = _promote(acc, done, sa, sb0, sb1, col_lo, SB_SCALAR)
-            # The scratch registers are handed to the next MMA through an identity that also reads ``acc``:
-            # this pins the promotion before that MMA is issued.  Otherwise LLVM may schedule the FMAs after
-            # the issue, the scratch must then be copied while the MMA writes it, and ptxas serialises all
-            # MMAs (C7514).  ptxas coalesces the moves away.
-            free = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [done, acc], dtype=gl.float32,
-                                             is_pure=True, pack=1)
+            free = _pin(done, acc)
         if PROBE:
             _stamp(pbase, pw, it, _EV_C_PROMOTED)
         return acc, free
@@ -571,24 +576,9 @@ if HAS_GLUON:
         last block."""
         done, done2 = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(tok, tok2))
         mbarrier.arrive(empty_bars.index(it % STAGES), count=1)
-        acc = acc + done * gl.expand_dims(sa * sb, 1)
-        sa2 = gl.convert_layout(sa, gl.SliceLayout(1, acc2.type.layout))
-        acc2 = acc2 + done2 * gl.expand_dims(sa2 * sb2, 1)
-        # the pins of _retire, one per scratch
-        free = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [done, acc], dtype=gl.float32,
-                                         is_pure=True, pack=1)
-        free2 = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [done2, acc2], dtype=gl.float32,
-                                          is_pure=True, pack=1)
-        return acc, acc2, free, free2
-
-    @gluon.jit
-    def _tail_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nbt, kb_logical, rot, num_k,
-                     s_ag, s_am, s_ak, s_bg, s_bn, s_bk):
-        kb = _rotated(kb_logical, rot, num_k)
-        sa = gl.load(sfa_ptr + g64 * s_ag + offs_m * s_am + kb * s_ak, mask=m_ok, other=0.0)
-        sb = gl.load(sfb_ptr + g64 * s_bg + nb0 * s_bn + kb * s_bk)
-        sb2 = gl.load(sfb_ptr + g64 * s_bg + nbt * s_bn + kb * s_bk)
-        return sa, sb, sb2
+        acc = _promote(acc, done, sa, sb, sb, None, True)
+        acc2 = _promote(acc2, done2, gl.convert_layout(sa, gl.SliceLayout(1, acc2.type.layout)), sb2, sb2, None, True)
+        return acc, acc2, _pin(done, acc), _pin(done2, acc2)
 
     @gluon.jit
     def _consumer_tail(a_bufs, b_bufs, b2_bufs, empty_bars, full_bars,
@@ -648,18 +638,19 @@ if HAS_GLUON:
                 acc2 = gl.zeros([BLOCK_M, BN_TAIL], gl.float32, tail_layout)
                 base = it
                 last = num_k - 1
-                saX, sbX, sbX2 = _tail_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nbt, 0, rot, num_k,
-                                              s_ag, s_am, s_ak, s_bg, s_bn, s_bk)
-                saY, sbY, sbY2 = _tail_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nbt, gl.minimum(1, last),
-                                              rot, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk)
+                # the two B scales of _load_scales: the full block's (nb0) and the tail slice's (nbt)
+                saX, sbX, sbX2 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nbt, 0, rot, num_k,
+                                              s_ag, s_am, s_ak, s_bg, s_bn, s_bk, False)
+                saY, sbY, sbY2 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nbt, gl.minimum(1, last),
+                                              rot, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, False)
                 X, X2 = _issue_tail(a_bufs, b_bufs, b2_bufs, full_bars, base, X, X2, STAGES)
                 for j in range(0, last // 2):
                     k1 = 2 * j + 1
-                    naX, nbX, nbX2 = _tail_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nbt, k1 + 1, rot, num_k,
-                                                  s_ag, s_am, s_ak, s_bg, s_bn, s_bk)
-                    naY, nbY, nbY2 = _tail_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nbt,
+                    naX, nbX, nbX2 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nbt, k1 + 1, rot, num_k,
+                                                  s_ag, s_am, s_ak, s_bg, s_bn, s_bk, False)
+                    naY, nbY, nbY2 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nbt,
                                                   gl.minimum(k1 + 2, last), rot, num_k,
-                                                  s_ag, s_am, s_ak, s_bg, s_bn, s_bk)
+                                                  s_ag, s_am, s_ak, s_bg, s_bn, s_bk, False)
                     Y, Y2 = _issue_tail(a_bufs, b_bufs, b2_bufs, full_bars, base + k1, Y, Y2, STAGES)
                     acc, acc2, X, X2 = _retire_tail(X, X2, empty_bars, base + k1 - 1, acc, acc2, saX, sbX, sbX2,
                                                     STAGES, 2)
@@ -798,8 +789,7 @@ if HAS_GLUON:
                     # once per tile so that the MMA chain stays live (the pin as in _retire keeps these adds
                     # ahead of the next tile's first MMA, which reuses X's registers).
                     acc = acc + X + Y
-                    X = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [X, acc], dtype=gl.float32,
-                                                  is_pure=True, pack=1)
+                    X = _pin(X, acc)
                 it = base + num_k
 
                 # ---------------- epilogue ----------------
@@ -961,8 +951,7 @@ if HAS_GLUON:
                 # DIAG 3: fold the tile's last MMA result into accL once per tile so that the MMA chain stays
                 # live; the pin (as in _retire) keeps the adds ahead of the next tile's first MMA into S.
                 accL = accL + S
-                S = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [S, accL], dtype=gl.float32,
-                                              is_pure=True, pack=1)
+                S = _pin(S, accL)
 
             # epilogue: the two halves go out one after the other through one [64, 128] buffer; halves
             # wholly past M or N are skipped (their operands were stand-in rows, see _producer)
@@ -1165,11 +1154,12 @@ def wide_config(group_m: int = 8) -> GluonConfig:
     return GluonConfig(128, 256, stages, 4, group_m=group_m, wide_n=True)
 
 
-# A 128x128 + 16 tail tile costs ~1.45x a plain 128x128 tile (measured: benchmarks/tail_ab.py, RESULTS.md
-# session 4; more than its 1.125x FLOPs: 4 stages instead of 5, the small 64x16 MMAs, plain stores), so it pays
-# only where it saves a wave out of few: dense, K >= 4096, tail waves * 1.4 < plain waves.  On an H100 that held for
-# all six measured rows (m4096 n576 k7168 1.38x faster, m8192 n576 1.17x; n2112, m2048 n576, n1088 k2048 and m128
-# stay plain, where the tail was 1-48% slower).
+# A 128x128 + 16 tail tile costs 1.3-1.45x a plain 128x128 tile (measured: benchmarks/tail_ab.py, RESULTS.md
+# session 4; more than its 1.125x FLOPs: the small 64x16 MMAs, a second commit group a slice, plain stores), so
+# it pays only where it saves a wave out of few: dense, K >= 4096, tail waves * 1.4 < plain waves.  On an H100
+# that held for all six measured rows (4 stages: m4096 n576 k7168 1.38x faster, m8192 n576 1.17x; 5 stages, the
+# default since, 4% and 1% more; n2112, m2048 n576, n1088 k2048 and m128 stay plain, where the tail was 1-48%
+# slower).
 TAIL_DEFAULT = True
 _TAIL_COST = 1.4
 
@@ -1185,15 +1175,15 @@ def _tail_pays(m: int, n: int, k: int, num_sms: int) -> bool:
 def tail_ok(n: int, bn_tail: int = 16, *, signal: bool = False, pdl: bool = False) -> bool:
     """Whether N's remainder over 128 can be shared out in ``bn_tail``-wide slices, one per full block:
     N a multiple of ``bn_tail``, a non-zero remainder of at most ``bn_tail`` columns per full block.  Not with
-    SBO signals (their counters count ceil(N / block_n) tiles) or PDL."""
+    SBO signals (their counters count ceil(N / block_n) tiles) or PDL.  Only ``bn_tail`` 16 is built and
+    tested."""
     q, r = divmod(n, 128)
-    return bn_tail in (16, 32) and not signal and not pdl and n % bn_tail == 0 and r > 0 and q > 0 and \
+    return bn_tail == 16 and not signal and not pdl and n % bn_tail == 0 and r > 0 and q > 0 and \
         r // bn_tail <= q
 
 
 def tail_config(bn_tail: int = 16, group_m: int = 8, out_bytes: int = 2) -> GluonConfig:
-    """128x128 tiles plus a ``bn_tail``-wide remainder slice each (``GluonConfig.bn_tail``); plain stores, so
-    the stages take the epilogue-free budget minus the tail's B boxes."""
+    """128x128 tiles plus a ``bn_tail``-wide remainder slice each (``GluonConfig.bn_tail``), plain stores."""
     stage = (128 + 128 + bn_tail) * BLOCK_K
     # Shared memory: the stages and the epilogue's layout-conversion scratch (128 x 128 x out_bytes, AOT-checked):
     # BF16 out 5 stages of 34 KB (H100: 4% faster than 4 at m4096 n576, 3 stages 20% slower), FP32 out 4.
@@ -1436,17 +1426,19 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     cfg = config if config is not None else _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms)
     if mode == "dense" and config is None and not pdl and m > 0:
         nm = split_n_columns(m, n, k, cfg, num_sms)
-        parts = [(b[:nm], sfb[:nm // 128], d[:, :nm], None if c is None else c[:, :nm]),
-                 (b[nm:], sfb[nm // 128:], d[:, nm:], None if c is None else c[:, nm:])] if nm else []
-        if parts and sfb.shape[0] * 128 >= n and all(supports("dense", a, sfa, *p) for p in parts):
-            # fork: the remainder on the side stream, joined back before anything later on this stream
+        if nm:
+            # Column views of B, its scale blocks, D and C at a multiple of 128: same dtypes and strides, starts
+            # 16-byte aligned (K and nm are multiples of 128), so each part passes what ``supports`` checked on
+            # the whole call.  Fork: the remainder on the side stream, joined back before anything later on
+            # this stream.
             cur = torch.cuda.current_stream(d.device)
             side = _side_stream(d.device)
             side.wait_stream(cur)
-            (b0, sfb0, d0, c0), (b1, sfb1, d1, c1) = parts
-            out = launch("dense", a, sfa, b0, sfb0, d0, c=c0, num_sms=num_sms, max_block_n=max_block_n)
+            out = launch("dense", a, sfa, b[:nm], sfb[:nm // 128], d[:, :nm], c=None if c is None else c[:, :nm],
+                         num_sms=num_sms, max_block_n=max_block_n)
             with torch.cuda.stream(side):
-                launch("dense", a, sfa, b1, sfb1, d1, c=c1, num_sms=num_sms, max_block_n=max_block_n)
+                launch("dense", a, sfa, b[nm:], sfb[nm // 128:], d[:, nm:], c=None if c is None else c[:, nm:],
+                       num_sms=num_sms, max_block_n=max_block_n)
             cur.wait_stream(side)
             return out
     if cfg.wide_n and not (mode == "dense" and tma_store and cfg.block_m == 128 and cfg.block_n in (128, 256)):
