@@ -278,7 +278,6 @@ def fp4_tile_store(q_ptr, packed, rows, groups, M, K, stride_qm, GRAN: tl.conste
              mask=(rows < M)[None, None, :, None] & (pairs < K // 2)[:, :, None, :])
 
 
-
 # -------------------------------------------------------------------------------------
 # Kernels
 # -------------------------------------------------------------------------------------
@@ -421,14 +420,11 @@ def per_token_cast_fp4_kernel(x_ptr, q_ptr, sf_ptr, M, K, stride_xm, stride_xk, 
     ``[j*GROUPS, (j+1)*GROUPS)``, one FP4 tile (:func:`fp4_tile_load`, :func:`fp4_tile_cast`,
     :func:`fp4_tile_store`).  A BF16 input is read as 32-bit pairs under ``USE_UE8M0`` unless
     ``X_GENERIC`` (strides or alignment that pairs cannot take).  ``SOFT``: the interpreter."""
+    PAIRS: tl.constexpr = USE_UE8M0 and not X_GENERIC and x_ptr.dtype.element_ty == tl.bfloat16
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-    if USE_UE8M0 and not X_GENERIC and x_ptr.dtype.element_ty == tl.bfloat16:
-        x = fp4_tile_load(x_ptr, rows, groups, M, K, stride_xm, stride_xk, GRAN, True)
-        packed, sf = fp4_tile_cast(x, BLOCK_M, GROUPS, GRAN, True, USE_UE8M0, SOFT)
-    else:
-        x = fp4_tile_load(x_ptr, rows, groups, M, K, stride_xm, stride_xk, GRAN, False)
-        packed, sf = fp4_tile_cast(x, BLOCK_M, GROUPS, GRAN, False, USE_UE8M0, SOFT)
+    x = fp4_tile_load(x_ptr, rows, groups, M, K, stride_xm, stride_xk, GRAN, PAIRS)
+    packed, sf = fp4_tile_cast(x, BLOCK_M, GROUPS, GRAN, PAIRS, USE_UE8M0, SOFT)
     fp4_tile_store(q_ptr, packed, rows, groups, M, K, stride_qm, GRAN)
     store_row_group_scales(sf_ptr, tl.trans(sf), rows, groups, M, K, stride_sm, GRAN, SF_BYTES)
 
