@@ -19,10 +19,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fp8gemm import reference as R  # noqa: E402
-from fp8gemm.bench.core import time_us  # noqa: E402
-from fp8gemm.bench.suite_gemm import _scaled_mm  # noqa: E402
+from fp8gemm.bench.core import checked_run, time_us  # noqa: E402
+from fp8gemm.bench.suite_gemm import _scaled_mm, dense_operands  # noqa: E402
 from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
-from fp8gemm.testing import calc_diff  # noqa: E402
 
 SHAPES = [(4096, 576, 7168), (4096, 2112, 7168), (4096, 4096, 7168)]
 CONFIGS = [(128, 128, False), (128, 64, False), (128, 64, True), (128, 32, False), (64, 128, False),
@@ -38,11 +37,7 @@ def main():
     print(f"{torch.cuda.get_device_name()}, {num_sms} SMs", flush=True)
     rows = []
     for m, n, k in SHAPES:
-        a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
-        b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
-        sfa = (torch.rand(m, k // 128, device="cuda") + 0.5).t().contiguous().t()
-        sfb = torch.rand(math.ceil(n / 128), k // 128, device="cuda") + 0.5
-        d = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        a, sfa, b, sfb, d = dense_operands(m, n, k)
         want = R.fp8_gemm_nt(a, sfa, b, sfb)
         flops = 2.0 * m * n * k
         cb = time_us(lambda: cublas(a, sfa, b, sfb.t())) if cublas is not None else None
@@ -56,11 +51,8 @@ def main():
                 G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms, config=cfg)
             tag = f"{bm}x{bn}{' rot' if rot else ''}"
             try:
-                d.fill_(float("nan"))
-                run()
-                torch.cuda.synchronize()
-                diff = calc_diff(d, want)
-                if not (diff < 1e-3 and not torch.isnan(d).any().item()):
+                ok, diff = checked_run(run, d, want)
+                if not ok:
                     print(f"m{m} n{n} k{k} {tag:12s} WRONG diff {diff:.2e}", flush=True)
                     continue
                 us = time_us(run)

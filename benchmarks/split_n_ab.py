@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -19,12 +18,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fp8gemm import reference as R  # noqa: E402
-from fp8gemm.bench.core import time_us  # noqa: E402
-from fp8gemm.bench.suite_gemm import _scaled_mm  # noqa: E402
+from fp8gemm.bench.core import checked_run, interleaved_times, time_us  # noqa: E402
+from fp8gemm.bench.suite_gemm import _scaled_mm, dense_operands  # noqa: E402
 from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
-from fp8gemm.testing import calc_diff  # noqa: E402
 
-FP8 = torch.float8_e4m3fn
 SHAPES = [(4096, 2112, 7168), (4096, 1088, 2048), (4096, 576, 7168), (8192, 2112, 7168), (4096, 7232, 2048)]
 
 
@@ -39,11 +36,7 @@ def main():
     print(f"{torch.cuda.get_device_name()}, {num_sms} SMs", flush=True)
     rows = []
     for m, n, k in SHAPES:
-        a = torch.randn(m, k, device="cuda").to(FP8)
-        b = torch.randn(n, k, device="cuda").to(FP8)
-        sfa = (torch.rand(m, k // 128, device="cuda") + 0.5).t().contiguous().t()
-        sfb = torch.rand(math.ceil(n / 128), k // 128, device="cuda") + 0.5
-        d = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        a, sfa, b, sfb, d = dense_operands(m, n, k)
         want = R.fp8_gemm_nt(a, sfa, b, sfb)
         nm = n // 128 * 128
         label = f"m{m} n{n} k{k}"
@@ -74,19 +67,12 @@ def main():
         runs = {"plain": plain, "serial": serial, "2streams": two_streams}
         ok_runs = {}
         for tag, fn in runs.items():
-            d.fill_(float("nan"))
-            fn()
-            torch.cuda.synchronize()
-            diff = calc_diff(d.float(), want.float())
-            ok = diff < 1e-3 and not torch.isnan(d).any().item()
+            ok, diff = checked_run(fn, d, want)
             print(f"{label} {tag:9s} diff {diff:.2e} {'ok' if ok else 'WRONG'}", flush=True)
             if ok:
                 ok_runs[tag] = fn
         cb = min(time_us(lambda: cublas(a, sfa, b, sfb.t())) for _ in range(2)) if cublas is not None else None
-        times = {t: [] for t in ok_runs}
-        for _ in range(args.rounds):
-            for tag, fn in ok_runs.items():
-                times[tag].append(time_us(fn))
+        times = interleaved_times(ok_runs, args.rounds)
         for tag, ts in times.items():
             us = min(ts)
             print(f"{label} {tag:9s} {us:8.1f} us (rounds {', '.join(f'{t:.1f}' for t in ts)})"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 
@@ -22,12 +21,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fp8gemm import reference as R  # noqa: E402
-from fp8gemm.bench.core import time_us  # noqa: E402
-from fp8gemm.bench.suite_gemm import _scaled_mm  # noqa: E402
+from fp8gemm.bench.core import checked_run, interleaved_times, time_us  # noqa: E402
+from fp8gemm.bench.suite_gemm import _scaled_mm, dense_operands  # noqa: E402
 from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
-from fp8gemm.testing import calc_diff  # noqa: E402
 
-FP8 = torch.float8_e4m3fn
 DENSE = [(4096, 576, 7168), (4096, 2112, 7168), (2048, 576, 7168), (8192, 576, 7168), (4096, 1088, 2048),
          (128, 576, 7168)]
 EXTRA_STAGES = [int(x) for x in os.environ.get("TAIL_STAGES", "").split(",") if x]   # e.g. TAIL_STAGES=3,5
@@ -43,11 +40,7 @@ def main():
     print(f"{torch.cuda.get_device_name()}, {num_sms} SMs", flush=True)
     rows = []
     for m, n, k in DENSE:
-        a = torch.randn(m, k, device="cuda").to(FP8)
-        b = torch.randn(n, k, device="cuda").to(FP8)
-        sfa = (torch.rand(m, k // 128, device="cuda") + 0.5).t().contiguous().t()
-        sfb = torch.rand(math.ceil(n / 128), k // 128, device="cuda") + 0.5
-        d = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        a, sfa, b, sfb, d = dense_operands(m, n, k)
         want = R.fp8_gemm_nt(a, sfa, b, sfb)
         flops = 2.0 * m * n * k
         label = f"m{m} n{n} k{k}"
@@ -60,11 +53,7 @@ def main():
             def run(cfg=cfg):
                 G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms, config=cfg)
             try:
-                d.fill_(float("nan"))
-                run()
-                torch.cuda.synchronize()
-                diff = calc_diff(d.float(), want.float())
-                ok = diff < 1e-3 and not torch.isnan(d).any().item()
+                ok, diff = checked_run(run, d, want)
             except Exception as e:  # noqa: BLE001 - a config that does not build is reported
                 print(f"{label} {tag:6s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
@@ -73,10 +62,7 @@ def main():
             if ok:
                 runs[tag] = run
         cb = min(time_us(lambda: cublas(a, sfa, b, sfb.t())) for _ in range(2)) if cublas is not None else None
-        times = {t: [] for t in runs}
-        for _ in range(args.rounds):
-            for tag, run in runs.items():
-                times[tag].append(time_us(run))
+        times = interleaved_times(runs, args.rounds)
         for tag, ts in times.items():
             us = min(ts)
             print(f"{label} {tag:6s} {us:8.1f} us (rounds {', '.join(f'{t:.1f}' for t in ts)}) "

@@ -119,6 +119,27 @@ def time_us(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 1
     return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, list[float]]:
+    """:func:`time_us` of every function, ``rounds`` times, the functions interleaved within each round (so a
+    drift of clock or temperature during the run falls on all of them alike): name -> µs per round."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(time_us(fn))
+    return times
+
+
+def checked_run(fn: Callable[[], object], out: torch.Tensor, want: torch.Tensor, tol: float = 1e-3):
+    """Poison ``out`` with NaN, run ``fn`` once, and compare: ``(ok, diff)``, ok when no NaN is left and
+    ``calc_diff(out, want) < tol``."""
+    from ..testing import calc_diff
+    out.fill_(float("nan"))
+    fn()
+    torch.cuda.synchronize()
+    diff = calc_diff(out.float(), want.float())
+    return diff < tol and not bool(torch.isnan(out).any()), diff
+
+
 def run_cases(cases: list[Case], progress: bool = True) -> list[dict]:
     """Check and time every case; one result dict per (case, implementation)."""
     card = card_name()

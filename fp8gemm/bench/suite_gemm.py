@@ -56,6 +56,15 @@ def _scales(shape, device="cuda"):
     return torch.rand(*shape, device=device) + 0.5
 
 
+def dense_operands(m: int, n: int, k: int, device="cuda"):
+    """Random inputs of a dense 1D2D call ``(a, sfa, b, sfb, d)``: FP8 operands, scales in [0.5, 1.5) with
+    ``sfa`` MN-major (the layout cuBLAS takes and the library accepts as is), ``d`` an empty BF16 output."""
+    a, b = _fp8((m, k), device), _fp8((n, k), device)
+    sfa = _scales((m, k // 128), device).t().contiguous().t()
+    sfb = _scales((math.ceil(n / 128), k // 128), device)
+    return a, sfa, b, sfb, torch.empty(m, n, dtype=torch.bfloat16, device=device)
+
+
 def dense_cases(quick: bool) -> list[Case]:
     cublas = _scaled_mm()
     dg = _deep_gemm()
