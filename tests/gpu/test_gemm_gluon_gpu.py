@@ -269,25 +269,50 @@ TAIL_CASES = [
 ]
 
 
+@pytest.fixture
+def kernel_launches(monkeypatch):
+    """The arguments of every launch of the Gluon GEMM kernel during the test by name (it still runs), so a
+    test can tell which variant ran: a silent fallback gives the same output."""
+    gg = _gg()
+    real = gg.fp8_gemm_ws_kernel
+    seen = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(dict(zip(real.arg_names, args), **kw, grid=grid))
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(gg, "fp8_gemm_ws_kernel", Spy())
+    return seen
+
+
 @pytest.mark.gpu
 @pytest.mark.sm90
 @pytest.mark.parametrize("kw", TAIL_CASES, ids=lambda kw: "x".join(str(kw[k]) for k in ("m", "n", "k")))
-def test_dense_tail(kw):
+def test_dense_tail(kw, kernel_launches):
     gg = _gg()
     assert gg.tail_ok(kw["n"])
     check_dense(config=gg.tail_config(), **kw)
+    ran = [launch.get("BN_TAIL", 0) for launch in kernel_launches]
+    assert ran and all(t == 16 for t in ran), ran          # the tail kernel, not the plain fallback
 
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_tail_grouped_and_fallback():
+def test_tail_grouped_and_fallback(kernel_launches):
     gg = _gg()
     cfg = gg.tail_config()
-    check_masked(3, 150, 272, 384, [150, 0, 65], 60, signal=False, config=cfg)
-    check_masked(3, 150, 272, 384, [150, 0, 65], 60, signal=True, config=cfg)     # signal: plain kernel
-    check_contiguous([130, 5], 144, 384, config=cfg)
-    check_contiguous([300, 0, 77], 272, 640, config=cfg)
-    check_dense(300, 200, 384, config=cfg)                                        # r = 72: plain kernel
+    def tails(case):
+        n0 = len(kernel_launches)
+        case()
+        return [launch.get("BN_TAIL", 0) for launch in kernel_launches[n0:]]
+
+    assert tails(lambda: check_masked(3, 150, 272, 384, [150, 0, 65], 60, signal=False, config=cfg)) == [16]
+    assert tails(lambda: check_masked(3, 150, 272, 384, [150, 0, 65], 60, signal=True, config=cfg)) == [0]
+    assert tails(lambda: check_contiguous([130, 5], 144, 384, config=cfg)) == [16]
+    assert tails(lambda: check_contiguous([300, 0, 77], 272, 640, config=cfg)) == [16]
+    assert tails(lambda: check_dense(300, 200, 384, config=cfg)) == [0]           # r = 72: the plain kernel
     if _sms() == 132:
         assert gg.pick_config("dense", 4096, 576, 7168, tma_store=True, num_sms=132).bn_tail == 16
 
@@ -301,11 +326,16 @@ SPLIT_CASES = [dict(m=4096, n=2112, k=256), dict(m=4096, n=1088, k=384, out_dtyp
 @pytest.mark.gpu
 @pytest.mark.sm90
 @pytest.mark.parametrize("kw", SPLIT_CASES, ids=lambda kw: "x".join(str(kw[k]) for k in ("m", "n", "k")))
-def test_dense_split_n(kw):
+def test_dense_split_n(kw, kernel_launches):
     gg = _gg()
     cfg = gg.pick_config("dense", kw["m"], kw["n"], kw["k"], tma_store="with_c" not in kw, num_sms=_sms(),
                          out_bytes=4 if "out_dtype" in kw else 2, has_c="with_c" in kw)
+    nm = gg.split_n_columns(kw["m"], kw["n"], kw["k"], cfg, _sms())
     if _sms() == 132:
-        assert gg.split_n_columns(kw["m"], kw["n"], kw["k"], cfg, 132) > 0
+        assert nm > 0
     check_dense(**kw)
+    if nm:      # two launches (graph: one outside the capture, two captured), the second on the remainder
+        assert {launch["N"] for launch in kernel_launches} == {nm, kw["n"] - nm}, kernel_launches
+    n0 = len(kernel_launches)
     check_dense(config=cfg, **kw)
+    assert len(kernel_launches) - n0 == (2 if kw.get("graph") else 1)   # an explicit config: one launch
