@@ -133,12 +133,13 @@ def compile_sm90_in_subprocess(module: str, kernel: str, signature: dict, conste
 
     ``module``/``kernel`` name the kernel (e.g. ``"fp8gemm.kernels.quant"``, ``"per_token_cast_kernel"``).
     """
+    import glob
+    import hashlib
+    import importlib.util
     import json
     import os
     import subprocess
     import sys
-
-    import hashlib
     import tempfile
 
     env = dict(os.environ)
@@ -149,13 +150,10 @@ def compile_sm90_in_subprocess(module: str, kernel: str, signature: dict, conste
     # Triton's cache key for an ASTSource built from named constexprs hashes their values, not their names:
     # two optional flags of one kernel, each set alone, collide and the second compile returns the
     # first one's binary.  A cache directory per request (named by its full description) keeps the reuse
-    # across runs without the collisions.
-    # The text of the module's package is part of the name too: Triton's key covers the kernels' own source,
-    # not line numbers, so an edit elsewhere would otherwise return a binary whose PTX ``.loc`` lines (which
-    # source-attribution tests read) point at the old text.
-    import glob
-    import importlib.util
-    # (A module this process cannot find, e.g. one on the subprocess's path only, is named by its name.)
+    # across runs without the collisions.  The text of the module's package is part of the name too: Triton's
+    # key covers the kernels' own source, not line numbers, so an edit elsewhere would otherwise return a
+    # binary whose PTX ``.loc`` lines (which source-attribution tests read) point at the old text.  (A module
+    # this process cannot find, e.g. one on the subprocess's path only, is named by its name alone.)
     text = hashlib.sha256()
     try:
         spec = importlib.util.find_spec(module)
