@@ -26,9 +26,14 @@ from fp8gemm.bench.core import time_us
 from fp8gemm.kernels import moe_act as KM
 from fp8gemm.kernels import mqa as KMQ
 from fp8gemm.kernels import quant as KQ
+from fp8gemm.kernels import quant_gluon as KQG
 
 FP8 = torch.float8_e4m3fn
 ROWS: list[dict] = []
+# Gluon per-channel tiles (block_n, vec, tpw_r, wpc_r, warps); the Triton ones are the (BLOCK_N, warps) pairs
+PER_CHANNEL_GLUON = [(64, 8, 16, 1, 4), (32, 8, 16, 1, 2), (128, 8, 16, 1, 8), (64, 8, 8, 2, 4), (64, 8, 4, 4, 4),
+                     (64, 4, 8, 1, 4), (64, 8, 32, 1, 8), (32, 8, 32, 1, 4), (128, 8, 32, 1, 16), (128, 16, 16, 1, 4),
+                     (64, 16, 32, 1, 4), (256, 8, 16, 1, 16)]
 
 
 def copy_ceiling() -> float:
@@ -99,7 +104,7 @@ def quant_sweeps(ceiling):
     sf_ch = torch.empty(m // 128, k, device="cuda", dtype=torch.float32)
     sweep("quant", f"per_channel {m}x{k}", x.numel() * 2 + q.numel() + sf_ch.numel() * 4,
           lambda c: KQ.launch_per_channel(x, q, sf_ch, 128, False, False, config=c), (q, sf_ch),
-          [(64, 4), (128, 8), (128, 4), (64, 2), (32, 2), (32, 1), (64, 8)], ceiling)
+          [(64, 4), (128, 8), (64, 2)] + [KQG.PerChannelConfig(*c) for c in PER_CHANNEL_GLUON], ceiling)
     q4 = torch.empty(m, k // 2, device="cuda", dtype=torch.uint8)
     sf4 = torch.empty(m, k // 32, device="cuda", dtype=torch.uint8)
     sweep("quant", f"per_token_fp4 {m}x{k}", x.numel() * 2 + q4.numel() + sf4.numel(),

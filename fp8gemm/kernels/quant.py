@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import get_num_sms, interpreting
+from ..runtime import backend, get_num_sms, interpreting
 
 # L2 eviction priority of the casts' input loads (each element is read once).  Measured on an H100 (RESULTS.md,
 # session 4, same card and flush, A/B in one call): evict-first on the input makes the per-channel cast, the
@@ -493,7 +493,15 @@ def launch_per_block(x, q, sf, gran: int, use_ue8m0: bool, soft: bool, config=No
 
 
 def launch_per_channel(x, q, sf, gran: int, use_ue8m0: bool, soft: bool, config=None) -> None:
-    """``config`` is ``(BLOCK_N, num_warps)``."""
+    """``config`` is ``(BLOCK_N, num_warps)`` for this Triton kernel, or a
+    :class:`fp8gemm.kernels.quant_gluon.PerChannelConfig` for the Gluon one.  Without a config, the Gluon
+    kernel runs where it can (an SM90 GPU, ``FP8GEMM_BACKEND`` not ``triton``): measured faster on an H100
+    (benchmarks/RESULTS.md, session 5)."""
+    from . import quant_gluon
+    if not soft and (isinstance(config, quant_gluon.PerChannelConfig)
+                     or (config is None and backend() != "triton" and quant_gluon.supports(x))):
+        quant_gluon.launch_per_channel(x, q, sf, gran, use_ue8m0, config)
+        return
     m, n = x.shape
     # 16 KiB of input a program (64 columns of 128 BF16 rows) on 4 warps: 77.5 µs on 8192x7168 (H100),
     # against 91.6 µs for 128 columns on 8 warps (same registers a thread, half the programs an SM).

@@ -137,3 +137,36 @@ def test_scale_layout_helpers_on_gpu():
     p = fp8gemm.pack_ue8m0_to_int(fp8gemm.ceil_to_ue8m0(sf))
     assert p.shape == (37, math.ceil(56 / 4))
     assert torch.equal(R.unpack_ue8m0_from_int(p.cpu(), 56), R.ceil_to_ue8m0(sf.cpu()))
+
+
+@pytest.mark.parametrize("cfg", [(64, 8, 16, 1, 4), (64, 8, 4, 4, 4), (64, 8, 32, 1, 8), (128, 16, 16, 1, 4),
+                                 (64, 4, 8, 1, 4)])
+def test_per_channel_gluon_tiles_and_triton_twin(cfg, monkeypatch):
+    """Each Gluon per-channel tile (warps along the columns, along the rows, mixed) and, with
+    ``FP8GEMM_BACKEND=triton``, the Triton kernel on the GPU: both byte-exact, on a strided odd-shaped
+    input (partial bands and column blocks) and the default path checked to be the Gluon kernel."""
+    from fp8gemm.kernels import quant as KQ
+    from fp8gemm.kernels import quant_gluon as KQG
+    if not KQG.supports(torch.empty(1, device="cuda")):
+        pytest.skip("the Gluon per-channel kernel needs an SM90 GPU")
+    base = realistic(1100, 3001)
+    x = base[:, 1:]                                   # row stride 3001: unaligned rows, columns 3000
+    rq, rsf = reference_sliced(R.per_channel_cast_to_fp8, x, rows=1152, use_ue8m0=True)
+    q = torch.empty(x.shape, dtype=FP8, device="cuda")
+    sf = torch.empty(math.ceil(x.shape[0] / 128), x.shape[1], device="cuda")
+    cfg = KQG.PerChannelConfig(*cfg)
+    KQ.launch_per_channel(x, q, sf, 128, True, False, config=cfg)
+    assert_same_bytes(q, rq, f"gluon {cfg} codes")
+    assert_same_bytes(sf, rsf, f"gluon {cfg} scales")
+    launched = []
+    real = KQG.launch_per_channel
+    monkeypatch.setattr(KQG, "launch_per_channel", lambda *a, **k: launched.append(1) or real(*a, **k))
+    q2, sf2 = fp8gemm.per_channel_cast_to_fp8(x, True)
+    assert launched, "the default per-channel cast did not take the Gluon kernel on SM90"
+    assert_same_bytes(q2, rq, "default codes")
+    monkeypatch.setenv("FP8GEMM_BACKEND", "triton")
+    launched.clear()
+    q3, sf3 = fp8gemm.per_channel_cast_to_fp8(x, True)
+    assert not launched, "FP8GEMM_BACKEND=triton still took the Gluon kernel"
+    assert_same_bytes(q3, rq, "triton codes")
+    assert_same_bytes(sf3, rsf, "triton scales")
