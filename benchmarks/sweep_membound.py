@@ -33,9 +33,6 @@ ROWS: list[dict] = []
 # Gluon per-channel tiles (block_n, vec, tpw_r, wpc_r, warps); the Triton ones are the (BLOCK_N, warps) pairs
 PER_CHANNEL_GLUON = [(64, 8, 4, 4, 4), (64, 8, 8, 2, 4), (64, 8, 4, 8, 8), (32, 8, 8, 4, 4), (128, 8, 4, 4, 8),
                      (64, 8, 4, 2, 2), (128, 8, 2, 4, 4), (64, 8, 16, 1, 4)]
-# Gluon FP8 pre-dispatch tiles (block_m, groups, vec, warps)
-PRE_DISPATCH_GLUON = [(16, 4, 8, 4), (8, 4, 8, 4), (32, 4, 8, 8), (16, 4, 8, 8), (8, 4, 8, 2), (16, 2, 8, 4),
-                      (32, 2, 8, 4), (4, 4, 8, 4), (16, 8, 8, 8)]
 
 
 def copy_ceiling() -> float:
@@ -127,7 +124,7 @@ def pre_dispatch_sweeps(ceiling):
         bufs = (bx, bsf, bi, bw)
         nbytes = x.numel() * 2 + idx.numel() * 8 + w.numel() * 4 + sum(b.numel() * b.element_size() for b in bufs)
         configs = ([(16, 4, 4), (8, 4, 4), (4, 4, 4), (16, 4, 8), (32, 4, 8), (8, 8, 8), (16, 8, 8), (32, 2, 8),
-                    (16, 4, 4, 2), (4, 4, 4, 8)] + [KQG.RowGroupConfig(*c) for c in PRE_DISPATCH_GLUON] if not fp4
+                    (16, 4, 4, 2), (4, 4, 4, 8)] if not fp4
                    else [(8, 16, 4), (8, 16, 4, 2), (4, 16, 4, 4), (16, 16, 8, 2), (8, 8, 4, 4)])
         sweep("pre", f"pre_dispatch {'fp4/32' if fp4 else 'fp8/128'} {n}x{hidden} cap{cap}", nbytes,
               lambda c, bufs=bufs, fp4=fp4, gs=gs: KM.launch_pre_dispatch(

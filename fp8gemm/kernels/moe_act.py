@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import backend, get_num_sms
+from ..runtime import get_num_sms
 from .quant import (ROWS_EVICT, bf16_pairs_ok, e4m3_bytes, fp4_tile_cast, fp4_tile_load, fp4_tile_store, group_amax,
                     row_group_config, row_group_tile, scale_from_amax, ue8m0_byte)
 
@@ -191,16 +191,6 @@ def combine_reduce_kernel(p_ptr, sf_ptr, w_ptr, idx_ptr, out_ptr, T, hidden, top
 def launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx, buf_topk_weights,
                         num_tokens: int, group_size: int, use_fp4_acts: bool, fp32_scales: bool, use_ue8m0: bool,
                         soft: bool, config=None) -> None:
-    """``config``: ``(BLOCK_M, GROUPS, num_warps[, ctas_per_sm])`` for the Triton kernel, or a
-    :class:`fp8gemm.kernels.quant_gluon.RowGroupConfig` for the Gluon FP8 one.  Without a config, FP8 codes
-    take the Gluon kernel where it can run (an SM90 GPU, ``FP8GEMM_BACKEND`` not ``triton``)."""
-    from . import quant_gluon
-    if not soft and (isinstance(config, quant_gluon.RowGroupConfig) or (
-            config is None and backend() != "triton" and quant_gluon.supports_pre_dispatch(x, use_fp4_acts))):
-        quant_gluon.launch_pre_dispatch_fp8(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx,
-                                            buf_topk_weights, num_tokens, group_size, fp32_scales, use_ue8m0,
-                                            config)
-        return
     capacity, hidden = buf_x.shape[0], x.shape[1]
     topk = buf_topk_idx.shape[1]
     block_m, groups, warps, *rest = config or row_group_config(capacity, hidden, group_size, x.element_size(),

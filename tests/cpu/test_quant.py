@@ -567,6 +567,33 @@ def test_per_channel_cast_sm90_division_free():
         assert "F2FP.SATFINITE.E4M3" in sass
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_per_channel_gluon_cast_sm90(dtype):
+    """The Gluon per-channel cast (the SM90 default) at its default tile: 16-byte loads, the hardware E4M3
+    conversion, the division-free scales, no local memory and at most 128 registers (four 4-warp programs
+    an SM, the occupancy it was measured at)."""
+    import torch
+
+    from fp8gemm.kernels import quant_gluon as KQG
+    from fp8gemm.testing import compile_sm90_in_subprocess, sass_count, sass_wide_loads
+    if not KQG.HAS_GLUON:
+        pytest.skip("this triton has no Gluon")
+    cfg = KQG.per_channel_config(torch.empty(1, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32), 128)
+    sig = {"x_ptr": f"*{dtype}", "q_ptr": "*u8", "sf_ptr": "*fp32", "M": "i32", "N": "i32", "stride_xm": "i32",
+           "stride_qm": "i32", "stride_sm": "i32"}
+    res = compile_sm90_in_subprocess(
+        "fp8gemm.kernels.quant_gluon", "per_channel_cast_kernel", sig,
+        dict(stride_xn=1, GRAN=128, BLOCK_N=cfg.block_n, VEC=cfg.vec, TPW_R=cfg.tpw_r, WPC_R=cfg.wpc_r,
+             USE_UE8M0=False), gluon=True, num_warps=cfg.warps,
+        divisible_by_16=["x_ptr", "q_ptr", "sf_ptr", "M", "N", "stride_xm", "stride_qm", "stride_sm"])
+    assert res["local"] == 0 and res["stack"] == 0, "local memory used"
+    assert 0 < res["regs"] <= 128, f"{res['regs']} registers"
+    sass = res["sass"]
+    assert sass_wide_loads(sass) > 0, "input not read with 16-byte loads"
+    assert sass_count(sass, "FCHK") == 0 and sass_count(sass, "MUFU.RCP") > 0, "scales not division-free"
+    assert "F2FP.SATFINITE.E4M3" in sass
+
+
 # =====================================================================================
 # FP4 cast on the bits (UE8M0 scale without a division, 1/sf folded into the rounding FMA):
 # every E2M1 tie at every scale, inf/NaN groups, both input paths; e2m1_codes on its own

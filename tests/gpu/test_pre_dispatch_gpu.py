@@ -57,40 +57,6 @@ def test_pre_dispatch_deepseek_shape(fp4, group_size, fp32_scales, idx_dtype):
         assert_same(got, ref, name)
 
 
-@pytest.mark.parametrize("cfg", [None, (16, 4, 8, 4), (8, 4, 8, 2), (32, 4, 8, 8), (8, 1, 8, 1), "triton"])
-def test_pre_dispatch_fp8_gluon_tiles_and_triton_twin(cfg, monkeypatch):
-    """The Gluon FP8 pre-dispatch at several tiles, and the Triton twin (``FP8GEMM_BACKEND=triton``), on a
-    strided input, a partial last row block and padding rows: the same bytes as the reference; the default
-    call is checked to take the Gluon kernel on SM90 and the forced Triton one not to."""
-    from fp8gemm.kernels import moe_act as KM
-    from fp8gemm.kernels import quant_gluon as KQG
-    if not KQG.supports(torch.empty(1, device="cuda")):
-        pytest.skip("the Gluon pre-dispatch needs an SM90 GPU")
-    n, capacity = 1001, 1030
-    x = torch.randn(n, HIDDEN + 8, device="cuda", dtype=torch.bfloat16)[:, 8:]
-    x[3] = 0.0
-    x[7, 77] = float("inf")
-    idx, w = routing(n)
-    launched = []
-    real = KQG.launch_pre_dispatch_fp8
-    monkeypatch.setattr(KQG, "launch_pre_dispatch_fp8", lambda *a, **k: launched.append(1) or real(*a, **k))
-    for gs, fp32 in ((128, False), (32, False), (128, True)):
-        bufs = buffers(capacity, False, gs, fp32)
-        if cfg == "triton":
-            monkeypatch.setenv("FP8GEMM_BACKEND", "triton")
-            mega_moe_pre_dispatch(x, idx, w, *bufs, n, gs, False, fp32_scales=fp32)
-            assert not launched, "FP8GEMM_BACKEND=triton took the Gluon kernel"
-        elif cfg is None:
-            mega_moe_pre_dispatch(x, idx, w, *bufs, n, gs, False, fp32_scales=fp32)
-            assert launched, "the default FP8 pre-dispatch did not take the Gluon kernel on SM90"
-        else:
-            KM.launch_pre_dispatch(x, idx, w, *bufs, n, gs, False, fp32, True, soft=False,
-                                   config=KQG.RowGroupConfig(*cfg))
-        want = R.mega_moe_pre_dispatch(x.cpu(), idx.cpu(), w.cpu(), n, capacity, gs, False, fp32_scales=fp32)
-        for name, got, ref in zip(("buf_x", "buf_x_sf", "buf_topk_idx", "buf_topk_weights"), bufs, want):
-            assert_same(got, ref, f"{cfg} gs{gs} fp32{fp32} {name}")
-
-
 def test_pre_dispatch_in_cuda_graph():
     capacity, n = 1024, 700
     x = torch.randn(n, HIDDEN, device="cuda", dtype=torch.bfloat16)
