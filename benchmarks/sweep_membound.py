@@ -130,18 +130,6 @@ def pre_dispatch_sweeps(ceiling):
               lambda c, bufs=bufs, fp4=fp4, gs=gs: KM.launch_pre_dispatch(
                   x, idx, w, *bufs, n, gs, fp4, False, True, False, config=c),
               bufs, configs, ceiling)
-    # Padding tiles first or last (KM.PAD_FIRST), FP8, two interleaved rounds.
-    bx = torch.empty(cap, hidden, dtype=torch.uint8, device="cuda")
-    bufs = (bx, torch.empty(cap, hidden // 128, dtype=torch.uint8, device="cuda"),
-            torch.empty(cap, topk, dtype=torch.int64, device="cuda"), torch.empty(cap, topk, device="cuda"))
-    nbytes = x.numel() * 2 + idx.numel() * 8 + w.numel() * 4 + sum(b.numel() * b.element_size() for b in bufs)
-    for rnd in range(2):
-        for pad_first in (True, False):
-            KM.PAD_FIRST = pad_first
-            sweep("pre", f"pre_dispatch fp8/128 pad_first={pad_first} r{rnd}", nbytes,
-                  lambda c: KM.launch_pre_dispatch(x, idx, w, *bufs, n, 128, False, False, True, False, config=c),
-                  bufs, [], ceiling)
-    KM.PAD_FIRST = True
     # The same cast without routing or padding at the same size: what the size alone costs.
     q = torch.empty(n, hidden, device="cuda", dtype=FP8)
     sf = torch.empty(n, hidden // 128, device="cuda", dtype=torch.float32)

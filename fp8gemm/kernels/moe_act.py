@@ -84,8 +84,7 @@ def pre_dispatch_kernel(x_ptr, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr
                         stride_bxm, stride_bsm, stride_bim, stride_bwm,
                         BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, GRAN: tl.constexpr, TOPK_P2: tl.constexpr,
                         FP4: tl.constexpr, SF_FP32: tl.constexpr, USE_UE8M0: tl.constexpr,
-                        SOFT_CVT: tl.constexpr, PERSISTENT: tl.constexpr = False, X_PAIRS: tl.constexpr = False,
-                        PAD_FIRST: tl.constexpr = True):
+                        SOFT_CVT: tl.constexpr, PERSISTENT: tl.constexpr = False, X_PAIRS: tl.constexpr = False):
     """Tile t covers buffer rows ``[(t // tiles_g) * BLOCK_M, ... + BLOCK_M)`` and scale groups
     ``[(t % tiles_g) * GROUPS, ... + GROUPS)`` of every buffer; rows below ``num_tokens`` get the token's
     cast, rows from ``num_tokens`` to ``capacity`` the padding values.  The tiles of the first groups also
@@ -97,16 +96,10 @@ def pre_dispatch_kernel(x_ptr, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_ptr, bw_ptr
 
     Plain grid: one program per tile.  ``PERSISTENT``: programs stride over the tiles and load the next
     tile before casting and storing the current one, so the loads of one tile overlap the stores of the
-    previous one inside each program.
-
-    ``PAD_FIRST`` (plain grid): program p takes tile ``(p + first) % total``, ``first`` being the first tile
-    with padding rows, so the write-only padding tiles start while the first token tiles' loads are still
-    in flight instead of running alone at the end."""
+    previous one inside each program."""
     tiles_g = tl.cdiv(tl.cdiv(hidden, GRAN), GROUPS)
     total = tl.cdiv(capacity, BLOCK_M) * tiles_g
     tile = tl.program_id(0)
-    if PAD_FIRST and not PERSISTENT:
-        tile = (tile + (num_tokens // BLOCK_M) * tiles_g) % total
     x = _pre_dispatch_load(x_ptr, tile, tiles_g, num_tokens, hidden, stride_xm, stride_xk,
                            BLOCK_M, GROUPS, GRAN, FP4, X_PAIRS)
     if PERSISTENT:
@@ -195,10 +188,6 @@ def combine_reduce_kernel(p_ptr, sf_ptr, w_ptr, idx_ptr, out_ptr, T, hidden, top
     tl.store(out_ptr + rows64[:, None, None] * stride_ot + cols[None, :, :], bf16_bits(acc, SOFT), mask=mask)
 
 
-# Padding tiles first (see pre_dispatch_kernel); a module switch so that an A/B run can turn it off.
-PAD_FIRST = True
-
-
 def launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx, buf_topk_weights,
                         num_tokens: int, group_size: int, use_fp4_acts: bool, fp32_scales: bool, use_ue8m0: bool,
                         soft: bool, config=None) -> None:
@@ -217,7 +206,6 @@ def launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx
         buf_topk_weights.stride(0),
         BLOCK_M=block_m, GROUPS=groups, GRAN=group_size, TOPK_P2=triton.next_power_of_2(max(topk, 1)),
         FP4=use_fp4_acts, SF_FP32=fp32_scales, USE_UE8M0=use_ue8m0, SOFT_CVT=soft, PERSISTENT=bool(ctas_per_sm),
-        PAD_FIRST=PAD_FIRST,
         X_PAIRS=use_fp4_acts and bf16_pairs_ok(x), num_warps=warps)
 
 
