@@ -7,7 +7,9 @@ times, at several sizes, PyTorch's own copy (read + write), a read-only reductio
 E4M3 conversion (the cast's bytes without its scales) next to our per-token cast and FP8 pre-dispatch, each
 with the write and the read flush, so a target can be judged against what any kernel reaches at that size.
 
-    PYTHONPATH=. python3 benchmarks/size_ceiling.py --out $OUT
+    PYTHONPATH=. python3 benchmarks/size_ceiling.py --out $OUT [--rows 2048,4096] [--mb 4,15,50]
+
+``--rows``: token counts of the cast cases (hidden 7168); ``--mb``: sizes of the read-only and copy cases.
 """
 from __future__ import annotations
 
@@ -48,19 +50,30 @@ def cases(rows: int):
     ]
 
 
+def read_cases(mb: float):
+    """A read-only reduction and a copy over ``mb`` MB of BF16 (the weight sizes of the decode GEMMs)."""
+    x = torch.randn(int(mb * 1e6) // 2, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    sink = torch.empty((), device="cuda", dtype=torch.float32)
+    return [("torch sum (read only)", x.numel() * 2, lambda: torch.sum(x, dim=0, dtype=torch.float32, out=sink)),
+            ("torch copy (read + write)", x.numel() * 4, lambda: y.copy_(x))]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--rows", default="1024,2048,4096,8192,16384")
+    ap.add_argument("--rows", default="1024,2048,4096,8192,16384", help="token counts for the cast cases ('' none)")
+    ap.add_argument("--mb", default="", help="input sizes in MB for the read-only and copy cases, e.g. 4,15,50")
     args = ap.parse_args()
-    rows_list = [int(r) for r in args.rows.split(",")]
+    jobs = [(int(r), cases) for r in args.rows.split(",") if r] + [(float(v), read_cases) for v in args.mb.split(",")
+                                                                   if v]
     results = []
-    print(f"{'rows':>6s} {'case':32s} {'MB':>7s} {'write µs':>9s} {'% 3010':>7s} {'read µs':>9s} {'% 3010':>7s}")
-    for rows in rows_list:
-        for name, nbytes, fn in cases(rows):
+    print(f"{'size':>6s} {'case':32s} {'MB':>7s} {'write µs':>9s} {'% 3010':>7s} {'read µs':>9s} {'% 3010':>7s}")
+    for rows, make in jobs:
+        for name, nbytes, fn in make(rows):
             t = {mode: time_us(fn, flush_mode=mode) for mode in ("write", "read")}
             pct = {mode: 100 * nbytes / t[mode] / 1e3 / ANCHOR_COPY for mode in t}
-            print(f"{rows:6d} {name:32s} {nbytes / 1e6:7.1f} {t['write']:9.1f} {pct['write']:6.1f}% "
+            print(f"{rows:6g} {name:32s} {nbytes / 1e6:7.1f} {t['write']:9.1f} {pct['write']:6.1f}% "
                   f"{t['read']:9.1f} {pct['read']:6.1f}%", flush=True)
             results.append(dict(rows=rows, case=name, mb=nbytes / 1e6, us_write=t["write"], us_read=t["read"],
                                 pct_write=pct["write"], pct_read=pct["read"]))
