@@ -18,7 +18,7 @@ import torch
 import triton
 
 from .. import runtime
-from . import fp4_convert, gemm_triton
+from . import fp4_convert, gemm_skinny, gemm_triton
 
 # Programmatic dependent launch (PDL) on the "fp4-gluon" route: the convert kernel executes
 # ``griddepcontrol.launch_dependents`` first and the Gluon GEMM is launched right after it on the same stream
@@ -30,6 +30,10 @@ from . import fp4_convert, gemm_triton
 # attribute as a programmatic graph edge.  Read at every call (so at capture time for a graph): tests and
 # benchmarks flip it (``benchmarks/fp4_pdl_ab.py`` times both settings in one run).  Other routes never use PDL.
 USE_PDL = True
+
+# Dense FP8 calls with at most this many rows take the split-K swap-A/B kernel (:mod:`.gemm_skinny`) on every
+# backend but ``gluon``; 0 turns it off (A/B runs flip it).
+SKINNY_MAX_M = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +125,9 @@ def _plan(mode_name: str, a, sfa, b, sfb, d, c, expected_m, gran_n_b: int, max_b
     ``("triton", TritonConfig)``."""
     scaled = sfa is not None
     a_fp4 = a.dtype == torch.uint8
+    if (mode_name == "dense" and scaled and gran_n_b == 128 and force_block_m is None and a.shape[0] <= SKINNY_MAX_M
+            and runtime.backend() != "gluon" and gemm_skinny.supports(a, sfa, b, sfb, d, c)):
+        return "skinny", gemm_skinny.plan(a.shape[0], b.shape[0], b.shape[1], runtime.get_num_sms())
     if scaled and gran_n_b == 128 and force_block_m is None:
         if not a_fp4 and _use_gluon(mode_name, a, sfa, b, sfb, d, c):
             return "gluon", None
@@ -144,6 +151,8 @@ def plan_tiles(mode_name: str, a, sfa, b, sfb, d, *, c=None, expected_m: int | N
     """The ``(block_m, block_n)`` the same :func:`run_m_grouped` call will use, known before launch (to size
     and check SBO signal arrays)."""
     kind, cfg = _plan(mode_name, a, sfa, b, sfb, d, c, expected_m, gran_n_b, max_block_n, force_block_m)
+    if kind == "skinny":
+        return cfg.block_m, cfg.block_n
     if kind == "fp4-gluon":
         a, sfa = cfg
     if kind in ("gluon", "fp4-gluon"):
@@ -164,6 +173,10 @@ def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, 
     num_sms = runtime.get_num_sms()
     kind, cfg = _plan(mode_name, a, sfa, b, sfb, d, c, expected_m, gran_n_b, max_block_n, force_block_m)
     pdl = False
+    if kind == "skinny":
+        if a.shape[0] and b.shape[0]:
+            gemm_skinny.launch(a, sfa, b, sfb, d, num_sms, cfg)
+        return cfg.block_m, cfg.block_n
     if kind == "fp4-gluon":
         q, sf = cfg
         pdl = bool(USE_PDL)

@@ -1,0 +1,79 @@
+"""Dense FP8 GEMMs with few rows: the warp-specialised Gluon kernel vs the split-K swap-A/B kernel
+(``fp8gemm/kernels/gemm_skinny.py``) at several tiles and splits, one GPU, one process.
+
+    PYTHONPATH=. python3 benchmarks/skinny_ab.py --out $OUT [--ms 1,4,16] [--rounds 2]
+
+Every variant's output is checked against the FP32 reference first (NaN-poisoned, diff < 1e-3); times are
+medians of CUDA-graph replays after a write L2 flush (``time_us``), the variants interleaved within each
+round. ANCHORS' DeepGEMM µs (H100, m = 1) are printed beside the m = 1 rows for reference (another run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+import fp8gemm
+from fp8gemm import reference as R
+from fp8gemm.bench.core import checked_run, interleaved_times
+from fp8gemm.bench.suite_gemm import dense_operands
+from fp8gemm.kernels import gemm_dispatch
+from fp8gemm.kernels import gemm_skinny as KS
+
+NK = [(2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
+DEEPGEMM_H100_M1 = {(2112, 7168): 18.0, (576, 7168): 16.0, (24576, 1536): 27.7, (32768, 512): 17.0,
+                    (7168, 16384): 58.9, (4096, 7168): 23.2, (7168, 2048): 15.5}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--ms", default="1,4,16")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for m in [int(v) for v in args.ms.split(",")]:
+        for n, k in NK:
+            a, sfa, b, sfb, d = dense_operands(m, n, k)
+            want = R.fp8_gemm_nt(a, sfa, b, sfb)
+            plan = KS.plan(m, n, k, num_sms)
+
+            def api(max_m):
+                def run():
+                    gemm_dispatch.SKINNY_MAX_M = max_m
+                    fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
+                return run
+
+            variants = {"gluon": api(0), f"skinny plan {plan.block_n}x{plan.split}": api(16)}
+            for bn, split, stages in ((64, plan.split * 2, 6), (64, max(1, plan.split // 2), 6), (128, 0, 6),
+                                      (64, plan.split, 4), (64, plan.split, 8)):
+                if bn == 128:
+                    split = max(1, min(round(num_sms / -(-n // 128)), k // 512))
+                cfg = KS.SkinnyConfig(block_n=bn, block_m=16, split=split, num_stages=stages)
+                variants[f"skinny {bn}x{split} s{stages}"] = (
+                    lambda cfg=cfg: KS.launch(a, sfa, b, sfb, d, num_sms, cfg))
+            ok = {}
+            for name, fn in variants.items():
+                ok[name] = checked_run(fn, d, want)
+            runnable = {name: fn for name, fn in variants.items() if ok[name][0]}
+            times = interleaved_times(runnable, rounds=args.rounds)
+            gemm_dispatch.SKINNY_MAX_M = 16
+            wbytes = n * k + m * k + m * n * 2
+            dg = DEEPGEMM_H100_M1.get((n, k)) if m == 1 else None
+            for name in variants:
+                t = min(times[name]) if name in times else None
+                row = dict(m=m, n=n, k=k, variant=name, ok=ok[name][0], diff=ok[name][1], us=times.get(name),
+                           best_us=t, gbs=wbytes / t / 1e3 if t else None, deepgemm_h100_us=dg)
+                rows.append(row)
+                print(f"m{m:<3d} n{n:<6d} k{k:<6d} {name:24s} "
+                      + (f"{t:7.1f} us {wbytes / t / 1e3:6.0f} GB/s" if t else f"WRONG diff {ok[name][1]:.2e}")
+                      + (f"   (DeepGEMM H100 {dg} us)" if dg and name == "gluon" else ""), flush=True)
+    with open(os.path.join(args.out, "skinny_ab.json"), "w") as f:
+        json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Dense FP8 GEMMs with few rows (decode, m <= 32): swap-A/B tiles split along K.
+
+``D[m, n] = sum_kb (A[m, kb] . B[n, kb]) * sfa[m, kb] * sfb[n // 128, kb]`` (the 1D2D recipe,
+:func:`fp8gemm.reference.fp8_gemm_nt`) when A has a handful of rows is a stream over the weights B.  The
+persistent kernels give each SM whole column tiles of B, so with N = 2112 a 16-wide column tile is one
+SM's whole share, and each 128-K step of it moves only 2 KB of weights for the fixed cost of a pipeline
+step (about 500 cycles in the warp-specialised kernel): the weights stream at ~750 GB/s.  Here the
+weights sit on the MMA's 64/128-row side (swap-A/B: ``part[n, m] = B_tile . A_tile^T``, 8-16 KB of
+weights a step) and the K range is split over ``SPLIT`` programs per column block so that the grid still
+covers the SMs.
+
+Split-K reduction without a second launch: each program stores its FP32 partial tile in a workspace,
+then adds 1 to its column block's counter (``acq_rel``); the program that brings the counter to
+``SPLIT`` sums the partials (L1-bypassing loads), writes D and resets the counter to 0 for the next call.
+The counters live in a per-(device, stream) cache and are always left at zero, so calls on one stream (and
+CUDA graphs captured there) reuse them safely; two launches of this kernel running at the same time on
+different streams each get their own.
+
+Host entry: :func:`supports`, :func:`plan` and :func:`launch` (arguments validated by ``fp8gemm.gemm``).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_K = 128
+_BK = tl.constexpr(BLOCK_K)        # the same, for the kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class SkinnyConfig:
+    """``block_n`` weight rows a program (64 or 128: one B scale block), ``block_m`` token columns (16 or 32),
+    ``split`` programs along K per column block."""
+    block_n: int = 64
+    block_m: int = 16
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 6
+
+
+@triton.jit
+def skinny_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, d_ptr, ws_ptr, cnt_ptr, M, N, K,
+                       stride_am, stride_ak, stride_bn, stride_bk, stride_dm, stride_dn,
+                       stride_sam, stride_sak, stride_sbn, stride_sbk, slices_per_split,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
+    """Program (pn, ps): weight rows ``[pn * BLOCK_N, ...)``, 128-K slices ``[ps * slices_per_split, ...)``."""
+    pn = tl.program_id(0)
+    ps = tl.program_id(1)
+    n_blocks = tl.num_programs(0)
+    kb0 = ps * slices_per_split
+    kb1 = tl.minimum(kb0 + slices_per_split, K // _BK)
+    offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, _BK)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    b_rows = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn
+    a_cols = a_ptr + offs_m[None, :].to(tl.int64) * stride_am
+    sb_ptr = sfb_ptr + ((pn * BLOCK_N) // 128) * stride_sbn           # the block lies in one scale block
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for kb in range(kb0, kb1):
+        k = kb * _BK + offs_k
+        w = tl.load(b_rows + k[None, :] * stride_bk, mask=n_ok[:, None], other=0.0)
+        x = tl.load(a_cols + k[:, None] * stride_ak, mask=m_ok[None, :], other=0.0)
+        part = tl.dot(w, x)                                             # [BLOCK_N, BLOCK_M]
+        sw = tl.load(sb_ptr + kb * stride_sbk)
+        sx = tl.load(sfa_ptr + offs_m * stride_sam + kb * stride_sak, mask=m_ok, other=0.0)
+        acc += part * (sx * sw)[None, :]
+    d_ptrs = d_ptr + offs_m[None, :].to(tl.int64) * stride_dm + offs_n[:, None] * stride_dn
+    d_mask = n_ok[:, None] & m_ok[None, :]
+    if SPLIT == 1:
+        tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty), mask=d_mask)
+    else:
+        tile = (offs_n[:, None] * BLOCK_M + offs_m[None, :]).to(tl.int64)
+        plane = n_blocks * BLOCK_N * BLOCK_M
+        tl.store(ws_ptr + ps * plane + tile, acc)
+        # Every thread's partial is stored before the counter's release (the barrier), and the last
+        # arriver's loads come after its acquire; .cg keeps them off the (incoherent) L1.
+        tl.debug_barrier()
+        prev = tl.atomic_add(cnt_ptr + pn, 1, sem="acq_rel", scope="gpu")
+        if prev == SPLIT - 1:
+            total = tl.load(ws_ptr + tile, cache_modifier=".cg")
+            for s in range(1, SPLIT):
+                total += tl.load(ws_ptr + s * plane + tile, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + pn, 0, sem="relaxed", scope="gpu")
+            tl.store(d_ptrs, total.to(d_ptr.dtype.element_ty), mask=d_mask)
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, at least ``n``, for the current stream of ``device`` (kept at zero by the
+    kernel itself)."""
+    key = (device.index if device.type == "cuda" else -1, device.type,
+           torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    cnt = _COUNTERS.get(key)
+    if cnt is None or cnt.numel() < n:
+        cnt = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+        _COUNTERS[key] = cnt
+    return cnt
+
+
+def supports(a, sfa, b, sfb, d, c=None) -> bool:
+    """Dense FP8 x FP8 with FP32 scales (A per row per 128 K, B per 128 x 128), K a multiple of 128, at most
+    32 rows, no C, BF16 or FP32 output."""
+    fp8 = torch.float8_e4m3fn
+    return (c is None and a.dim() == 2 and a.dtype == fp8 and b.dtype == fp8 and sfa is not None
+            and sfb is not None and sfa.dtype == torch.float32 and sfb.dtype == torch.float32
+            and a.shape[0] <= 32 and a.shape[1] % BLOCK_K == 0 and a.shape[1] > 0 and b.shape[0] > 0
+            and d.dtype in (torch.bfloat16, torch.float32))
+
+
+def plan(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
+    """64 weight rows a program; the split that brings the programs closest to one per SM, keeping at least
+    four 128-K slices a program."""
+    block_n = 64
+    n_blocks = triton.cdiv(n, block_n)
+    slices = k // BLOCK_K
+    split = max(1, min(round(num_sms / n_blocks), slices // 4))
+    return SkinnyConfig(block_n=block_n, block_m=16 if m <= 16 else 32, split=split)
+
+
+def launch(a, sfa, b, sfb, d, num_sms: int, config: SkinnyConfig | None = None) -> SkinnyConfig:
+    m, k = a.shape
+    n = b.shape[0]
+    cfg = config or plan(m, n, k, num_sms)
+    if cfg.block_n not in (64, 128) or cfg.block_m not in (16, 32) or m > cfg.block_m:
+        raise ValueError(f"skinny GEMM config {cfg} does not fit m={m}")
+    slices = k // BLOCK_K
+    per = triton.cdiv(slices, cfg.split)
+    split = triton.cdiv(slices, per)                 # no empty splits
+    n_blocks = triton.cdiv(n, cfg.block_n)
+    if split > 1:
+        ws = torch.empty(split * n_blocks * cfg.block_n * cfg.block_m, dtype=torch.float32, device=a.device)
+        cnt = _counters(a.device, n_blocks)
+    else:
+        ws = cnt = d
+    skinny_gemm_kernel[(n_blocks, split)](
+        a, sfa, b, sfb, d, ws, cnt, m, n, k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), d.stride(0), d.stride(1),
+        sfa.stride(0), sfa.stride(1), sfb.stride(0), sfb.stride(1), per,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, SPLIT=split,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dataclasses.replace(cfg, split=split)

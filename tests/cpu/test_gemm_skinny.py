@@ -1,0 +1,87 @@
+"""The split-K swap-A/B kernel of dense FP8 GEMMs with few rows (``fp8gemm.kernels.gemm_skinny``), in the
+interpreter on CPU and compiled on a GPU: against the reference for every split (uneven ones included),
+both tile widths, partial column blocks, BF16 and FP32 outputs, strided scales, repeated calls (the
+split-K counters must come back to zero), and the dispatch that routes small dense calls to it."""
+import math
+
+import pytest
+import torch
+
+import fp8gemm
+from fp8gemm import reference as R
+from fp8gemm.kernels import gemm_dispatch
+from fp8gemm.kernels import gemm_skinny as KS
+from fp8gemm.testing import calc_diff, poison_
+
+FP8 = torch.float8_e4m3fn
+
+
+def case(m, n, k, device, mn_major_sfa=False):
+    a = torch.randn(m, k, device=device).to(FP8)
+    b = torch.randn(n, k, device=device).to(FP8)
+    sfa = torch.rand(m, k // 128, device=device) * 1.5 + 0.25
+    if mn_major_sfa:
+        sfa = sfa.t().contiguous().t()
+    sfb = torch.rand(math.ceil(n / 128), k // 128, device=device) * 1.5 + 0.25
+    return a, sfa, b, sfb
+
+
+@pytest.mark.parametrize("m,n,k,block_n,split", [(1, 200, 1024, 64, 3), (5, 130, 512, 128, 4), (16, 64, 384, 64, 1),
+                                                  (16, 192, 1024, 64, 8), (9, 70, 640, 128, 2)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_skinny_kernel_matches_reference(m, n, k, block_n, split, out_dtype, device):
+    a, sfa, b, sfb = case(m, n, k, device, mn_major_sfa=m % 2 == 1)
+    want = R.fp8_gemm_nt(a.cpu(), sfa.cpu(), b.cpu(), sfb.cpu(), out_dtype=out_dtype)
+    for _ in range(2):                       # the second call relies on the counters left at zero
+        d = poison_(torch.empty(m, n, dtype=out_dtype, device=device))
+        used = KS.launch(a, sfa, b, sfb, d, 132, KS.SkinnyConfig(block_n=block_n, block_m=16, split=split))
+        assert not d.isnan().any(), "an output element was not written"
+        assert calc_diff(d.cpu(), want) < 1e-3
+    assert used.split == math.ceil(k // 128 / math.ceil(k // 128 / split))
+    if used.split > 1:
+        assert int(KS._counters(a.device, 1).count_nonzero()) == 0, "split-K counters not reset"
+
+
+def test_dense_small_m_takes_the_skinny_kernel(device, monkeypatch):
+    a, sfa, b, sfb = case(3, 256, 1024, device)
+    calls = []
+    real = KS.launch
+    monkeypatch.setattr(KS, "launch", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    d = poison_(torch.empty(3, 256, dtype=torch.bfloat16, device=device))
+    fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
+    assert calls, "a dense call with 3 rows did not take the skinny kernel"
+    assert calc_diff(d.cpu(), R.fp8_gemm_nt(a.cpu(), sfa.cpu(), b.cpu(), sfb.cpu())) < 1e-3
+    calls.clear()
+    monkeypatch.setattr(gemm_dispatch, "SKINNY_MAX_M", 0)
+    fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
+    assert not calls, "SKINNY_MAX_M = 0 still took the skinny kernel"
+
+
+def test_skinny_plan_fills_the_sms():
+    cfg = KS.plan(1, 2112, 7168, 132)
+    assert cfg.block_n == 64 and cfg.split == 4              # 33 column blocks x 4 = 132 programs
+    assert KS.plan(1, 32768, 512, 132).split == 1            # 512 column blocks already
+    assert KS.plan(1, 64, 512, 132).split == 1               # at least four slices a program
+    with pytest.raises(ValueError, match="does not fit"):
+        KS.launch(*case(20, 64, 128, "cpu"), torch.empty(20, 64), 132, KS.SkinnyConfig(block_m=16))
+
+
+@pytest.mark.parametrize("split", [1, 4])
+def test_skinny_kernel_compiles_sm90(split):
+    """sm_90a: the swap-A/B tile runs on the tensor cores (QGMMA), its loads are pipelined (cp.async, LDGSTS),
+    no local memory; the split-K build has its counter atomic."""
+    from fp8gemm.testing import compile_sm90_in_subprocess, sass_count
+    ints = ["M", "N", "K", "stride_am", "stride_bn", "stride_dm", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk",
+            "slices_per_split"]
+    sig = {"a_ptr": "*fp8e4nv", "sfa_ptr": "*fp32", "b_ptr": "*fp8e4nv", "sfb_ptr": "*fp32", "d_ptr": "*bf16",
+           "ws_ptr": "*fp32", "cnt_ptr": "*i32", **{n: "i32" for n in ints}}
+    res = compile_sm90_in_subprocess(
+        "fp8gemm.kernels.gemm_skinny", "skinny_gemm_kernel", sig,
+        dict(stride_ak=1, stride_bk=1, stride_dn=1, BLOCK_N=64, BLOCK_M=16, SPLIT=split), num_warps=4,
+        num_stages=KS.SkinnyConfig().num_stages,
+        divisible_by_16=["a_ptr", "b_ptr", "d_ptr", "ws_ptr", "K", "stride_am", "stride_bn", "stride_dm"])
+    sass = res["sass"]
+    assert res["local"] == 0 and res["stack"] == 0
+    assert sass_count(sass, "QGMMA") > 0, "no FP8 tensor-core MMA"
+    assert sass_count(sass, "LDGSTS") > 0, "loads not pipelined through cp.async"
+    assert (sass_count(sass, "ATOMG") > 0) == (split > 1)
