@@ -114,14 +114,26 @@ def supports(a, sfa, b, sfb, d, c=None) -> bool:
             and d.dtype in (torch.bfloat16, torch.float32))
 
 
+def pays(m: int, n: int, k: int, num_sms: int) -> bool:
+    """Whether this kernel beats the warp-specialised Gluon one (measured on an H100, benchmarks/RESULTS.md,
+    session 5, ``benchmarks/skinny_ab.py``): with one row on every DeepSeek shape (1.03-1.49x); with 4-16 rows
+    where the 64-row column blocks fill at most half the SMs (n 576-4096: 1.0-1.66x), not at n 7168 (the
+    Gluon kernel 2-20% faster there)."""
+    return m == 1 or 2 * triton.cdiv(n, 64) <= num_sms
+
+
 def plan(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
-    """64 weight rows a program; the split that brings the programs closest to one per SM, keeping at least
-    four 128-K slices a program."""
+    """64 weight rows a program; the K split that brings the programs closest to two per SM (one per SM for
+    K < 4096, where a split's partial sums cost as much as its stream), keeping at least eight 128-K slices a
+    program; 4 stages where a program has no more than 4 slices.  Measured best or within 5% of the best
+    split on every shape of the A/B (RESULTS.md, session 5)."""
     block_n = 64
     n_blocks = triton.cdiv(n, block_n)
     slices = k // BLOCK_K
-    split = max(1, min(round(num_sms / n_blocks), slices // 4))
-    return SkinnyConfig(block_n=block_n, block_m=16 if m <= 16 else 32, split=split)
+    target = 2 * num_sms if slices >= 32 else num_sms
+    split = max(1, min(round(target / n_blocks), slices // 8))
+    stages = 4 if triton.cdiv(slices, split) <= 4 else 6
+    return SkinnyConfig(block_n=block_n, block_m=16 if m <= 16 else 32, split=split, num_stages=stages)
 
 
 def launch(a, sfa, b, sfb, d, num_sms: int, config: SkinnyConfig | None = None) -> SkinnyConfig:

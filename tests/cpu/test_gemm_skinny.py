@@ -59,7 +59,11 @@ def test_dense_small_m_takes_the_skinny_kernel(device, monkeypatch):
 
 def test_skinny_plan_fills_the_sms():
     cfg = KS.plan(1, 2112, 7168, 132)
-    assert cfg.block_n == 64 and cfg.split == 4              # 33 column blocks x 4 = 132 programs
+    assert cfg.block_n == 64 and cfg.split == 7              # 33 column blocks x 7 ~ two programs an SM
+    assert KS.plan(1, 7168, 2048, 132).split == 1            # short K: one program an SM at most
+    assert KS.plan(1, 7168, 16384, 132).split == 2
+    assert KS.plan(1, 32768, 512, 132).num_stages == 4
+    assert KS.pays(1, 7168, 2048, 132) and KS.pays(16, 2112, 7168, 132) and not KS.pays(4, 7168, 2048, 132)
     assert KS.plan(1, 32768, 512, 132).split == 1            # 512 column blocks already
     assert KS.plan(1, 64, 512, 132).split == 1               # at least four slices a program
     with pytest.raises(ValueError, match="does not fit"):
@@ -85,3 +89,44 @@ def test_skinny_kernel_compiles_sm90(split):
     assert sass_count(sass, "QGMMA") > 0, "no FP8 tensor-core MMA"
     assert sass_count(sass, "LDGSTS") > 0, "loads not pipelined through cp.async"
     assert (sass_count(sass, "ATOMG") > 0) == (split > 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("n,k", [(2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168),
+                                 (7168, 2048)])
+def test_small_m_deepseek_shapes_on_gpu(m, n, k, monkeypatch):
+    """The DeepSeek dense shapes at decode sizes through the public API: against the reference, on the kernel
+    ``gemm_skinny.pays`` names (spied), twice (the split-K counters are reused)."""
+    from fp8gemm import runtime
+    a, sfa, b, sfb = case(m, n, k, "cuda", mn_major_sfa=True)
+    calls = []
+    real = KS.launch
+    monkeypatch.setattr(KS, "launch", lambda *args, **kw: calls.append(args[-1]) or real(*args, **kw))
+    want = R.fp8_gemm_nt(a, sfa, b, sfb)
+    for _ in range(2):
+        d = poison_(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+        fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
+        assert not d.isnan().any()
+        assert calc_diff(d, want) < 1e-3
+    expect = not runtime.is_sm90(a.device) or KS.pays(m, n, k, runtime.get_num_sms())
+    assert bool(calls) == expect, f"skinny kernel used: {bool(calls)}, expected {expect}"
+
+
+@pytest.mark.gpu
+def test_skinny_split_k_in_cuda_graph():
+    """Captured in a CUDA graph (workspace and counters from the capture) and replayed on new inputs."""
+    a, sfa, b, sfb = case(2, 2112, 7168, "cuda")
+    d = torch.empty(2, 2112, dtype=torch.bfloat16, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)                 # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
+    for _ in range(3):
+        a.copy_(torch.randn_like(a, dtype=torch.float32).to(FP8))
+        d.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert calc_diff(d, R.fp8_gemm_nt(a, sfa, b, sfb)) < 1e-3
