@@ -47,12 +47,13 @@ def main():
                     fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
                 return run
 
-            variants = {"gluon": api(0), f"skinny plan {plan.block_n}x{plan.split}": api(16)}
+            variants = {"gluon": api(0), f"skinny plan {plan.block_n}x{plan.split}":
+                        (lambda plan=plan: KS.launch(a, sfa, b, sfb, d, num_sms, plan))}
             for bn, split, stages in ((64, plan.split * 2, 6), (64, max(1, plan.split // 2), 6), (128, 0, 6),
                                       (64, plan.split, 4), (64, plan.split, 8)):
                 if bn == 128:
                     split = max(1, min(round(num_sms / -(-n // 128)), k // 512))
-                cfg = KS.SkinnyConfig(block_n=bn, block_m=16, split=split, num_stages=stages)
+                cfg = KS.SkinnyConfig(block_n=bn, block_m=plan.block_m, split=split, num_stages=stages)
                 variants[f"skinny {bn}x{split} s{stages}"] = (
                     lambda cfg=cfg: KS.launch(a, sfa, b, sfb, d, num_sms, cfg))
             ok = {}

@@ -1,4 +1,4 @@
-"""Dense FP8 GEMMs with few rows (decode, m <= 32): swap-A/B tiles split along K.
+"""Dense FP8 GEMMs with few rows (decode, m <= 128): swap-A/B tiles split along K.
 
 ``D[m, n] = sum_kb (A[m, kb] . B[n, kb]) * sfa[m, kb] * sfb[n // 128, kb]`` (the 1D2D recipe,
 :func:`fp8gemm.reference.fp8_gemm_nt`) when A has a handful of rows is a stream over the weights B.  The
@@ -32,8 +32,8 @@ _BK = tl.constexpr(BLOCK_K)        # the same, for the kernel
 
 @dataclasses.dataclass(frozen=True)
 class SkinnyConfig:
-    """``block_n`` weight rows a program (64 or 128: one B scale block), ``block_m`` token columns (16 or 32),
-    ``split`` programs along K per column block."""
+    """``block_n`` weight rows a program (64 or 128: one B scale block), ``block_m`` token columns (16, 32, 64
+    or 128, at least the call's rows), ``split`` programs along K per column block."""
     block_n: int = 64
     block_m: int = 16
     split: int = 1
@@ -106,11 +106,11 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 def supports(a, sfa, b, sfb, d, c=None) -> bool:
     """Dense FP8 x FP8 with FP32 scales (A per row per 128 K, B per 128 x 128), K a multiple of 128, at most
-    32 rows, no C, BF16 or FP32 output."""
+    128 rows, no C, BF16 or FP32 output."""
     fp8 = torch.float8_e4m3fn
     return (c is None and a.dim() == 2 and a.dtype == fp8 and b.dtype == fp8 and sfa is not None
             and sfb is not None and sfa.dtype == torch.float32 and sfb.dtype == torch.float32
-            and a.shape[0] <= 32 and a.shape[1] % BLOCK_K == 0 and a.shape[1] > 0 and b.shape[0] > 0
+            and a.shape[0] <= 128 and a.shape[1] % BLOCK_K == 0 and a.shape[1] > 0 and b.shape[0] > 0
             and d.dtype in (torch.bfloat16, torch.float32))
 
 
@@ -133,14 +133,14 @@ def plan(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
     target = 2 * num_sms if slices >= 32 else num_sms
     split = max(1, min(round(target / n_blocks), slices // 8))
     stages = 4 if triton.cdiv(slices, split) <= 4 else 6
-    return SkinnyConfig(block_n=block_n, block_m=16 if m <= 16 else 32, split=split, num_stages=stages)
+    return SkinnyConfig(block_n=block_n, block_m=max(16, triton.next_power_of_2(m)), split=split, num_stages=stages)
 
 
 def launch(a, sfa, b, sfb, d, num_sms: int, config: SkinnyConfig | None = None) -> SkinnyConfig:
     m, k = a.shape
     n = b.shape[0]
     cfg = config or plan(m, n, k, num_sms)
-    if cfg.block_n not in (64, 128) or cfg.block_m not in (16, 32) or m > cfg.block_m:
+    if cfg.block_n not in (64, 128) or cfg.block_m not in (16, 32, 64, 128) or m > cfg.block_m:
         raise ValueError(f"skinny GEMM config {cfg} does not fit m={m}")
     slices = k // BLOCK_K
     per = triton.cdiv(slices, cfg.split)
