@@ -31,10 +31,10 @@ from . import fp4_convert, gemm_skinny, gemm_triton
 # benchmarks flip it (``benchmarks/fp4_pdl_ab.py`` times both settings in one run).  Other routes never use PDL.
 USE_PDL = True
 
-# Dense FP8 calls with at most this many rows take the split-K swap-A/B kernel (:mod:`.gemm_skinny`): on SM90
-# where it beats the Gluon kernel (``gemm_skinny.pays``), elsewhere always (it is the Triton path's small-m
-# kernel); never under ``FP8GEMM_BACKEND=gluon``.  0 turns it off (A/B runs flip it).
-SKINNY_MAX_M = 16
+# Dense FP8 calls with at most this many rows take the split-K swap-A/B kernel (:mod:`.gemm_skinny`) where it
+# measured faster than the Gluon kernel (``gemm_skinny.pays``; the persistent Triton kernel is slower than both),
+# on every backend but ``FP8GEMM_BACKEND=gluon``.  0 turns it off (A/B runs flip it).
+SKINNY_MAX_M = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,8 +128,7 @@ def _plan(mode_name: str, a, sfa, b, sfb, d, c, expected_m, gran_n_b: int, max_b
     a_fp4 = a.dtype == torch.uint8
     if (mode_name == "dense" and scaled and gran_n_b == 128 and force_block_m is None and a.shape[0] <= SKINNY_MAX_M
             and runtime.backend() != "gluon" and gemm_skinny.supports(a, sfa, b, sfb, d, c)
-            and (runtime.backend() == "triton" or not runtime.is_sm90(d.device) or runtime.interpreting()
-                 or gemm_skinny.pays(a.shape[0], b.shape[0], b.shape[1], runtime.get_num_sms()))):
+            and gemm_skinny.pays(a.shape[0], b.shape[0], b.shape[1], runtime.get_num_sms())):
         return "skinny", gemm_skinny.plan(a.shape[0], b.shape[0], b.shape[1], runtime.get_num_sms())
     if scaled and gran_n_b == 128 and force_block_m is None:
         if not a_fp4 and _use_gluon(mode_name, a, sfa, b, sfb, d, c):

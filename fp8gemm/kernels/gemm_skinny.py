@@ -116,24 +116,26 @@ def supports(a, sfa, b, sfb, d, c=None) -> bool:
 
 def pays(m: int, n: int, k: int, num_sms: int) -> bool:
     """Whether this kernel beats the warp-specialised Gluon one (measured on an H100, benchmarks/RESULTS.md,
-    session 5, ``benchmarks/skinny_ab.py``): with one row on every DeepSeek shape (1.03-1.49x); with 4-16 rows
-    where the 64-row column blocks fill at most half the SMs (n 576-4096: 1.0-1.66x), not at n 7168 (the
-    Gluon kernel 2-20% faster there)."""
-    return m == 1 or 2 * triton.cdiv(n, 64) <= num_sms
+    session 5, ``benchmarks/skinny_ab.py``): with one row on every DeepSeek shape (1.03-1.49x); with 4-64 rows
+    where the 64-row column blocks fill at most half the SMs (n 576-4096: 0.98-1.66x); not at n >= 7168 with
+    more than one row (the Gluon kernel up to 20% faster there), nor at 128 rows (1.1-2.2x slower)."""
+    return m == 1 or (m <= 64 and 2 * triton.cdiv(n, 64) <= num_sms)
 
 
 def plan(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
     """64 weight rows a program; the K split that brings the programs closest to two per SM (one per SM for
     K < 4096, where a split's partial sums cost as much as its stream), keeping at least eight 128-K slices a
-    program; 4 stages where a program has no more than 4 slices.  Measured best or within 5% of the best
-    split on every shape of the A/B (RESULTS.md, session 5)."""
+    program; 4 stages where a program has no more than 4 slices or the token tile is 32 wide or more (its A
+    stage grows).  Measured best or within 5% of the best split and depth on every shape it is picked for
+    (RESULTS.md, session 5)."""
     block_n = 64
     n_blocks = triton.cdiv(n, block_n)
     slices = k // BLOCK_K
     target = 2 * num_sms if slices >= 32 else num_sms
     split = max(1, min(round(target / n_blocks), slices // 8))
-    stages = 4 if triton.cdiv(slices, split) <= 4 else 6
-    return SkinnyConfig(block_n=block_n, block_m=max(16, triton.next_power_of_2(m)), split=split, num_stages=stages)
+    block_m = max(16, triton.next_power_of_2(m))
+    stages = 4 if triton.cdiv(slices, split) <= 4 or block_m >= 32 else 6
+    return SkinnyConfig(block_n=block_n, block_m=block_m, split=split, num_stages=stages)
 
 
 def launch(a, sfa, b, sfb, d, num_sms: int, config: SkinnyConfig | None = None) -> SkinnyConfig:
