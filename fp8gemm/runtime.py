@@ -7,7 +7,8 @@ Settings (environment variables, read when first needed):
     (the grouped/dense GEMMs, the per-channel cast), else Triton; the MQA-logits prefill stays on
     Triton under ``auto`` (its Gluon kernel measured slower on most shapes), and so do dense GEMMs with
     at most 64 rows where the split-K Triton kernel measured faster (``kernels.gemm_skinny.pays``).
-    ``triton``: always the portable Triton kernels.  ``gluon``: insist on Gluon (error where there is none for the call).
+    ``triton``: always the portable Triton kernels.  ``gluon``: insist on Gluon (error where there is
+    none for the call).
 ``FP8GEMM_NUM_SMS``
     Initial cap on the SMs a kernel may use (same as calling :func:`set_num_sms`).
 ``FP8GEMM_DEBUG``

@@ -4,7 +4,7 @@
 :func:`fp8gemm.reference.fp8_gemm_nt`) when A has a handful of rows is a stream over the weights B.  The
 persistent kernels give each SM whole column tiles of B, so with N = 2112 a 16-wide column tile is one
 SM's whole share, and each 128-K step of it moves only 2 KB of weights for the fixed cost of a pipeline
-step (about 500 cycles in the warp-specialised kernel): the weights stream at ~750 GB/s.  Here the
+step: the weights stream at ~750 GB/s (H100; ~500 cycles a step, our reading of that rate).  Here the
 weights sit on the MMA's 64/128-row side (swap-A/B: ``part[n, m] = B_tile . A_tile^T``, 8-16 KB of
 weights a step) and the K range is split over ``SPLIT`` programs per column block so that the grid still
 covers the SMs.
@@ -90,16 +90,19 @@ def skinny_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, d_ptr, ws_ptr, cnt_ptr, M
 
 
 _COUNTERS: dict = {}
+_OUTGROWN: list = []     # counters replaced by larger ones: a captured CUDA graph may still point at them
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """Zeroed int32 counters, at least ``n``, for the current stream of ``device`` (kept at zero by the
-    kernel itself)."""
+    kernel itself).  Never freed: a graph captured with them replays into them."""
     key = (device.index if device.type == "cuda" else -1, device.type,
            torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     cnt = _COUNTERS.get(key)
     if cnt is None or cnt.numel() < n:
-        cnt = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+        if cnt is not None:
+            _OUTGROWN.append(cnt)
+        cnt = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
         _COUNTERS[key] = cnt
     return cnt
 

@@ -97,4 +97,3 @@ def launch_per_channel(x, q, sf, gran: int, use_ue8m0: bool, config: PerChannelC
     per_channel_cast_kernel[grid](x, q.view(torch.uint8), sf, m, n, x.stride(0), x.stride(1), q.stride(0),
                                   sf.stride(0), GRAN=gran, BLOCK_N=cfg.block_n, VEC=cfg.vec, TPW_R=cfg.tpw_r,
                                   WPC_R=cfg.wpc_r, USE_UE8M0=use_ue8m0, num_warps=cfg.warps)
-

@@ -83,8 +83,8 @@ def test_skinny_kernel_compiles_sm90(split):
     """sm_90a: the swap-A/B tile runs on the tensor cores (QGMMA), its loads are pipelined (cp.async, LDGSTS),
     no local memory; the split-K build has its counter atomic."""
     from fp8gemm.testing import compile_sm90_in_subprocess, sass_count
-    ints = ["M", "N", "K", "stride_am", "stride_bn", "stride_dm", "stride_sam", "stride_sak", "stride_sbn", "stride_sbk",
-            "slices_per_split"]
+    ints = ["M", "N", "K", "stride_am", "stride_bn", "stride_dm", "stride_sam", "stride_sak", "stride_sbn",
+            "stride_sbk", "slices_per_split"]
     sig = {"a_ptr": "*fp8e4nv", "sfa_ptr": "*fp32", "b_ptr": "*fp8e4nv", "sfb_ptr": "*fp32", "d_ptr": "*bf16",
            "ws_ptr": "*fp32", "cnt_ptr": "*i32", **{n: "i32" for n in ints}}
     res = compile_sm90_in_subprocess(
