@@ -33,7 +33,7 @@ _BK = tl.constexpr(BLOCK_K)        # the same, for the kernel
 @dataclasses.dataclass(frozen=True)
 class SkinnyConfig:
     """``block_n`` weight rows a program (64 or 128: one B scale block), ``block_m`` token columns (16, 32, 64
-    or 128, at least the call's rows), ``split`` programs along K per column block."""
+    or 128; more rows than that take several token blocks), ``split`` programs along K per column block."""
     block_n: int = 64
     block_m: int = 16
     split: int = 1
@@ -46,14 +46,16 @@ def skinny_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, d_ptr, ws_ptr, cnt_ptr, M
                        stride_am, stride_ak, stride_bn, stride_bk, stride_dm, stride_dn,
                        stride_sam, stride_sak, stride_sbn, stride_sbk, slices_per_split,
                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
-    """Program (pn, ps): weight rows ``[pn * BLOCK_N, ...)``, 128-K slices ``[ps * slices_per_split, ...)``."""
+    """Program (pn, ps, pm): weight rows ``[pn * BLOCK_N, ...)``, 128-K slices ``[ps * slices_per_split,
+    ...)``, token rows ``[pm * BLOCK_M, ...)``."""
     pn = tl.program_id(0)
     ps = tl.program_id(1)
+    pm = tl.program_id(2)
     n_blocks = tl.num_programs(0)
     kb0 = ps * slices_per_split
     kb1 = tl.minimum(kb0 + slices_per_split, K // _BK)
     offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, _BK)
     n_ok = offs_n < N
     m_ok = offs_m < M
@@ -74,8 +76,10 @@ def skinny_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, d_ptr, ws_ptr, cnt_ptr, M
     if SPLIT == 1:
         tl.store(d_ptrs, acc.to(d_ptr.dtype.element_ty), mask=d_mask)
     else:
-        tile = (offs_n[:, None] * BLOCK_M + offs_m[None, :]).to(tl.int64)
-        plane = n_blocks * BLOCK_N * BLOCK_M
+        m_blocks = tl.num_programs(2)
+        tile = ((pm * n_blocks * BLOCK_N + offs_n[:, None]) * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]).to(tl.int64)
+        plane = m_blocks * n_blocks * BLOCK_N * BLOCK_M
+        cnt_ptr += pm * n_blocks
         tl.store(ws_ptr + ps * plane + tile, acc)
         # Every thread's partial is stored before the counter's release (the barrier), and the last
         # arriver's loads come after its acquire; .cg keeps them off the (incoherent) L1.
@@ -126,17 +130,17 @@ def pays(m: int, n: int, k: int, num_sms: int) -> bool:
 
 
 def plan(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
-    """64 weight rows a program; the K split that brings the programs closest to two per SM (one per SM for
+    """64 weight rows and up to 64 tokens a program; the K split that brings the programs closest to two per SM (one per SM for
     K < 4096, where a split's partial sums cost as much as its stream), keeping at least eight 128-K slices a
     program; 4 stages where a program has no more than 4 slices or the token tile is 32 wide or more (its A
     stage grows).  Measured best or within 5% of the best split and depth on every shape it is picked for
     (RESULTS.md, session 5)."""
     block_n = 64
-    n_blocks = triton.cdiv(n, block_n)
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     slices = k // BLOCK_K
     target = 2 * num_sms if slices >= 32 else num_sms
-    split = max(1, min(round(target / n_blocks), slices // 8))
-    block_m = max(16, triton.next_power_of_2(m))
+    split = max(1, min(round(target / tiles), slices // 8))
     stages = 4 if triton.cdiv(slices, split) <= 4 or block_m >= 32 else 6
     return SkinnyConfig(block_n=block_n, block_m=block_m, split=split, num_stages=stages)
 
@@ -145,18 +149,20 @@ def launch(a, sfa, b, sfb, d, num_sms: int, config: SkinnyConfig | None = None) 
     m, k = a.shape
     n = b.shape[0]
     cfg = config or plan(m, n, k, num_sms)
-    if cfg.block_n not in (64, 128) or cfg.block_m not in (16, 32, 64, 128) or m > cfg.block_m:
-        raise ValueError(f"skinny GEMM config {cfg} does not fit m={m}")
+    if cfg.block_n not in (64, 128) or cfg.block_m not in (16, 32, 64, 128):
+        raise ValueError(f"skinny GEMM config {cfg}: block_n must be 64 or 128, block_m 16, 32, 64 or 128")
     slices = k // BLOCK_K
     per = triton.cdiv(slices, cfg.split)
     split = triton.cdiv(slices, per)                 # no empty splits
     n_blocks = triton.cdiv(n, cfg.block_n)
+    m_blocks = triton.cdiv(m, cfg.block_m)
     if split > 1:
-        ws = torch.empty(split * n_blocks * cfg.block_n * cfg.block_m, dtype=torch.float32, device=a.device)
-        cnt = _counters(a.device, n_blocks)
+        ws = torch.empty(split * m_blocks * n_blocks * cfg.block_n * cfg.block_m, dtype=torch.float32,
+                         device=a.device)
+        cnt = _counters(a.device, m_blocks * n_blocks)
     else:
         ws = cnt = d
-    skinny_gemm_kernel[(n_blocks, split)](
+    skinny_gemm_kernel[(n_blocks, split, m_blocks)](
         a, sfa, b, sfb, d, ws, cnt, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), d.stride(0), d.stride(1),
         sfa.stride(0), sfa.stride(1), sfb.stride(0), sfb.stride(1), per,
