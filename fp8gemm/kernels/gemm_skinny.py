@@ -123,10 +123,11 @@ def supports(a, sfa, b, sfb, d, c=None) -> bool:
 
 def pays(m: int, n: int, k: int, num_sms: int) -> bool:
     """Whether this kernel beats the warp-specialised Gluon one (measured on an H100, benchmarks/RESULTS.md,
-    session 5, ``benchmarks/skinny_ab.py``): with one row on every DeepSeek shape (1.03-1.49x); with 4-64 rows
-    where the 64-row column blocks fill at most half the SMs (n 576-4096: 0.98-1.66x); not at n >= 7168 with
-    more than one row (the Gluon kernel up to 20% faster there), nor at 128 rows (1.1-2.2x slower)."""
-    return m == 1 or (m <= 64 and 2 * triton.cdiv(n, 64) <= num_sms)
+    session 5, ``benchmarks/skinny_ab.py``): with one row on every DeepSeek shape (1.03-1.49x); with 4-128 rows
+    where the 64 x 64 (weights x tokens) tiles fill at most half the SMs (n 576-4096: 0.98-1.66x, m 128 n2112 a
+    tie); not at n >= 7168 with more than one row (the Gluon kernel up to 20% faster there), nor where the
+    tiles are many (m 96-128 at n >= 4096: 1.2-1.6x slower)."""
+    return m == 1 or (m <= 128 and 2 * triton.cdiv(n, 64) * triton.cdiv(m, 64) <= num_sms)
 
 
 def plan(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
