@@ -35,6 +35,15 @@ def _checks(device, big: bool):
         fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
         return f"{m}x{n}x{k}", calc_diff(d, R.fp8_gemm_nt(a, sfa, b, sfb)), 1e-3
 
+    def decode():
+        # one token: the split-K swap-A/B kernel (fp8gemm.kernels.gemm_skinny) on every backend
+        nn, kk = (2112, 7168) if big else (160, 1024)
+        a, b = _fp8(1, kk, device=device), _fp8(nn, kk, device=device)
+        sfa, sfb = _sc(1, kk // 128, device=device), _sc(math.ceil(nn / 128), kk // 128, device=device)
+        d = torch.full((1, nn), float("nan"), dtype=torch.bfloat16, device=device)
+        fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
+        return f"1x{nn}x{kk} (decode)", calc_diff(d, R.fp8_gemm_nt(a, sfa, b, sfb)), 1e-3
+
     def masked():
         g, max_m, nn, kk = (8, 256, 4096, 7168) if big else (3, 64, 128, 256)
         masked_m = torch.tensor([max_m // 2, 0, max_m - 3] + [7] * (g - 3), dtype=torch.int32, device=device)
@@ -72,7 +81,7 @@ def _checks(device, big: bool):
         ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, mi, torch.zeros_like(d))
         return f"G{g} rows{mm} n{nn} k{kk}", calc_diff(d[ok], ref[ok]), 1e-3
 
-    checks = [("fp8_gemm_nt", dense), ("m_grouped_fp8_gemm_nt_masked", masked),
+    checks = [("fp8_gemm_nt", dense), ("fp8_gemm_nt", decode), ("m_grouped_fp8_gemm_nt_masked", masked),
               ("m_grouped_fp8_gemm_nt_contiguous", contiguous)]
     if hasattr(fp8gemm, "per_token_cast_to_fp8"):
         def quant():
