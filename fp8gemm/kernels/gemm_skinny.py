@@ -12,9 +12,9 @@ covers the SMs.
 Split-K reduction without a second launch: each program stores its FP32 partial tile in a workspace,
 then adds 1 to its column block's counter (``acq_rel``); the program that brings the counter to
 ``SPLIT`` sums the partials (L1-bypassing loads), writes D and resets the counter to 0 for the next call.
-The counters live in a per-(device, stream) cache and are always left at zero, so calls on one stream (and
-CUDA graphs captured there) reuse them safely; two launches of this kernel running at the same time on
-different streams each get their own.
+The counters are always left at zero; eager calls reuse one set per (device, stream), and every call captured
+into a CUDA graph gets its own (see :func:`_counters`), so no two launches that can run at the same time
+share them.
 
 Host entry: :func:`supports`, :func:`plan` and :func:`launch` (arguments validated by ``fp8gemm.gemm``).
 """
@@ -94,18 +94,20 @@ def skinny_gemm_kernel(a_ptr, sfa_ptr, b_ptr, sfb_ptr, d_ptr, ws_ptr, cnt_ptr, M
 
 
 _COUNTERS: dict = {}
-_OUTGROWN: list = []     # counters replaced by larger ones: a captured CUDA graph may still point at them
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, at least ``n``, for the current stream of ``device`` (kept at zero by the
-    kernel itself).  Never freed: a graph captured with them replays into them."""
+    """Zeroed int32 counters, at least ``n``, that no other launch can be using at the same time (the kernel
+    leaves them at zero).  Eager calls share one set per (device, stream): calls on one stream run one after
+    another.  A call being captured into a CUDA graph gets its own set (a zero-fill node in the graph):
+    graphs may be replayed on several streams at once, so they must not share counters with each other or
+    with eager calls."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
     key = (device.index if device.type == "cuda" else -1, device.type,
            torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
     cnt = _COUNTERS.get(key)
-    if cnt is None or cnt.numel() < n:
-        if cnt is not None:
-            _OUTGROWN.append(cnt)
+    if cnt is None or cnt.numel() < n:         # a smaller old set is freed in stream order, as any tensor
         cnt = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
         _COUNTERS[key] = cnt
     return cnt

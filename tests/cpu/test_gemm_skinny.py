@@ -139,3 +139,35 @@ def test_skinny_split_k_in_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert calc_diff(d, R.fp8_gemm_nt(a, sfa, b, sfb)) < 1e-3
+
+
+@pytest.mark.gpu
+def test_two_graphs_replayed_at_once_on_two_streams():
+    """Two captured split-K calls replayed concurrently on two streams (as a two-batch-overlap engine does) and
+    an eager call on a third: each captured call has its own counters, so all three results are right."""
+    shapes = [(1, 2112, 7168), (4, 576, 7168)]
+    ops = [case(*s, "cuda") for s in shapes]
+    outs = [torch.empty(s[0], s[1], dtype=torch.bfloat16, device="cuda") for s in shapes]
+    graphs = []
+    for (a, sfa, b, sfb), d in zip(ops, outs):
+        fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)                 # compile outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
+        graphs.append(g)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    a3, sfa3, b3, sfb3 = case(2, 2112, 7168, "cuda")
+    d3 = torch.empty(2, 2112, dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    for _ in range(5):
+        for d in outs + [d3]:
+            d.fill_(float("nan"))
+        torch.cuda.synchronize()
+        for g, s in zip(graphs, streams):
+            with torch.cuda.stream(s):
+                g.replay()
+        fp8gemm.fp8_gemm_nt((a3, sfa3), (b3, sfb3), d3)
+        torch.cuda.synchronize()
+        for (a, sfa, b, sfb), d in zip(ops, outs):
+            assert calc_diff(d, R.fp8_gemm_nt(a, sfa, b, sfb)) < 1e-3
+        assert calc_diff(d3, R.fp8_gemm_nt(a3, sfa3, b3, sfb3)) < 1e-3
