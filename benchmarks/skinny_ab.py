@@ -10,6 +10,7 @@ round. ANCHORS' DeepGEMM µs (H100, m = 1) are printed beside the m = 1 rows for
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -34,6 +35,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    max_m_default = gemm_dispatch.SKINNY_MAX_M
     rows = []
     for m in [int(v) for v in args.ms.split(",")]:
         for n, k in NK:
@@ -56,12 +58,17 @@ def main():
                 cfg = KS.SkinnyConfig(block_n=bn, block_m=plan.block_m, split=split, num_stages=stages)
                 variants[f"skinny {bn}x{split} s{stages}"] = (
                     lambda cfg=cfg: KS.launch(a, sfa, b, sfb, d, num_sms, cfg))
+            if m > 32:      # narrower token blocks (more programs, fewer A bytes each) and 8 warps
+                for name, cfg in ((f"skinny {plan.block_n}x{plan.split} m32", dict(block_m=32)),
+                                  (f"skinny {plan.block_n}x{plan.split} w8", dict(num_warps=8))):
+                    c = dataclasses.replace(plan, **cfg)
+                    variants[name] = (lambda c=c: KS.launch(a, sfa, b, sfb, d, num_sms, c))
             ok = {}
             for name, fn in variants.items():
                 ok[name] = checked_run(fn, d, want)
             runnable = {name: fn for name, fn in variants.items() if ok[name][0]}
             times = interleaved_times(runnable, rounds=args.rounds)
-            gemm_dispatch.SKINNY_MAX_M = 16
+            gemm_dispatch.SKINNY_MAX_M = max_m_default
             wbytes = n * k + m * k + m * n * 2
             dg = DEEPGEMM_H100_M1.get((n, k)) if m == 1 else None
             for name in variants:
