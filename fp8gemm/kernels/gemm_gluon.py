@@ -202,6 +202,14 @@ if HAS_GLUON:
         return cnt
 
     @gluon.jit
+    def _walk_start(M, N, G, masked_m_ptr, MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """The persistent walk over the tiles of N columns: ``(total tiles, cursor)``, the cursor being the
+        ``(group, its first tile, its tile count)`` that :func:`_locate` advances."""
+        total = _num_tiles(M, N, G, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
+        return (total, gl.to_tensor(0), gl.to_tensor(0),
+                _first_group_count(M, N, masked_m_ptr, MODE, BLOCK_M, BLOCK_N))
+
+    @gluon.jit
     def _locate(t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
                 MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                 IDX_LAYOUT: gl.constexpr):
@@ -347,11 +355,8 @@ if HAS_GLUON:
         # BN_TAIL: the tiles cover the N // BLOCK_N full column blocks, each with a BN_TAIL-wide slice of the
         # remainder (_tail_col)
         NT = N // BLOCK_N * BLOCK_N if BN_TAIL else N
-        total = _num_tiles(M, NT, G, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
+        total, cur_g, cur_base, cur_cnt = _walk_start(M, NT, G, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
         num_k = K // BK
-        cur_g = gl.to_tensor(0)
-        cur_base = gl.to_tensor(0)
-        cur_cnt = _first_group_count(M, NT, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
         it = gl.to_tensor(0)
         if PROBE:
             pbase, pw, prow = _probe_row(probe_ptr, True)
@@ -610,11 +615,8 @@ if HAS_GLUON:
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         NT = N // BLOCK_N * BLOCK_N
-        total = _num_tiles(M, NT, G, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
+        total, cur_g, cur_base, cur_cnt = _walk_start(M, NT, G, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
         num_k = K // BK
-        cur_g = gl.to_tensor(0)
-        cur_base = gl.to_tensor(0)
-        cur_cnt = _first_group_count(M, NT, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
         it = gl.to_tensor(0)
         X = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
         Y = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
@@ -706,12 +708,9 @@ if HAS_GLUON:
 
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
-        total = _num_tiles(M, N, G, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
+        total, cur_g, cur_base, cur_cnt = _walk_start(M, N, G, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
         num_k = K // BK
         num_m_blocks = gl.cdiv(M, BLOCK_M)
-        cur_g = gl.to_tensor(0)
-        cur_base = gl.to_tensor(0)
-        cur_cnt = _first_group_count(M, N, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
         it = gl.to_tensor(0)
         X = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
         Y = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
