@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fp8gemm import reference as R  # noqa: E402
 from fp8gemm.bench.core import checked_run, time_us  # noqa: E402
-from fp8gemm.bench.suite_gemm import _scaled_mm, dense_operands  # noqa: E402
+from fp8gemm.bench.suite_gemm import cublas_us, dense_operands  # noqa: E402
 from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
 
 SHAPES = [(4096, 576, 7168), (4096, 2112, 7168), (4096, 4096, 7168)]
@@ -33,14 +33,13 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cublas = _scaled_mm()
     print(f"{torch.cuda.get_device_name()}, {num_sms} SMs", flush=True)
     rows = []
     for m, n, k in SHAPES:
         a, sfa, b, sfb, d = dense_operands(m, n, k)
         want = R.fp8_gemm_nt(a, sfa, b, sfb)
         flops = 2.0 * m * n * k
-        cb = time_us(lambda: cublas(a, sfa, b, sfb.t())) if cublas is not None else None
+        cb = cublas_us(a, sfa, b, sfb)
         pick = G.pick_config("dense", m, n, k, tma_store=True, num_sms=num_sms)
         print(f"m{m} n{n} k{k} cuBLAS {cb:8.1f} us {flops / cb / 1e6:6.0f} TFLOPS; pick {pick.block_m}x{pick.block_n}",
               flush=True)

@@ -18,7 +18,7 @@ import torch
 
 import fp8gemm
 from fp8gemm import reference as R
-from fp8gemm.bench.core import checked_run, interleaved_times
+from fp8gemm.bench.core import ab_rounds
 from fp8gemm.bench.suite_gemm import dense_operands
 from fp8gemm.kernels import gemm_dispatch
 from fp8gemm.kernels import gemm_skinny as KS
@@ -43,13 +43,11 @@ def main():
             want = R.fp8_gemm_nt(a, sfa, b, sfb)
             plan = KS.plan(m, n, k, num_sms)
 
-            def api(max_m):
-                def run():
-                    gemm_dispatch.SKINNY_MAX_M = max_m
-                    fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
-                return run
+            def gluon():
+                gemm_dispatch.SKINNY_MAX_M = 0          # the public API without the skinny kernel
+                fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
 
-            variants = {"gluon": api(0), f"skinny plan {plan.block_n}x{plan.split}":
+            variants = {"gluon": gluon, f"skinny plan {plan.block_n}x{plan.split}":
                         (lambda plan=plan: KS.launch(a, sfa, b, sfb, d, num_sms, plan))}
             for bn, split, stages in ((64, plan.split * 2, 6), (64, max(1, plan.split // 2), 6), (128, 0, 6),
                                       (64, plan.split, 4), (64, plan.split, 8)):
@@ -63,22 +61,11 @@ def main():
                                   (f"skinny {plan.block_n}x{plan.split} w8", dict(num_warps=8))):
                     c = dataclasses.replace(plan, **cfg)
                     variants[name] = (lambda c=c: KS.launch(a, sfa, b, sfb, d, num_sms, c))
-            ok = {}
-            for name, fn in variants.items():
-                ok[name] = checked_run(fn, d, want)
-            runnable = {name: fn for name, fn in variants.items() if ok[name][0]}
-            times = interleaved_times(runnable, rounds=args.rounds)
-            gemm_dispatch.SKINNY_MAX_M = max_m_default
-            wbytes = n * k + m * k + m * n * 2
             dg = DEEPGEMM_H100_M1.get((n, k)) if m == 1 else None
-            for name in variants:
-                t = min(times[name]) if name in times else None
-                row = dict(m=m, n=n, k=k, variant=name, ok=ok[name][0], diff=ok[name][1], us=times.get(name),
-                           best_us=t, gbs=wbytes / t / 1e3 if t else None, deepgemm_h100_us=dg)
-                rows.append(row)
-                print(f"m{m:<3d} n{n:<6d} k{k:<6d} {name:24s} "
-                      + (f"{t:7.1f} us {wbytes / t / 1e3:6.0f} GB/s" if t else f"WRONG diff {ok[name][1]:.2e}")
-                      + (f"   (DeepGEMM H100 {dg} us)" if dg and name == "gluon" else ""), flush=True)
+            label = f"m{m:<3d} n{n:<6d} k{k:<6d}" + (f" (DeepGEMM H100 {dg} us)" if dg else "")
+            got = ab_rounds(label, variants, d, want, args.rounds, nbytes=n * k + m * k + m * n * 2)
+            gemm_dispatch.SKINNY_MAX_M = max_m_default
+            rows += [dict(r, m=m, n=n, k=k, deepgemm_h100_us=dg) for r in got]
     with open(os.path.join(args.out, "skinny_ab.json"), "w") as f:
         json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)
 

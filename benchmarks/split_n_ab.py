@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fp8gemm import reference as R  # noqa: E402
-from fp8gemm.bench.core import checked_run, interleaved_times, time_us  # noqa: E402
-from fp8gemm.bench.suite_gemm import _scaled_mm, dense_operands  # noqa: E402
+from fp8gemm.bench.core import ab_rounds  # noqa: E402
+from fp8gemm.bench.suite_gemm import cublas_us, dense_operands  # noqa: E402
 from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
 
 SHAPES = [(4096, 2112, 7168), (4096, 1088, 2048), (4096, 576, 7168), (8192, 2112, 7168), (4096, 7232, 2048)]
@@ -31,20 +31,20 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cublas = _scaled_mm()
     side = torch.cuda.Stream()
     print(f"{torch.cuda.get_device_name()}, {num_sms} SMs", flush=True)
     rows = []
     for m, n, k in SHAPES:
         a, sfa, b, sfb, d = dense_operands(m, n, k)
-        want = R.fp8_gemm_nt(a, sfa, b, sfb)
         nm = n // 128 * 128
         label = f"m{m} n{n} k{k}"
         assert G.supports("dense", a, sfa, b[:nm], sfb[:nm // 128], d[:, :nm])
         assert G.supports("dense", a, sfa, b[nm:], sfb[nm // 128:], d[:, nm:])
 
-        def plain():
-            G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms)
+        one = G._config_for("dense", a, b, d, None, None, 256, num_sms)
+
+        def plain():     # an explicit config: one launch (without one, launch itself splits the columns)
+            G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms, config=one)
 
         def main_part():
             G.launch("dense", a, sfa, b[:nm], sfb[:nm // 128], d[:, :nm], num_sms=num_sms)
@@ -64,20 +64,8 @@ def main():
                 rest_part()
             cur.wait_stream(side)
 
-        runs = {"plain": plain, "serial": serial, "2streams": two_streams}
-        ok_runs = {}
-        for tag, fn in runs.items():
-            ok, diff = checked_run(fn, d, want)
-            print(f"{label} {tag:9s} diff {diff:.2e} {'ok' if ok else 'WRONG'}", flush=True)
-            if ok:
-                ok_runs[tag] = fn
-        cb = min(time_us(lambda: cublas(a, sfa, b, sfb.t())) for _ in range(2)) if cublas is not None else None
-        times = interleaved_times(ok_runs, args.rounds)
-        for tag, ts in times.items():
-            us = min(ts)
-            print(f"{label} {tag:9s} {us:8.1f} us (rounds {', '.join(f'{t:.1f}' for t in ts)})"
-                  + (f"  vs cuBLAS {cb:.1f} us: {cb / us:5.3f}x" if cb else ""), flush=True)
-            rows.append(dict(case=label, config=tag, us=us, rounds=ts, cublas_us=cb))
+        rows += ab_rounds(label, {"plain": plain, "serial": serial, "2streams": two_streams}, d,
+                          R.fp8_gemm_nt(a, sfa, b, sfb), args.rounds, baseline_us=cublas_us(a, sfa, b, sfb))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "split_n_ab.json"), "w") as f:
         json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)

@@ -140,6 +140,37 @@ def checked_run(fn: Callable[[], object], out: torch.Tensor, want: torch.Tensor,
     return diff < tol and not bool(torch.isnan(out).any()), diff
 
 
+def ab_rounds(label: str, runs: dict[str, Callable[[], object]], out: torch.Tensor, want: torch.Tensor,
+              rounds: int = 3, *, flops: float | None = None, nbytes: float | None = None,
+              baseline_us: float | None = None, baseline: str = "cuBLAS") -> list[dict]:
+    """The A/B scripts' loop: each run checked first (:func:`checked_run`; one that raises or is wrong is
+    reported and left out), the good ones timed in interleaved rounds (:func:`interleaved_times`), a line
+    printed per run (best µs, every round, TFLOPS from ``flops`` or GB/s from ``nbytes``, speed over
+    ``baseline_us``).  Returns one row per run: ``config``, ``ok``, ``diff`` and, when timed, ``us`` (the best
+    round) and ``rounds``."""
+    rows, good = {}, {}
+    for tag, fn in runs.items():
+        try:
+            ok, diff = checked_run(fn, out, want)
+        except Exception as e:  # noqa: BLE001 - a config that does not build is reported, not fatal
+            print(f"{label} {tag:24s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            rows[tag] = dict(case=label, config=tag, ok=False, error=str(e)[:200])
+            continue
+        rows[tag] = dict(case=label, config=tag, ok=ok, diff=diff)
+        if ok:
+            good[tag] = fn
+        else:
+            print(f"{label} {tag:24s} WRONG diff {diff:.2e}", flush=True)
+    for tag, ts in interleaved_times(good, rounds).items():
+        us = min(ts)
+        rows[tag].update(us=us, rounds=ts)
+        rate = (f" {flops / us / 1e6:6.0f} TFLOPS" if flops else "") + (f" {nbytes / us / 1e3:6.0f} GB/s" if nbytes
+                                                                        else "")
+        vs = f"  vs {baseline} {baseline_us:.1f} us: {baseline_us / us:5.3f}x" if baseline_us else ""
+        print(f"{label} {tag:24s} {us:8.1f} us (rounds {', '.join(f'{t:.1f}' for t in ts)}){rate}{vs}", flush=True)
+    return list(rows.values())
+
+
 def run_cases(cases: list[Case], progress: bool = True) -> list[dict]:
     """Check and time every case; one result dict per (case, implementation)."""
     card = card_name()

@@ -13,7 +13,7 @@ import torch
 
 import fp8gemm
 from fp8gemm import reference as R
-from fp8gemm.bench.core import Case
+from fp8gemm.bench.core import Case, time_us
 from fp8gemm.testing import calc_diff
 
 DENSE_NK = [(2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
@@ -63,6 +63,15 @@ def dense_operands(m: int, n: int, k: int, device="cuda"):
     sfa = _scales((m, k // 128), device).t().contiguous().t()
     sfb = _scales((math.ceil(n / 128), k // 128), device)
     return a, sfa, b, sfb, torch.empty(m, n, dtype=torch.bfloat16, device=device)
+
+
+def cublas_us(a, sfa, b, sfb) -> float | None:
+    """The best of two :func:`fp8gemm.bench.core.time_us` of cuBLAS block-scaled FP8 on a dense 1D2D call of
+    :func:`dense_operands`' layout (None where ``scaled_mm`` cannot run it)."""
+    cublas = _scaled_mm()
+    if cublas is None:
+        return None
+    return min(time_us(lambda: cublas(a, sfa, b, sfb.t())) for _ in range(2))
 
 
 def dense_cases(quick: bool) -> list[Case]:

@@ -1,0 +1,48 @@
+"""The A/B loop shared by the benchmark scripts (``fp8gemm.bench.core.ab_rounds``), on the CPU with its
+check and timer replaced: wrong and failing runs are reported and never timed, the others are timed in
+interleaved rounds and their best round is kept."""
+import torch
+
+from fp8gemm.bench import core
+
+
+def test_ab_rounds_checks_before_timing(monkeypatch, capsys):
+    out = torch.zeros(4)
+    want = torch.ones(4)
+    timed = []
+
+    def fake_check(fn, o, w):
+        fn()
+        return bool(torch.equal(o, w)), float((o - w).abs().max())
+
+    def fake_time(fn):
+        timed.append(fn.__name__)
+        return {"good": 10.0, "also_good": 20.0}[fn.__name__] + len(timed)
+
+    monkeypatch.setattr(core, "checked_run", fake_check)
+    monkeypatch.setattr(core, "time_us", fake_time)
+
+    def good():
+        out.fill_(1.0)
+
+    def also_good():
+        out.fill_(1.0)
+
+    def wrong():
+        out.fill_(2.0)
+
+    def broken():
+        raise RuntimeError("does not build")
+
+    rows = core.ab_rounds("case", {"good": good, "wrong": wrong, "broken": broken, "also_good": also_good},
+                          out, want, rounds=2, flops=2e9, baseline_us=30.0)
+    by = {r["config"]: r for r in rows}
+    assert set(by) == {"good", "wrong", "broken", "also_good"}
+    assert timed == ["good", "also_good", "good", "also_good"]          # interleaved, wrong/broken never timed
+    assert by["good"]["rounds"] == [11.0, 13.0] and by["good"]["us"] == 11.0
+    assert by["also_good"]["us"] == 22.0
+    assert not by["wrong"]["ok"] and "us" not in by["wrong"]
+    assert not by["broken"]["ok"] and "does not build" in by["broken"]["error"]
+    text = capsys.readouterr().out
+    assert "wrong" in text and "WRONG" in text and "FAILED RuntimeError" in text
+    assert "vs cuBLAS 30.0 us: 2.727x" in text                         # 30 / 11
