@@ -176,7 +176,7 @@ def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, 
     kind, cfg = _plan(mode_name, a, sfa, b, sfb, d, c, expected_m, gran_n_b, max_block_n, force_block_m)
     pdl = False
     if kind == "skinny":
-        if a.shape[0] and b.shape[0]:
+        if a.shape[0]:                     # (supports() has ruled out N == 0 and K == 0)
             gemm_skinny.launch(a, sfa, b, sfb, d, num_sms, cfg)
         return cfg.block_m, cfg.block_n
     if kind == "fp4-gluon":

@@ -124,19 +124,19 @@ def supports(a, sfa, b, sfb, d, c=None) -> bool:
 
 
 def pays(m: int, n: int, k: int, num_sms: int) -> bool:
-    """Whether this kernel beats the warp-specialised Gluon one (measured on an H100, benchmarks/RESULTS.md,
-    session 5, ``benchmarks/skinny_ab.py``): with one row on every DeepSeek shape (1.03-1.49x); with 4-128 rows
-    where the 64 x 64 (weights x tokens) tiles fill at most half the SMs (n 576-4096: 0.98-1.66x, m 128 n2112 a
-    tie); not at n >= 7168 with more than one row (the Gluon kernel up to 20% faster there), nor where the
-    tiles are many (m 96-128 at n >= 4096: 1.2-1.6x slower)."""
+    """Whether this kernel beats the warp-specialised Gluon one.  Measured on an H100 (benchmarks/RESULTS.md,
+    session 5, ``benchmarks/skinny_ab.py``, the planned config against the Gluon kernel): one row, every
+    DeepSeek shape 1.02-1.49x; 4-128 rows where the 64 x 64 (weights x tokens) tiles fill at most half the SMs
+    (n 576-4096) 0.98-1.60x; elsewhere with more than one row the Gluon kernel is faster (at n >= 7168 by up
+    to 27%, at 96-128 rows by 15-63%)."""
     return m == 1 or (m <= 128 and 2 * triton.cdiv(n, 64) * triton.cdiv(m, 64) <= num_sms)
 
 
 def plan(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:
-    """64 weight rows and up to 64 tokens a program; the K split that brings the programs closest to two per SM (one per SM for
-    K < 4096, where a split's partial sums cost as much as its stream), keeping at least eight 128-K slices a
-    program; 4 stages where a program has no more than 4 slices or the token tile is 32 wide or more (its A
-    stage grows).  Measured best or within 5% of the best split and depth on every shape it is picked for
+    """64 weight rows and up to 64 tokens a program; the K split that brings the programs closest to two per
+    SM (one per SM for K < 4096: at K 2048 the split programs were slower), keeping at least eight 128-K slices
+    a program; 4 stages where a program has no more than 4 slices or the token tile is 32 wide or more (its A
+    stage grows).  Measured best or within 3% of the best split and depth on every shape it is picked for
     (RESULTS.md, session 5)."""
     block_n = 64
     block_m = min(64, max(16, triton.next_power_of_2(m)))

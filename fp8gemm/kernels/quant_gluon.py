@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 
+from .. import runtime
 from . import quant as KQ
 
 try:  # pragma: no cover - depends on the installed triton
@@ -83,7 +84,6 @@ def per_channel_config(x: torch.Tensor, gran: int) -> PerChannelConfig:
 
 def supports(x: torch.Tensor) -> bool:
     """Whether the Gluon per-channel kernel can run on ``x``'s device (an SM90 GPU, no interpreter)."""
-    from .. import runtime
     return HAS_GLUON and not runtime.interpreting() and x.is_cuda and runtime.is_sm90(x.device)
 
 
