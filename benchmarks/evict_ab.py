@@ -19,6 +19,7 @@ import sys
 
 SETTINGS = {
     "default": {},
+    "none": {"FP8GEMM_STORE_EVICT": ""},
     "store evict_first": {"FP8GEMM_STORE_EVICT": "evict_first"},
     "store .cs": {"FP8GEMM_STORE_EVICT": ".cs"},
     "load+store evict_first": {"FP8GEMM_STREAM_EVICT": "evict_first", "FP8GEMM_STORE_EVICT": "evict_first"},
