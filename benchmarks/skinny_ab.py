@@ -61,6 +61,12 @@ def main():
                                   (f"skinny {plan.block_n}x{plan.split} w8", dict(num_warps=8))):
                     c = dataclasses.replace(plan, **cfg)
                     variants[name] = (lambda c=c: KS.launch(a, sfa, b, sfb, d, num_sms, c))
+            if m > 64:      # every token in one block (weights read once): 8 warps, two warpgroups split the tokens
+                one = KS.plan(64, n, k, num_sms).split
+                for split, stages in ((one, 4), (2 * one, 4), (one, 3)):
+                    c = KS.SkinnyConfig(block_n=64, block_m=128, split=split, num_warps=8, num_stages=stages)
+                    variants[f"skinny 64x{split} m128 w8 s{stages}"] = (
+                        lambda c=c: KS.launch(a, sfa, b, sfb, d, num_sms, c))
             dg = DEEPGEMM_H100_M1.get((n, k)) if m == 1 else None
             label = f"m{m:<3d} n{n:<6d} k{k:<6d}" + (f" (DeepGEMM H100 {dg} us)" if dg else "")
             got = ab_rounds(label, variants, d, want, args.rounds, nbytes=n * k + m * k + m * n * 2)

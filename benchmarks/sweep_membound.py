@@ -12,6 +12,7 @@ output written once).  Writes ``sweep_membound.json`` and prints one line per co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -194,9 +195,11 @@ def prefill_sweeps(ceiling):
                 return holder[0]
             launch(None)
             out_ref = holder[0].clone()
-            for cfg in [None, C(128 // h, 64, 4, 3), C(256 // h, 64, 4, 3), C(256 // h, 64, 8, 3),
-                        C(256 // h, 64, 8, 4), C(512 // h, 64, 8, 3)]:
-                tag = "default" if cfg is None else f"{cfg.block_q},{cfg.block_k},{cfg.num_warps},{cfg.num_stages}"
+            dflt = KMQ.prefill_config(h, d)
+            for cfg in [None, dataclasses.replace(dflt, interior=False), C(128 // h, 64, 4, 3), C(256 // h, 64, 4, 3),
+                        C(256 // h, 64, 8, 3), C(256 // h, 64, 8, 4), C(512 // h, 64, 8, 3)]:
+                tag = "default" if cfg is None else (f"{cfg.block_q},{cfg.block_k},{cfg.num_warps},{cfg.num_stages}"
+                                                     + ("" if cfg.interior else ",masked"))
                 try:
                     launch(cfg)
                     torch.cuda.synchronize()

@@ -42,6 +42,7 @@ class PrefillConfig:
     block_k: int      # keys per loop step (the MMA's M)
     num_warps: int
     num_stages: int
+    interior: bool = True   # unmasked stores on key tiles every query of the block sees in full
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +90,15 @@ def paged_config(num_heads: int, head_dim: int, next_n: int, block_kv: int) -> P
 def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
                       seq_len, seq_len_kv, max_seqlen_k, stride_w, stride_out,
                       H: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                      COMPRESSED: tl.constexpr, CLEAN: tl.constexpr, CLEAN_BLOCK: tl.constexpr):
+                      COMPRESSED: tl.constexpr, CLEAN: tl.constexpr, CLEAN_BLOCK: tl.constexpr,
+                      INTERIOR: tl.constexpr = True):
     """One program per ``BLOCK_Q`` queries; loops over the keys any of them sees.
 
     Plain form: writes ``out[i, j]`` for every j of the key blocks in ``[min ks, max ke)`` of the block
     (the logit, or -inf where row i does not see key j); with ``CLEAN`` also -inf on the rest of the row.
     Compressed form (``COMPRESSED``): writes only the valid ``out[i, j - ks[i]]``; with ``CLEAN`` -inf on
-    every other column of ``[0, max_seqlen_k)``.
+    every other column of ``[0, max_seqlen_k)``.  ``INTERIOR``: a key tile inside every query's range (most
+    tiles of a causal or full prefill) is stored without the per-element range test and mask.
     """
     QH: tl.constexpr = BLOCK_Q * H
     # Last query block first: in causal prefill later queries see more keys, and starting the longest
@@ -129,6 +132,12 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
     w = tl.load(w_ptr + cq.to(tl.int64) * stride_w + tl.arange(0, QH) % H, mask=cq < seq_len, other=0.0)
 
     row_off = rq.to(tl.int64) * stride_out
+    # Key tiles in [in_lo, in_hi) lie inside every query's [start, end) (none if a query of the block is past
+    # seq_len or sees nothing); in_hi <= seq_len_kv, so such a tile is also inside the KV sequence.
+    in_lo = tl.max(tl.where(q_ok, start, seq_len_kv), axis=0)
+    in_hi = tl.min(tl.where(busy, end, -1), axis=0)
+    if not INTERIOR:
+        in_hi = -1
     for k0 in range(lo, hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < seq_len_kv
@@ -137,13 +146,19 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
         acc = tl.dot(kv, q_t)                                       # [BLOCK_K, BLOCK_Q * H]
         acc = tl.maximum(acc, 0.0) * w[None, :]
         logit = tl.sum(tl.reshape(acc, (BLOCK_K, BLOCK_Q, H)), axis=2) * sc[:, None]   # [BLOCK_K, BLOCK_Q]
-        valid = (rk[:, None] >= start[None, :]) & (rk[:, None] < end[None, :])
         if COMPRESSED:
             col = rk[:, None] - ks[None, :]
-            tl.store(out_ptr + row_off[None, :] + col, logit, mask=valid & q_ok[None, :])
         else:
-            logit = tl.where(valid, logit, float("-inf"))
-            tl.store(out_ptr + row_off[None, :] + rk[:, None], logit, mask=k_ok[:, None] & q_ok[None, :])
+            col = rk[:, None]
+        if (k0 >= in_lo) & (k0 + BLOCK_K <= in_hi):
+            tl.store(out_ptr + row_off[None, :] + col, logit)
+        else:
+            valid = (rk[:, None] >= start[None, :]) & (rk[:, None] < end[None, :])
+            if COMPRESSED:
+                tl.store(out_ptr + row_off[None, :] + col, logit, mask=valid & q_ok[None, :])
+            else:
+                logit = tl.where(valid, logit, float("-inf"))
+                tl.store(out_ptr + row_off[None, :] + col, logit, mask=k_ok[:, None] & q_ok[None, :])
 
     if CLEAN:
         rc = tl.arange(0, CLEAN_BLOCK)

@@ -167,6 +167,27 @@ def test_prefill_compressed(clean, nan_output):
         _assert_logits(out, ref, valid=None if clean else ref != NEG_INF)
 
 
+@pytest.mark.parametrize("width", [0, 150])
+def test_prefill_interior_tiles_equal_the_masked_path(width, nan_output):
+    """Key tiles inside every query's range take the unmasked store (``PrefillConfig.interior``): the result
+    equals the always-masked kernel's, bit for bit, for wide shared ranges (most tiles interior), a range
+    that ends inside a tile, a query that sees nothing (no tile interior in its block) and the compressed
+    form."""
+    seq_len, seq_len_kv, h, d = 20, 330, 32, 64
+    q, kv, sf, w = _prefill_inputs(seq_len, seq_len_kv, h, d)
+    ks = torch.zeros(seq_len, dtype=torch.int32)
+    ks[8:16] = 64                                       # a block whose range starts one tile later
+    ke = torch.full((seq_len,), seq_len_kv, dtype=torch.int32)
+    ke[3] = 300                                         # ends inside a tile
+    ke[17] = 0                                          # sees nothing: its block has no interior tile
+    ref = R.fp8_mqa_logits(q, kv, sf, w, ks, ke, max_seqlen_k=width)
+    cfg = K.prefill_config(h, d)
+    outs = [attention._run_prefill(q, kv, sf, w, ks, ke, True, width, K.PrefillConfig(
+        cfg.block_q, cfg.block_k, cfg.num_warps, cfg.num_stages, interior)) for interior in (True, False)]
+    _assert_logits(outs[0], ref)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_prefill_empty_shapes():
     q, kv, sf, w = _prefill_inputs(0, 16, 16, 32)
     e = torch.zeros(0, dtype=torch.int32)
