@@ -43,6 +43,7 @@ class PrefillConfig:
     num_warps: int
     num_stages: int
     interior: bool = True   # unmasked stores on key tiles every query of the block sees in full
+    prefetch_scale: bool = False   # load the next tile's KV scales one iteration ahead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,7 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
                       seq_len, seq_len_kv, max_seqlen_k, stride_w, stride_out,
                       H: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                       COMPRESSED: tl.constexpr, CLEAN: tl.constexpr, CLEAN_BLOCK: tl.constexpr,
-                      INTERIOR: tl.constexpr = True):
+                      INTERIOR: tl.constexpr = True, PREFETCH_SCALE: tl.constexpr = False):
     """One program per ``BLOCK_Q`` queries; loops over the keys any of them sees.
 
     Plain form: writes ``out[i, j]`` for every j of the key blocks in ``[min ks, max ke)`` of the block
@@ -138,11 +139,18 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
     in_hi = tl.min(tl.where(busy, end, -1), axis=0)
     if not INTERIOR:
         in_hi = -1
+    rk = lo + tl.arange(0, BLOCK_K)
+    sc_next = tl.load(kvs_ptr + rk, mask=(rk < seq_len_kv) & PREFETCH_SCALE, other=0.0)
     for k0 in range(lo, hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < seq_len_kv
         kv = tl.load(kv_ptr + rk.to(tl.int64)[:, None] * D + rd[None, :], mask=k_ok[:, None], other=0.0)
-        sc = tl.load(kvs_ptr + rk, mask=k_ok, other=0.0)
+        if PREFETCH_SCALE:
+            # the scales' load latency lands one tile earlier, off the epilogue's path
+            sc = sc_next
+            sc_next = tl.load(kvs_ptr + rk + BLOCK_K, mask=rk + BLOCK_K < seq_len_kv, other=0.0)
+        else:
+            sc = tl.load(kvs_ptr + rk, mask=k_ok, other=0.0)
         acc = tl.dot(kv, q_t)                                       # [BLOCK_K, BLOCK_Q * H]
         acc = tl.maximum(acc, 0.0) * w[None, :]
         logit = tl.sum(tl.reshape(acc, (BLOCK_K, BLOCK_Q, H)), axis=2) * sc[:, None]   # [BLOCK_K, BLOCK_Q]

@@ -170,7 +170,7 @@ def test_prefill_compressed(clean, nan_output):
 @pytest.mark.parametrize("width", [0, 150])
 def test_prefill_interior_tiles_equal_the_masked_path(width, nan_output):
     """Key tiles inside every query's range take the unmasked store (``PrefillConfig.interior``): the result
-    equals the always-masked kernel's, bit for bit, for wide shared ranges (most tiles interior), a range
+    equals the always-masked kernel's and the scale-prefetching one's (``prefetch_scale``), bit for bit, for wide shared ranges (most tiles interior), a range
     that ends inside a tile, a query that sees nothing (no tile interior in its block) and the compressed
     form."""
     seq_len, seq_len_kv, h, d = 20, 330, 32, 64
@@ -183,9 +183,10 @@ def test_prefill_interior_tiles_equal_the_masked_path(width, nan_output):
     ref = R.fp8_mqa_logits(q, kv, sf, w, ks, ke, max_seqlen_k=width)
     cfg = K.prefill_config(h, d)
     outs = [attention._run_prefill(q, kv, sf, w, ks, ke, True, width, K.PrefillConfig(
-        cfg.block_q, cfg.block_k, cfg.num_warps, cfg.num_stages, interior)) for interior in (True, False)]
+        cfg.block_q, cfg.block_k, cfg.num_warps, cfg.num_stages, interior, prefetch))
+        for interior, prefetch in ((True, False), (False, False), (True, True))]
     _assert_logits(outs[0], ref)
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_prefill_empty_shapes():
