@@ -196,14 +196,10 @@ def prefill_sweeps(ceiling):
             launch(None)
             out_ref = holder[0].clone()
             dflt = KMQ.prefill_config(h, d)
-            pf = dict(prefetch_scale=True)
-            for cfg in [None, dataclasses.replace(dflt, interior=False), dataclasses.replace(dflt, **pf),
-                        C(256 // h, 64, 4, 3), C(256 // h, 64, 4, 3, **pf), C(256 // h, 64, 8, 3),
-                        C(256 // h, 64, 8, 3, **pf), C(256 // h, 64, 4, 4), C(256 // h, 64, 4, 4, **pf),
-                        C(256 // h, 64, 4, 2, **pf)]:
+            for cfg in [None, dataclasses.replace(dflt, interior=False), C(256 // h, 64, 8, 3), C(256 // h, 64, 4, 4),
+                        C(128 // h, 64, 4, 3), C(512 // h, 64, 8, 3)]:
                 tag = "default" if cfg is None else (f"{cfg.block_q},{cfg.block_k},{cfg.num_warps},{cfg.num_stages}"
-                                                     + ("" if cfg.interior else ",masked")
-                                                     + (",prefetch" if cfg.prefetch_scale else ""))
+                                                     + ("" if cfg.interior else ",masked"))
                 try:
                     launch(cfg)
                     torch.cuda.synchronize()

@@ -43,7 +43,6 @@ class PrefillConfig:
     num_warps: int
     num_stages: int
     interior: bool = True   # unmasked stores on key tiles every query of the block sees in full
-    prefetch_scale: bool = False   # load the next tile's KV scales one iteration ahead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,15 +58,14 @@ def prefill_config(num_heads: int, head_dim: int) -> PrefillConfig:
 
     N = block_q * H = 256 (every head of 256 / H queries) against 64-key tiles through a 3-stage cp.async
     pipeline: one KV tile then feeds twice the MMA work of N = 128, which halves the KV traffic and the
-    per-tile loop overhead.  At head_dim 128 two warpgroups split N (64 accumulator registers each); at
-    head_dim 64 one warpgroup holds all of it (the epilogue, not the MMA, bounds that shape, and a second
-    warpgroup only adds synchronisation).  Measured on an H100 (benchmarks/RESULTS.md, SQ = SK = 8192):
-    H64 D128 +6% and H32 D64 +2-5% over N = 128 with one warpgroup.  H16 keeps N = 128 (16 queries a
+    per-tile loop overhead.  One warpgroup holds all of N (128 accumulator registers, ~250 a thread: two
+    programs an SM, whose MMA and epilogue interleave).  Measured on an H100 (benchmarks/RESULTS.md, SQ = SK =
+    8192): N = 256 is 2-6% faster than N = 128; with the interior-tile stores (``interior``) one warpgroup is
+    0-5% faster than two at head_dim 128 (before them two were 6% faster).  H16 keeps N = 128 (16 queries a
     program would put the compressed form's per-query bookkeeping on the stack; not measured faster).
     """
     n = 256 if num_heads >= 32 else 128
-    return PrefillConfig(block_q=n // num_heads, block_k=64, num_warps=8 if head_dim >= 128 and n == 256 else 4,
-                         num_stages=3)
+    return PrefillConfig(block_q=n // num_heads, block_k=64, num_warps=4, num_stages=3)
 
 
 def paged_config(num_heads: int, head_dim: int, next_n: int, block_kv: int) -> PagedConfig:
@@ -92,7 +90,7 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
                       seq_len, seq_len_kv, max_seqlen_k, stride_w, stride_out,
                       H: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                       COMPRESSED: tl.constexpr, CLEAN: tl.constexpr, CLEAN_BLOCK: tl.constexpr,
-                      INTERIOR: tl.constexpr = True, PREFETCH_SCALE: tl.constexpr = False):
+                      INTERIOR: tl.constexpr = True):
     """One program per ``BLOCK_Q`` queries; loops over the keys any of them sees.
 
     Plain form: writes ``out[i, j]`` for every j of the key blocks in ``[min ks, max ke)`` of the block
@@ -139,18 +137,11 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
     in_hi = tl.min(tl.where(busy, end, -1), axis=0)
     if not INTERIOR:
         in_hi = -1
-    rk = lo + tl.arange(0, BLOCK_K)
-    sc_next = tl.load(kvs_ptr + rk, mask=(rk < seq_len_kv) & PREFETCH_SCALE, other=0.0)
     for k0 in range(lo, hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < seq_len_kv
         kv = tl.load(kv_ptr + rk.to(tl.int64)[:, None] * D + rd[None, :], mask=k_ok[:, None], other=0.0)
-        if PREFETCH_SCALE:
-            # the scales' load latency lands one tile earlier, off the epilogue's path
-            sc = sc_next
-            sc_next = tl.load(kvs_ptr + rk + BLOCK_K, mask=rk + BLOCK_K < seq_len_kv, other=0.0)
-        else:
-            sc = tl.load(kvs_ptr + rk, mask=k_ok, other=0.0)
+        sc = tl.load(kvs_ptr + rk, mask=k_ok, other=0.0)
         acc = tl.dot(kv, q_t)                                       # [BLOCK_K, BLOCK_Q * H]
         acc = tl.maximum(acc, 0.0) * w[None, :]
         logit = tl.sum(tl.reshape(acc, (BLOCK_K, BLOCK_Q, H)), axis=2) * sc[:, None]   # [BLOCK_K, BLOCK_Q]

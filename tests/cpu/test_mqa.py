@@ -170,7 +170,7 @@ def test_prefill_compressed(clean, nan_output):
 @pytest.mark.parametrize("width", [0, 150])
 def test_prefill_interior_tiles_equal_the_masked_path(width, nan_output):
     """Key tiles inside every query's range take the unmasked store (``PrefillConfig.interior``): the result
-    equals the always-masked kernel's and the scale-prefetching one's (``prefetch_scale``), bit for bit, for wide shared ranges (most tiles interior), a range
+    equals the always-masked kernel's, bit for bit, for wide shared ranges (most tiles interior), a range
     that ends inside a tile, a query that sees nothing (no tile interior in its block) and the compressed
     form."""
     seq_len, seq_len_kv, h, d = 20, 330, 32, 64
@@ -183,10 +183,9 @@ def test_prefill_interior_tiles_equal_the_masked_path(width, nan_output):
     ref = R.fp8_mqa_logits(q, kv, sf, w, ks, ke, max_seqlen_k=width)
     cfg = K.prefill_config(h, d)
     outs = [attention._run_prefill(q, kv, sf, w, ks, ke, True, width, K.PrefillConfig(
-        cfg.block_q, cfg.block_k, cfg.num_warps, cfg.num_stages, interior, prefetch))
-        for interior, prefetch in ((True, False), (False, False), (True, True))]
+        cfg.block_q, cfg.block_k, cfg.num_warps, cfg.num_stages, interior)) for interior in (True, False)]
     _assert_logits(outs[0], ref)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_prefill_empty_shapes():
@@ -420,7 +419,7 @@ _PAGED_DIV = ["q_ptr", "kv_ptr", "kvs_ptr", "w_ptr", "ctx_ptr", "bt_ptr", "meta_
 def _prefill_job(h, d, compressed):
     cfg = K.prefill_config(h, d)
     consts = dict(H=h, D=d, BLOCK_Q=cfg.block_q, BLOCK_K=cfg.block_k, COMPRESSED=compressed, CLEAN=True,
-                  CLEAN_BLOCK=K.CLEAN_BLOCK)
+                  CLEAN_BLOCK=K.CLEAN_BLOCK, INTERIOR=cfg.interior)
     return ("fp8gemm.kernels.mqa", "mqa_logits_kernel", _PREFILL_SIG, consts,
             dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, divisible_by_16=_PREFILL_DIV))
 
@@ -463,5 +462,6 @@ def test_aot_sm90(name, aot_results):
     assert sass_count(res["sass"], "QGMMA") > 0, f"{name}: no FP8 wgmma in the SASS"
     assert sass_count(res["sass"], "LDGSTS") > 0, f"{name}: the KV stream is not software-pipelined (no cp.async)"
     assert res["local"] == 0 and res["stack"] == 0, f"{name}: local memory used ({res['local']} B)"
-    # Registers leave room for several programs per SM (the design relies on it to overlap MMA and epilogue).
-    assert 0 < res["regs"] <= 168, f"{name}: {res['regs']} registers"
+    # Registers leave room for two programs per SM (the design relies on it to overlap MMA and epilogue).
+    warps = AOT_CASES[name][4]["num_warps"]
+    assert 0 < res["regs"] * warps * 32 <= 32768, f"{name}: {res['regs']} registers x {warps} warps"
