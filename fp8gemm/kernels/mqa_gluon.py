@@ -169,10 +169,11 @@ if HAS_GLUON:
         return tok, sc
 
     @gluon.jit
-    def _epilogue(tok, kv_empty, it, sc, k0, wv, start, end, q_ok, row_off, out_ptr, seq_len_kv,
+    def _epilogue(tok, kv_empty, it, sc, k0, wv, start, end, q_ok, row_off, out_ptr, seq_len_kv, in_lo, in_hi,
                   H: gl.constexpr, STAGES: gl.constexpr, OUTSTANDING: gl.constexpr):
         """Wait for tile ``it``'s MMA (``OUTSTANDING`` newer ones stay in flight), free its KV stage, then
-        ``sum_h relu(acc) * w`` per (key, query), ``* kv_scale``, -inf outside each query's range, store."""
+        ``sum_h relu(acc) * w`` per (key, query), ``* kv_scale``, -inf outside each query's range, store
+        (without the range test and mask where the tile lies in every query's range: ``[in_lo, in_hi)``)."""
         acc = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(tok, ))
         mbarrier.arrive(kv_empty.index(it % STAGES), count=1)
         BK: gl.constexpr = acc.type.shape[0]
@@ -182,10 +183,13 @@ if HAS_GLUON:
         keys = k0 + gl.arange(0, BK, layout=sc.type.layout)
         logit = logit * gl.expand_dims(sc, 1)
         keys2 = gl.expand_dims(keys, 1)
-        valid = (keys2 >= gl.expand_dims(start, 0)) & (keys2 < gl.expand_dims(end, 0))
-        logit = gl.where(valid, logit, float("-inf"))
-        mask = (keys2 < seq_len_kv) & gl.expand_dims(q_ok, 0)
-        gl.store(out_ptr + gl.expand_dims(row_off, 0) + keys2, logit, mask=mask)
+        if (k0 >= in_lo) & (k0 + BK <= in_hi):
+            gl.store(out_ptr + gl.expand_dims(row_off, 0) + keys2, logit)
+        else:
+            valid = (keys2 >= gl.expand_dims(start, 0)) & (keys2 < gl.expand_dims(end, 0))
+            logit = gl.where(valid, logit, float("-inf"))
+            mask = (keys2 < seq_len_kv) & gl.expand_dims(q_ok, 0)
+            gl.store(out_ptr + gl.expand_dims(row_off, 0) + keys2, logit, mask=mask)
         # The scratch registers go back to the next MMA only now (the caller reissues into them).
         return acc
 
@@ -225,6 +229,9 @@ if HAS_GLUON:
                 rq = qw0 + gl.arange(0, QW, layout=qry_layout)
                 q_ok, start, end = _query_keys(ks_ptr, ke_ptr, rq, seq_len, seq_len_kv)
                 row_off = rq.to(gl.int64) * stride_out
+                # key tiles inside every query's range of this warpgroup (none if one is past seq_len or empty)
+                in_lo = gl.max(gl.where(q_ok, start, seq_len_kv), axis=0)
+                in_hi = gl.min(gl.where(q_ok & (end > start), end, -1), axis=0)
                 lo, hi = _key_range(ks_ptr, ke_ptr, q0, seq_len, seq_len_kv, BLOCK_Q, BK, q_layout)
                 n = gl.cdiv(hi - lo, BK)
 
@@ -241,22 +248,22 @@ if HAS_GLUON:
                         yt, scY = _issue(kv_bufs, kv_full, q_t, kvs_ptr, t + 1, kx + BK, seq_len_kv, Y, STAGES,
                                          key_layout)
                         X = _epilogue(xt, kv_empty, t, scX, kx, wv, start, end, q_ok, row_off, out_ptr,
-                                      seq_len_kv, H, STAGES, 1)
+                                      seq_len_kv, in_lo, in_hi, H, STAGES, 1)
                         xt, scX = _issue(kv_bufs, kv_full, q_t, kvs_ptr, t + 2, kx + 2 * BK, seq_len_kv, X, STAGES,
                                          key_layout)
                         Y = _epilogue(yt, kv_empty, t + 1, scY, kx + BK, wv, start, end, q_ok, row_off, out_ptr,
-                                      seq_len_kv, H, STAGES, 1)
+                                      seq_len_kv, in_lo, in_hi, H, STAGES, 1)
                     last = n - 1
                     if n % 2 == 0:
                         yt, scY = _issue(kv_bufs, kv_full, q_t, kvs_ptr, it + last, lo + last * BK, seq_len_kv, Y,
                                          STAGES, key_layout)
                         X = _epilogue(xt, kv_empty, it + last - 1, scX, lo + (last - 1) * BK, wv, start, end, q_ok,
-                                      row_off, out_ptr, seq_len_kv, H, STAGES, 1)
+                                      row_off, out_ptr, seq_len_kv, in_lo, in_hi, H, STAGES, 1)
                         Y = _epilogue(yt, kv_empty, it + last, scY, lo + last * BK, wv, start, end, q_ok,
-                                      row_off, out_ptr, seq_len_kv, H, STAGES, 0)
+                                      row_off, out_ptr, seq_len_kv, in_lo, in_hi, H, STAGES, 0)
                     else:
                         X = _epilogue(xt, kv_empty, it + last, scX, lo + last * BK, wv, start, end, q_ok,
-                                      row_off, out_ptr, seq_len_kv, H, STAGES, 0)
+                                      row_off, out_ptr, seq_len_kv, in_lo, in_hi, H, STAGES, 0)
                     it += n
                 # every MMA reading this q slot has completed (wait 0 above)
                 mbarrier.arrive(q_empty.index(qs), count=1)
