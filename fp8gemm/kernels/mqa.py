@@ -43,6 +43,7 @@ class PrefillConfig:
     num_warps: int
     num_stages: int
     interior: bool = True   # unmasked stores on key tiles every query of the block sees in full
+    clean_first: bool = False   # the -inf fill (clean_logits) before the main loop instead of after it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +91,7 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
                       seq_len, seq_len_kv, max_seqlen_k, stride_w, stride_out,
                       H: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                       COMPRESSED: tl.constexpr, CLEAN: tl.constexpr, CLEAN_BLOCK: tl.constexpr,
-                      INTERIOR: tl.constexpr = True):
+                      INTERIOR: tl.constexpr = True, CLEAN_FIRST: tl.constexpr = False):
     """One program per ``BLOCK_Q`` queries; loops over the keys any of them sees.
 
     Plain form: writes ``out[i, j]`` for every j of the key blocks in ``[min ks, max ke)`` of the block
@@ -137,6 +138,10 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
     in_hi = tl.min(tl.where(busy, end, -1), axis=0)
     if not INTERIOR:
         in_hi = -1
+    if CLEAN and CLEAN_FIRST:
+        # the -inf stores drain while the main loop computes (nothing waits for a store)
+        _prefill_fill(out_ptr, row_off, q_ok, busy, start, end, ks, lo, hi, seq_len_kv, max_seqlen_k,
+                      BLOCK_Q, BLOCK_K, CLEAN_BLOCK, COMPRESSED)
     for k0 in range(lo, hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < seq_len_kv
@@ -159,34 +164,42 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
                 logit = tl.where(valid, logit, float("-inf"))
                 tl.store(out_ptr + row_off[None, :] + col, logit, mask=k_ok[:, None] & q_ok[None, :])
 
-    if CLEAN:
-        rc = tl.arange(0, CLEAN_BLOCK)
-        neg = tl.full((BLOCK_Q, CLEAN_BLOCK), float("-inf"), tl.float32)
-        if COMPRESSED:
-            # Column c of row i is key ks[i] + c: invalid left of start - ks and from end - ks on.
-            first = tl.where(busy, start - ks, max_seqlen_k)
-            past = tl.where(busy, end - ks, 0)
-            lead = tl.max(first, axis=0)
-            tail = tl.maximum(tl.min(tl.where(q_ok, past, max_seqlen_k), axis=0), 0)
-            tail = (tail // CLEAN_BLOCK) * CLEAN_BLOCK
-            for c0 in range(0, tl.minimum(lead, max_seqlen_k), CLEAN_BLOCK):
-                c = c0 + rc
-                m = q_ok[:, None] & (c[None, :] < first[:, None]) & (c[None, :] < max_seqlen_k)
-                tl.store(out_ptr + row_off[:, None] + c[None, :], neg, mask=m)
-            for c0 in range(tail, max_seqlen_k, CLEAN_BLOCK):
-                c = c0 + rc
-                m = q_ok[:, None] & (c[None, :] >= past[:, None]) & (c[None, :] < max_seqlen_k)
-                tl.store(out_ptr + row_off[:, None] + c[None, :], neg, mask=m)
-        else:
-            # The main loop wrote [lo, written); everything else of the row is -inf.
-            written = tl.minimum(lo + tl.cdiv(hi - lo, BLOCK_K) * BLOCK_K, seq_len_kv)
-            for c0 in range(0, lo, CLEAN_BLOCK):
-                c = c0 + rc
-                tl.store(out_ptr + row_off[:, None] + c[None, :], neg, mask=q_ok[:, None] & (c[None, :] < lo))
-            for c0 in range(written, seq_len_kv, CLEAN_BLOCK):
-                c = c0 + rc
-                tl.store(out_ptr + row_off[:, None] + c[None, :], neg,
-                         mask=q_ok[:, None] & (c[None, :] < seq_len_kv))
+    if CLEAN and not CLEAN_FIRST:
+        _prefill_fill(out_ptr, row_off, q_ok, busy, start, end, ks, lo, hi, seq_len_kv, max_seqlen_k,
+                      BLOCK_Q, BLOCK_K, CLEAN_BLOCK, COMPRESSED)
+
+
+@triton.jit
+def _prefill_fill(out_ptr, row_off, q_ok, busy, start, end, ks, lo, hi, seq_len_kv, max_seqlen_k,
+                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, CLEAN_BLOCK: tl.constexpr, COMPRESSED: tl.constexpr):
+    """-inf on every output position of the block's rows that the main loop does not write (``clean_logits``)."""
+    rc = tl.arange(0, CLEAN_BLOCK)
+    neg = tl.full((BLOCK_Q, CLEAN_BLOCK), float("-inf"), tl.float32)
+    if COMPRESSED:
+        # Column c of row i is key ks[i] + c: invalid left of start - ks and from end - ks on.
+        first = tl.where(busy, start - ks, max_seqlen_k)
+        past = tl.where(busy, end - ks, 0)
+        lead = tl.max(first, axis=0)
+        tail = tl.maximum(tl.min(tl.where(q_ok, past, max_seqlen_k), axis=0), 0)
+        tail = (tail // CLEAN_BLOCK) * CLEAN_BLOCK
+        for c0 in range(0, tl.minimum(lead, max_seqlen_k), CLEAN_BLOCK):
+            c = c0 + rc
+            m = q_ok[:, None] & (c[None, :] < first[:, None]) & (c[None, :] < max_seqlen_k)
+            tl.store(out_ptr + row_off[:, None] + c[None, :], neg, mask=m)
+        for c0 in range(tail, max_seqlen_k, CLEAN_BLOCK):
+            c = c0 + rc
+            m = q_ok[:, None] & (c[None, :] >= past[:, None]) & (c[None, :] < max_seqlen_k)
+            tl.store(out_ptr + row_off[:, None] + c[None, :], neg, mask=m)
+    else:
+        # The main loop wrote [lo, written); everything else of the row is -inf.
+        written = tl.minimum(lo + tl.cdiv(hi - lo, BLOCK_K) * BLOCK_K, seq_len_kv)
+        for c0 in range(0, lo, CLEAN_BLOCK):
+            c = c0 + rc
+            tl.store(out_ptr + row_off[:, None] + c[None, :], neg, mask=q_ok[:, None] & (c[None, :] < lo))
+        for c0 in range(written, seq_len_kv, CLEAN_BLOCK):
+            c = c0 + rc
+            tl.store(out_ptr + row_off[:, None] + c[None, :], neg,
+                     mask=q_ok[:, None] & (c[None, :] < seq_len_kv))
 
 
 # -------------------------------------------------------------------------------------
