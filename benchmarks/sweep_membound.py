@@ -176,7 +176,6 @@ def paged_sweeps(ceiling):
 
 
 def prefill_sweeps(ceiling):
-    C = KMQ.PrefillConfig
     for sq, sk, h, d in ((8192, 8192, 64, 128), (8192, 8192, 32, 64)):
         gen = torch.Generator(device="cuda").manual_seed(sq * 7 + h)
         q = torch.randn(sq, h, d, device="cuda", generator=gen).to(FP8)
@@ -196,11 +195,13 @@ def prefill_sweeps(ceiling):
             launch(None)
             out_ref = holder[0].clone()
             dflt = KMQ.prefill_config(h, d)
-            for cfg in [None, dataclasses.replace(dflt, interior=False), dataclasses.replace(dflt, clean_first=True),
-                        C(256 // h, 64, 8, 3), C(256 // h, 64, 4, 4), C(128 // h, 64, 4, 3)]:
+            rep = dataclasses.replace
+            for cfg in [None, rep(dflt, zigzag=True), rep(dflt, interior=False), rep(dflt, num_warps=8),
+                        rep(dflt, num_warps=8, zigzag=True), rep(dflt, num_stages=4, zigzag=True), None]:
                 tag = "default" if cfg is None else (f"{cfg.block_q},{cfg.block_k},{cfg.num_warps},{cfg.num_stages}"
                                                      + ("" if cfg.interior else ",masked")
-                                                     + (",fill-first" if cfg.clean_first else ""))
+                                                     + (",fill-first" if cfg.clean_first else "")
+                                                     + (",zigzag" if cfg.zigzag else ""))
                 try:
                     launch(cfg)
                     torch.cuda.synchronize()
