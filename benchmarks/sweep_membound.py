@@ -196,12 +196,10 @@ def prefill_sweeps(ceiling):
             out_ref = holder[0].clone()
             dflt = KMQ.prefill_config(h, d)
             rep = dataclasses.replace
-            for cfg in [None, rep(dflt, zigzag=True), rep(dflt, interior=False), rep(dflt, num_warps=8),
-                        rep(dflt, num_warps=8, zigzag=True), rep(dflt, num_stages=4, zigzag=True), None]:
+            for cfg in [None, rep(dflt, interior=False), rep(dflt, num_warps=8), rep(dflt, num_stages=4),
+                        rep(dflt, block_q=dflt.block_q // 2), None]:
                 tag = "default" if cfg is None else (f"{cfg.block_q},{cfg.block_k},{cfg.num_warps},{cfg.num_stages}"
-                                                     + ("" if cfg.interior else ",masked")
-                                                     + (",fill-first" if cfg.clean_first else "")
-                                                     + (",zigzag" if cfg.zigzag else ""))
+                                                     + ("" if cfg.interior else ",masked"))
                 try:
                     launch(cfg)
                     torch.cuda.synchronize()

@@ -43,8 +43,6 @@ class PrefillConfig:
     num_warps: int
     num_stages: int
     interior: bool = True   # unmasked stores on key tiles every query of the block sees in full
-    clean_first: bool = False   # the -inf fill (clean_logits) before the main loop instead of after it
-    zigzag: bool = False        # program order: last and first query blocks alternately (else last first)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +90,7 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
                       seq_len, seq_len_kv, max_seqlen_k, stride_w, stride_out,
                       H: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                       COMPRESSED: tl.constexpr, CLEAN: tl.constexpr, CLEAN_BLOCK: tl.constexpr,
-                      INTERIOR: tl.constexpr = True, CLEAN_FIRST: tl.constexpr = False,
-                      ZIGZAG: tl.constexpr = False):
+                      INTERIOR: tl.constexpr = True):
     """One program per ``BLOCK_Q`` queries; loops over the keys any of them sees.
 
     Plain form: writes ``out[i, j]`` for every j of the key blocks in ``[min ks, max ke)`` of the block
@@ -104,15 +101,8 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
     """
     QH: tl.constexpr = BLOCK_Q * H
     # Last query block first: in causal prefill later queries see more keys, and starting the longest
-    # programs first shortens the tail of the launch.  ZIGZAG alternates the last and the first remaining
-    # blocks instead, so the fill-heavy early blocks (short rows of logits, long -inf tails) run beside the
-    # compute-heavy late ones rather than all at the end.
-    nprog = tl.num_programs(0)
-    if ZIGZAG:
-        i = tl.program_id(0)
-        pid = tl.where(i % 2 == 0, nprog - 1 - i // 2, i // 2)
-    else:
-        pid = nprog - 1 - tl.program_id(0)
+    # programs first shortens the tail of the launch.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     q0 = pid * BLOCK_Q
     rq = q0 + tl.arange(0, BLOCK_Q)
     q_ok = rq < seq_len
@@ -147,10 +137,6 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
     in_hi = tl.min(tl.where(busy, end, -1), axis=0)
     if not INTERIOR:
         in_hi = -1
-    if CLEAN and CLEAN_FIRST:
-        # the -inf stores drain while the main loop computes (nothing waits for a store)
-        _prefill_fill(out_ptr, row_off, q_ok, busy, start, end, ks, lo, hi, seq_len_kv, max_seqlen_k,
-                      BLOCK_Q, BLOCK_K, CLEAN_BLOCK, COMPRESSED)
     for k0 in range(lo, hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < seq_len_kv
@@ -173,7 +159,7 @@ def mqa_logits_kernel(q_ptr, kv_ptr, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
                 logit = tl.where(valid, logit, float("-inf"))
                 tl.store(out_ptr + row_off[None, :] + col, logit, mask=k_ok[:, None] & q_ok[None, :])
 
-    if CLEAN and not CLEAN_FIRST:
+    if CLEAN:
         _prefill_fill(out_ptr, row_off, q_ok, busy, start, end, ks, lo, hi, seq_len_kv, max_seqlen_k,
                       BLOCK_Q, BLOCK_K, CLEAN_BLOCK, COMPRESSED)
 
