@@ -196,11 +196,8 @@ def prefill_sweeps(ceiling):
             out_ref = holder[0].clone()
             dflt = KMQ.prefill_config(h, d)
             rep = dataclasses.replace
-            half = dflt.block_q // 2
             for cfg in [None, rep(dflt, interior=False), rep(dflt, num_warps=8), rep(dflt, num_stages=4),
-                        rep(dflt, block_q=half), rep(dflt, block_q=half, block_k=128, num_warps=8),
-                        rep(dflt, block_k=128, num_warps=8), rep(dflt, block_q=half, block_k=128, num_warps=8,
-                                                                 num_stages=4), None]:
+                        rep(dflt, block_q=dflt.block_q // 2), None]:
                 tag = "default" if cfg is None else (f"{cfg.block_q},{cfg.block_k},{cfg.num_warps},{cfg.num_stages}"
                                                      + ("" if cfg.interior else ",masked"))
                 try:
