@@ -46,6 +46,14 @@ capturable in a CUDA graph with a fixed batch size.  Every wait is bounded (``ti
 :meth:`EPCommunicator.check` turns into a ``RuntimeError`` naming the rank (and expert), never a hang.
 After such an error the communicator's state is undefined: create a new one.
 
+Call order (symm form): one dispatch's receive buffers and slot counters are reused by the next. Every rank
+must have consumed a dispatch (its receive step read the counters, its experts read the rows) before any
+rank starts the next one. The layer's order (dispatch, expert GEMMs, combine) guarantees it: a rank's
+combine waits for every peer's combine send, which comes after that peer's receive step and GEMMs. Two
+dispatches back to back with nothing between them do not: a fast rank's next slot claims can reach a
+peer's counters before that peer's receive step has read them. Put a combine or a barrier
+(``torch.distributed.barrier()`` and a synchronize) between them.
+
 ``"nccl"`` (the multi-node path, for users who outgrow one NVLink domain): the same API over
 ``torch.distributed.all_to_all_single`` (any backend that has it: NCCL on GPUs, gloo on CPUs).  It
 synchronises with the host (split sizes) and is therefore not graph-capturable; slot order is
