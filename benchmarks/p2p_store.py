@@ -253,14 +253,14 @@ def row_destinations(n_rows: int, sender: int, world: int, npeers: int, scatter:
     """(peer rank, slot) of each of ``sender``'s rows (CPU int64): row i goes to rank
     ``(sender + 1 + i % npeers) % world`` at slot ``i // npeers`` of its section, or, scattered, at a
     random permutation of the slots of that peer's rows."""
-    i = torch.arange(n_rows)
+    i = torch.arange(n_rows, device="cpu")      # CPU whatever the default device (the GPU tests set CUDA)
     q = i % npeers
     slot = i // npeers
     if scatter:
-        g = torch.Generator().manual_seed(seed * 1000003 + sender * 1009 + n_rows * 17 + npeers)
+        g = torch.Generator(device="cpu").manual_seed(seed * 1000003 + sender * 1009 + n_rows * 17 + npeers)
         for qq in range(npeers):
             sel = (q == qq).nonzero().flatten()
-            slot[sel] = torch.randperm(sel.numel(), generator=g)
+            slot[sel] = torch.randperm(sel.numel(), generator=g, device="cpu")
     return (sender + 1 + q) % world, slot
 
 
