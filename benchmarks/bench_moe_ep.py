@@ -6,7 +6,9 @@ Run under torchrun on one host (NVLink); results (JSON, timeline PNG) go to the 
         torchrun --nproc-per-node 2 benchmarks/bench_moe_ep.py results/moe_ep
 
 Per tokens-per-rank T: the layer with overlap on and off, the layer with the combine skipped
-(exposed combine = on - skip), dispatch alone (all SMs, as in the layer), combine alone (send + wait +
+(exposed combine = on - skip; each iteration followed by ``comm.barrier()``, whose time alone is subtracted,
+since dispatches without a combine between them must be separated), dispatch alone (all SMs, as in the layer;
+the same barrier), combine alone (send + wait +
 reduce; on the communication SMs, as in the overlapped layer, and on all SMs) and the local reduce
 alone (CUDA-graph replays, slowest rank); their bandwidth in bytes per rank -- those that cross NVLink
 (rows to / from another rank) and all bytes written -- against the copy-engine peer-to-peer bandwidth
@@ -181,10 +183,14 @@ def main():
         r = {"tokens": T}
         r["on_ms"], graphed = _timed(lambda: layer.forward(x, idx, w, overlap=True, check=False), args.iters)
         r["off_ms"], _ = _timed(lambda: layer.forward(x, idx, w, overlap=False, check=False), args.iters)
-        r["skip_ms"], _ = _timed(lambda: layer.forward(x, idx, w, overlap=True, check=False, skip_combine=True),
-                                 args.iters)
+        # Loops that dispatch without a combine between iterations need comm.barrier() there (the call-order
+        # contract in fp8gemm/moe/ep.py); its own time, measured alone, is subtracted.
+        r["barrier_ms"], _ = _timed(comm.barrier, args.iters)
+        r["skip_ms"] = _timed(lambda: (layer.forward(x, idx, w, overlap=True, check=False, skip_combine=True),
+                                       comm.barrier()), args.iters)[0] - r["barrier_ms"]
         xq, xsf = per_token_cast_to_fp8(x)
-        r["dispatch_ms"], _ = _timed(lambda: comm.dispatch(xq, xsf, idx), args.iters)
+        r["dispatch_ms"] = _timed(lambda: (comm.dispatch(xq, xsf, idx), comm.barrier()), args.iters)[0] \
+            - r["barrier_ms"]
         layer.forward(x, idx, w, overlap=False)          # routing state of this batch for the combine alone
         torch.cuda.synchronize()
         # the combine on the communication SMs (what the overlapped layer gives it) and on all SMs
@@ -262,7 +268,7 @@ def main():
         print(f"{'T':>5} {'on us':>8} {'off us':>8} {'gain%':>6} {'skip us':>8} {'expos%':>7} | {'disp us':>7} "
               f"{'nvl MB':>6} {'tot MB':>6} {'nvl GB/s':>8} {'tot GB/s':>8} {'%p2p':>5} | {'comb us':>7} "
               f"{'nvl MB':>6} {'tot MB':>6} {'nvl GB/s':>8} {'tot GB/s':>8} {'%p2p':>5} | {'all-SM us':>9} "
-              f"{'%p2p':>5} {'reduce us':>9}")
+              f"{'%p2p':>5} {'reduce us':>9} {'barrier us':>10}")
         for r in rows:
             print(f"{r['tokens']:>5} {r['on_ms'] * 1e3:>8.1f} {r['off_ms'] * 1e3:>8.1f} {r['gain_pct']:>6.1f} "
                   f"{r['skip_ms'] * 1e3:>8.1f} {r['exposed_combine_pct']:>7.1f} | {r['dispatch_ms'] * 1e3:>7.1f} "
@@ -270,7 +276,8 @@ def main():
                   f"{r['dispatch_GBps']:>8.1f} {r['dispatch_pct_p2p']:>5.1f} | {r['combine_ms'] * 1e3:>7.1f} "
                   f"{r['combine_nvl_MB']:>6.2f} {r['combine_total_MB']:>6.2f} {r['combine_peer_GBps']:>8.1f} "
                   f"{r['combine_GBps']:>8.1f} {r['combine_pct_p2p']:>5.1f} | {r['combine_all_sms_ms'] * 1e3:>9.1f} "
-                  f"{r['combine_all_sms_pct_p2p']:>5.1f} {r['reduce_ms'] * 1e3:>9.1f}", flush=True)
+                  f"{r['combine_all_sms_pct_p2p']:>5.1f} {r['reduce_ms'] * 1e3:>9.1f} "
+                  f"{r['barrier_ms'] * 1e3:>10.1f}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

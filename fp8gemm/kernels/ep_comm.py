@@ -26,6 +26,8 @@ addresses (peer addresses come from ``torch.distributed._symmetric_memory``; in 
   same two-stage pipeline, into their source rank's receive buffer at slot (token, k); then the same
   done-counter / ``CFLAG`` arrival as the dispatch.
 - **combine recv** (one program): spin on ``CFLAG``, consume it.
+- **barrier** (:meth:`fp8gemm.moe.ep.EPCommunicator.barrier`): one program adds 1 to ``BFLAG[rank]`` on every
+  rank (release), then one program spins on this rank's ``BFLAG`` and consumes one arrival of each peer.
 - **contiguous form** (prefill, :meth:`fp8gemm.moe.ep.EPCommunicator.dispatch_contiguous`), three
   steps because a sender must know where each expert's segment starts on its owner before it stores:
   *counts* (grid of any size): each (token, k) takes a slot among this rank's rows for its expert
@@ -62,6 +64,7 @@ ERROR_CODES = {
     5: "dispatch (contiguous): the segment of local expert {a} (global expert {g}) ends at row {b}, beyond "
        "the contiguous capacity of {c} rows",
     6: "dispatch (contiguous): timed out waiting for the token counts of rank {a}",
+    7: "barrier: timed out waiting for rank {a}",
 }
 
 
@@ -426,6 +429,16 @@ def dispatch_send_contig_kernel(xq_ptr, xsf_ptr, idx_ptr, slot_ptr, send_base_pt
         _put_rows(v0, sf, base, row, ok, t, j, xq_ptr, stride_xq, rank, TMAX, OFF_X, OFF_SF, OFF_META,
                   H, SFH, TOPK, BLOCK_H, BLOCK_SF)
     _arrive_all(tab_ptr, done_ptr, rank, OFF_DFLAG, W)
+
+
+@triton.jit
+def signal_all_kernel(tab_ptr, rank, OFF_FLAG, W: tl.constexpr):
+    """Add 1 to ``FLAG[rank]`` on every rank (release, ``sys``): the arrive half of a barrier; this rank's
+    earlier kernels (stream order) are complete, so whatever they did is ordered before it."""
+    for o in range(W):
+        base = tl.load(tab_ptr + o)
+        flag = (base + OFF_FLAG).to(tl.pointer_type(tl.int32)) + rank
+        tl.atomic_add(flag, 1, sem="release", scope="sys")
 
 
 @triton.jit

@@ -51,8 +51,8 @@ must have consumed a dispatch (its receive step read the counters, its experts r
 rank starts the next one. The layer's order (dispatch, expert GEMMs, combine) guarantees it: a rank's
 combine waits for every peer's combine send, which comes after that peer's receive step and GEMMs. Two
 dispatches back to back with nothing between them do not: a fast rank's next slot claims can reach a
-peer's counters before that peer's receive step has read them. Put a combine or a barrier
-(``torch.distributed.barrier()`` and a synchronize) between them.
+peer's counters before that peer's receive step has read them. Put a combine or
+:meth:`EPCommunicator.barrier` (on the device, bounded, capturable) between them.
 
 ``"nccl"`` (the multi-node path, for users who outgrow one NVLink domain): the same API over
 ``torch.distributed.all_to_all_single`` (any backend that has it: NCCL on GPUs, gloo on CPUs).  It
@@ -96,7 +96,7 @@ class SymmLayout:
     def sections(self) -> dict:
         L, M, H = self.num_local_experts, self.max_m, self.hidden
         sizes = {"x": L * M * H, "sf": L * M * self.sf_cols * 4, "meta": L * M * 4, "cnt": L * 4,
-                 "dflag": self.world_size * 4, "cflag": self.world_size * 4,
+                 "dflag": self.world_size * 4, "cflag": self.world_size * 4, "bflag": self.world_size * 4,
                  "recv": self.max_tokens * self.topk * H * 2}
         if self.contig_rows:
             R, E = self.contig_rows, L * self.world_size
@@ -298,10 +298,31 @@ class EPCommunicator:
         code, a, b, c = err
         g = self.rank * self.num_local_experts + a
         what = K.ERROR_CODES.get(code, "unknown error {a} {b} {c}").format(a=a, b=b, c=c, g=g)
-        if code in (1, 3, 6):
+        if code in (1, 3, 6, 7):
             lo = a * self.num_local_experts
             what += f" (owner of experts {lo}..{lo + self.num_local_experts - 1})"
         raise RuntimeError(f"EP rank {self.rank}/{self.world_size}: {what}")
+
+    # ------------------------------------------------------------------ barrier
+    def barrier(self) -> None:
+        """Every rank waits (on the device, in stream order) until every rank has reached this call: what
+        two dispatches need between them when no combine separates them (module docstring, "Call order").
+        symm: a release flag to every rank, then a bounded spin on this rank's flags (a peer that never
+        arrives leaves an error naming it for :meth:`check`; capturable in a CUDA graph); nccl:
+        ``torch.distributed.barrier``."""
+        if self.backend == "nccl":
+            import torch.distributed as dist
+            dist.barrier(group=self.group)
+            return
+        self._barrier_arrive()
+        self._barrier_wait()
+
+    def _barrier_arrive(self) -> None:
+        K.signal_all_kernel[(1,)](self.tab, self.rank, self.offsets["bflag"], W=self.world_size, num_warps=1)
+
+    def _barrier_wait(self) -> None:
+        K.wait_arrivals_kernel[(1,)](self.region, self.err, self.offsets["bflag"], 7, self.max_spin_iters,
+                                     self.timeout_ns, W=self.world_size, USE_TIMER=self.use_timer, num_warps=1)
 
     # ------------------------------------------------------------------ dispatch
     def dispatch_send(self, xq: torch.Tensor, xsf: torch.Tensor, topk_idx: torch.Tensor) -> None:

@@ -178,6 +178,42 @@ def test_peer_that_never_sends_times_out():
         comms[0].check()
 
 
+def test_barrier_orders_back_to_back_dispatches():
+    """Two dispatches with a barrier between them: each one's counts and rows are exactly its own; the
+    barrier's flags are consumed (a second barrier needs new arrivals)."""
+    world, ne, tmax, topk = 2, 4, 3, 2
+    gen = torch.Generator().manual_seed(3)
+    comms = make_simulated_world(world, num_experts=ne, max_tokens_per_rank=tmax, topk=topk, hidden=H,
+                                 max_spin_iters=100)
+    for step in range(2):
+        idxs = _routing("random", world, tmax, ne, topk, gen)
+        qs = [R.per_token_cast_to_fp8(torch.randn(tmax, H)) for _ in range(world)]
+        for s in range(world):
+            comms[s].dispatch_send(qs[s][0], qs[s][1], idxs[s])
+        outs = [comms[r].dispatch_recv() for r in range(world)]
+        L = ne // world
+        for r in range(world):
+            want = [sum(int((idxs[s] == r * L + le).sum()) for s in range(world)) for le in range(L)]
+            assert outs[r].masked_m.tolist() == want, f"step {step} rank {r}"
+        for c in comms:                                  # every rank arrives, then every rank waits
+            c._barrier_arrive()
+        for c in comms:
+            c._barrier_wait()
+            c.check()
+        for c in comms:
+            assert c.region[c.offsets["bflag"]:c.offsets["bflag"] + 4 * world].view(torch.int32).tolist() == \
+                [0] * world
+
+
+def test_barrier_with_a_missing_rank_times_out():
+    comms = make_simulated_world(3, num_experts=3, max_tokens_per_rank=2, topk=1, hidden=H, max_spin_iters=50)
+    comms[0]._barrier_arrive()
+    comms[2]._barrier_arrive()                           # rank 1 never arrives
+    comms[0]._barrier_wait()
+    with pytest.raises(RuntimeError, match=r"rank 0/3: barrier: timed out waiting for rank 1 \(owner of experts 1"):
+        comms[0].check()
+
+
 def test_gemm_signal_that_never_arrives_times_out():
     comms = make_simulated_world(1, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, max_spin_iters=50)
     c = comms[0]
@@ -445,6 +481,8 @@ _AOT = {
     "combine_recv_kernel": (
         {"buf_ptr": "*u8", "err_ptr": "*i32", "OFF_CFLAG": _I64, "max_iters": _I32, "timeout_ns": _I64},
         {"W": 2, "USE_TIMER": True}, [], None),
+    "signal_all_kernel": (
+        {"tab_ptr": "*i64", "rank": _I32, "OFF_FLAG": _I64}, {"W": 4}, [], "atom.global.sys.release.add"),
     "combine_reduce_kernel": (
         {"recv_ptr": "*bf16", "idx_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": "*bf16", "num_experts": _I32,
          "stride_rt": _I32, "stride_rk": _I32, "stride_it": _I32, "stride_ik": _I32, "stride_wt": _I32,

@@ -160,6 +160,31 @@ def _worker() -> int:
             except Exception as e:      # noqa: BLE001
                 record("symm graph", False, repr(e))
             dist.barrier()
+            # Back-to-back dispatches separated only by comm.barrier(): the inputs are made first, so the
+            # launches queue without host pauses and a fast rank could run ahead; every count must be exact.
+            from fp8gemm import per_token_cast_to_fp8
+            gen = torch.Generator().manual_seed(23)
+            batches = []
+            for _ in range(12):
+                idxs = _routing("random", world, 48, num_experts, gen, dev)
+                xq, xsf = per_token_cast_to_fp8(torch.randn(48, H, generator=gen).bfloat16().to(dev))
+                want = RL.dispatch_counts_reference([i.cpu() for i in idxs], num_experts, world)[rank]
+                batches.append((xq, xsf, idxs[rank], want))
+            try:
+                torch.cuda.synchronize()
+                dist.barrier()
+                snaps = []
+                for xq, xsf, idx, _ in batches:
+                    comm.dispatch(xq, xsf, idx)
+                    snaps.append(comm.masked_m.clone())
+                    comm.barrier()
+                torch.cuda.synchronize()
+                comm.check()
+                bad = [k for k, (snap, b) in enumerate(zip(snaps, batches)) if not torch.equal(snap.cpu(), b[3])]
+                record("symm back-to-back dispatches with barrier", not bad, f"wrong counts in calls {bad}")
+            except Exception as e:      # noqa: BLE001
+                record("symm back-to-back dispatches with barrier", False, repr(e))
+            dist.barrier()
         del layer, comm
 
     # A rank that skips its dispatch send: every other rank must raise within the timeout.
