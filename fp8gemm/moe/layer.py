@@ -63,8 +63,11 @@ class MoELayer:
 
     ``w13 = (FP8 [L, 2*inter, hidden], FP32 [L, ceil(2*inter/128), hidden/128])`` (rows ``[0, inter)``
     gate, ``[inter, 2 inter)`` up); ``w2 = (FP8 [L, hidden, inter], FP32 [L, hidden/128, ceil(inter/128)])``.
-    ``num_comm_sms``: SMs left to the combine while the L2 GEMM runs with overlap (default 1/6 of the
-    device, at least 1).  ``gemm`` / ``contiguous_gemm`` / ``quant``: injectable masked GEMM, contiguous
+    ``num_comm_sms``: SMs left to the combine while the L2 GEMM runs with overlap (default 8, or 1/6 of a
+    smaller device; measured on 2 and 4 H200s at 32-256 tokens a rank, benchmarks/RESULTS.md session 6: 8 SMs
+    gained 0.8-2.3 points of overlap over 22 on every row, and were the best of 8/16/22 on four GPUs and of
+    4/8/16/22 at 128-256 tokens on two: the combine stays hidden while the L2 GEMM keeps more SMs).  At 32
+    tokens a rank the overlap was 1-2% slower than ``overlap=False`` on every split tried.  ``gemm`` / ``contiguous_gemm`` / ``quant``: injectable masked GEMM, contiguous
     GEMM and token cast (DeepGEMM signatures), defaulting to fp8gemm's own.  The contiguous form's
     buffers (``R`` rows of L1, SwiGLU and L2 outputs) exist when ``comm`` was created with
     ``contiguous=True``.
@@ -97,7 +100,7 @@ class MoELayer:
         self.quant = quant or _default_quant()
         total = runtime._default_sms()
         if num_comm_sms is None:
-            num_comm_sms = max(1, total // 6)
+            num_comm_sms = max(1, min(8, total // 6))
         check_int("num_comm_sms", num_comm_sms)
         if not 1 <= num_comm_sms < max(total, 2):
             raise ValueError(f"num_comm_sms must be in [1, {total - 1}], got {num_comm_sms}")
