@@ -12,8 +12,9 @@
 With ``overlap=True`` (symm backend on a GPU) the L2 GEMM runs with ``enable_overlap=True`` on
 ``num_gemm_sms`` SMs while the combine kernel runs on a second stream with the other SMs, sending each
 m-block as soon as the GEMM's counter for it reaches the threshold (DESIGN.md §3).  ``overlap=False``
-runs the same stages back to back (the safe default where overlap is unavailable; the NCCL backend
-always runs this way).
+runs the same stages back to back (the safe choice where overlap is unavailable; the NCCL backend
+always runs this way).  ``overlap="auto"`` (the default of :meth:`MoELayer.forward`) overlaps only where
+the combine is big enough to pay for the SMs the GEMM gives up (:meth:`MoELayer.overlap_pays`).
 
 ``layout="contiguous"`` (prefill; the communicator must be created with ``contiguous=True``) runs the
 same layer on the contiguous grouped layout instead: the dispatch lays each rank's received rows out
@@ -58,6 +59,10 @@ def _default_quant():
     return per_token_cast_to_fp8
 
 
+# Cross-rank combine bytes a rank from which overlap="auto" overlaps (MoELayer.overlap_pays).
+AUTO_OVERLAP_MIN_BYTES = 8e6
+
+
 class MoELayer:
     """The layer on one rank; ``w13``/``w2`` hold this rank's ``L`` local experts.
 
@@ -67,8 +72,9 @@ class MoELayer:
     smaller device; measured on 2 and 4 H200s at 32-256 tokens a rank, benchmarks/RESULTS.md session 6: 8 SMs
     gained 0.8-2.3 points of overlap over 22 on every row, and were the best of 8/16/22 on four GPUs and of
     4/8/16/22 at 128-256 tokens on two: the combine stays hidden while the L2 GEMM keeps more SMs).  At 32
-    tokens a rank the overlap was 1-2% slower than ``overlap=False`` on every split tried.  ``gemm`` / ``contiguous_gemm`` / ``quant``: injectable masked GEMM, contiguous
-    GEMM and token cast (DeepGEMM signatures), defaulting to fp8gemm's own.  The contiguous form's
+    tokens a rank the overlap was 1-2% slower than ``overlap=False`` on every split tried (hence
+    ``overlap="auto"``, :meth:`overlap_pays`).  ``gemm`` / ``contiguous_gemm`` / ``quant``: injectable masked
+    GEMM, contiguous GEMM and token cast (DeepGEMM signatures), defaulting to fp8gemm's own.  The contiguous form's
     buffers (``R`` rows of L1, SwiGLU and L2 outputs) exist when ``comm`` was created with
     ``contiguous=True``.
     """
@@ -208,6 +214,10 @@ class MoELayer:
         check_tensor("x", x, dtype=torch.bfloat16, ndim=2)
         if x.shape[1] != c.hidden:
             raise ValueError(f"x must have shape [T, {c.hidden}], got {list(x.shape)}")
+        if isinstance(overlap, str):
+            if overlap != "auto":
+                raise ValueError(f"overlap must be True, False or 'auto', got {overlap!r}")
+            overlap = self.overlap_pays(x.shape[0])
         check_bool("overlap", overlap)
         if layout not in ("masked", "contiguous"):
             raise ValueError(f"layout must be 'masked' or 'contiguous', got {layout!r}")
@@ -262,12 +272,23 @@ class MoELayer:
         self._mark(events, "combine")
         return y
 
+    def overlap_pays(self, tokens: int) -> bool:
+        """Whether SBO is expected to beat the stages back to back for ``tokens`` tokens on this rank: the
+        combine's cross-rank bytes a rank (``tokens * topk * (W - 1) / W`` BF16 rows) reach
+        :data:`AUTO_OVERLAP_MIN_BYTES`.  Measured on 2 and 4 H200s with 8 communication SMs
+        (benchmarks/RESULTS.md, session 6): 2.9-7.6 MB (32 tokens on 2 and 4 GPUs, 128 on 2) 0.3-2.1% slower
+        with overlap, 11-22 MB (128-256 tokens on 4, 256 on 2) 1.1-5.4% faster."""
+        c = self.comm
+        remote = tokens * c.topk * (c.world_size - 1) / c.world_size * c.hidden * 2
+        return c.backend == "symm" and remote >= AUTO_OVERLAP_MIN_BYTES
+
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                overlap: bool = True, out: torch.Tensor | None = None, check: bool = True,
+                overlap: bool | str = "auto", out: torch.Tensor | None = None, check: bool = True,
                 layout: str = "masked", **bench) -> torch.Tensor:
         """``x`` BF16 [T, hidden] (T <= max_tokens_per_rank), ``topk_idx`` int64/int32 [T, topk]
         (negative = no expert), ``topk_weights`` FP32/BF16 [T, topk] -> ``y`` BF16 [T, hidden].
 
+        ``overlap``: True, False or ``"auto"`` (:meth:`overlap_pays`; module docstring).
         ``layout``: ``"masked"`` (decode, the default: per-expert masked buffers, SBO with ``overlap``)
         or ``"contiguous"`` (prefill: the contiguous grouped layout, stages back to back, ``overlap``
         ignored; needs ``EPCommunicator(..., contiguous=True)``)."""

@@ -114,7 +114,7 @@ def test_swiglu_quant_kernel(inter, use_ue8m0):
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("world,num_experts,topk", [(2, 4, 2), (4, 8, 3)])
-@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("overlap", [False, True, "auto"])
 def test_layer_random_routing(world, num_experts, topk, overlap):
     gen = torch.Generator().manual_seed(7)
     layers, w13, w2 = _world(world, num_experts, 6, topk)
@@ -267,6 +267,20 @@ def test_validation():
         layers[0].forward(torch.randn(3, H), idx, torch.rand(3, 2))
     with pytest.raises(TypeError, match="overlap must be a bool"):
         layers[0].forward(torch.randn(3, H).bfloat16(), idx, torch.rand(3, 2), overlap=1)
+    with pytest.raises(ValueError, match="overlap must be True, False or 'auto'"):
+        layers[0].forward(torch.randn(3, H).bfloat16(), idx, torch.rand(3, 2), overlap="always")
+
+
+@pytest.mark.parametrize("world,tokens,pays", [(2, 128, False), (2, 256, True), (4, 32, False), (4, 128, True),
+                                                (8, 128, True), (1, 4096, False)])
+def test_auto_overlap_threshold(world, tokens, pays):
+    """overlap="auto" at the DeepSeek-V3 shape (hidden 7168, top-8): overlap where the measured rows gained
+    (cross-rank combine bytes >= 8 MB a rank), not where they lost; never on one rank or the NCCL backend."""
+    from types import SimpleNamespace
+    comm = SimpleNamespace(topk=8, world_size=world, hidden=7168, backend="symm")
+    assert MoELayer.overlap_pays(SimpleNamespace(comm=comm), tokens) is pays
+    comm.backend = "nccl"
+    assert MoELayer.overlap_pays(SimpleNamespace(comm=comm), tokens) is False
 
 
 # --------------------------------------------------------------------------------------------
