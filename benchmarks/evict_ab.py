@@ -33,24 +33,17 @@ def child(flush: str) -> None:
 
     from fp8gemm import reference as R
     from fp8gemm.bench.core import time_us
+    from fp8gemm.bench.suite_moe_act import pre_dispatch_operands
     from fp8gemm.kernels import moe_act as KM
     from fp8gemm.kernels import quant as KQ
 
     torch.manual_seed(0)
-    n, cap, hidden, topk = 4096, 4608, 7168, 8
-    x = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
-    idx = torch.randint(0, 256, (n, topk), device="cuda")
-    w = torch.rand(n, topk, device="cuda")
+    n, cap, hidden = 4096, 4608, 7168
     rows = {}
     for fp4, gs in ((False, 128), (True, 32)):
-        bx = torch.empty(cap, hidden // 2 if fp4 else hidden, dtype=torch.uint8, device="cuda")
-        bsf = torch.empty(cap, hidden // gs, dtype=torch.uint8, device="cuda")
-        bi = torch.empty(cap, topk, dtype=torch.int64, device="cuda")
-        bw = torch.empty(cap, topk, device="cuda")
-        bufs = (bx, bsf, bi, bw)
-        nbytes = x.numel() * 2 + idx.numel() * 8 + w.numel() * 4 + sum(b.numel() * b.element_size() for b in bufs)
+        x, idx, w, bufs, nbytes = pre_dispatch_operands(n, cap, gs, fp4, code_dtype=torch.uint8)
 
-        def launch(bufs=bufs, fp4=fp4, gs=gs):
+        def launch(x=x, idx=idx, w=w, bufs=bufs, fp4=fp4, gs=gs):
             KM.launch_pre_dispatch(x, idx, w, *bufs, n, gs, fp4, False, True, False)
         for b in bufs:
             b.view(torch.uint8).fill_(0xFF)

@@ -24,6 +24,7 @@ from fp8gemm import attention, runtime
 from fp8gemm import reference as R
 from fp8gemm.bench import core as bench_core
 from fp8gemm.bench.core import time_us
+from fp8gemm.bench.suite_moe_act import pre_dispatch_operands
 from fp8gemm.kernels import moe_act as KM
 from fp8gemm.kernels import mqa as KMQ
 from fp8gemm.kernels import quant as KQ
@@ -113,17 +114,9 @@ def quant_sweeps(ceiling):
 
 
 def pre_dispatch_sweeps(ceiling):
-    n, cap, hidden, topk = 4096, 4608, 7168, 8
-    x = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
-    idx = torch.randint(0, 256, (n, topk), device="cuda")
-    w = torch.rand(n, topk, device="cuda")
+    n, cap, hidden = 4096, 4608, 7168
     for fp4, gs in ((False, 128), (True, 32)):
-        bx = torch.empty(cap, hidden // 2 if fp4 else hidden, dtype=torch.uint8, device="cuda")
-        bsf = torch.empty(cap, hidden // gs, dtype=torch.uint8, device="cuda")
-        bi = torch.empty(cap, topk, dtype=torch.int64, device="cuda")
-        bw = torch.empty(cap, topk, device="cuda")
-        bufs = (bx, bsf, bi, bw)
-        nbytes = x.numel() * 2 + idx.numel() * 8 + w.numel() * 4 + sum(b.numel() * b.element_size() for b in bufs)
+        x, idx, w, bufs, nbytes = pre_dispatch_operands(n, cap, gs, fp4, code_dtype=torch.uint8)
         configs = ([(16, 4, 4), (8, 4, 4), (4, 4, 4), (16, 4, 8), (32, 4, 8), (8, 8, 8), (16, 8, 8), (32, 2, 8),
                     (16, 4, 4, 2), (4, 4, 4, 8)] if not fp4
                    else [(8, 16, 4), (8, 16, 4, 2), (4, 16, 4, 4), (16, 16, 8, 2), (8, 8, 4, 4)])

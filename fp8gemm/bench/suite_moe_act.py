@@ -61,17 +61,26 @@ def _torch_pre_dispatch(x, idx, w, bx, bsf, bi, bw, n, group_size, fp4):
     bw[n:] = 0
 
 
-def _pre_dispatch_case(n: int, capacity: int, group_size: int, fp4: bool) -> Case:
+def pre_dispatch_operands(n: int, capacity: int, group_size: int, fp4: bool, code_dtype=FP8):
+    """Random ``x`` BF16 [n, HIDDEN], top-``TOPK`` ids and weights, the four pre-dispatch buffers of
+    ``capacity`` rows (codes as ``code_dtype``, or uint8 pairs for FP4; UE8M0 scale bytes) and the bytes a
+    perfect kernel moves (inputs read once, every buffer row written once); also used by the A/B scripts."""
     x = torch.randn(n, HIDDEN, device="cuda", dtype=torch.bfloat16)
     idx = torch.randint(0, EXPERTS, (n, TOPK), device="cuda")
     w = torch.rand(n, TOPK, device="cuda")
     bx = torch.empty(capacity, HIDDEN // 2, dtype=torch.uint8, device="cuda") if fp4 else \
-        torch.empty(capacity, HIDDEN, dtype=FP8, device="cuda")
+        torch.empty(capacity, HIDDEN, dtype=code_dtype, device="cuda")
     bsf = torch.empty(capacity, HIDDEN // group_size, dtype=torch.uint8, device="cuda")
     bi = torch.empty(capacity, TOPK, dtype=torch.int64, device="cuda")
     bw = torch.empty(capacity, TOPK, device="cuda")
     bufs = (bx, bsf, bi, bw)
     nbytes = x.numel() * 2 + idx.numel() * 8 + w.numel() * 4 + sum(b.numel() * b.element_size() for b in bufs)
+    return x, idx, w, bufs, nbytes
+
+
+def _pre_dispatch_case(n: int, capacity: int, group_size: int, fp4: bool) -> Case:
+    x, idx, w, bufs, nbytes = pre_dispatch_operands(n, capacity, group_size, fp4)
+    bx, bsf, bi, bw = bufs
     launch = (lambda: mega_moe_pre_dispatch(x, idx, w, *bufs, n, group_size, fp4))
 
     def check():
