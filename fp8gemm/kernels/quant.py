@@ -34,9 +34,9 @@ _EVICT_ENV = os.environ.get("FP8GEMM_STREAM_EVICT")
 STREAM_EVICT = tl.constexpr("evict_first" if _EVICT_ENV is None else _EVICT_ENV)    # per-channel, FP4 tiles
 ROWS_EVICT = tl.constexpr("" if _EVICT_ENV is None else _EVICT_ENV)                 # FP8 row-group tiles
 # L2 policy of the code stores (each byte written once, read by a later kernel).  Measured on an H100
-# (RESULTS.md, session 6, benchmarks/evict_ab.py, write flush, two interleaved rounds): streaming stores (.cs)
-# make the FP8 pre-dispatch 0.6% faster (38.2 / 38.2 against 38.5 / 38.4 us) and move the casts by less than
-# +-0.5%, so only the pre-dispatch uses them.  FP8GEMM_STORE_EVICT ("" for none, "evict_first", or a PTX cache
+# (RESULTS.md, session 6, benchmarks/evict_ab.py, write flush, interleaved rounds in two calls): streaming
+# stores (.cs) move the FP8 pre-dispatch by 0.0-0.3 us of 38 (within the spread) and the casts by less than
+# +-0.5%; the pre-dispatch keeps them (its buffer is written once and should not crowd the L2), the casts not.  FP8GEMM_STORE_EVICT ("" for none, "evict_first", or a PTX cache
 # modifier such as ".cs") sets every code store, for A/B runs.
 _STORE_ENV = os.environ.get("FP8GEMM_STORE_EVICT")
 STORE_EVICT = tl.constexpr("" if _STORE_ENV is None or _STORE_ENV.startswith(".") else _STORE_ENV)
