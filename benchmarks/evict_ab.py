@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python3 benchmarks/evict_ab.py [--rounds 2] [--flush write]
 
-The policies are import-time constants (``FP8GEMM_STREAM_EVICT`` for the input loads, ``FP8GEMM_STORE_EVICT``
-for the code stores, see ``fp8gemm/kernels/quant.py``), so each setting runs in its own child process; the
+The policies are import-time constants (``FP8GEMM_STREAM_EVICT`` for the casts' and pre-dispatch's input loads,
+``FP8GEMM_STORE_EVICT`` for the FP8 pre-dispatch's code stores, see ``fp8gemm/kernels/quant.py``; the casts' stores
+are always plain, their rows are controls for the store settings), so each setting runs in its own child process; the
 settings are interleaved within each round so a drift of clock or temperature falls on all of them alike.
 Each child first checks the FP8 and FP4 pre-dispatch buffers byte for byte against the reference module, then
 times the default configs (CUDA-graph replays, L2 flushed before each call: ``fp8gemm.bench.core.time_us``).
@@ -19,7 +20,6 @@ import sys
 
 SETTINGS = {
     "default": {},
-    "none": {"FP8GEMM_STORE_EVICT": ""},
     "store evict_first": {"FP8GEMM_STORE_EVICT": "evict_first"},
     "store .cs": {"FP8GEMM_STORE_EVICT": ".cs"},
     "load+store evict_first": {"FP8GEMM_STREAM_EVICT": "evict_first", "FP8GEMM_STORE_EVICT": "evict_first"},

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..runtime import get_num_sms
-from .quant import (PRE_STORE_CACHE, ROWS_EVICT, STORE_EVICT, bf16_pairs_ok, e4m3_bytes, fp4_tile_cast,
+from .quant import (PRE_STORE_CACHE, PRE_STORE_EVICT, ROWS_EVICT, bf16_pairs_ok, e4m3_bytes, fp4_tile_cast,
                     fp4_tile_load, fp4_tile_store, group_amax, row_group_config, row_group_tile, scale_from_amax,
                     ue8m0_byte)
 
@@ -58,7 +58,7 @@ def _pre_dispatch_tile(x, tile, tiles_g, idx_ptr, w_ptr, bx_ptr, bsf_ptr, bidx_p
         q = e4m3_bytes(x.to(tl.float32) * inv[:, :, None], SOFT_CVT)
         q = tl.where(token[:, None, None], q, 0).to(tl.uint8)
         tl.store(bx_ptr + rows64[:, None, None] * stride_bxm + cols[None, :, :], q,
-                 mask=in_tile, eviction_policy=STORE_EVICT, cache_modifier=PRE_STORE_CACHE)
+                 mask=in_tile, eviction_policy=PRE_STORE_EVICT, cache_modifier=PRE_STORE_CACHE)
     sf_offs = rows64[:, None] * stride_bsm + groups[None, :]
     sf_mask = in_buf[:, None] & (groups[None, :] < tl.cdiv(hidden, GRAN))
     if SF_FP32:

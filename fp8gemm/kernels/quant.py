@@ -33,15 +33,13 @@ from ..runtime import backend, get_num_sms, interpreting
 _EVICT_ENV = os.environ.get("FP8GEMM_STREAM_EVICT")
 STREAM_EVICT = tl.constexpr("evict_first" if _EVICT_ENV is None else _EVICT_ENV)    # per-channel, FP4 tiles
 ROWS_EVICT = tl.constexpr("" if _EVICT_ENV is None else _EVICT_ENV)                 # FP8 row-group tiles
-# L2 policy of the code stores (each byte written once, read by a later kernel).  Measured on an H100
-# (RESULTS.md, session 6, benchmarks/evict_ab.py, write flush, interleaved rounds in two calls): streaming
-# stores (.cs) move the FP8 pre-dispatch by 0.0-0.3 us of 38 (within the spread) and the casts by less than
-# +-0.5%; the pre-dispatch keeps them (its buffer is written once and should not crowd the L2), the casts not.  FP8GEMM_STORE_EVICT ("" for none, "evict_first", or a PTX cache
-# modifier such as ".cs") sets every code store, for A/B runs.
-_STORE_ENV = os.environ.get("FP8GEMM_STORE_EVICT")
-STORE_EVICT = tl.constexpr("" if _STORE_ENV is None or _STORE_ENV.startswith(".") else _STORE_ENV)
-STORE_CACHE = tl.constexpr(_STORE_ENV if _STORE_ENV is not None and _STORE_ENV.startswith(".") else "")
-PRE_STORE_CACHE = tl.constexpr(".cs" if _STORE_ENV is None else STORE_CACHE.value)          # FP8 pre-dispatch
+# L2 policy of the FP8 pre-dispatch's code stores, for A/B runs only (benchmarks/evict_ab.py):
+# FP8GEMM_STORE_EVICT "" (plain stores, the default), "evict_first", or a PTX cache modifier such as ".cs".
+# Measured on an H100 (RESULTS.md, session 6, write flush, interleaved rounds in two calls): every setting
+# within 0.0-0.3 us of 38, so the default stays plain.
+_STORE_ENV = os.environ.get("FP8GEMM_STORE_EVICT", "")
+PRE_STORE_EVICT = tl.constexpr("" if _STORE_ENV.startswith(".") else _STORE_ENV)
+PRE_STORE_CACHE = tl.constexpr(_STORE_ENV if _STORE_ENV.startswith(".") else "")
 
 
 # -------------------------------------------------------------------------------------
@@ -284,8 +282,7 @@ def fp4_tile_store(q_ptr, packed, rows, groups, M, K, stride_qm, GRAN: tl.conste
     # itself, not 2j < K, so the compiler can see the mask is constant over 8-byte stores).
     pairs = groups[None, :, None] * (GRAN // 2) + tl.arange(0, NP)[:, None, None] * 8 + tl.arange(0, 8)[None, None, :]
     tl.store(q_ptr + rows.to(tl.int64)[None, None, :, None] * stride_qm + pairs[:, :, None, :], packed,
-             mask=(rows < M)[None, None, :, None] & (pairs < K // 2)[:, :, None, :], eviction_policy=STORE_EVICT,
-             cache_modifier=STORE_CACHE)
+             mask=(rows < M)[None, None, :, None] & (pairs < K // 2)[:, :, None, :])
 
 
 # -------------------------------------------------------------------------------------
@@ -337,14 +334,12 @@ def _cast_fp8_tile(x, tile, tiles_g, q_ptr, sf_ptr, M, K, stride_qm, stride_sm,
         amax = tl.max(tl.max(abs_bits(x), 2), 0).to(tl.float32, bitcast=True)   # [GROUPS]
         sf, inv = scale_from_amax(amax, 448.0, USE_UE8M0)
         q = e4m3_bytes(x.to(tl.float32) * inv[None, :, None], SOFT_CVT)
-        tl.store(q_ptr + rows64[:, None, None] * stride_qm + cols[None, :, :], q, mask=mask,
-                 eviction_policy=STORE_EVICT, cache_modifier=STORE_CACHE)
+        tl.store(q_ptr + rows64[:, None, None] * stride_qm + cols[None, :, :], q, mask=mask)
         tl.store(sf_ptr + pid_m.to(tl.int64) * stride_sm + groups, sf, mask=groups < tl.cdiv(K, GRAN))
     else:
         sf, inv = scale_from_amax(group_amax(x, 2), 448.0, USE_UE8M0)         # [BLOCK_M, GROUPS]
         q = e4m3_bytes(x.to(tl.float32) * inv[:, :, None], SOFT_CVT)
-        tl.store(q_ptr + rows64[:, None, None] * stride_qm + cols[None, :, :], q, mask=mask,
-                 eviction_policy=STORE_EVICT, cache_modifier=STORE_CACHE)
+        tl.store(q_ptr + rows64[:, None, None] * stride_qm + cols[None, :, :], q, mask=mask)
         store_row_group_scales(sf_ptr, sf, rows, groups, M, K, stride_sm, GRAN, SF_BYTES)
 
 
@@ -418,8 +413,7 @@ def per_channel_cast_kernel(x_ptr, q_ptr, sf_ptr, M, N, stride_xm, stride_xn, st
                 eviction_policy=STREAM_EVICT)
     sf, inv = scale_from_amax(group_amax(x, 0), 448.0, USE_UE8M0, not SOFT_CVT)  # [BLOCK_N]
     q = e4m3_bytes(x.to(tl.float32) * inv[None, :], SOFT_CVT)
-    tl.store(q_ptr + rows64 * stride_qm + cols[None, :], q, mask=mask, eviction_policy=STORE_EVICT,
-             cache_modifier=STORE_CACHE)
+    tl.store(q_ptr + rows64 * stride_qm + cols[None, :], q, mask=mask)
     tl.store(sf_ptr + pid_m.to(tl.int64) * stride_sm + cols, sf, mask=cols < N)
 
 
