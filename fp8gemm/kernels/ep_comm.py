@@ -116,16 +116,22 @@ def _await_arrivals(flags, err_ptr, code, max_iters, timeout_ns, W: tl.constexpr
 
 
 @triton.jit
+def _signal_all(tab_ptr, rank, OFF_FLAG, W: tl.constexpr):
+    """Add 1 to ``FLAG[rank]`` on every rank (release, ``sys``)."""
+    for o in range(W):
+        base = tl.load(tab_ptr + o)
+        flag = (base + OFF_FLAG).to(tl.pointer_type(tl.int32)) + rank
+        tl.atomic_add(flag, 1, sem="release", scope="sys")
+
+
+@triton.jit
 def _arrive_all(tab_ptr, done_ptr, rank, OFF_FLAG, W: tl.constexpr):
     """Grid completion: the last program to finish adds 1 to ``FLAG[rank]`` on every rank."""
     tl.debug_barrier()
     prev = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="sys")
     if prev == tl.num_programs(0) - 1:
         tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
-        for o in range(W):
-            base = tl.load(tab_ptr + o)
-            flag = (base + OFF_FLAG).to(tl.pointer_type(tl.int32)) + rank
-            tl.atomic_add(flag, 1, sem="release", scope="sys")
+        _signal_all(tab_ptr, rank, OFF_FLAG, W)
 
 
 @triton.jit
@@ -433,12 +439,9 @@ def dispatch_send_contig_kernel(xq_ptr, xsf_ptr, idx_ptr, slot_ptr, send_base_pt
 
 @triton.jit
 def signal_all_kernel(tab_ptr, rank, OFF_FLAG, W: tl.constexpr):
-    """Add 1 to ``FLAG[rank]`` on every rank (release, ``sys``): the arrive half of a barrier; this rank's
-    earlier kernels (stream order) are complete, so whatever they did is ordered before it."""
-    for o in range(W):
-        base = tl.load(tab_ptr + o)
-        flag = (base + OFF_FLAG).to(tl.pointer_type(tl.int32)) + rank
-        tl.atomic_add(flag, 1, sem="release", scope="sys")
+    """The arrive half of a barrier (one program): :func:`_signal_all`; this rank's earlier kernels (stream
+    order) are complete, so whatever they did is ordered before it."""
+    _signal_all(tab_ptr, rank, OFF_FLAG, W)
 
 
 @triton.jit
