@@ -74,8 +74,8 @@ class MoELayer:
     4/8/16/22 at 128-256 tokens on two: the combine stays hidden while the L2 GEMM keeps more SMs).  At 32
     tokens a rank the overlap was 1-2% slower than ``overlap=False`` on every split tried (hence
     ``overlap="auto"``, :meth:`overlap_pays`).  ``gemm`` / ``contiguous_gemm`` / ``quant``: injectable masked
-    GEMM, contiguous GEMM and token cast (DeepGEMM signatures), defaulting to fp8gemm's own.  The contiguous form's
-    buffers (``R`` rows of L1, SwiGLU and L2 outputs) exist when ``comm`` was created with
+    GEMM, contiguous GEMM and token cast (DeepGEMM signatures), defaulting to fp8gemm's own.  The contiguous
+    form's buffers (``R`` rows of L1, SwiGLU and L2 outputs) exist when ``comm`` was created with
     ``contiguous=True``.
     """
 
@@ -276,8 +276,9 @@ class MoELayer:
         """Whether SBO is expected to beat the stages back to back for ``tokens`` tokens on this rank: the
         combine's cross-rank bytes a rank (``tokens * topk * (W - 1) / W`` BF16 rows) reach
         :data:`AUTO_OVERLAP_MIN_BYTES`.  Measured on 2 and 4 H200s with 8 communication SMs
-        (benchmarks/RESULTS.md, session 6): 2.9-7.6 MB (32 tokens on 2 and 4 GPUs, 128 on 2) 0.3-2.1% slower
-        with overlap, 11-22 MB (128-256 tokens on 4, 256 on 2) 1.1-5.4% faster."""
+        (benchmarks/RESULTS.md, session 6): 0.7-2.9 MB (8-32 tokens) 0.5-2.1% slower with overlap, 5.6-7.6 MB
+        (64 tokens on four, 128 on two) within ±0.3%, 11-22 MB (128-256 tokens on four, 256 on two) 1.1-5.4%
+        faster."""
         c = self.comm
         remote = tokens * c.topk * (c.world_size - 1) / c.world_size * c.hidden * 2
         return c.backend == "symm" and remote >= AUTO_OVERLAP_MIN_BYTES
