@@ -66,15 +66,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fp8gemm import runtime  # noqa: E402
 from fp8gemm.kernels import ep_comm as K  # noqa: E402
-from fp8gemm.moe.ep import send_tile, triton_next_pow2  # noqa: E402
+from fp8gemm.moe.ep import _align, send_tile, triton_next_pow2  # noqa: E402  (the regions' 256-byte alignment)
 
 POISON = 0xA5           # fills every receive section before a checked run: stray or missing stores show
 NUM_CLAIM = 128         # claim counters per rank (as many as the local experts of a 256-expert, 2-rank EP)
 EXTRAS = ("none", "claim", "side", "claim+side")
-
-
-def _align(n: int, a: int = 256) -> int:
-    return (n + a - 1) // a * a
 
 
 @dataclass(frozen=True)
