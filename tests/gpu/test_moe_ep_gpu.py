@@ -162,6 +162,8 @@ def _worker() -> int:
             dist.barrier()
             # Back-to-back dispatches separated only by comm.barrier(): the inputs are made first, so the
             # launches queue without host pauses and a fast rank could run ahead; every count must be exact.
+            # (Without the barrier this need not fail: the race depends on timing. It checks that the barrier
+            # keeps the counts right and never hangs or errs, not that it is needed.)
             from fp8gemm import per_token_cast_to_fp8
             gen = torch.Generator().manual_seed(23)
             batches = []
