@@ -72,7 +72,7 @@ class MoELayer:
     smaller device; measured on 2 and 4 H200s at 32-256 tokens a rank, benchmarks/RESULTS.md session 6: 8 SMs
     gained 0.8-2.3 points of overlap over 22 on every row, and were the best of 8/16/22 on four GPUs and of
     4/8/16/22 at 128-256 tokens on two: the combine stays hidden while the L2 GEMM keeps more SMs).  At 32
-    tokens a rank the overlap was 1-2% slower than ``overlap=False`` on every split tried (hence
+    tokens a rank the overlap was 0.5-2.1% slower than ``overlap=False`` on every split tried (hence
     ``overlap="auto"``, :meth:`overlap_pays`).  ``gemm`` / ``contiguous_gemm`` / ``quant``: injectable masked
     GEMM, contiguous GEMM and token cast (DeepGEMM signatures), defaulting to fp8gemm's own.  The contiguous
     form's buffers (``R`` rows of L1, SwiGLU and L2 outputs) exist when ``comm`` was created with
