@@ -29,6 +29,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "gpu"))
 
 BENCH = [(8192, 8192, 64, 128), (8192, 8192, 32, 64)]
+CLEANS = [c == "1" for c in os.environ.get("MQA_CLEANS", "1").split(",")]
 CHECKS = [
     (2048, 8192, 64, 128, "causal", True, None),
     (2048, 4096, 32, 64, "causal", True, None),
@@ -42,14 +43,26 @@ CHECKS = [
 ]
 
 
+KINDS = os.environ.get("MQA_GLUON_KINDS", "pingpong").split(",")
+
+
+def _cfg(kind: str, h: int, d: int):
+    """``pingpong``, ``keysplit1`` or ``keysplit2`` (key-split with nsplit 1 or 2) as a config."""
+    from fp8gemm.kernels import mqa_gluon as MG
+    if kind == "pingpong":
+        return MG.config(h, d)
+    return MG.config(h, d, "keysplit", int(kind[-1]))
+
+
 def phase_check(out_dir: str) -> dict:
     import test_mqa_gpu as T
     results = []
-    for sq, sk, h, d, pattern, clean, sms in CHECKS:
-        name = f"SQ{sq} SK{sk} H{h} D{d} {pattern} clean={clean}" + (f" sms={sms}" if sms else "")
+    for (sq, sk, h, d, pattern, clean, sms), kind in [(c, k) for k in KINDS for c in CHECKS]:
+        name = f"{kind} SQ{sq} SK{sk} H{h} D{d} {pattern} clean={clean}" + (f" sms={sms}" if sms else "")
         t0 = time.time()
         try:
-            diff = T.check_gluon_prefill(sq, sk, h, d, pattern, clean, num_sms=sms)
+            cfg = None if kind == "pingpong" else _cfg(kind, h, d)
+            diff = T.check_gluon_prefill(sq, sk, h, d, pattern, clean, num_sms=sms, cfg=cfg)
             results.append({"case": name, "ok": True, "diff": diff})
         except Exception as e:  # noqa: BLE001 - record and go on
             results.append({"case": name, "ok": False, "error": f"{type(e).__name__}: {e}"[:400]})
@@ -75,15 +88,23 @@ def _inputs(sq, sk, h, d, causal):
     return q, kv, sf, w, ks, ke
 
 
-def _impls(q, kv, sf, w, ks, ke, h, d, dg) -> dict:
+def _impls(q, kv, sf, w, ks, ke, h, d, dg, clean: bool = True) -> dict:
+    """The timed callables: ``triton``, one ``gluon-<kind>`` per kind of ``MQA_GLUON_KINDS``, DeepGEMM."""
     from fp8gemm import attention
     from fp8gemm.kernels import mqa as K
-    impls = {
-        "gluon": lambda: attention._run_prefill(q, kv, sf, w, ks, ke, True, 0),
-        "triton": lambda: attention._run_prefill(q, kv, sf, w, ks, ke, True, 0, K.prefill_config(h, d)),
-    }
+    from fp8gemm.kernels import mqa_gluon as MG
+
+    def gluon(cfg):
+        def run():
+            out = attention._padded_output(q.shape[0], kv.shape[0], q.device)
+            MG.launch(q, kv, sf, w, ks, ke, out, clean, MG.runtime.get_num_sms(), cfg=cfg)
+            return out
+        return run
+    impls = {"triton": lambda: attention._run_prefill(q, kv, sf, w, ks, ke, clean, 0, K.prefill_config(h, d))}
+    for kind in KINDS:
+        impls[f"gluon-{kind}"] = gluon(_cfg(kind, h, d))
     if dg is not None:
-        impls["deepgemm"] = lambda: dg.fp8_mqa_logits(q, (kv, sf), w, ks, ke)
+        impls["deepgemm"] = lambda: dg.fp8_mqa_logits(q, (kv, sf), w, ks, ke, clean_logits=clean)
     return impls
 
 
@@ -98,23 +119,32 @@ def phase_bench(out_dir: str) -> dict:
     except Exception:  # noqa: BLE001
         dg = None
     rows = []
-    for sq, sk, h, d in BENCH:
-        for causal in (True, False):
-            name = f"SQ{sq} SK{sk} H{h} D{d} {'causal' if causal else 'full'}"
+    for (sq, sk, h, d), causal, clean in [(b, c, cl) for b in BENCH for c in (True, False) for cl in CLEANS]:
+        if not causal and not clean:
+            continue
+        if True:
+            name = f"SQ{sq} SK{sk} H{h} D{d} {'causal' if causal else 'full'}" + ("" if clean else " no-clean")
             q, kv, sf, w, ks, ke = _inputs(sq, sk, h, d, causal)
             pairs = int((ke.clamp(0, sk) - ks).clamp(min=0).sum())
             flops = 2.0 * pairs * h * d
-            assert MG.supports(q, kv, sf, w, ks, ke, True, 0)
-            impls = _impls(q, kv, sf, w, ks, ke, h, d, dg)
-            # correctness before timing: Gluon vs Triton on the valid positions, same -inf pattern
-            g = impls["gluon"]()
+            assert MG.supports(q, kv, sf, w, ks, ke, clean, 0)
+            impls = _impls(q, kv, sf, w, ks, ke, h, d, dg, clean)
+            # correctness before timing: each Gluon kind vs Triton on the valid positions, same -inf pattern
             t = impls["triton"]()
-            torch.cuda.synchronize()
-            valid = t != float("-inf")
-            same_inf = bool(torch.equal(g == float("-inf"), ~valid))
-            diff = calc_diff(g[valid], t[valid])
-            ok = same_inf and diff < 5e-6 and not bool(torch.isnan(g).any())
-            del g, t
+            valid = (ks[:, None] <= torch.arange(sk, device=t.device)[None, :]) & \
+                (torch.arange(sk, device=t.device)[None, :] < ke[:, None])
+            ok, diff, same_inf = True, 0.0, True
+            for k in impls:
+                if not k.startswith("gluon"):
+                    continue
+                g = impls[k]()
+                torch.cuda.synchronize()
+                if clean:
+                    same_inf = same_inf and bool(torch.equal(g == float("-inf"), ~valid))
+                diff = max(diff, calc_diff(g[valid], t[valid]))
+                ok = ok and same_inf and diff < 5e-6 and not bool(torch.isnan(g[valid]).any())
+                del g
+            del t, valid
             row = {"case": name, "flops": flops, "ok": ok, "diff_vs_triton": diff, "same_inf": same_inf}
             if ok:
                 times = {k: [] for k in impls}
@@ -126,7 +156,7 @@ def phase_bench(out_dir: str) -> dict:
                     row[f"{k}_us"] = us
                     row[f"{k}_tflops"] = flops / us / 1e6
                     row[f"{k}_rounds_us"] = v
-                row["gluon_over_triton"] = row["triton_us"] / row["gluon_us"]
+
             rows.append(row)
             print(json.dumps(row), flush=True)
             del q, kv, sf, w, ks, ke, impls
@@ -135,16 +165,17 @@ def phase_bench(out_dir: str) -> dict:
 
 
 def _table(bench: dict) -> str:
+    names = ["triton"] + [f"gluon-{k}" for k in KINDS]
     lines = [f"card: {bench.get('device')}",
-             "| case | gluon µs | gluon TFLOPS | triton µs | triton TFLOPS | gluon/triton speed | DeepGEMM TFLOPS |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| case | " + " | ".join(f"{n} µs (TFLOPS)" for n in names) + " | DeepGEMM TFLOPS |",
+             "|---|" + "---:|" * (len(names) + 1)]
     for r in bench.get("rows", []):
         if not r["ok"]:
-            lines.append(f"| {r['case']} | WRONG (diff {r['diff_vs_triton']:.3g}, same -inf {r['same_inf']}) |||||")
+            lines.append(f"| {r['case']} | WRONG (diff {r['diff_vs_triton']:.3g}, same -inf {r['same_inf']}) |")
             continue
         dgt = f"{r['deepgemm_tflops']:.0f}" if "deepgemm_tflops" in r else "n/a"
-        lines.append(f"| {r['case']} | {r['gluon_us']:.1f} | {r['gluon_tflops']:.0f} | {r['triton_us']:.1f} | "
-                     f"{r['triton_tflops']:.0f} | {r['gluon_over_triton']:.2f} | {dgt} |")
+        cells = [f"{r[n + '_us']:.1f} ({r[n + '_tflops']:.0f})" for n in names]
+        lines.append(f"| {r['case']} | " + " | ".join(cells) + f" | {dgt} |")
     return "\n".join(lines)
 
 
@@ -164,7 +195,7 @@ def main() -> None:
         with open(os.path.join(args.out, f"phase_{args.phase}.json"), "w") as f:
             json.dump(res, f, indent=1)
         return
-    limits = {"check": 100, "bench": 70}
+    limits = {"check": 40 + 60 * len(KINDS), "bench": 30 + 40 * len(KINDS) * len(CLEANS)}
     summary = {}
     for phase in args.phases.split(","):
         t0 = time.time()

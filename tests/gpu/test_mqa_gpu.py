@@ -228,10 +228,11 @@ def _gluon_ranges(seq_len, seq_len_kv, pattern, gen):
     return ks, ke
 
 
-def check_gluon_prefill(seq_len, seq_len_kv, h, d, pattern="causal", clean=True, num_sms=None, seed=0):
+def check_gluon_prefill(seq_len, seq_len_kv, h, d, pattern="causal", clean=True, num_sms=None, seed=0, cfg=None):
     """Gluon kernel (launched directly into a NaN-poisoned output) vs the reference and vs the Triton kernel;
     also that ``fp8_mqa_logits`` routes to it (bit-equal to the direct launch).  Returns the calc_diff
-    against the reference.  With ``clean`` the -inf pattern must match exactly and no NaN may remain."""
+    against the reference.  With ``clean`` the -inf pattern must match exactly and no NaN may remain.
+    ``cfg``: a :class:`fp8gemm.kernels.mqa_gluon.MqaGluonConfig` other than the default."""
     from fp8gemm import attention
     from fp8gemm.kernels import mqa as K
     from fp8gemm.kernels import mqa_gluon as MG
@@ -242,7 +243,7 @@ def check_gluon_prefill(seq_len, seq_len_kv, h, d, pattern="causal", clean=True,
     ks, ke = _gluon_ranges(seq_len, seq_len_kv, pattern, gen)
     assert MG.supports(q, kv, sf, w, ks, ke, clean, 0), "the Gluon kernel declines this call"
     out = attention._padded_output(seq_len, seq_len_kv, q.device).fill_(float("nan"))
-    MG.launch(q, kv, sf, w, ks, ke, out, clean, num_sms or fp8gemm.get_num_sms())
+    MG.launch(q, kv, sf, w, ks, ke, out, clean, num_sms or fp8gemm.get_num_sms(), cfg=cfg)
     torch.cuda.synchronize()
     ref = R.fp8_mqa_logits(q, kv, sf, w, ks, ke)
     valid = ref != NEG_INF
@@ -261,7 +262,7 @@ def check_gluon_prefill(seq_len, seq_len_kv, h, d, pattern="causal", clean=True,
     if clean:
         assert torch.equal(out == NEG_INF, tri == NEG_INF)
     # the public entry takes the Gluon path (deterministic: bit-equal to the direct launch)
-    if num_sms is None:
+    if num_sms is None and cfg is None:
         api = fp8gemm.fp8_mqa_logits(q, (kv, sf), w, ks, ke, clean_logits=clean)
         assert torch.equal(api[valid], out[valid]), "fp8_mqa_logits did not take the Gluon path (or not deterministic)"
     return diff
