@@ -47,10 +47,11 @@ KINDS = os.environ.get("MQA_GLUON_KINDS", "pingpong").split(",")
 
 
 def _cfg(kind: str, h: int, d: int):
-    """``pingpong``, ``keysplit1`` or ``keysplit2`` (key-split with nsplit 1 or 2) as a config."""
+    """``pingpong``, ``keysplit1``/``keysplit2`` (four consumers, nsplit 1 or 2) or ``keysplit3`` (three
+    consumers, nsplit 1) as a config."""
     from fp8gemm.kernels import mqa_gluon as MG
-    if kind == "pingpong":
-        return MG.config(h, d)
+    if kind in ("pingpong", "keysplit3"):
+        return MG.config(h, d, kind)
     return MG.config(h, d, "keysplit", int(kind[-1]))
 
 

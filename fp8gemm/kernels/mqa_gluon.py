@@ -86,7 +86,11 @@ class MqaGluonConfig:
 
     @property
     def consumer_regs(self) -> int:
-        return (65536 // 32 - 4 * self.producer_regs) // (4 * self.consumer_groups) // 8 * 8
+        """setmaxnreg of the worker consumer warpgroups.  Triton gives the default partition (consumer 0) what
+        the launch budget (maxnreg x all warps, the producer warp padded to a warpgroup) leaves after the
+        workers, so the workers take the largest multiple of 8 that still leaves consumer 0 as many."""
+        pool = self.maxnreg * 4 * (self.consumer_groups + 1) - 4 * self.producer_regs
+        return pool // (4 * self.consumer_groups) // 8 * 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,8 +101,10 @@ def config(num_heads: int, head_dim: int, kind: str = "pingpong", nsplit: int = 
         if nsplit not in (1, 2):
             raise ValueError(f"nsplit must be 1 or 2, got {nsplit}")
         ksplit, producer_regs = 4 // nsplit, 24
+    elif kind == "keysplit3":
+        nsplit, ksplit, producer_regs = 1, 3, 24
     else:
-        raise ValueError(f"kind must be 'pingpong' or 'keysplit', got {kind!r}")
+        raise ValueError(f"kind must be 'pingpong', 'keysplit' or 'keysplit3', got {kind!r}")
     q_bytes = 2 * nsplit * HALF_N * head_dim          # two q slots of nsplit parts
     stages = max(2, min(16, (_SMEM_BUDGET - q_bytes) // (BLOCK_KV * head_dim)))
     return MqaGluonConfig(block_q=nsplit * HALF_N // num_heads, stages=stages, producer_regs=producer_regs,
@@ -394,7 +400,7 @@ if HAS_GLUON:
         accumulator; ``NSPLIT`` of them share a KV tile (one per 128 query columns), ``KSPLIT`` take the
         block's KV tiles in turn.  Same producer, same outputs as :func:`mqa_logits_ws_kernel`."""
         gl.static_assert(BLOCK_Q * H == NSPLIT * q_desc.block_type.shape[0])
-        gl.static_assert(NSPLIT * KSPLIT == 4)
+        gl.static_assert((NSPLIT * KSPLIT == 4) or (NSPLIT * KSPLIT == 3))
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2 * NSPLIT] + q_desc.block_type.shape, q_desc.layout)
         kv_bufs = gl.allocate_shared_memory(kv_desc.dtype, [STAGES] + kv_desc.block_type.shape, kv_desc.layout)
         q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -407,23 +413,39 @@ if HAS_GLUON:
         for i in gl.static_range(STAGES):
             mbarrier.init(kv_empty.index(i), count=NSPLIT)
             mbarrier.init(kv_full.index(i), count=1)
-        # consumer g (0..3) is (WN, WK) = (g % NSPLIT, g // NSPLIT); the default partition is consumer 0.
-        gl.warp_specialize([
-            (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
-                            out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
-                            0 % NSPLIT, 0 // NSPLIT)),
-            (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
-                            out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
-                            1 % NSPLIT, 1 // NSPLIT)),
-            (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
-                            out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
-                            2 % NSPLIT, 2 // NSPLIT)),
-            (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
-                            out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
-                            3 % NSPLIT, 3 // NSPLIT)),
-            (_producer, (q_desc, kv_desc, q_bufs, kv_bufs, q_empty, q_full, kv_empty, kv_full,
-                         ks_ptr, ke_ptr, out_ptr, seq_len, seq_len_kv, stride_out, H, BLOCK_Q, STAGES, CLEAN, NSPLIT)),
-        ], [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+        if NSPLIT * KSPLIT == 4:
+            # consumer g (0..3) is (WN, WK) = (g % NSPLIT, g // NSPLIT); the default partition is consumer 0.
+            gl.warp_specialize([
+                (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
+                                out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
+                                0 % NSPLIT, 0 // NSPLIT)),
+                (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
+                                out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
+                                1 % NSPLIT, 1 // NSPLIT)),
+                (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
+                                out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
+                                2 % NSPLIT, 2 // NSPLIT)),
+                (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
+                                out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
+                                3 % NSPLIT, 3 // NSPLIT)),
+                (_producer, (q_desc, kv_desc, q_bufs, kv_bufs, q_empty, q_full, kv_empty, kv_full,
+                             ks_ptr, ke_ptr, out_ptr, seq_len, seq_len_kv, stride_out, H, BLOCK_Q, STAGES, CLEAN, NSPLIT)),
+            ], [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            # consumer g (0..3) is (WN, WK) = (g % NSPLIT, g // NSPLIT); the default partition is consumer 0.
+            gl.warp_specialize([
+                (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
+                                out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
+                                0 % NSPLIT, 0 // NSPLIT)),
+                (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
+                                out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
+                                1 % NSPLIT, 1 // NSPLIT)),
+                (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
+                                out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
+                                2 % NSPLIT, 2 // NSPLIT)),
+                (_producer, (q_desc, kv_desc, q_bufs, kv_bufs, q_empty, q_full, kv_empty, kv_full,
+                             ks_ptr, ke_ptr, out_ptr, seq_len, seq_len_kv, stride_out, H, BLOCK_Q, STAGES, CLEAN, NSPLIT)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
 # =====================================================================================
@@ -486,7 +508,7 @@ def launch(q, kv, kv_sf, weights, ks, ke, out, clean_logits: bool, num_sms: int,
     kv_desc = _desc2d(kv, seq_len_kv, (BLOCK_KV, d))
     num_blocks = triton.cdiv(seq_len, cfg.block_q)
     grid = (max(1, min(num_sms, num_blocks)),)
-    if cfg.kind == "keysplit":
+    if cfg.kind.startswith("keysplit"):
         mqa_logits_ks_kernel[grid](
             q_desc, kv_desc, kv_sf, weights, ks, ke, out,
             seq_len, seq_len_kv, weights.stride(0), out.stride(0),
