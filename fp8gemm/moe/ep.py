@@ -403,14 +403,24 @@ class EPCommunicator:
             block_m, threshold, signal = 64, 0, self.err    # signal unused
         nb = math.ceil(M / block_m)
         o = self.offsets
-        programs = max(1, min(num_sms or self.num_sms, L * nb))
-        rows, bh = self._combine_tiles(min(block_m, self._expected_rows()))
+        budget = max(1, num_sms or self.num_sms)
+        expected = min(block_m, self._expected_rows())
+        parts = self.combine_parts(expected, budget)
+        programs = max(1, min(budget, L * nb * parts))
+        rows, bh = self._combine_tiles(-(-expected // parts))
         K.combine_send_kernel[(programs,)](
             expert_out, self.region, self.tab, self.masked_m, signal, self.err, self.done[1:], self.rank,
             expert_out.stride(0), expert_out.stride(1), o["meta"], o["recv"], o["cflag"], M, self.max_tokens,
-            block_m, threshold, nb, self.max_spin_iters, self.timeout_ns,
+            block_m, threshold, nb, parts, self.max_spin_iters, self.timeout_ns,
             H=H, TOPK=self.topk, L=L, W=self.world_size, ROWS=rows, BLOCK_H=bh, BLOCK_L=triton_next_pow2(L),
             WAIT_SIGNAL=wait, USE_TIMER=self.use_timer, num_warps=8 if rows * bh >= 4096 else 4)
+
+    @staticmethod
+    def combine_parts(rows_per_block: int, programs: int) -> int:
+        """Row ranges an m-block's send is cut into (each its own work item, on its own program): one per
+        4 expected rows, at most one per program.  A block the GEMM finishes last is then sent by up to
+        ``programs`` SMs instead of one, which is the tail the overlap cannot hide."""
+        return max(1, min(programs, -(-rows_per_block // 4)))
 
     def _expected_rows(self) -> int:
         """Rows an m-block of a local expert holds on average for the last dispatch's batch (uniform routing)."""
@@ -522,7 +532,7 @@ class EPCommunicator:
         K.combine_send_kernel[(max(1, min(num_sms or self.num_sms, nblk)),)](
             expert_out, self.region, self.tab, self.block_valid, self.err, self.err, self.done[1:], self.rank,
             A * expert_out.stride(0), expert_out.stride(0), o["cmeta"], o["recv"], o["cflag"], A, self.max_tokens,
-            A, 0, 1, self.max_spin_iters, self.timeout_ns,
+            A, 0, 1, 1, self.max_spin_iters, self.timeout_ns,
             H=H, TOPK=self.topk, L=nblk, W=self.world_size, ROWS=rows, BLOCK_H=bh,
             BLOCK_L=triton_next_pow2(nblk), WAIT_SIGNAL=False, USE_TIMER=self.use_timer,
             num_warps=8 if rows * bh >= 4096 else 4)
