@@ -143,7 +143,7 @@ def test_combine_row_blocks(block_m, tile, num_sms, overlap):
 def test_combine_parts_split_blocks(monkeypatch, parts):
     """A block's send cut into more row ranges than it has rows (empty parts) or than there are programs:
     every part still spins, counts itself and the last one zeroes the counter; the rows arrive exactly."""
-    monkeypatch.setattr(EPCommunicator, "combine_parts", staticmethod(lambda rows, programs: parts))
+    monkeypatch.setattr(EPCommunicator, "combine_parts", parts)
     test_combine_row_blocks(8, (2, 256), 3, True)
     test_combine_row_blocks(3, (1, 512), 2, True)
     test_combine_row_blocks(4, None, 3, False)
