@@ -109,8 +109,8 @@ def _run_prefill(q, kv_t, kv_sf, weights, ks, ke, clean_logits: bool, max_seqlen
         return out
     # The warp-specialised Gluon kernel only when asked for (FP8GEMM_BACKEND=gluon; it raises where it does
     # not apply: SM90, plain form, H 32/64, D 64/128, TMA-able inputs).  "auto" keeps the Triton kernel:
-    # measured on an H100 (benchmarks/RESULTS.md, session 6) the two run at the same speed (0.99-1.00x on the
-    # four anchor rows), and the Triton one also covers H16, D32 and the compressed form.
+    # measured on an H100 (benchmarks/RESULTS.md, session 7) the Gluon kernel is 0.67-0.95x the Triton one on
+    # the anchor rows (every variant tried), and the Triton one also covers H16, D32 and the compressed form.
     if cfg is None and runtime.backend() == "gluon":
         if mqa_gluon.supports(q, kv_t, kv_sf, weights, ks, ke, clean_logits, max_seqlen_k):
             mqa_gluon.launch(q, kv_t, kv_sf, weights, ks, ke, out, clean_logits, runtime.get_num_sms())
