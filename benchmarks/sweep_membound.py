@@ -189,10 +189,18 @@ def prefill_sweeps(ceiling):
             out_ref = holder[0].clone()
             dflt = KMQ.prefill_config(h, d)
             rep = dataclasses.replace
-            for cfg in [None, rep(dflt, interior=False), rep(dflt, num_warps=8), rep(dflt, num_stages=4),
-                        rep(dflt, block_q=dflt.block_q // 2), None]:
+            half = rep(dflt, block_q=dflt.block_q // 2)
+            variants = os.environ.get("PREFILL_VARIANTS", "all")
+            if variants == "regs":
+                # N = 128 with the register cap that lets 4 programs share an SM (DeepGEMM's 4 x 64x128)
+                cfgs = [None, half, rep(half, maxnreg=128), rep(half, maxnreg=128, num_stages=4),
+                        rep(half, maxnreg=128, num_stages=2), rep(half, maxnreg=168), None]
+            else:
+                cfgs = [None, rep(dflt, interior=False), rep(dflt, num_warps=8), rep(dflt, num_stages=4), half, None]
+            for cfg in cfgs:
                 tag = "default" if cfg is None else (f"{cfg.block_q},{cfg.block_k},{cfg.num_warps},{cfg.num_stages}"
-                                                     + ("" if cfg.interior else ",masked"))
+                                                     + ("" if cfg.interior else ",masked")
+                                                     + ("" if cfg.maxnreg is None else f",r{cfg.maxnreg}"))
                 try:
                     launch(cfg)
                     torch.cuda.synchronize()

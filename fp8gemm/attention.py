@@ -124,7 +124,8 @@ def _run_prefill(q, kv_t, kv_sf, weights, ks, ke, clean_logits: bool, max_seqlen
         seq_len, kv_t.shape[0], max_seqlen_k, weights.stride(0), out.stride(0),
         H=num_heads, D=head_dim, BLOCK_Q=cfg.block_q, BLOCK_K=cfg.block_k,
         COMPRESSED=compressed, CLEAN=clean_logits, CLEAN_BLOCK=K.CLEAN_BLOCK, INTERIOR=cfg.interior,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}))
     return out
 
 

@@ -43,6 +43,7 @@ class PrefillConfig:
     num_warps: int
     num_stages: int
     interior: bool = True   # unmasked stores on key tiles every query of the block sees in full
+    maxnreg: int | None = None  # register cap a thread (None: the compiler's choice); sets programs per SM
 
 
 @dataclasses.dataclass(frozen=True)
