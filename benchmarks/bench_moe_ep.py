@@ -139,8 +139,6 @@ def main():
     p.add_argument("--combine-parts", type=int, default=None,
                    help="A/B: cut every m-block's combine send into this many row ranges on different programs "
                         "(default EPCommunicator.combine_parts = 1: one program a block)")
-    p.add_argument("--poll-sleep-ns", type=int, default=None,
-                   help="A/B: back-off between polls of an SBO counter (EPCommunicator.signal_poll_sleep_ns)")
     args = p.parse_args()
     for k, v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
         os.environ.setdefault(k, v)
@@ -171,8 +169,6 @@ def main():
     p2p = _p2p_bandwidth(rank, world)
     if args.combine_parts is not None:
         EPCommunicator.combine_parts = args.combine_parts
-    if args.poll_sleep_ns is not None:
-        EPCommunicator.signal_poll_sleep_ns = args.poll_sleep_ns
     comm = EPCommunicator(dist.group.WORLD, num_experts=E, max_tokens_per_rank=max(tokens_list), topk=K, hidden=Hd)
     layer = MoELayer(comm, (w13q, w13s), (w2q, w2s), num_comm_sms=args.comm_sms)
     if rank == 0:
@@ -266,7 +262,6 @@ def main():
             json.dump({"card": card, "gpus": world, "experts": E, "hidden": Hd, "inter": I, "topk": K,
                        "p2p_copy_GBps": p2p, "gemm_sms": layer.num_gemm_sms, "comm_sms": layer.num_comm_sms,
                        "combine_parts": EPCommunicator.combine_parts,
-                       "poll_sleep_ns": EPCommunicator.signal_poll_sleep_ns,
                        "rows": rows, "timeline_us": spans}, f, indent=1)
         print(f"\nMoE EP layer, {card} x{world}, E={E} H={Hd} I={I} top-{K}, p2p {p2p:.0f} GB/s, "
               f"SMs gemm/comm {layer.num_gemm_sms}/{layer.num_comm_sms}")

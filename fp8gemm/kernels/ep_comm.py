@@ -86,26 +86,14 @@ def _set_error(err_ptr, code, a, b, c):
 
 
 @triton.jit
-def _nap(ns):
-    """``nanosleep`` for about ``ns`` nanoseconds (GPU only: the interpreter has no inline assembly)."""
-    tl.inline_asm_elementwise("nanosleep.u32 $1;\n\tmov.u32 $0, 0;", "=r,r", [ns], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _spin(ptr, target, max_iters, timeout_ns, USE_TIMER: tl.constexpr, SCOPE: tl.constexpr,
-          SLEEP_NS: tl.constexpr = 0):
+def _spin(ptr, target, max_iters, timeout_ns, USE_TIMER: tl.constexpr, SCOPE: tl.constexpr):
     """Spin until ``*ptr >= target`` with acquire loads at ``SCOPE`` ("sys": a peer GPU writes it;
-    "gpu": a kernel on this GPU does); False if the bound (time or iterations) ran out first.
-    ``SLEEP_NS`` > 0: back off that long between polls (GPU only), leaving the counter's L2 line to the
-    atomics of the kernel that is counting."""
+    "gpu": a kernel on this GPU does); False if the bound (time or iterations) ran out first."""
     start = _now(USE_TIMER)
     it = 0
     v = tl.atomic_add(ptr, 0, sem="acquire", scope=SCOPE)
     budget = True
     while (v < target) & budget:
-        if SLEEP_NS > 0:
-            _nap(tl.full((), SLEEP_NS, tl.int32))
         v = tl.atomic_add(ptr, 0, sem="acquire", scope=SCOPE)
         it += 1
         if USE_TIMER:
@@ -262,7 +250,7 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
                         block_m, threshold, nb, parts, max_iters, timeout_ns,
                         H: tl.constexpr, TOPK: tl.constexpr, L: tl.constexpr, W: tl.constexpr,
                         ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr,
-                        WAIT_SIGNAL: tl.constexpr, USE_TIMER: tl.constexpr, SLEEP_NS: tl.constexpr = 0):
+                        WAIT_SIGNAL: tl.constexpr, USE_TIMER: tl.constexpr):
     """Persistent: units ``u = i * L + g`` (m-block i of local expert g, block-major, so the first
     blocks of all experts -- where the rows are -- spread over every program), each cut into ``parts``
     row ranges; work item ``v = u * parts + s`` goes to program ``v % P``, so consecutive parts of a block
@@ -287,7 +275,7 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
         if r_start < m:
             if WAIT_SIGNAL:
                 sig = signal_ptr + g * nb + i
-                ok = _spin(sig, threshold, max_iters, timeout_ns, USE_TIMER, "gpu", SLEEP_NS)
+                ok = _spin(sig, threshold, max_iters, timeout_ns, USE_TIMER, "gpu")
                 if ok:
                     seen = tl.atomic_add(sig, 1, sem="relaxed", scope="gpu")
                     if seen == threshold + parts - 1:

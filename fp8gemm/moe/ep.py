@@ -146,8 +146,6 @@ class EPCommunicator:
 
     #: Row ranges per m-block of the masked combine send when ``combine_send(parts=None)`` (see there).
     combine_parts: int = 1
-    #: Back-off (ns) between two polls of an SBO counter by the overlapped combine (0: poll back to back).
-    signal_poll_sleep_ns: int = 0
 
     def __init__(self, group=None, *, num_experts: int, max_tokens_per_rank: int, topk: int, hidden: int,
                  max_m: int | None = None, backend: str = "symm", timeout_s: float = 10.0,
@@ -424,9 +422,7 @@ class EPCommunicator:
             expert_out.stride(0), expert_out.stride(1), o["meta"], o["recv"], o["cflag"], M, self.max_tokens,
             block_m, threshold, nb, parts, self.max_spin_iters, self.timeout_ns,
             H=H, TOPK=self.topk, L=L, W=self.world_size, ROWS=rows, BLOCK_H=bh, BLOCK_L=triton_next_pow2(L),
-            WAIT_SIGNAL=wait, USE_TIMER=self.use_timer,
-            SLEEP_NS=0 if runtime.interpreting() else int(self.signal_poll_sleep_ns),
-            num_warps=8 if rows * bh >= 4096 else 4)
+            WAIT_SIGNAL=wait, USE_TIMER=self.use_timer, num_warps=8 if rows * bh >= 4096 else 4)
 
     def _expected_rows(self) -> int:
         """Rows an m-block of a local expert holds on average for the last dispatch's batch (uniform routing)."""
