@@ -136,9 +136,6 @@ def main():
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--comm-sms", type=int, default=None)
-    p.add_argument("--combine-parts", type=int, default=None,
-                   help="A/B: cut every m-block's combine send into this many row ranges on different programs "
-                        "(default EPCommunicator.combine_parts = 1: one program a block)")
     args = p.parse_args()
     for k, v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
         os.environ.setdefault(k, v)
@@ -167,8 +164,6 @@ def main():
         w13q[e], w13s[e] = per_block_cast_to_fp8((torch.randn(2 * I, Hd, device=dev) / Hd ** 0.5).bfloat16())
         w2q[e], w2s[e] = per_block_cast_to_fp8((torch.randn(Hd, I, device=dev) / I ** 0.5).bfloat16())
     p2p = _p2p_bandwidth(rank, world)
-    if args.combine_parts is not None:
-        EPCommunicator.combine_parts = args.combine_parts
     comm = EPCommunicator(dist.group.WORLD, num_experts=E, max_tokens_per_rank=max(tokens_list), topk=K, hidden=Hd)
     layer = MoELayer(comm, (w13q, w13s), (w2q, w2s), num_comm_sms=args.comm_sms)
     if rank == 0:
@@ -261,7 +256,6 @@ def main():
         with open(os.path.join(args.out_dir, "moe_ep.json"), "w") as f:
             json.dump({"card": card, "gpus": world, "experts": E, "hidden": Hd, "inter": I, "topk": K,
                        "p2p_copy_GBps": p2p, "gemm_sms": layer.num_gemm_sms, "comm_sms": layer.num_comm_sms,
-                       "combine_parts": EPCommunicator.combine_parts,
                        "rows": rows, "timeline_us": spans}, f, indent=1)
         print(f"\nMoE EP layer, {card} x{world}, E={E} H={Hd} I={I} top-{K}, p2p {p2p:.0f} GB/s, "
               f"SMs gemm/comm {layer.num_gemm_sms}/{layer.num_comm_sms}")

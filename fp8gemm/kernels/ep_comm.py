@@ -247,27 +247,22 @@ def dispatch_recv_kernel(buf_ptr, err_ptr, masked_m_ptr, stats_ptr, OFF_CNT, OFF
 @triton.jit
 def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_ptr, done_ptr, rank,
                         stride_dg, stride_dm, OFF_META, OFF_RECV, OFF_CFLAG, MAX_M, TMAX,
-                        block_m, threshold, nb, parts, max_iters, timeout_ns,
+                        block_m, threshold, nb, max_iters, timeout_ns,
                         H: tl.constexpr, TOPK: tl.constexpr, L: tl.constexpr, W: tl.constexpr,
                         ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr,
                         WAIT_SIGNAL: tl.constexpr, USE_TIMER: tl.constexpr):
     """Persistent: units ``u = i * L + g`` (m-block i of local expert g, block-major, so the first
-    blocks of all experts -- where the rows are -- spread over every program), each cut into ``parts``
-    row ranges; work item ``v = u * parts + s`` goes to program ``v % P``, so consecutive parts of a block
-    go to different programs and a block that completes last is sent by ``parts`` SMs, not one.  Per
-    item of a non-empty unit: one bounded spin on the unit's SBO counter (a scalar acquire poll), then
-    all the program's warps store the part's rows, ``ROWS`` at a time, as wide tiles into their source
-    ranks' receive buffers.  Each part adds 1 to the counter after its spin; the part that brings it to
-    ``threshold + parts`` zeroes it, so the array is ready for the next GEMM."""
+    blocks of all experts -- where the rows are -- spread over every program) for ``u = p, p + P, ...``
+    up to the last m-block any expert reaches.  Per non-empty unit: one bounded spin on its SBO counter
+    (a scalar acquire poll), then all the program's warps store the block's rows, ``ROWS`` at a time,
+    as wide tiles into their source ranks' receive buffers."""
     pid = tl.program_id(0)
     meta_base = (buf_ptr + OFF_META).to(tl.pointer_type(tl.int32))
     rr = tl.arange(0, ROWS)
     ll = tl.arange(0, BLOCK_L)
     m_all = tl.minimum(tl.load(masked_m_ptr + ll, mask=ll < L, other=0), MAX_M)
     nb_used = tl.minimum((tl.max(m_all, 0) + block_m - 1) // block_m, nb)
-    for v in range(pid, L * nb_used * parts, tl.num_programs(0)):
-        u = v // parts
-        s = v - u * parts
+    for u in range(pid, L * nb_used, tl.num_programs(0)):
         i = u // L
         g = u - i * L
         m = tl.minimum(tl.load(masked_m_ptr + g), MAX_M)
@@ -277,21 +272,15 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
                 sig = signal_ptr + g * nb + i
                 ok = _spin(sig, threshold, max_iters, timeout_ns, USE_TIMER, "gpu")
                 if ok:
-                    seen = tl.atomic_add(sig, 1, sem="relaxed", scope="gpu")
-                    if seen == threshold + parts - 1:
-                        tl.atomic_xchg(sig, 0, sem="relaxed", scope="gpu")
+                    tl.atomic_xchg(sig, 0, sem="relaxed", scope="gpu")
                 else:
                     _set_error(err_ptr, 2, g, i, 0)
                 tl.debug_barrier()
             r_end = tl.minimum(r_start + block_m, m)
-            # this part's rows: an even share of the valid rows, rounded up to whole tiles
-            share = ((r_end - r_start + parts - 1) // parts + ROWS - 1) // ROWS * ROWS
-            p_start = r_start + s * share
-            p_end = tl.minimum(p_start + share, r_end)
             g64 = g + tl.zeros((), tl.int64)
-            for r0 in range(p_start, p_end, ROWS):
+            for r0 in range(r_start, r_end, ROWS):
                 rows = r0 + rr
-                rm = rows < p_end
+                rm = rows < r_end
                 srow = d_ptr + g64 * stride_dg + rows.to(tl.int64) * stride_dm
                 v0 = _load_tile(srow, rm, 0, H, BLOCK_H, ".cg")
                 meta = tl.load(meta_base + g64 * MAX_M + rows, mask=rm, other=0)

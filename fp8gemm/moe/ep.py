@@ -144,9 +144,6 @@ class EPCommunicator:
     ``contiguous_rows`` (its capacity R, a multiple of the alignment; default: never overflows).
     """
 
-    #: Row ranges per m-block of the masked combine send when ``combine_send(parts=None)`` (see there).
-    combine_parts: int = 1
-
     def __init__(self, group=None, *, num_experts: int, max_tokens_per_rank: int, topk: int, hidden: int,
                  max_m: int | None = None, backend: str = "symm", timeout_s: float = 10.0,
                  max_spin_iters: int = 1 << 16, num_sms: int | None = None, contiguous: bool = False,
@@ -378,17 +375,12 @@ class EPCommunicator:
     # ------------------------------------------------------------------ combine
     def combine_send(self, expert_out: torch.Tensor, *, signal: torch.Tensor | None = None,
                      block_m: int | None = None, threshold: int | None = None,
-                     num_sms: int | None = None, parts: int | None = None) -> None:
+                     num_sms: int | None = None) -> None:
         """Send the rows ``< masked_m`` of ``expert_out`` (BF16 [L, max_m, hidden]) back to their sources.
 
         With ``signal`` (the SBO counters of the masked GEMM that is producing ``expert_out``, and the
         ``(block_m, threshold)`` it returned) each m-block is sent as soon as its counter reaches the
         threshold; the kernel zeroes each counter it consumed, so the array is ready for the next call.
-        ``parts``: cut each m-block's rows into this many ranges sent by different programs (default
-        :attr:`combine_parts`, 1).  More parts shorten the send of the block the GEMM finishes last, but
-        each range pays the sender's chain of dependent loads (counts, routing words, peer bases): on
-        2 x H200 (benchmarks/RESULTS.md, session 7) 4 parts made the stand-alone combine on 8 SMs 28-39%
-        slower and the overlapped layer no faster, so the default stays 1.
         """
         L, M, H = self.num_local_experts, self.max_m, self.hidden
         check_tensor("expert_out", expert_out, dtype=torch.bfloat16, shape=(L, M, H))
@@ -411,16 +403,12 @@ class EPCommunicator:
             block_m, threshold, signal = 64, 0, self.err    # signal unused
         nb = math.ceil(M / block_m)
         o = self.offsets
-        budget = max(1, num_sms or self.num_sms)
-        expected = min(block_m, self._expected_rows())
-        parts = self.combine_parts if parts is None else parts
-        check_int("parts", parts, 1)
-        programs = max(1, min(budget, L * nb * parts))
-        rows, bh = self._combine_tiles(-(-expected // parts))
+        programs = max(1, min(num_sms or self.num_sms, L * nb))
+        rows, bh = self._combine_tiles(min(block_m, self._expected_rows()))
         K.combine_send_kernel[(programs,)](
             expert_out, self.region, self.tab, self.masked_m, signal, self.err, self.done[1:], self.rank,
             expert_out.stride(0), expert_out.stride(1), o["meta"], o["recv"], o["cflag"], M, self.max_tokens,
-            block_m, threshold, nb, parts, self.max_spin_iters, self.timeout_ns,
+            block_m, threshold, nb, self.max_spin_iters, self.timeout_ns,
             H=H, TOPK=self.topk, L=L, W=self.world_size, ROWS=rows, BLOCK_H=bh, BLOCK_L=triton_next_pow2(L),
             WAIT_SIGNAL=wait, USE_TIMER=self.use_timer, num_warps=8 if rows * bh >= 4096 else 4)
 
@@ -534,7 +522,7 @@ class EPCommunicator:
         K.combine_send_kernel[(max(1, min(num_sms or self.num_sms, nblk)),)](
             expert_out, self.region, self.tab, self.block_valid, self.err, self.err, self.done[1:], self.rank,
             A * expert_out.stride(0), expert_out.stride(0), o["cmeta"], o["recv"], o["cflag"], A, self.max_tokens,
-            A, 0, 1, 1, self.max_spin_iters, self.timeout_ns,
+            A, 0, 1, self.max_spin_iters, self.timeout_ns,
             H=H, TOPK=self.topk, L=nblk, W=self.world_size, ROWS=rows, BLOCK_H=bh,
             BLOCK_L=triton_next_pow2(nblk), WAIT_SIGNAL=False, USE_TIMER=self.use_timer,
             num_warps=8 if rows * bh >= 4096 else 4)

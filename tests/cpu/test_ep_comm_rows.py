@@ -139,16 +139,6 @@ def test_combine_row_blocks(block_m, tile, num_sms, overlap):
         torch.testing.assert_close(ys[s], ref, rtol=2 ** -7, atol=1e-30)
 
 
-@pytest.mark.parametrize("parts", [3, 7])
-def test_combine_parts_split_blocks(monkeypatch, parts):
-    """A block's send cut into more row ranges than it has rows (empty parts) or than there are programs:
-    every part still spins, counts itself and the last one zeroes the counter; the rows arrive exactly."""
-    monkeypatch.setattr(EPCommunicator, "combine_parts", parts)
-    test_combine_row_blocks(8, (2, 256), 3, True)
-    test_combine_row_blocks(3, (1, 512), 2, True)
-    test_combine_row_blocks(4, None, 3, False)
-
-
 @pytest.mark.parametrize("tile", [(4, 256), (1, 128)])
 def test_contiguous_row_blocks(tile):
     """The contiguous sender and the count kernel's row blocks: 7 tokens x top-3 on 1 program."""

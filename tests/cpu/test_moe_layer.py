@@ -489,7 +489,7 @@ _AOT = {
         {"d_ptr": "*bf16", "buf_ptr": "*u8", "tab_ptr": "*i64", "masked_m_ptr": "*i32", "signal_ptr": "*i32",
          "err_ptr": "*i32", "done_ptr": "*i32", "rank": _I32, "stride_dg": _I32, "stride_dm": _I32,
          "OFF_META": _I64, "OFF_RECV": _I64, "OFF_CFLAG": _I64, "MAX_M": _I32, "TMAX": _I32, "block_m": _I32,
-         "threshold": _I32, "nb": _I32, "parts": _I32, "max_iters": _I32, "timeout_ns": _I64},
+         "threshold": _I32, "nb": _I32, "max_iters": _I32, "timeout_ns": _I64},
         {"H": 7168, "TOPK": 8, "L": 128, "W": 2, "ROWS": 16, "BLOCK_H": 1024, "BLOCK_L": 128, "WAIT_SIGNAL": True,
          "USE_TIMER": True},
         ["d_ptr", "stride_dg", "stride_dm"], "STG.E.128"),
