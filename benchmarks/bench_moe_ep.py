@@ -136,6 +136,8 @@ def main():
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--comm-sms", type=int, default=None)
+    p.add_argument("--combine-tile", default=None,
+                   help="A/B: ROWS,BLOCK_H of the combine sender's tile (default: EPCommunicator._combine_tiles)")
     args = p.parse_args()
     for k, v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
         os.environ.setdefault(k, v)
@@ -164,6 +166,9 @@ def main():
         w13q[e], w13s[e] = per_block_cast_to_fp8((torch.randn(2 * I, Hd, device=dev) / Hd ** 0.5).bfloat16())
         w2q[e], w2s[e] = per_block_cast_to_fp8((torch.randn(Hd, I, device=dev) / I ** 0.5).bfloat16())
     p2p = _p2p_bandwidth(rank, world)
+    if args.combine_tile:
+        tile = tuple(int(x) for x in args.combine_tile.split(","))
+        EPCommunicator._combine_tiles = lambda self, rows: tile
     comm = EPCommunicator(dist.group.WORLD, num_experts=E, max_tokens_per_rank=max(tokens_list), topk=K, hidden=Hd)
     layer = MoELayer(comm, (w13q, w13s), (w2q, w2s), num_comm_sms=args.comm_sms)
     if rank == 0:
@@ -256,7 +261,7 @@ def main():
         with open(os.path.join(args.out_dir, "moe_ep.json"), "w") as f:
             json.dump({"card": card, "gpus": world, "experts": E, "hidden": Hd, "inter": I, "topk": K,
                        "p2p_copy_GBps": p2p, "gemm_sms": layer.num_gemm_sms, "comm_sms": layer.num_comm_sms,
-                       "rows": rows, "timeline_us": spans}, f, indent=1)
+                       "combine_tile": args.combine_tile or "default", "rows": rows, "timeline_us": spans}, f, indent=1)
         print(f"\nMoE EP layer, {card} x{world}, E={E} H={Hd} I={I} top-{K}, p2p {p2p:.0f} GB/s, "
               f"SMs gemm/comm {layer.num_gemm_sms}/{layer.num_comm_sms}")
         print("bytes per rank (mean over ranks), time of the slowest rank; nvl = bytes that cross NVLink (rows "
