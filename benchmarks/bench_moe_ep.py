@@ -138,6 +138,8 @@ def main():
     p.add_argument("--comm-sms", type=int, default=None)
     p.add_argument("--combine-tile", default=None,
                    help="A/B: ROWS,BLOCK_H of the combine sender's tile (default: EPCommunicator._combine_tiles)")
+    p.add_argument("--tail-experts", type=int, default=None,
+                   help="A/B: local experts whose combine is sent after the L2 GEMM on every SM (MoELayer; 0 = off)")
     args = p.parse_args()
     for k, v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
         os.environ.setdefault(k, v)
@@ -170,10 +172,11 @@ def main():
         tile = tuple(int(x) for x in args.combine_tile.split(","))
         EPCommunicator._combine_tiles = lambda self, rows: tile
     comm = EPCommunicator(dist.group.WORLD, num_experts=E, max_tokens_per_rank=max(tokens_list), topk=K, hidden=Hd)
-    layer = MoELayer(comm, (w13q, w13s), (w2q, w2s), num_comm_sms=args.comm_sms)
+    layer = MoELayer(comm, (w13q, w13s), (w2q, w2s), num_comm_sms=args.comm_sms, tail_experts=args.tail_experts)
     if rank == 0:
         print(f"[bench] setup {time.time() - t_setup:.1f}s, p2p copy-engine {p2p:.0f} GB/s, "
-              f"gemm SMs {layer.num_gemm_sms}, comm SMs {layer.num_comm_sms}", flush=True)
+              f"gemm SMs {layer.num_gemm_sms}, comm SMs {layer.num_comm_sms}, tail experts {layer.tail_experts}",
+              flush=True)
 
     rows = []
     gen = torch.Generator(device=dev).manual_seed(1234 + rank)
@@ -261,7 +264,8 @@ def main():
         with open(os.path.join(args.out_dir, "moe_ep.json"), "w") as f:
             json.dump({"card": card, "gpus": world, "experts": E, "hidden": Hd, "inter": I, "topk": K,
                        "p2p_copy_GBps": p2p, "gemm_sms": layer.num_gemm_sms, "comm_sms": layer.num_comm_sms,
-                       "combine_tile": args.combine_tile or "default", "rows": rows, "timeline_us": spans}, f, indent=1)
+                       "combine_tile": args.combine_tile or "default", "tail_experts": layer.tail_experts,
+                       "rows": rows, "timeline_us": spans}, f, indent=1)
         print(f"\nMoE EP layer, {card} x{world}, E={E} H={Hd} I={I} top-{K}, p2p {p2p:.0f} GB/s, "
               f"SMs gemm/comm {layer.num_gemm_sms}/{layer.num_comm_sms}")
         print("bytes per rank (mean over ranks), time of the slowest rank; nvl = bytes that cross NVLink (rows "

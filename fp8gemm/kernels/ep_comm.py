@@ -125,11 +125,14 @@ def _signal_all(tab_ptr, rank, OFF_FLAG, W: tl.constexpr):
 
 
 @triton.jit
-def _arrive_all(tab_ptr, done_ptr, rank, OFF_FLAG, W: tl.constexpr):
-    """Grid completion: the last program to finish adds 1 to ``FLAG[rank]`` on every rank."""
+def _arrive_all(tab_ptr, done_ptr, rank, OFF_FLAG, W: tl.constexpr, total=-1):
+    """Grid completion: the last program to finish adds 1 to ``FLAG[rank]`` on every rank.  ``total``: the
+    programs that count on ``done_ptr`` (default: this grid's; more when two launches send one combine)."""
     tl.debug_barrier()
     prev = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="sys")
-    if prev == tl.num_programs(0) - 1:
+    if total < 0:
+        total = tl.num_programs(0)
+    if prev == total - 1:
         tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
         _signal_all(tab_ptr, rank, OFF_FLAG, W)
 
@@ -247,24 +250,31 @@ def dispatch_recv_kernel(buf_ptr, err_ptr, masked_m_ptr, stats_ptr, OFF_CNT, OFF
 @triton.jit
 def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_ptr, done_ptr, rank,
                         stride_dg, stride_dm, OFF_META, OFF_RECV, OFF_CFLAG, MAX_M, TMAX,
-                        block_m, threshold, nb, max_iters, timeout_ns,
+                        block_m, threshold, nb, parts, g_lo, g_hi, arrive_total, max_iters, timeout_ns,
                         H: tl.constexpr, TOPK: tl.constexpr, L: tl.constexpr, W: tl.constexpr,
                         ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr,
                         WAIT_SIGNAL: tl.constexpr, USE_TIMER: tl.constexpr):
-    """Persistent: units ``u = i * L + g`` (m-block i of local expert g, block-major, so the first
-    blocks of all experts -- where the rows are -- spread over every program) for ``u = p, p + P, ...``
-    up to the last m-block any expert reaches.  Per non-empty unit: one bounded spin on its SBO counter
-    (a scalar acquire poll), then all the program's warps store the block's rows, ``ROWS`` at a time,
-    as wide tiles into their source ranks' receive buffers."""
+    """Persistent, over the local experts ``[g_lo, g_hi)``: units ``u = i * LG + (g - g_lo)`` (m-block i of
+    local expert g, LG = g_hi - g_lo; block-major, so the first blocks of all experts -- where the rows are --
+    spread over every program), each cut into ``parts`` row ranges; work item ``v = u * parts + s`` goes to
+    program ``v % P``.  Per item of a non-empty unit: one bounded spin on the unit's SBO counter (a scalar
+    acquire poll), then all the program's warps store the part's rows, ``ROWS`` at a time, as wide tiles
+    into their source ranks' receive buffers.  Each part adds 1 to the counter after its spin; the part
+    that brings it to ``threshold + parts`` zeroes it, so the array is ready for the next GEMM.  The last of
+    ``arrive_total`` programs (this launch's and any other launch's sending the same combine; -1: this
+    launch's) signals the arrival to every rank."""
     pid = tl.program_id(0)
     meta_base = (buf_ptr + OFF_META).to(tl.pointer_type(tl.int32))
     rr = tl.arange(0, ROWS)
     ll = tl.arange(0, BLOCK_L)
     m_all = tl.minimum(tl.load(masked_m_ptr + ll, mask=ll < L, other=0), MAX_M)
     nb_used = tl.minimum((tl.max(m_all, 0) + block_m - 1) // block_m, nb)
-    for u in range(pid, L * nb_used, tl.num_programs(0)):
-        i = u // L
-        g = u - i * L
+    LG = g_hi - g_lo
+    for v in range(pid, LG * nb_used * parts, tl.num_programs(0)):
+        u = v // parts
+        s = v - u * parts
+        i = u // LG
+        g = g_lo + u - i * LG
         m = tl.minimum(tl.load(masked_m_ptr + g), MAX_M)
         r_start = i * block_m
         if r_start < m:
@@ -272,15 +282,21 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
                 sig = signal_ptr + g * nb + i
                 ok = _spin(sig, threshold, max_iters, timeout_ns, USE_TIMER, "gpu")
                 if ok:
-                    tl.atomic_xchg(sig, 0, sem="relaxed", scope="gpu")
+                    seen = tl.atomic_add(sig, 1, sem="relaxed", scope="gpu")
+                    if seen == threshold + parts - 1:
+                        tl.atomic_xchg(sig, 0, sem="relaxed", scope="gpu")
                 else:
                     _set_error(err_ptr, 2, g, i, 0)
                 tl.debug_barrier()
             r_end = tl.minimum(r_start + block_m, m)
+            # this part's rows: an even share of the valid rows, rounded up to whole tiles
+            share = ((r_end - r_start + parts - 1) // parts + ROWS - 1) // ROWS * ROWS
+            p_start = r_start + s * share
+            p_end = tl.minimum(p_start + share, r_end)
             g64 = g + tl.zeros((), tl.int64)
-            for r0 in range(r_start, r_end, ROWS):
+            for r0 in range(p_start, p_end, ROWS):
                 rows = r0 + rr
-                rm = rows < r_end
+                rm = rows < p_end
                 srow = d_ptr + g64 * stride_dg + rows.to(tl.int64) * stride_dm
                 v0 = _load_tile(srow, rm, 0, H, BLOCK_H, ".cg")
                 meta = tl.load(meta_base + g64 * MAX_M + rows, mask=rm, other=0)
@@ -289,7 +305,7 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
                 bases = tl.load(tab_ptr + src, mask=rm, other=0)
                 dst = tl.multiple_of((bases + OFF_RECV + tk * (H * 2)).to(tl.pointer_type(tl.bfloat16)), 16)
                 _copy_rows(v0, srow, dst, rm, rm, H, BLOCK_H, ".cg")
-    _arrive_all(tab_ptr, done_ptr, rank, OFF_CFLAG, W)
+    _arrive_all(tab_ptr, done_ptr, rank, OFF_CFLAG, W, arrive_total)
 
 
 @triton.jit

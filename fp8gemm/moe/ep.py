@@ -375,20 +375,34 @@ class EPCommunicator:
     # ------------------------------------------------------------------ combine
     def combine_send(self, expert_out: torch.Tensor, *, signal: torch.Tensor | None = None,
                      block_m: int | None = None, threshold: int | None = None,
-                     num_sms: int | None = None) -> None:
+                     num_sms: int | None = None, experts: tuple[int, int] | None = None,
+                     parts: int = 1, arrive_total: int | None = None) -> None:
         """Send the rows ``< masked_m`` of ``expert_out`` (BF16 [L, max_m, hidden]) back to their sources.
 
         With ``signal`` (the SBO counters of the masked GEMM that is producing ``expert_out``, and the
         ``(block_m, threshold)`` it returned) each m-block is sent as soon as its counter reaches the
         threshold; the kernel zeroes each counter it consumed, so the array is ready for the next call.
+
+        One combine may be sent by two launches (the overlapped layer: most experts on a few SMs while the
+        GEMM runs, the experts it finishes last on all SMs after it, :meth:`combine_send_split`):
+        ``experts`` = ``(lo, hi)`` restricts this launch to local experts ``[lo, hi)``, ``parts`` cuts each
+        m-block's rows into that many ranges on different programs, and ``arrive_total`` is the number of
+        programs of all launches of this combine (the last of them signals the peers; default: this one's).
+        Use :meth:`combine_programs` for each launch's program count.
         """
         L, M, H = self.num_local_experts, self.max_m, self.hidden
         check_tensor("expert_out", expert_out, dtype=torch.bfloat16, shape=(L, M, H))
         if expert_out.stride(2) != 1:
             raise ValueError("expert_out must be row-major (unit stride along hidden)")
+        g_lo, g_hi = (0, L) if experts is None else experts
+        check_int("experts[0]", g_lo, 0)
+        check_int("experts[1]", g_hi, g_lo + 1)
+        if g_hi > L:
+            raise ValueError(f"experts must lie in [0, {L}], got ({g_lo}, {g_hi})")
+        check_int("parts", parts, 1)
         if self.backend == "nccl":
-            if signal is not None:
-                raise ValueError("signal (overlap) is only supported by the symm backend")
+            if signal is not None or experts is not None:
+                raise ValueError("signal (overlap) and experts are only supported by the symm backend")
             self._nccl_combine(expert_out)
             return
         wait = signal is not None
@@ -403,14 +417,24 @@ class EPCommunicator:
             block_m, threshold, signal = 64, 0, self.err    # signal unused
         nb = math.ceil(M / block_m)
         o = self.offsets
-        programs = max(1, min(num_sms or self.num_sms, L * nb))
-        rows, bh = self._combine_tiles(min(block_m, self._expected_rows()))
+        programs = self.combine_programs(num_sms, g_hi - g_lo, block_m, parts)
+        if arrive_total is None:
+            arrive_total = programs
+        check_int("arrive_total", arrive_total, programs)
+        expected = min(block_m, self._expected_rows())
+        rows, bh = self._combine_tiles(-(-expected // parts))
         K.combine_send_kernel[(programs,)](
             expert_out, self.region, self.tab, self.masked_m, signal, self.err, self.done[1:], self.rank,
             expert_out.stride(0), expert_out.stride(1), o["meta"], o["recv"], o["cflag"], M, self.max_tokens,
-            block_m, threshold, nb, self.max_spin_iters, self.timeout_ns,
+            block_m, threshold, nb, parts, g_lo, g_hi, arrive_total, self.max_spin_iters, self.timeout_ns,
             H=H, TOPK=self.topk, L=L, W=self.world_size, ROWS=rows, BLOCK_H=bh, BLOCK_L=triton_next_pow2(L),
             WAIT_SIGNAL=wait, USE_TIMER=self.use_timer, num_warps=8 if rows * bh >= 4096 else 4)
+
+    def combine_programs(self, num_sms: int | None, experts: int, block_m: int = 64, parts: int = 1) -> int:
+        """Programs of a :meth:`combine_send` launch over ``experts`` local experts: ``num_sms`` (default the
+        communicator's), at most one per work item."""
+        items = experts * math.ceil(self.max_m / block_m) * parts
+        return max(1, min(max(1, num_sms or self.num_sms), items))
 
     def _expected_rows(self) -> int:
         """Rows an m-block of a local expert holds on average for the last dispatch's batch (uniform routing)."""
@@ -522,7 +546,7 @@ class EPCommunicator:
         K.combine_send_kernel[(max(1, min(num_sms or self.num_sms, nblk)),)](
             expert_out, self.region, self.tab, self.block_valid, self.err, self.err, self.done[1:], self.rank,
             A * expert_out.stride(0), expert_out.stride(0), o["cmeta"], o["recv"], o["cflag"], A, self.max_tokens,
-            A, 0, 1, self.max_spin_iters, self.timeout_ns,
+            A, 0, 1, 1, 0, nblk, -1, self.max_spin_iters, self.timeout_ns,
             H=H, TOPK=self.topk, L=nblk, W=self.world_size, ROWS=rows, BLOCK_H=bh,
             BLOCK_L=triton_next_pow2(nblk), WAIT_SIGNAL=False, USE_TIMER=self.use_timer,
             num_warps=8 if rows * bh >= 4096 else 4)

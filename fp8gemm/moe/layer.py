@@ -80,7 +80,8 @@ class MoELayer:
     """
 
     def __init__(self, comm: EPCommunicator, w13, w2, *, num_comm_sms: int | None = None,
-                 use_ue8m0: bool = False, gemm=None, quant=None, contiguous_gemm=None):
+                 use_ue8m0: bool = False, gemm=None, quant=None, contiguous_gemm=None,
+                 tail_experts: int | None = None):
         if not isinstance(comm, EPCommunicator):
             raise TypeError(f"comm must be an EPCommunicator, got {type(comm).__name__}")
         L, H = comm.num_local_experts, comm.hidden
@@ -111,6 +112,12 @@ class MoELayer:
         if not 1 <= num_comm_sms < max(total, 2):
             raise ValueError(f"num_comm_sms must be in [1, {total - 1}], got {num_comm_sms}")
         self.num_comm_sms, self.num_gemm_sms = num_comm_sms, max(1, total - num_comm_sms)
+        if tail_experts is None:
+            tail_experts = L // 8 if L >= 8 else 0
+        check_int("tail_experts", tail_experts, 0)
+        if tail_experts >= L and tail_experts:
+            raise ValueError(f"tail_experts must be below the {L} local experts, got {tail_experts}")
+        self.tail_experts, self.total_sms = tail_experts, total
         M, dev = comm.max_m, comm.device
         self.h1 = torch.empty(L, M, two_i, dtype=torch.bfloat16, device=dev)
         self.a2 = torch.empty(L, M, inter, dtype=FP8, device=dev)
@@ -251,16 +258,20 @@ class MoELayer:
                 self.comm_stream.wait_stream(main)
             block_m, threshold = self.down_proj(d.masked_m, em, True)
             self._mark(events, "l2")
+            head, tail = self._combine_launches(block_m, threshold, em)
             if main is not None:
                 with torch.cuda.stream(self.comm_stream):
                     self._mark(events, "combine_send_start", self.comm_stream)
-                    c.combine_send(self.out2, signal=self.signal, block_m=block_m, threshold=threshold,
-                                   num_sms=self.num_comm_sms)
+                    c.combine_send(self.out2, **head)
                     self._mark(events, "combine_send", self.comm_stream)
+                if tail is not None:
+                    c.combine_send(self.out2, **tail)        # main stream: after the GEMM, on every SM
+                    self._mark(events, "combine_tail")
                 main.wait_stream(self.comm_stream)
             else:
-                c.combine_send(self.out2, signal=self.signal, block_m=block_m, threshold=threshold,
-                               num_sms=self.num_comm_sms)
+                c.combine_send(self.out2, **head)
+                if tail is not None:
+                    c.combine_send(self.out2, **tail)
         else:
             self.down_proj(d.masked_m, em, False)
             self._mark(events, "l2")
@@ -271,6 +282,30 @@ class MoELayer:
         y = c.combine_recv(topk_idx, topk_weights, out)
         self._mark(events, "combine")
         return y
+
+    def _combine_launches(self, block_m: int, threshold: int, expected_m: int):
+        """Keyword arguments of the overlapped combine's launches: ``head`` sends local experts
+        ``[0, L - tail_experts)`` on the communication SMs while the L2 GEMM runs, each block the moment its
+        counter completes; ``tail`` (None when ``tail_experts`` is 0) sends the last ``tail_experts`` experts,
+        the ones the GEMM (which walks the experts in order) finishes last, from the main stream after the
+        GEMM on every SM, their blocks cut into row ranges so that many SMs share each.  Without the tail, the
+        block finished last is sent by one communication SM after the GEMM ends (~15 µs for 32 rows of
+        14 KB at the ~30 GB/s one SM copies); the tail launch is one extra launch on the critical path."""
+        c, L = self.comm, self.comm.num_local_experts
+        X = self.tail_experts
+        common = dict(signal=self.signal, block_m=block_m, threshold=threshold)
+        if not X:
+            return dict(common, num_sms=self.num_comm_sms), None
+        rows = max(1, min(block_m, expected_m))
+        # enough row ranges to give every SM one (counting only the blocks the batch is expected to fill)
+        filled = X * max(1, math.ceil(expected_m / block_m))
+        parts = max(1, min(rows, math.ceil(self.total_sms / filled)))
+        p_head = c.combine_programs(self.num_comm_sms, L - X, block_m)
+        p_tail = c.combine_programs(self.total_sms, X, block_m, parts)
+        total = p_head + p_tail
+        head = dict(common, num_sms=self.num_comm_sms, experts=(0, L - X), arrive_total=total)
+        tail = dict(common, num_sms=self.total_sms, experts=(L - X, L), parts=parts, arrive_total=total)
+        return head, tail
 
     def overlap_pays(self, tokens: int) -> bool:
         """Whether SBO is expected to beat the stages back to back for ``tokens`` tokens on this rank: the

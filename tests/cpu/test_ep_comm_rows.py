@@ -89,10 +89,12 @@ def test_dispatch_row_blocks(num_sms, tile):
 @pytest.mark.parametrize("block_m,tile,num_sms", [(2, (4, 256), 1), (8, (2, 256), 3), (3, (1, 512), 2),
                                                   (4, None, 3)])
 @pytest.mark.parametrize("overlap", [False, True])
-def test_combine_row_blocks(block_m, tile, num_sms, overlap):
+def test_combine_row_blocks(block_m, tile, num_sms, overlap, split=None):
     """The combine sender with m-blocks smaller than, equal to and larger than its row tile (several
     row iterations per block, a partial last one), units spread over 1..3 programs, SBO counters
-    waited on and consumed; every received slot holds its row, every other slot stays poisoned."""
+    waited on and consumed; every received slot holds its row, every other slot stays poisoned.
+    ``split`` = ``(parts, programs)``: the combine as two launches (local expert 0 on ``num_sms`` programs,
+    expert 1 cut into ``parts`` row ranges on ``programs`` programs), one arrival for both."""
     gen = torch.Generator().manual_seed(4)
     world, num_experts, topk, tokens = 2, 4, 3, 6
     comms = _world(world, num_experts, tokens, topk, num_sms, tile)
@@ -109,16 +111,25 @@ def test_combine_row_blocks(block_m, tile, num_sms, overlap):
         signals.append(sig)
         c.combine_recv_buf.fill_(float("nan"))
     for c, e, sig in zip(comms, outs_e, signals):
-        if overlap:
-            c.combine_send(e, signal=sig, block_m=block_m, threshold=2, num_sms=num_sms)
+        kw = dict(signal=sig, block_m=block_m, threshold=2) if overlap else {}
+        if split is None:
+            c.combine_send(e, num_sms=num_sms, **kw)
         else:
-            c.combine_send(e, num_sms=num_sms)
+            parts, programs = split
+            total = c.combine_programs(num_sms, 1, block_m if overlap else 64) + \
+                c.combine_programs(programs, L - 1, block_m if overlap else 64, parts)
+            c.combine_send(e, num_sms=num_sms, experts=(0, 1), arrive_total=total, **kw)
+            c.combine_send(e, num_sms=programs, experts=(1, L), parts=parts, arrive_total=total, **kw)
     ws = [torch.rand(tokens, topk, generator=gen) for _ in comms]
     ys = [c.combine_recv(idx, w) for c, idx, w in zip(comms, idxs, ws)]
     for c in comms:
         c.check()
     if overlap:
         assert all(int(s.abs().sum()) == 0 for s in signals)     # consumed counters are zeroed
+    for c in comms:                                              # one arrival per peer, all consumed
+        o = c.offsets["cflag"]
+        assert int(c.region[o:o + 4 * world].view(torch.int32).abs().sum()) == 0
+        assert int(c.done.abs().sum()) == 0                      # the grid-completion counters reset
     tmax = comms[0].max_tokens
     for s, c in enumerate(comms):
         buf = c.combine_recv_buf
@@ -137,6 +148,25 @@ def test_combine_row_blocks(block_m, tile, num_sms, overlap):
         ref = R.combine_reduce_reference(torch.nan_to_num(buf[:tokens]), idxs[s], ws[s], num_experts)
         # one BF16 ulp: Triton's interpreter truncates the FP32 -> BF16 cast (the GPU rounds to nearest)
         torch.testing.assert_close(ys[s], ref, rtol=2 ** -7, atol=1e-30)
+
+
+@pytest.mark.parametrize("parts,programs", [(3, 2), (7, 5), (1, 1)])
+def test_combine_split_over_two_launches(parts, programs):
+    """The overlapped layer's combine as two launches (experts the GEMM finishes last sent by a second
+    launch with their blocks cut into row ranges): parts with no rows, more parts than programs; every part
+    spins, counts itself and the last one zeroes the counter; one arrival for both launches; rows exact."""
+    test_combine_row_blocks(8, (2, 256), 3, True, split=(parts, programs))
+    test_combine_row_blocks(3, (1, 512), 2, True, split=(parts, programs))
+    test_combine_row_blocks(4, None, 3, False, split=(parts, programs))
+
+
+def test_combine_send_rejects_bad_split():
+    comms = _world(2, 4, 6, 3, 2, None)
+    e = torch.zeros(comms[0].num_local_experts, comms[0].max_m, H).bfloat16()
+    for bad, word in [(dict(experts=(1, 1)), "experts"), (dict(experts=(0, 3)), "experts"),
+                      (dict(parts=0), "parts"), (dict(arrive_total=1, num_sms=2), "arrive_total")]:
+        with pytest.raises(ValueError, match=word):
+            comms[0].combine_send(e, **bad)
 
 
 @pytest.mark.parametrize("tile", [(4, 256), (1, 128)])

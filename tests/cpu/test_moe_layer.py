@@ -28,12 +28,13 @@ def _local(w, r, L):
     return (w[0][r * L:(r + 1) * L].contiguous(), w[1][r * L:(r + 1) * L].contiguous())
 
 
-def _world(world, num_experts, max_tokens, topk, seed=1, **kw):
+def _world(world, num_experts, max_tokens, topk, seed=1, tail_experts=None, **kw):
     w13, w2 = make_moe_weights(num_experts, H, I, seed=seed)
     comms = make_simulated_world(world, num_experts=num_experts, max_tokens_per_rank=max_tokens, topk=topk,
                                  hidden=H, max_spin_iters=200, **kw)
     L = num_experts // world
-    layers = [MoELayer(c, _local(w13, r, L), _local(w2, r, L), num_comm_sms=2) for r, c in enumerate(comms)]
+    layers = [MoELayer(c, _local(w13, r, L), _local(w2, r, L), num_comm_sms=2, tail_experts=tail_experts)
+              for r, c in enumerate(comms)]
     return layers, w13, w2
 
 
@@ -125,6 +126,20 @@ def test_layer_random_routing(world, num_experts, topk, overlap):
     # a second call through the same buffers (flags and counters were consumed, not reset)
     idxs = _routing("random", world, 4, num_experts, topk, gen)
     _check_layer(layers, w13, w2, idxs, 4, overlap, gen)
+
+
+@pytest.mark.parametrize("world,num_experts,topk,tail", [(2, 4, 2, 1), (4, 8, 3, 1), (2, 8, 3, 3)])
+def test_layer_overlap_with_tail_launch(world, num_experts, topk, tail):
+    """Overlap with the combine split in two launches (the last ``tail`` local experts sent after the GEMM,
+    their blocks cut into row ranges): same results, counters and flags consumed, twice through the buffers."""
+    gen = torch.Generator().manual_seed(11)
+    layers, w13, w2 = _world(world, num_experts, 6, topk, tail_experts=tail)
+    head, rest = layers[0]._combine_launches(64, 3, 6)
+    assert rest is not None and rest["experts"] == (num_experts // world - tail, num_experts // world)
+    assert head["arrive_total"] == rest["arrive_total"]
+    for tokens in (5, 4):
+        idxs = _routing("random", world, tokens, num_experts, topk, gen)
+        _check_layer(layers, w13, w2, idxs, tokens, True, gen)
 
 
 @pytest.mark.parametrize("kind", ["one_expert", "remote"])
@@ -270,6 +285,10 @@ def test_validation():
         layers[0].forward(torch.randn(3, H).bfloat16(), idx, torch.rand(3, 2), overlap=1)
     with pytest.raises(ValueError, match="overlap must be True, False or 'auto'"):
         layers[0].forward(torch.randn(3, H).bfloat16(), idx, torch.rand(3, 2), overlap="always")
+    with pytest.raises(ValueError, match="tail_experts must be below the 2 local experts"):
+        MoELayer(c, _local(w13, 0, 2), _local(w2, 0, 2), tail_experts=2)
+    with pytest.raises(ValueError, match="tail_experts"):
+        MoELayer(c, _local(w13, 0, 2), _local(w2, 0, 2), tail_experts=-1)
 
 
 @pytest.mark.parametrize("world,tokens,pays", [(2, 128, False), (2, 256, True), (4, 32, False), (4, 128, True),
@@ -489,7 +508,8 @@ _AOT = {
         {"d_ptr": "*bf16", "buf_ptr": "*u8", "tab_ptr": "*i64", "masked_m_ptr": "*i32", "signal_ptr": "*i32",
          "err_ptr": "*i32", "done_ptr": "*i32", "rank": _I32, "stride_dg": _I32, "stride_dm": _I32,
          "OFF_META": _I64, "OFF_RECV": _I64, "OFF_CFLAG": _I64, "MAX_M": _I32, "TMAX": _I32, "block_m": _I32,
-         "threshold": _I32, "nb": _I32, "max_iters": _I32, "timeout_ns": _I64},
+         "threshold": _I32, "nb": _I32, "parts": _I32, "g_lo": _I32, "g_hi": _I32, "arrive_total": _I32,
+         "max_iters": _I32, "timeout_ns": _I64},
         {"H": 7168, "TOPK": 8, "L": 128, "W": 2, "ROWS": 16, "BLOCK_H": 1024, "BLOCK_L": 128, "WAIT_SIGNAL": True,
          "USE_TIMER": True},
         ["d_ptr", "stride_dg", "stride_dm"], "STG.E.128"),
