@@ -99,7 +99,9 @@ def _worker() -> int:
     for backend in ("symm", "nccl"):
         comm = EPCommunicator(dist.group.WORLD, num_experts=num_experts, max_tokens_per_rank=max_tokens, topk=TOPK,
                               hidden=H, backend=backend, timeout_s=5.0, contiguous=True)
-        layer = MoELayer(comm, loc13, loc2)
+        # one tail expert: the overlapped combine runs as its two launches, as it does by default from
+        # eight local experts on (MoELayer.tail_experts), including under CUDA-graph capture below
+        layer = MoELayer(comm, loc13, loc2, tail_experts=1)
         stats = torch.zeros(L, dtype=torch.int32, device=dev)
         gen = torch.Generator().manual_seed(17)
         for kind in ("random", "one_expert", "remote", "sparse"):
