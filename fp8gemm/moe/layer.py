@@ -11,7 +11,10 @@
 
 With ``overlap=True`` (symm backend on a GPU) the L2 GEMM runs with ``enable_overlap=True`` on
 ``num_gemm_sms`` SMs while the combine kernel runs on a second stream with the other SMs, sending each
-m-block as soon as the GEMM's counter for it reaches the threshold (DESIGN.md §3).  ``overlap=False``
+m-block as soon as the GEMM's counter for it reaches the threshold (DESIGN.md §3).  The last
+``tail_experts`` local experts (the GEMM walks the experts in order, so it finishes them last) are sent by a
+second launch on the main stream right after the GEMM, on every SM, instead (``MoELayer._combine_launches``):
+otherwise the block finished last is sent by one communication SM after the GEMM has ended.  ``overlap=False``
 runs the same stages back to back (the safe choice where overlap is unavailable; the NCCL backend
 always runs this way).  ``overlap="auto"`` (the default of :meth:`MoELayer.forward`) overlaps only where
 the combine is big enough to pay for the SMs the GEMM gives up (:meth:`MoELayer.overlap_pays`).
@@ -73,7 +76,10 @@ class MoELayer:
     gained 0.8-2.3 points of overlap over 22 on every row, and were the best of 8/16/22 on four GPUs and of
     4/8/16/22 at 128-256 tokens on two: the combine stays hidden while the L2 GEMM keeps more SMs).  At 32
     tokens a rank the overlap was 0.5-2.1% slower than ``overlap=False`` on every split tried (hence
-    ``overlap="auto"``, :meth:`overlap_pays`).  ``gemm`` / ``contiguous_gemm`` / ``quant``: injectable masked
+    ``overlap="auto"``, :meth:`overlap_pays`).  ``tail_experts``: local experts whose overlapped combine
+    is sent after the GEMM on every SM (default L/8 from 8 local experts on, else 0; 0 turns it off; on one
+    H200 with 64 local experts the default made the overlapped layer 1.3% faster at 256 tokens, RESULTS.md
+    session 7).  ``gemm`` / ``contiguous_gemm`` / ``quant``: injectable masked
     GEMM, contiguous GEMM and token cast (DeepGEMM signatures), defaulting to fp8gemm's own.  The contiguous
     form's buffers (``R`` rows of L1, SwiGLU and L2 outputs) exist when ``comm`` was created with
     ``contiguous=True``.
