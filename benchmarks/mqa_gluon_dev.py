@@ -47,12 +47,13 @@ KINDS = os.environ.get("MQA_GLUON_KINDS", "pingpong").split(",")
 
 
 def _cfg(kind: str, h: int, d: int):
-    """``pingpong``, ``keysplit1``/``keysplit2`` (four consumers, nsplit 1 or 2) or ``keysplit3`` (three
-    consumers, nsplit 1) as a config."""
+    """The config of a Gluon variant by name.  Only ``pingpong`` (the kernel in mqa_gluon.py) is left: the
+    key-split variants of session 7 (3 or 4 consumer warpgroups with one accumulator each) measured slower and
+    were removed (RESULTS.md; their code is in the history at commit 3299a77)."""
     from fp8gemm.kernels import mqa_gluon as MG
-    if kind in ("pingpong", "keysplit3"):
-        return MG.config(h, d, kind)
-    return MG.config(h, d, "keysplit", int(kind[-1]))
+    if kind != "pingpong":
+        raise ValueError(f"unknown Gluon MQA variant {kind!r} (only 'pingpong')")
+    return MG.config(h, d)
 
 
 def phase_check(out_dir: str) -> dict:

@@ -64,51 +64,22 @@ _SMEM_BUDGET = 200 * 1024
 
 @dataclasses.dataclass(frozen=True)
 class MqaGluonConfig:
-    block_q: int          # queries per block (all consumer warpgroups): nsplit * HALF_N // H
+    block_q: int          # queries per block (both warpgroups): 2 * HALF_N // H
     stages: int           # KV ring depth
     producer_regs: int = 40
     num_warps: int = 4    # the default partition = consumer warpgroup 0
-    # "pingpong": two consumer warpgroups (one per query half), two accumulators each, tile j+1's MMA in
-    # flight during tile j's epilogue (mqa_logits_ws_kernel).  "keysplit": four consumer warpgroups with one
-    # accumulator each, nsplit query parts x ksplit key-tile turns (mqa_logits_ks_kernel).
-    kind: str = "pingpong"
-    nsplit: int = 2
-    ksplit: int = 1
-
-    @property
-    def consumer_groups(self) -> int:
-        return self.nsplit * self.ksplit
 
     @property
     def maxnreg(self) -> int:
-        # the consumer warpgroups + a producer warpgroup's share at launch; setmaxnreg moves them.
-        return min(255, (65536 // ((self.consumer_groups + 1) * 4 * 32)) // 8 * 8)
-
-    @property
-    def consumer_regs(self) -> int:
-        """setmaxnreg of the worker consumer warpgroups.  Triton gives the default partition (consumer 0) what
-        the launch budget (maxnreg x all warps, the producer warp padded to a warpgroup) leaves after the
-        workers, so the workers take the largest multiple of 8 that still leaves consumer 0 as many."""
-        pool = self.maxnreg * 4 * (self.consumer_groups + 1) - 4 * self.producer_regs
-        return pool // (4 * self.consumer_groups) // 8 * 8
+        # 4 + 4 consumer warps + a producer warpgroup's share: 12 warps at launch, setmaxnreg moves them.
+        return min(255, (65536 // (12 * 32)) // 8 * 8)
 
 
 @functools.lru_cache(maxsize=None)
-def config(num_heads: int, head_dim: int, kind: str = "pingpong", nsplit: int = 2) -> MqaGluonConfig:
-    if kind == "pingpong":
-        nsplit, ksplit, producer_regs = 2, 1, 40
-    elif kind == "keysplit":
-        if nsplit not in (1, 2):
-            raise ValueError(f"nsplit must be 1 or 2, got {nsplit}")
-        ksplit, producer_regs = 4 // nsplit, 24
-    elif kind == "keysplit3":
-        nsplit, ksplit, producer_regs = 1, 3, 24
-    else:
-        raise ValueError(f"kind must be 'pingpong', 'keysplit' or 'keysplit3', got {kind!r}")
-    q_bytes = 2 * nsplit * HALF_N * head_dim          # two q slots of nsplit parts
+def config(num_heads: int, head_dim: int) -> MqaGluonConfig:
+    q_bytes = 2 * 2 * HALF_N * head_dim          # two q slots of two halves
     stages = max(2, min(16, (_SMEM_BUDGET - q_bytes) // (BLOCK_KV * head_dim)))
-    return MqaGluonConfig(block_q=nsplit * HALF_N // num_heads, stages=stages, producer_regs=producer_regs,
-                          kind=kind, nsplit=nsplit, ksplit=ksplit)
+    return MqaGluonConfig(block_q=2 * HALF_N // num_heads, stages=stages)
 
 
 if HAS_GLUON:
@@ -143,8 +114,7 @@ if HAS_GLUON:
     @gluon.jit
     def _producer(q_desc, kv_desc, q_bufs, kv_bufs, q_empty, q_full, kv_empty, kv_full,
                   ks_ptr, ke_ptr, out_ptr, seq_len, seq_len_kv, stride_out,
-                  H: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CLEAN: gl.constexpr,
-                  NSPLIT: gl.constexpr):
+                  H: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CLEAN: gl.constexpr):
         BK: gl.constexpr = kv_desc.block_type.shape[0]
         HN: gl.constexpr = q_desc.block_type.shape[0]
         q_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
@@ -161,10 +131,9 @@ if HAS_GLUON:
                 q0 = blk * BLOCK_Q
                 qs = qi % 2
                 mbarrier.wait(q_empty.index(qs), ((qi // 2) & 1) ^ 1)
-                mbarrier.expect(q_full.index(qs), NSPLIT * q_desc.block_type.nbytes)
-                for hq in gl.static_range(NSPLIT):
-                    tma.async_copy_global_to_shared(q_desc, [q0 * H + hq * HN, 0], q_full.index(qs),
-                                                    q_bufs.index(NSPLIT * qs + hq))
+                mbarrier.expect(q_full.index(qs), 2 * q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [q0 * H, 0], q_full.index(qs), q_bufs.index(2 * qs))
+                tma.async_copy_global_to_shared(q_desc, [q0 * H + HN, 0], q_full.index(qs), q_bufs.index(2 * qs + 1))
                 qi += 1
                 lo, hi = _key_range(ks_ptr, ke_ptr, q0, seq_len, seq_len_kv, BLOCK_Q, BK, q_layout)
                 for k0 in range(lo, hi, BK):
@@ -331,121 +300,8 @@ if HAS_GLUON:
                          kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr, seq_len, seq_len_kv, stride_w, stride_out,
                          H, BLOCK_Q, STAGES, 1)),
             (_producer, (q_desc, kv_desc, q_bufs, kv_bufs, q_empty, q_full, kv_empty, kv_full,
-                         ks_ptr, ke_ptr, out_ptr, seq_len, seq_len_kv, stride_out, H, BLOCK_Q, STAGES, CLEAN, 2)),
+                         ks_ptr, ke_ptr, out_ptr, seq_len, seq_len_kv, stride_out, H, BLOCK_Q, STAGES, CLEAN)),
         ], [4, 1], [WG_REGS, PRODUCER_REGS])
-
-
-    @gluon.jit
-    def _ks_consumer(kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full,
-                     kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr, seq_len, seq_len_kv, stride_w, stride_out,
-                     H: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, NSPLIT: gl.constexpr,
-                     KSPLIT: gl.constexpr, WN: gl.constexpr, WK: gl.constexpr):
-        """Key-split consumer ``(WN, WK)``: query columns ``WN`` of the block, KV tiles ``j % KSPLIT == WK``;
-        one accumulator, each tile's MMA waited for before its epilogue (the other warpgroups' MMAs fill
-        the tensor cores meanwhile)."""
-        BK: gl.constexpr = kv_bufs.type.shape[1]
-        HN: gl.constexpr = q_bufs.type.shape[1]
-        QW: gl.constexpr = HN // H
-        num_warps: gl.constexpr = gl.num_warps()
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HN, 32])
-        col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
-        q_layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-        probe = gl.sum(gl.reshape(gl.zeros([BK, HN], gl.float32, mma_layout), [BK, QW, H]), axis=2)
-        key_layout: gl.constexpr = gl.SliceLayout(1, probe.type.layout)
-        qry_layout: gl.constexpr = gl.SliceLayout(0, probe.type.layout)
-
-        pid = gl.program_id(0)
-        nprog = gl.num_programs(0)
-        num_blocks = gl.cdiv(seq_len, BLOCK_Q)
-        cols = gl.arange(0, HN, layout=col_layout)
-        qi = 0
-        it = 0
-        acc = gl.zeros([BK, HN], gl.float32, mma_layout)
-        for r in range(gl.cdiv(num_blocks, nprog)):
-            blk, valid = _block_at(r, pid, nprog, num_blocks)
-            if valid:
-                q0 = blk * BLOCK_Q
-                qw0 = q0 + WN * QW
-                cq = qw0 + cols // H
-                wv = gl.load(w_ptr + cq.to(gl.int64) * stride_w + cols % H, mask=cq < seq_len, other=0.0)
-                rq = qw0 + gl.arange(0, QW, layout=qry_layout)
-                q_ok, start, end = _query_keys(ks_ptr, ke_ptr, rq, seq_len, seq_len_kv)
-                row_off = rq.to(gl.int64) * stride_out
-                in_lo = gl.max(gl.where(q_ok, start, seq_len_kv), axis=0)
-                in_hi = gl.min(gl.where(q_ok & (end > start), end, -1), axis=0)
-                lo, hi = _key_range(ks_ptr, ke_ptr, q0, seq_len, seq_len_kv, BLOCK_Q, BK, q_layout)
-                n = gl.cdiv(hi - lo, BK)
-
-                qs = qi % 2
-                mbarrier.wait(q_full.index(qs), (qi // 2) & 1)
-                q_t = q_bufs.index(NSPLIT * qs + WN).permute((1, 0))        # [D, HN]
-                qi += 1
-                for j in range(WK, n, KSPLIT):
-                    k0 = lo + j * BK
-                    tok, sc = _issue(kv_bufs, kv_full, q_t, kvs_ptr, it + j, k0, seq_len_kv, acc, STAGES,
-                                     key_layout)
-                    acc = _epilogue(tok, kv_empty, it + j, sc, k0, wv, start, end, q_ok, row_off, out_ptr,
-                                    seq_len_kv, in_lo, in_hi, H, STAGES, 0)
-                it += n
-                mbarrier.arrive(q_empty.index(qs), count=1)
-
-    @gluon.jit
-    def mqa_logits_ks_kernel(q_desc, kv_desc, kvs_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
-                             seq_len, seq_len_kv, stride_w, stride_out,
-                             H: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
-                             CLEAN: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                             NSPLIT: gl.constexpr, KSPLIT: gl.constexpr):
-        """Persistent key-split variant: ``NSPLIT * KSPLIT`` consumer warpgroups (4), each with one 64 x 128
-        accumulator; ``NSPLIT`` of them share a KV tile (one per 128 query columns), ``KSPLIT`` take the
-        block's KV tiles in turn.  Same producer, same outputs as :func:`mqa_logits_ws_kernel`."""
-        gl.static_assert(BLOCK_Q * H == NSPLIT * q_desc.block_type.shape[0])
-        gl.static_assert((NSPLIT * KSPLIT == 4) or (NSPLIT * KSPLIT == 3))
-        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [2 * NSPLIT] + q_desc.block_type.shape, q_desc.layout)
-        kv_bufs = gl.allocate_shared_memory(kv_desc.dtype, [STAGES] + kv_desc.block_type.shape, kv_desc.layout)
-        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        q_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(q_empty.index(i), count=NSPLIT * KSPLIT)
-            mbarrier.init(q_full.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(kv_empty.index(i), count=NSPLIT)
-            mbarrier.init(kv_full.index(i), count=1)
-        if NSPLIT * KSPLIT == 4:
-            # consumer g (0..3) is (WN, WK) = (g % NSPLIT, g // NSPLIT); the default partition is consumer 0.
-            gl.warp_specialize([
-                (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
-                                out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
-                                0 % NSPLIT, 0 // NSPLIT)),
-                (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
-                                out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
-                                1 % NSPLIT, 1 // NSPLIT)),
-                (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
-                                out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
-                                2 % NSPLIT, 2 // NSPLIT)),
-                (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
-                                out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
-                                3 % NSPLIT, 3 // NSPLIT)),
-                (_producer, (q_desc, kv_desc, q_bufs, kv_bufs, q_empty, q_full, kv_empty, kv_full,
-                             ks_ptr, ke_ptr, out_ptr, seq_len, seq_len_kv, stride_out, H, BLOCK_Q, STAGES, CLEAN, NSPLIT)),
-            ], [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
-        else:
-            # consumer g (0..3) is (WN, WK) = (g % NSPLIT, g // NSPLIT); the default partition is consumer 0.
-            gl.warp_specialize([
-                (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
-                                out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
-                                0 % NSPLIT, 0 // NSPLIT)),
-                (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
-                                out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
-                                1 % NSPLIT, 1 // NSPLIT)),
-                (_ks_consumer, (kv_bufs, q_bufs, q_empty, q_full, kv_empty, kv_full, kvs_ptr, w_ptr, ks_ptr, ke_ptr,
-                                out_ptr, seq_len, seq_len_kv, stride_w, stride_out, H, BLOCK_Q, STAGES, NSPLIT, KSPLIT,
-                                2 % NSPLIT, 2 // NSPLIT)),
-                (_producer, (q_desc, kv_desc, q_bufs, kv_bufs, q_empty, q_full, kv_empty, kv_full,
-                             ks_ptr, ke_ptr, out_ptr, seq_len, seq_len_kv, stride_out, H, BLOCK_Q, STAGES, CLEAN, NSPLIT)),
-            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
 # =====================================================================================
@@ -508,14 +364,6 @@ def launch(q, kv, kv_sf, weights, ks, ke, out, clean_logits: bool, num_sms: int,
     kv_desc = _desc2d(kv, seq_len_kv, (BLOCK_KV, d))
     num_blocks = triton.cdiv(seq_len, cfg.block_q)
     grid = (max(1, min(num_sms, num_blocks)),)
-    if cfg.kind.startswith("keysplit"):
-        mqa_logits_ks_kernel[grid](
-            q_desc, kv_desc, kv_sf, weights, ks, ke, out,
-            seq_len, seq_len_kv, weights.stride(0), out.stride(0),
-            H=h, BLOCK_Q=cfg.block_q, STAGES=cfg.stages, CLEAN=bool(clean_logits),
-            PRODUCER_REGS=cfg.producer_regs, CONSUMER_REGS=cfg.consumer_regs, NSPLIT=cfg.nsplit,
-            KSPLIT=cfg.ksplit, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)
-        return
     mqa_logits_ws_kernel[grid](
         q_desc, kv_desc, kv_sf, weights, ks, ke, out,
         seq_len, seq_len_kv, weights.stride(0), out.stride(0),
