@@ -384,7 +384,7 @@ class EPCommunicator:
         threshold; the kernel zeroes each counter it consumed, so the array is ready for the next call.
 
         One combine may be sent by two launches (the overlapped layer: most experts on a few SMs while the
-        GEMM runs, the experts it finishes last on all SMs after it, :meth:`combine_send_split`):
+        GEMM runs, the experts it finishes last on all SMs after it; ``MoELayer._combine_launches``):
         ``experts`` = ``(lo, hi)`` restricts this launch to local experts ``[lo, hi)``, ``parts`` cuts each
         m-block's rows into that many ranges on different programs, and ``arrive_total`` is the number of
         programs of all launches of this combine (the last of them signals the peers; default: this one's).
