@@ -188,6 +188,9 @@ def main():
         y_off = layer.forward(x, idx, w, overlap=False)
         torch.cuda.synchronize()
         same = float((y_on.float() - y_off.float()).abs().max())
+        if same != 0.0 and rank == 0:
+            # both orders reduce the same received rows in the same k order: any difference is a bug
+            print(f"[bench] T={T}: MISMATCH overlap on vs off, max |diff| {same:.3g}", flush=True)
         r = {"tokens": T}
         r["on_ms"], graphed = _timed(lambda: layer.forward(x, idx, w, overlap=True, check=False), args.iters)
         r["off_ms"], _ = _timed(lambda: layer.forward(x, idx, w, overlap=False, check=False), args.iters)
