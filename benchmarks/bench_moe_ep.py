@@ -126,6 +126,41 @@ def _write_png(path, lanes, spans, width=1200, lane_h=40):
                 + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
 
 
+def _combine_trace(layer, comm, x, idx, w, iters):
+    """Per-item stamps of the overlapped combine under CUDA-graph replay (the last replay's): a list of
+    ``[launch, local expert, m-block, part, ready µs, done µs]``, times from the earliest ready stamp.
+    ``launch`` is "head" (communication SMs, during the GEMM) or "tail" (every SM, after it)."""
+    import math
+
+    layer.forward(x, idx, w, overlap=True)                       # block_m of this batch
+    torch.cuda.synchronize()
+    bm = layer.last_block_m
+    nb = math.ceil(comm.max_m / bm)
+    L = comm.num_local_experts
+    comm.combine_trace = torch.zeros(L * nb * max(1, layer.total_sms), 2, dtype=torch.int64, device=comm.device)
+    try:
+        _timed(lambda: layer.forward(x, idx, w, overlap=True, check=False), iters)
+        stamps = comm.combine_trace.cpu()
+    finally:
+        comm.combine_trace = None
+    em = layer.expected_m(x.shape[0])
+    head, tail = layer._combine_launches(bm, 0, em)
+    launches = [("head", head)] + ([("tail", tail)] if tail is not None else [])
+    out = []
+    for name, kw in launches:
+        g_lo, g_hi = kw.get("experts", (0, L))
+        parts, base, lg = kw.get("parts", 1), kw.get("trace_base", 0), kw.get("experts", (0, L))[1] - g_lo
+        for v in range(lg * nb * parts):
+            ready, done = stamps[base + v].tolist()
+            if ready == 0:
+                continue                                         # an empty unit: no stamps
+            u, s = divmod(v, parts)
+            i, gl = divmod(u, lg)
+            out.append([name, g_lo + gl, i, s, ready, done])
+    t0 = min(r[4] for r in out) if out else 0
+    return [r[:4] + [(r[4] - t0) / 1e3, (r[5] - t0) / 1e3] for r in out]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("out_dir")
@@ -140,6 +175,10 @@ def main():
                    help="A/B: ROWS,BLOCK_H of the combine sender's tile (default: EPCommunicator._combine_tiles)")
     p.add_argument("--tail-experts", type=int, default=None,
                    help="A/B: local experts whose combine is sent after the L2 GEMM on every SM (MoELayer; 0 = off)")
+    p.add_argument("--trace", action="store_true",
+                   help="after the timings, stamp every combine work item (global timer after its counter wait "
+                        "and after its stores) over CUDA-graph replays of the overlapped layer at the largest T; "
+                        "rank 0's stamps go to the JSON as 'combine_trace'")
     args = p.parse_args()
     for k, v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
         os.environ.setdefault(k, v)
@@ -250,6 +289,7 @@ def main():
     x = torch.randn(T, Hd, device=dev, generator=gen).bfloat16()
     idx = torch.argsort(torch.rand(T, E, device=dev, generator=gen), dim=1)[:, :K].contiguous()
     w = torch.softmax(torch.randn(T, K, device=dev, generator=gen), dim=1)
+    trace = _combine_trace(layer, comm, x, idx, w, args.iters) if args.trace else None
     layer.forward(x, idx, w, overlap=True)
     torch.cuda.synchronize()
     dist.barrier()
@@ -268,7 +308,7 @@ def main():
             json.dump({"card": card, "gpus": world, "experts": E, "hidden": Hd, "inter": I, "topk": K,
                        "p2p_copy_GBps": p2p, "gemm_sms": layer.num_gemm_sms, "comm_sms": layer.num_comm_sms,
                        "combine_tile": args.combine_tile or "default", "tail_experts": layer.tail_experts,
-                       "rows": rows, "timeline_us": spans}, f, indent=1)
+                       "combine_trace": trace, "rows": rows, "timeline_us": spans}, f, indent=1)
         print(f"\nMoE EP layer, {card} x{world}, E={E} H={Hd} I={I} top-{K}, p2p {p2p:.0f} GB/s, "
               f"SMs gemm/comm {layer.num_gemm_sms}/{layer.num_comm_sms}")
         print("bytes per rank (mean over ranks), time of the slowest rank; nvl = bytes that cross NVLink (rows "

@@ -253,7 +253,8 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
                         block_m, threshold, nb, parts, g_lo, g_hi, arrive_total, max_iters, timeout_ns,
                         H: tl.constexpr, TOPK: tl.constexpr, L: tl.constexpr, W: tl.constexpr,
                         ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr,
-                        WAIT_SIGNAL: tl.constexpr, USE_TIMER: tl.constexpr):
+                        WAIT_SIGNAL: tl.constexpr, USE_TIMER: tl.constexpr,
+                        trace_ptr=None, trace_base=0, TRACE: tl.constexpr = False):
     """Persistent, over the local experts ``[g_lo, g_hi)``: units ``u = i * LG + (g - g_lo)`` (m-block i of
     local expert g, LG = g_hi - g_lo; block-major, so the first blocks of all experts -- where the rows are --
     spread over every program), each cut into ``parts`` row ranges; work item ``v = u * parts + s`` goes to
@@ -262,7 +263,9 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
     into their source ranks' receive buffers.  Each part adds 1 to the counter after its spin; the part
     that brings it to ``threshold + parts`` zeroes it, so the array is ready for the next GEMM.  The last of
     ``arrive_total`` programs (this launch's and any other launch's sending the same combine; -1: this
-    launch's) signals the arrival to every rank."""
+    launch's) signals the arrival to every rank.  ``TRACE`` (GPU only, benchmarks): for work item ``v`` of a
+    non-empty unit, ``trace_ptr[trace_base + v]`` gets the global timer (ns) after its spin and after its
+    stores, as two int64."""
     pid = tl.program_id(0)
     meta_base = (buf_ptr + OFF_META).to(tl.pointer_type(tl.int32))
     rr = tl.arange(0, ROWS)
@@ -288,6 +291,8 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
                 else:
                     _set_error(err_ptr, 2, g, i, 0)
                 tl.debug_barrier()
+            if TRACE:
+                tl.store(trace_ptr + 2 * (trace_base + v), tl.extra.cuda.globaltimer())
             r_end = tl.minimum(r_start + block_m, m)
             # this part's rows: an even share of the valid rows, rounded up to whole tiles
             share = ((r_end - r_start + parts - 1) // parts + ROWS - 1) // ROWS * ROWS
@@ -305,6 +310,9 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
                 bases = tl.load(tab_ptr + src, mask=rm, other=0)
                 dst = tl.multiple_of((bases + OFF_RECV + tk * (H * 2)).to(tl.pointer_type(tl.bfloat16)), 16)
                 _copy_rows(v0, srow, dst, rm, rm, H, BLOCK_H, ".cg")
+            if TRACE:
+                tl.debug_barrier()
+                tl.store(trace_ptr + 2 * (trace_base + v) + 1, tl.extra.cuda.globaltimer())
     _arrive_all(tab_ptr, done_ptr, rank, OFF_CFLAG, W, arrive_total)
 
 

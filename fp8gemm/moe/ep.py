@@ -208,6 +208,7 @@ class EPCommunicator:
         self._handle = None
         self._last_tokens = None        # tokens of the last dispatch (host side): sizes the combine's tiles
         self.tile_override = None       # (rows, columns) of every sender's tile: tests only
+        self.combine_trace = None       # int64 [items, 2]: per-item timer stamps of combine_send (benchmarks)
         if backend == "symm":
             if _simulated is not None:
                 self.region, self.tab = _simulated["region"], _simulated["tab"]
@@ -376,7 +377,7 @@ class EPCommunicator:
     def combine_send(self, expert_out: torch.Tensor, *, signal: torch.Tensor | None = None,
                      block_m: int | None = None, threshold: int | None = None,
                      num_sms: int | None = None, experts: tuple[int, int] | None = None,
-                     parts: int = 1, arrive_total: int | None = None) -> None:
+                     parts: int = 1, arrive_total: int | None = None, trace_base: int = 0) -> None:
         """Send the rows ``< masked_m`` of ``expert_out`` (BF16 [L, max_m, hidden]) back to their sources.
 
         With ``signal`` (the SBO counters of the masked GEMM that is producing ``expert_out``, and the
@@ -389,6 +390,11 @@ class EPCommunicator:
         m-block's rows into that many ranges on different programs, and ``arrive_total`` is the number of
         programs of all launches of this combine (the last of them signals the peers; default: this one's).
         Use :meth:`combine_programs` for each launch's program count.
+
+        ``self.combine_trace`` (benchmarks; int64 [items, 2], None by default; GPU only): each work item of
+        this launch records the global timer after its counter wait and after its stores at row
+        ``trace_base + item`` (items ``u * parts + s`` over the launch's units ``u``; rows of empty units are
+        left as they were).
         """
         L, M, H = self.num_local_experts, self.max_m, self.hidden
         check_tensor("expert_out", expert_out, dtype=torch.bfloat16, shape=(L, M, H))
@@ -428,7 +434,18 @@ class EPCommunicator:
             expert_out.stride(0), expert_out.stride(1), o["meta"], o["recv"], o["cflag"], M, self.max_tokens,
             block_m, threshold, nb, parts, g_lo, g_hi, arrive_total, self.max_spin_iters, self.timeout_ns,
             H=H, TOPK=self.topk, L=L, W=self.world_size, ROWS=rows, BLOCK_H=bh, BLOCK_L=triton_next_pow2(L),
-            WAIT_SIGNAL=wait, USE_TIMER=self.use_timer, num_warps=8 if rows * bh >= 4096 else 4)
+            WAIT_SIGNAL=wait, USE_TIMER=self.use_timer, num_warps=8 if rows * bh >= 4096 else 4,
+            **self._trace_args(trace_base, (g_hi - g_lo) * nb * parts))
+
+    def _trace_args(self, base: int, items: int) -> dict:
+        t = self.combine_trace
+        if t is None or not self.use_timer:
+            return {}
+        if t.dtype != torch.int64 or t.dim() != 2 or t.shape[1] != 2 or t.device != self.device:
+            raise ValueError(f"combine_trace must be int64 [items, 2] on {self.device}")
+        if base + items > t.shape[0]:
+            raise ValueError(f"combine_trace holds {t.shape[0]} rows, this launch needs {base + items}")
+        return dict(trace_ptr=t, trace_base=base, TRACE=True)
 
     def combine_programs(self, num_sms: int | None, experts: int, block_m: int = 64, parts: int = 1) -> int:
         """Programs of a :meth:`combine_send` launch over ``experts`` local experts: ``num_sms`` (default the

@@ -310,7 +310,8 @@ class MoELayer:
         p_tail = c.combine_programs(self.total_sms, X, block_m, parts)
         total = p_head + p_tail
         head = dict(common, num_sms=self.num_comm_sms, experts=(0, L - X), arrive_total=total)
-        tail = dict(common, num_sms=self.total_sms, experts=(L - X, L), parts=parts, arrive_total=total)
+        tail = dict(common, num_sms=self.total_sms, experts=(L - X, L), parts=parts, arrive_total=total,
+                    trace_base=(L - X) * math.ceil(c.max_m / block_m))
         return head, tail
 
     def overlap_pays(self, tokens: int) -> bool:

@@ -542,6 +542,20 @@ def test_ep_kernels_compile_for_sm90(kernel):
         assert must in r["sass"] or must in r["ptx"], f"{must} missing"
 
 
+def test_combine_send_trace_compiles_for_sm90():
+    """The benchmark-only per-item timer stamps of the combine sender (EPCommunicator.combine_trace): the
+    global timer read and two int64 stores, no local memory."""
+    from fp8gemm.testing import compile_sm90_in_subprocess
+    sig, consts, div16, _ = _AOT["combine_send_kernel"]
+    r = compile_sm90_in_subprocess("fp8gemm.kernels.ep_comm", "combine_send_kernel",
+                                   dict(sig, trace_ptr="*i64", trace_base=_I32), dict(consts, TRACE=True),
+                                   divisible_by_16=div16, num_warps=8)
+    plain = compile_sm90_in_subprocess("fp8gemm.kernels.ep_comm", "combine_send_kernel", sig,
+                                       dict(consts, TRACE=False), divisible_by_16=div16, num_warps=8)
+    assert r["local"] == 0 and r["stack"] == 0, r
+    assert r["ptx"].count("globaltimer") >= plain["ptx"].count("globaltimer") + 2
+
+
 _AOT_CONTIG = {
     "dispatch_count_kernel": (
         {"idx_ptr": "*i64", "cnt_ptr": "*i32", "slot_ptr": "*i32", "tab_ptr": "*i64", "done_ptr": "*i32",
