@@ -43,28 +43,14 @@ CHECKS = [
 ]
 
 
-KINDS = os.environ.get("MQA_GLUON_KINDS", "pingpong").split(",")
-
-
-def _cfg(kind: str, h: int, d: int):
-    """The config of a Gluon variant by name.  Only ``pingpong`` (the kernel in mqa_gluon.py) is left: the
-    key-split variants of session 7 (3 or 4 consumer warpgroups with one accumulator each) measured slower and
-    were removed (RESULTS.md; their code is in the history at commit 3299a77)."""
-    from fp8gemm.kernels import mqa_gluon as MG
-    if kind != "pingpong":
-        raise ValueError(f"unknown Gluon MQA variant {kind!r} (only 'pingpong')")
-    return MG.config(h, d)
-
-
 def phase_check(out_dir: str) -> dict:
     import test_mqa_gpu as T
     results = []
-    for (sq, sk, h, d, pattern, clean, sms), kind in [(c, k) for k in KINDS for c in CHECKS]:
-        name = f"{kind} SQ{sq} SK{sk} H{h} D{d} {pattern} clean={clean}" + (f" sms={sms}" if sms else "")
+    for sq, sk, h, d, pattern, clean, sms in CHECKS:
+        name = f"SQ{sq} SK{sk} H{h} D{d} {pattern} clean={clean}" + (f" sms={sms}" if sms else "")
         t0 = time.time()
         try:
-            cfg = None if kind == "pingpong" else _cfg(kind, h, d)
-            diff = T.check_gluon_prefill(sq, sk, h, d, pattern, clean, num_sms=sms, cfg=cfg)
+            diff = T.check_gluon_prefill(sq, sk, h, d, pattern, clean, num_sms=sms)
             results.append({"case": name, "ok": True, "diff": diff})
         except Exception as e:  # noqa: BLE001 - record and go on
             results.append({"case": name, "ok": False, "error": f"{type(e).__name__}: {e}"[:400]})
@@ -91,20 +77,18 @@ def _inputs(sq, sk, h, d, causal):
 
 
 def _impls(q, kv, sf, w, ks, ke, h, d, dg, clean: bool = True) -> dict:
-    """The timed callables: ``triton``, one ``gluon-<kind>`` per kind of ``MQA_GLUON_KINDS``, DeepGEMM."""
+    """The timed callables: ``triton``, ``gluon`` (launched directly: the ``auto`` dispatcher would run the
+    Triton kernel, which is how session 6 timed Triton twice), DeepGEMM if importable."""
     from fp8gemm import attention
     from fp8gemm.kernels import mqa as K
     from fp8gemm.kernels import mqa_gluon as MG
 
-    def gluon(cfg):
-        def run():
-            out = attention._padded_output(q.shape[0], kv.shape[0], q.device)
-            MG.launch(q, kv, sf, w, ks, ke, out, clean, MG.runtime.get_num_sms(), cfg=cfg)
-            return out
-        return run
-    impls = {"triton": lambda: attention._run_prefill(q, kv, sf, w, ks, ke, clean, 0, K.prefill_config(h, d))}
-    for kind in KINDS:
-        impls[f"gluon-{kind}"] = gluon(_cfg(kind, h, d))
+    def gluon():
+        out = attention._padded_output(q.shape[0], kv.shape[0], q.device)
+        MG.launch(q, kv, sf, w, ks, ke, out, clean, MG.runtime.get_num_sms())
+        return out
+    impls = {"triton": lambda: attention._run_prefill(q, kv, sf, w, ks, ke, clean, 0, K.prefill_config(h, d)),
+             "gluon": gluon}
     if dg is not None:
         impls["deepgemm"] = lambda: dg.fp8_mqa_logits(q, (kv, sf), w, ks, ke, clean_logits=clean)
     return impls
@@ -124,60 +108,53 @@ def phase_bench(out_dir: str) -> dict:
     for (sq, sk, h, d), causal, clean in [(b, c, cl) for b in BENCH for c in (True, False) for cl in CLEANS]:
         if not causal and not clean:
             continue
-        if True:
-            name = f"SQ{sq} SK{sk} H{h} D{d} {'causal' if causal else 'full'}" + ("" if clean else " no-clean")
-            q, kv, sf, w, ks, ke = _inputs(sq, sk, h, d, causal)
-            pairs = int((ke.clamp(0, sk) - ks).clamp(min=0).sum())
-            flops = 2.0 * pairs * h * d
-            assert MG.supports(q, kv, sf, w, ks, ke, clean, 0)
-            impls = _impls(q, kv, sf, w, ks, ke, h, d, dg, clean)
-            # correctness before timing: each Gluon kind vs Triton on the valid positions, same -inf pattern
-            t = impls["triton"]()
-            valid = (ks[:, None] <= torch.arange(sk, device=t.device)[None, :]) & \
-                (torch.arange(sk, device=t.device)[None, :] < ke[:, None])
-            ok, diff, same_inf = True, 0.0, True
-            for k in impls:
-                if not k.startswith("gluon"):
-                    continue
-                g = impls[k]()
-                torch.cuda.synchronize()
-                if clean:
-                    same_inf = same_inf and bool(torch.equal(g == float("-inf"), ~valid))
-                diff = max(diff, calc_diff(g[valid], t[valid]))
-                ok = ok and same_inf and diff < 5e-6 and not bool(torch.isnan(g[valid]).any())
-                del g
-            del t, valid
-            row = {"case": name, "flops": flops, "ok": ok, "diff_vs_triton": diff, "same_inf": same_inf}
-            if ok:
-                times = {k: [] for k in impls}
-                for _ in range(3):
-                    for k, fn in impls.items():
-                        times[k].append(time_us(fn, warmup_ms=10, rep_ms=60))
-                for k, v in times.items():
-                    us = statistics.median(v)
-                    row[f"{k}_us"] = us
-                    row[f"{k}_tflops"] = flops / us / 1e6
-                    row[f"{k}_rounds_us"] = v
-
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del q, kv, sf, w, ks, ke, impls
-            torch.cuda.empty_cache()
+        name = f"SQ{sq} SK{sk} H{h} D{d} {'causal' if causal else 'full'}" + ("" if clean else " no-clean")
+        q, kv, sf, w, ks, ke = _inputs(sq, sk, h, d, causal)
+        pairs = int((ke.clamp(0, sk) - ks).clamp(min=0).sum())
+        flops = 2.0 * pairs * h * d
+        assert MG.supports(q, kv, sf, w, ks, ke, clean, 0)
+        impls = _impls(q, kv, sf, w, ks, ke, h, d, dg, clean)
+        # correctness before timing: Gluon vs Triton on the valid positions, same -inf pattern
+        t = impls["triton"]()
+        g = impls["gluon"]()
+        torch.cuda.synchronize()
+        valid = (ks[:, None] <= torch.arange(sk, device=t.device)[None, :]) & \
+            (torch.arange(sk, device=t.device)[None, :] < ke[:, None])
+        same_inf = bool(torch.equal(g == float("-inf"), ~valid)) if clean else True
+        diff = calc_diff(g[valid], t[valid])
+        ok = same_inf and diff < 5e-6 and not bool(torch.isnan(g[valid]).any())
+        del g, t, valid
+        row = {"case": name, "flops": flops, "ok": ok, "diff_vs_triton": diff, "same_inf": same_inf}
+        if ok:
+            times = {k: [] for k in impls}
+            for _ in range(3):
+                for k, fn in impls.items():
+                    times[k].append(time_us(fn, warmup_ms=10, rep_ms=60))
+            for k, v in times.items():
+                us = statistics.median(v)
+                row[f"{k}_us"] = us
+                row[f"{k}_tflops"] = flops / us / 1e6
+                row[f"{k}_rounds_us"] = v
+            row["gluon_over_triton"] = row["triton_us"] / row["gluon_us"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del q, kv, sf, w, ks, ke, impls
+        torch.cuda.empty_cache()
     return {"card": card_name(), "device": torch.cuda.get_device_name(), "rows": rows}
 
 
 def _table(bench: dict) -> str:
-    names = ["triton"] + [f"gluon-{k}" for k in KINDS]
+    names = ["triton", "gluon"]
     lines = [f"card: {bench.get('device')}",
-             "| case | " + " | ".join(f"{n} µs (TFLOPS)" for n in names) + " | DeepGEMM TFLOPS |",
-             "|---|" + "---:|" * (len(names) + 1)]
+             "| case | " + " | ".join(f"{n} µs (TFLOPS)" for n in names) + " | gluon/triton speed | DeepGEMM TFLOPS |",
+             "|---|" + "---:|" * (len(names) + 2)]
     for r in bench.get("rows", []):
         if not r["ok"]:
             lines.append(f"| {r['case']} | WRONG (diff {r['diff_vs_triton']:.3g}, same -inf {r['same_inf']}) |")
             continue
         dgt = f"{r['deepgemm_tflops']:.0f}" if "deepgemm_tflops" in r else "n/a"
         cells = [f"{r[n + '_us']:.1f} ({r[n + '_tflops']:.0f})" for n in names]
-        lines.append(f"| {r['case']} | " + " | ".join(cells) + f" | {dgt} |")
+        lines.append(f"| {r['case']} | " + " | ".join(cells) + f" | {r['gluon_over_triton']:.2f} | {dgt} |")
     return "\n".join(lines)
 
 
@@ -197,7 +174,7 @@ def main() -> None:
         with open(os.path.join(args.out, f"phase_{args.phase}.json"), "w") as f:
             json.dump(res, f, indent=1)
         return
-    limits = {"check": 40 + 60 * len(KINDS), "bench": 30 + 40 * len(KINDS) * len(CLEANS)}
+    limits = {"check": 100, "bench": 30 + 40 * len(CLEANS)}
     summary = {}
     for phase in args.phases.split(","):
         t0 = time.time()

@@ -60,6 +60,28 @@ def test_backend_env_routes_prefill(monkeypatch):
     assert out.shape == (4, 64) and bool((out == 0).all())
 
 
+def test_backend_routes_prefill_to_the_gluon_launch(monkeypatch):
+    """The routing itself, with a spy in place of the Gluon launch (the outputs of the two kernels are often
+    bit-equal, so comparing values cannot show which one ran): FP8GEMM_BACKEND=gluon calls it once with the
+    call's clean_logits and returns what it wrote; auto and triton never call it."""
+    q, kv, sf, w, ks, ke = _inputs(4, 64, 64, 128)
+    calls = []
+
+    def spy(q, kv, sf, w, ks, ke, out, clean, num_sms, cfg=None):
+        calls.append(clean)
+        out.fill_(7.0)
+    monkeypatch.setattr(mg, "supports", lambda *args: True)
+    monkeypatch.setattr(mg, "launch", spy)
+    monkeypatch.setenv("FP8GEMM_BACKEND", "gluon")
+    out = fp8gemm.fp8_mqa_logits(q, (kv, sf), w, ks, ke, clean_logits=False)
+    assert calls == [False] and out.shape == (4, 64) and bool((out == 7.0).all())
+    for backend in ("auto", "triton"):
+        calls.clear()
+        monkeypatch.setenv("FP8GEMM_BACKEND", backend)
+        out = fp8gemm.fp8_mqa_logits(q, (kv, sf), w, ks, ke)
+        assert calls == [] and not bool((out == 7.0).any()), backend
+
+
 if not mg.HAS_GLUON:  # pragma: no cover
     pytest.skip("triton without Gluon", allow_module_level=True)
 
