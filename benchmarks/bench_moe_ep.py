@@ -149,7 +149,7 @@ def _combine_trace(layer, comm, x, idx, w, iters):
     out = []
     for name, kw in launches:
         g_lo, g_hi = kw.get("experts", (0, L))
-        parts, base, lg = kw.get("parts", 1), kw.get("trace_base", 0), kw.get("experts", (0, L))[1] - g_lo
+        parts, base, lg = kw.get("parts", 1), kw.get("trace_base", 0), g_hi - g_lo
         for v in range(lg * nb * parts):
             ready, done = stamps[base + v].tolist()
             if ready == 0:
