@@ -295,8 +295,9 @@ class MoELayer:
         counter completes; ``tail`` (None when ``tail_experts`` is 0) sends the last ``tail_experts`` experts,
         the ones the GEMM (which walks the experts in order) finishes last, from the main stream after the
         GEMM on every SM, their blocks cut into row ranges so that many SMs share each.  Without the tail, the
-        block finished last is sent by one communication SM after the GEMM ends (~15 µs for 32 rows of
-        14 KB at the ~30 GB/s one SM copies); the tail launch is one extra launch on the critical path."""
+        block finished last is sent by one communication SM after the GEMM ends (an estimate: ~15 µs for 32 rows
+        of 14 KB at the ~30 GB/s an SM copies, from the 8-SM combine's stand-alone time); the tail launch is one
+        extra launch on the critical path."""
         c, L = self.comm, self.comm.num_local_experts
         X = self.tail_experts
         common = dict(signal=self.signal, block_m=block_m, threshold=threshold)
