@@ -123,7 +123,7 @@ class MoELayer:
         check_int("tail_experts", tail_experts, 0)
         if tail_experts >= L and tail_experts:
             raise ValueError(f"tail_experts must be below the {L} local experts, got {tail_experts}")
-        self.tail_experts, self.total_sms = tail_experts, total
+        self.tail_experts = tail_experts
         M, dev = comm.max_m, comm.device
         self.h1 = torch.empty(L, M, two_i, dtype=torch.bfloat16, device=dev)
         self.a2 = torch.empty(L, M, inter, dtype=FP8, device=dev)
@@ -288,6 +288,11 @@ class MoELayer:
         y = c.combine_recv(topk_idx, topk_weights, out)
         self._mark(events, "combine")
         return y
+
+    @property
+    def total_sms(self) -> int:
+        """The SMs the layer divides between the L2 GEMM and the combine (the tail launch takes them all)."""
+        return self.num_comm_sms + self.num_gemm_sms
 
     def _combine_launches(self, block_m: int, threshold: int, expected_m: int):
         """Keyword arguments of the overlapped combine's launches: ``head`` sends local experts
