@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 SUITES = ["gemm", "quant", "mqa", "moe_act"]
@@ -12,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fp8gemm bench", description=__doc__)
     p.add_argument("suites", nargs="*", default=["gemm"], help=f"suites to run (of {SUITES}, or 'all')")
     p.add_argument("--quick", action="store_true", help="a few shapes per suite")
-    p.add_argument("--filter", default="", help="only cases whose name contains this text")
+    p.add_argument("--filter", default="", help="only cases whose name matches this regular expression (re.search; plain text matches as a substring)")
     p.add_argument("--out", default="results", help="folder for JSON, table and PNG")
     p.add_argument("--tag", default="bench", help="file name stem of the outputs")
     args = p.parse_args(argv)
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as exc:
             print(f"[skip suite {name}: {exc}]", file=sys.stderr)
             continue
-        cases += [c for c in mod.cases(args.quick) if args.filter in c.name]
+        cases += [c for c in mod.cases(args.quick) if re.search(args.filter, c.name)]
     rows = run_cases(cases)
     write_results(rows, args.out, args.tag)
     print(f"card: {torch.cuda.get_device_name()} ({card_name()}), torch {torch.__version__}")

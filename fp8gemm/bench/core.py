@@ -201,6 +201,9 @@ def run_cases(cases: list[Case], progress: bool = True) -> list[dict]:
             except Exception as exc:
                 print(f"[time failed] {case.suite} {case.name} {impl}: {exc!r}", file=sys.stderr)
                 times[impl] = float("nan")
+        if progress:   # one line a case, so that a run cut off at its time limit still says what it measured
+            print(f"[case] {case.suite} {case.name}: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()),
+                  file=sys.stderr, flush=True)
         for impl, us in times.items():
             sec = us * 1e-6
             tflops = case.flops / sec / 1e12 if case.flops and us == us else 0.0

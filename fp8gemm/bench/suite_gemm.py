@@ -99,7 +99,8 @@ def dense_cases(quick: bool) -> list[Case]:
             if cublas is not None and m > 1:
                 impls["cuBLAS"] = lambda a=a, s=sfa_cm, b=b, sb=sfb.t(): cublas(a, s, b, sb)
             if dg is not None:
-                impls["DeepGEMM"] = lambda a=a, b=b, sfa=sfa, sfb=sfb, d=d: dg.fp8_gemm_nt((a, sfa), (b, sfb), d)
+                # DeepGEMM's SM90 kernel reads A's scales MN-major; given them so, it launches no transpose.
+                impls["DeepGEMM"] = lambda a=a, b=b, sfa=sfa_cm, sfb=sfb, d=d: dg.fp8_gemm_nt((a, sfa), (b, sfb), d)
             cases.append(Case("dense", f"m{m} n{n} k{k}", 2.0 * m * n * k, m * k + n * k + 2 * m * n + 4 * (m + n) * k / 128,
                               impls, check, 1e-3))
     return cases
@@ -141,7 +142,8 @@ def masked_cases(quick: bool, overlap: bool = False) -> list[Case]:
 
             impls = {"fp8gemm": ours}
             if dg is not None:
-                impls["DeepGEMM"] = lambda a=a, b=b, sfa=sfa, sfb=sfb, d=d, mm=masked_m, e=expected: \
+                sfa_mn = sfa.transpose(1, 2).contiguous().transpose(1, 2)   # DeepGEMM's layout: no transpose timed
+                impls["DeepGEMM"] = lambda a=a, b=b, sfa=sfa_mn, sfb=sfb, d=d, mm=masked_m, e=expected: \
                     dg.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, mm, e)
             total = int(counts.sum())
             nbytes = g * n * k + total * k + 2 * total * n
@@ -182,7 +184,7 @@ def contiguous_cases(quick: bool) -> list[Case]:
 
             impls = {"fp8gemm": ours}
             if dg is not None:
-                impls["DeepGEMM"] = lambda a=a, b=b, sfa=sfa, sfb=sfb, d=d, mi=m_indices: \
+                impls["DeepGEMM"] = lambda a=a, b=b, sfa=sfa.t().contiguous().t(), sfb=sfb, d=d, mi=m_indices: \
                     dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), d, mi)
             total = sum(real)
             cases.append(Case("contig", f"g{g} m~{per} n{n} k{k}", 2.0 * total * n * k,

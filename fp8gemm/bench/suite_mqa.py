@@ -80,6 +80,12 @@ def prefill_cases(quick: bool) -> list[Case]:
         impls = {"fp8gemm": ours}
         if dg is not None:
             impls["DeepGEMM"] = lambda q=q, kv=kv, sf=sf, w=w, ks=ks, ke=ke: dg.fp8_mqa_logits(q, (kv, sf), w, ks, ke)
+            # DeepGEMM fills the -inf outside [ks, ke) with a second kernel; without it, each side's logits
+            # kernel alone.
+            impls["DeepGEMM[noclean]"] = lambda q=q, kv=kv, sf=sf, w=w, ks=ks, ke=ke: \
+                dg.fp8_mqa_logits(q, (kv, sf), w, ks, ke, clean_logits=False)
+            impls["fp8gemm[noclean]"] = lambda q=q, kv=kv, sf=sf, w=w, ks=ks, ke=ke: \
+                fp8gemm.fp8_mqa_logits(q, (kv, sf), w, ks, ke, clean_logits=False)
         if not quick:
             for tag, cfg in [("N128w4", K.PrefillConfig(128 // h, 64, 4, 3)), ("N256w4", K.PrefillConfig(256 // h, 64, 4, 3)),
                              ("N256w8", K.PrefillConfig(256 // h, 64, 8, 3))]:
