@@ -22,20 +22,25 @@ def _work(rank: int, procs: int, suites: list[str], pattern: str, out) -> None:
     import torch
     from fp8gemm.bench import suite_gemm, suite_mqa
     torch.cuda.set_device(0)
-    cases = []
+    makers = []
     if "gemm" in suites:
-        cases += suite_gemm.dense_cases(False) + suite_gemm.masked_cases(False) + suite_gemm.contiguous_cases(False)
+        makers += [suite_gemm.dense_cases, suite_gemm.masked_cases, suite_gemm.contiguous_cases]
     if "mqa" in suites:
-        cases += suite_mqa.prefill_cases(False) + suite_mqa.paged_cases(False)
-    cases = [c for c in cases if re.search(pattern, c.name)]
-    done = 0
-    for i, case in enumerate(cases):
-        if i % procs != rank:
-            continue
-        for name, fn in case.impls.items():
-            if name.startswith("DeepGEMM"):
-                fn()
-                done += 1
+        makers += [suite_mqa.prefill_cases, suite_mqa.paged_cases]
+    index = done = 0
+    for make in makers:   # one suite's cases at a time: the masked ones alone hold ~30 GB
+        cases = [c for c in make(False) if re.search(pattern, c.name)]
+        for case in cases:
+            index += 1
+            if index % procs != rank:
+                continue
+            for name, fn in case.impls.items():
+                if name.startswith("DeepGEMM"):
+                    fn()
+                    done += 1
+        del cases
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
     torch.cuda.synchronize()
     out.put((rank, done))
 
