@@ -792,11 +792,32 @@ if HAS_GLUON:
                 it = base + num_k
 
                 # ---------------- epilogue ----------------
-                if TMA_STORE:
+                if TMA_STORE and MODE == 0:
                     tma.store_wait(pendings=0)
                     c_smem.store(acc.to(d_desc.dtype))
                     fence_async_shared()
                     tma.async_copy_shared_to_global(d_desc, [off_m, off_n], c_smem)
+                elif TMA_STORE:
+                    # Grouped modes: a block whose rows all belong to group g goes out as one TMA store (3-10%
+                    # faster than register stores, benchmarks/epilogue_ab.py); a partial one (rows past
+                    # masked_m[g], -1 padding) through the masked register stores, which leave those rows
+                    # untouched.  D is one [G * M, N] matrix for the masked layout (launch checks it).
+                    if MODE == 1:
+                        full = off_m + BLOCK_M <= gl.minimum(gl.load(masked_m_ptr + g), M)
+                        row_d = g * M + off_m
+                    else:
+                        rows_i = off_m + gl.arange(0, BLOCK_M, layout=idx_layout)
+                        ids_i = gl.load(m_indices_ptr + rows_i, mask=rows_i < M, other=-1)
+                        full = gl.min(ids_i, axis=0) == g
+                        row_d = off_m
+                    if full:
+                        tma.store_wait(pendings=0)
+                        c_smem.store(acc.to(d_desc.dtype))
+                        fence_async_shared()
+                        tma.async_copy_shared_to_global(d_desc, [row_d, off_n], c_smem)
+                    else:
+                        _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m,
+                                    off_n, M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C)
                 else:
                     _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m, off_n,
                                 M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C)
@@ -984,8 +1005,8 @@ if HAS_GLUON:
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``a_desc``: TMA over A as 2-D [rows, K] (masked: [G*max_m, K]); ``b_desc``: B as [G*N, K];
-        ``d_desc``: TMA over D (dense BF16 only, ``TMA_STORE``).  ``M`` is the row count of one group
-        (dense: M, masked: max_m, contiguous: M_total).  ``WIDE_N`` (dense, BF16 TMA store, 128x256 tiles,
+        ``d_desc``: TMA over D as 2-D (BF16 without C, ``TMA_STORE``; the grouped modes store only their full
+        blocks by it).  ``M`` is the row count of one group (dense: M, masked: max_m, contiguous: M_total).  ``WIDE_N`` (dense, BF16 TMA store, 128x256 tiles,
         ``num_warps=4``; also ``BLOCK_N`` 128 = one B box: the split tile): two consumer partitions of one
         warpgroup each, A and B in 64- and 128-row boxes, see :func:`_consumer_wide`.  ``PROBE`` (diagnostics,
         default and wide/split kernels, ``probe_ptr``: int64
@@ -1362,7 +1383,10 @@ def _problem(mode, a, b, d, c):
         groups, m = a.shape[0], a.shape[1]
     else:
         m, groups = a.shape[0], b.shape[0]
-    tma_store = (mode == "dense" and d.dtype == torch.bfloat16 and c is None and _tma_ok(d))
+    # Grouped calls store their full blocks by TMA too (the kernel keeps register stores for partial ones);
+    # the masked layout's D must then be one [G * max_m, N] matrix.
+    tma_store = (d.dtype == torch.bfloat16 and c is None and _tma_ok(d)
+                 and (mode != "masked" or _flat_rows_ok(d)))
     return m, n, k, groups, tma_store
 
 
@@ -1445,6 +1469,8 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     if cfg.bn_tail and not (cfg.block_m == 128 and cfg.block_n == 128 and not cfg.wide_n
                             and tail_ok(n, cfg.bn_tail, signal=signal is not None, pdl=pdl)):
         cfg = dataclasses.replace(cfg, bn_tail=0)
+    if signal is not None:
+        tma_store = False       # each SBO signal must follow its block's stores: register stores, then the release
     if cfg.bn_tail:
         tma_store = False       # the tail kernel stores through registers
         fit = tail_config(cfg.bn_tail, out_bytes=d.element_size()).stages
@@ -1458,7 +1484,8 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     box_m, box_n = (bm // 2, 128) if cfg.wide_n else (bm, bn)
     a_desc = _desc2d(a, a_rows, (box_m, BLOCK_K), "fp8")
     b_desc = _desc2d(b, b_rows, (box_n, BLOCK_K), "fp8")
-    d_desc = _desc2d(d, d.shape[0], (box_m, box_n), "bf16") if tma_store else None
+    d_rows = d.shape[0] * d.shape[1] if d.dim() == 3 else d.shape[0]
+    d_desc = _desc2d(d, d_rows, (box_m, box_n), "bf16") if tma_store else None
     tail = {"BN_TAIL": cfg.bn_tail, "b2_desc": _desc2d(b, b_rows, (cfg.bn_tail, BLOCK_K), "fp8")} if cfg.bn_tail else {}
 
     num_n = n // bn if cfg.bn_tail else triton.cdiv(n, bn)

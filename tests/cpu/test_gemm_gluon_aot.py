@@ -98,6 +98,9 @@ VARIANTS = [
     ("dense", 128, 128, False, torch.float32, True, False, False),
     ("masked", 64, 128, False, torch.bfloat16, False, True, False),
     ("contiguous", 128, 64, False, torch.bfloat16, False, False, False),
+    # grouped modes with the TMA store of full blocks (register stores for the partial ones)
+    ("masked", 128, 128, True, torch.bfloat16, False, False, False),
+    ("contiguous", 128, 128, True, torch.bfloat16, False, False, False),
 ]
 
 

@@ -79,12 +79,14 @@ def check_dense(m, n, k, *, sfa_layout="row", out_dtype=torch.bfloat16, with_c=F
 
 
 def check_masked(groups, max_m, n, k, masked, expected_m, *, signal=True, num_sms=None, max_block_n=256,
-                 config=None) -> dict:
+                 config=None, d_rows=None) -> dict:
+    """``d_rows`` > max_m: D is the first max_m rows of each group of a taller buffer (not one [G * max_m, N]
+    matrix, so no TMA store)."""
     gg = _gg()
     a, b = _fp8(groups, max_m, k), _fp8(groups, n, k)
     sfa = _scales(groups, max_m, k // 128)
     sfb = _scales(groups, math.ceil(n / 128), k // 128)
-    d = torch.full((groups, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    d = torch.full((groups, d_rows or max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)[:, :max_m]
     masked_m = torch.tensor(masked, dtype=torch.int32, device="cuda")
     sig = torch.zeros(groups * math.ceil(max_m / 64), dtype=torch.int32, device="cuda") if signal else None
     assert gg.supports("masked", a, sfa, b, sfb, d)
@@ -107,14 +109,18 @@ def check_masked(groups, max_m, n, k, masked, expected_m, *, signal=True, num_sm
     return res
 
 
-def check_contiguous(sizes, n, k, *, trailing_pad_blocks=1, num_sms=None, max_block_n=256, config=None) -> dict:
-    """``sizes[g]`` rows for expert g, each segment padded with -1 rows to a multiple of 128."""
+def check_contiguous(sizes, n, k, *, trailing_pad_blocks=1, num_sms=None, max_block_n=256, config=None,
+                     holes=()) -> dict:
+    """``sizes[g]`` rows for expert g, each segment padded with -1 rows to a multiple of 128; ``holes``: more
+    rows set to -1 (inside segments), which must stay untouched too."""
     gg = _gg()
     ids = []
     for g, s in enumerate(sizes):
         pad = (s + 127) // 128 * 128
         ids += [g] * s + [-1] * (pad - s)
     ids += [-1] * (128 * trailing_pad_blocks)
+    for r in holes:
+        ids[r] = -1
     m = len(ids)
     groups = len(sizes)
     m_indices = torch.tensor(ids, dtype=torch.int32, device="cuda")
@@ -221,6 +227,29 @@ def test_every_tile_shape(bm, bn, k_rotate):
     check_dense(200, 300, 640, config=cfg)
     check_masked(3, 150, 272, 384, [150, 0, 65], 60, config=cfg)
     check_contiguous([130, 5], 200, 384, config=cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_grouped_tma_store(kernel_launches):
+    """Grouped calls store their full blocks by TMA and the partial ones through registers: rows past
+    masked_m and -1 rows (padding, or holes inside a segment) stay untouched.  The spy tells which epilogue
+    was compiled in: TMA for masked without signal (D one [G * max_m, N] matrix) and contiguous; registers
+    for masked with signal (each signal follows its block's stores) and for a D that is not one matrix."""
+    cfg = _gg().GluonConfig(128, 128, 4, 8)
+
+    def tma(case):
+        n0 = len(kernel_launches)
+        case()
+        return [launch["TMA_STORE"] for launch in kernel_launches[n0:]]
+
+    assert tma(lambda: check_masked(3, 384, 272, 384, [384, 0, 200], 200, signal=False, config=cfg)) == [True]
+    assert tma(lambda: check_masked(2, 200, 300, 256, [200, 129], 160, signal=False)) == [True]
+    assert tma(lambda: check_masked(3, 384, 272, 384, [384, 0, 200], 200, signal=True, config=cfg)) == [False]
+    assert tma(lambda: check_masked(2, 256, 272, 384, [256, 140], 200, signal=False, config=cfg,
+                                    d_rows=300)) == [False]
+    assert tma(lambda: check_contiguous([300, 0, 129, 512], 1024, 768, config=cfg)) == [True]
+    assert tma(lambda: check_contiguous([256, 384], 272, 384, config=cfg, holes=(5, 130, 300, 511))) == [True]
 
 
 # Opt-in 128x256 variant (GluonConfig.wide_n): dense BF16 TMA-store calls only.  Cases cover an upper
