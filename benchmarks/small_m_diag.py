@@ -6,7 +6,7 @@ production kernel against the same kernel with one suspect removed (the kernel's
 
 Modes: 0 production (checked against the reference first), 1 L2-resident operands (no DRAM traffic), 2 no
 stage refill (no TMA traffic at all), 3 no scale loads and no promotion, 5 no scale loads (the promotion's
-FFMAs kept).  Outputs of modes 1-5 are garbage by design.  Every mode is timed with PROBE off (CUDA-graph
+FFMAs kept), 6 / 7 no loads of A's / of B's scales only.  Outputs of modes 1-5 are garbage by design.  Every mode is timed with PROBE off (CUDA-graph
 replays, L2 flushed) in interleaved rounds.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ from fp8gemm.bench.core import checked_run, interleaved_times  # noqa: E402
 from fp8gemm.bench.suite_gemm import dense_operands  # noqa: E402
 from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
 
-NAMES = {0: "production", 1: "L2-resident", 2: "no refill", 3: "no promotion", 5: "no scale loads"}
+NAMES = {0: "production", 1: "L2-resident", 2: "no refill", 3: "no promotion", 5: "no scale loads",
+         6: "no A-scale loads", 7: "no B-scale loads"}
 
 
 def main():

@@ -119,7 +119,10 @@ DIAG_NO_REFILL = 2     # producer fills each stage once (its first STAGES slices
 DIAG_NO_PROMOTE = 3    # consumer: MMAs, waits and releases as usual, no scale loads and no promotion FFMAs
 DIAG_MMA_ONLY = 4      # DIAG_NO_REFILL + DIAG_NO_PROMOTE: the MMA + barrier loop alone
 DIAG_NO_SCALE_LOADS = 5  # promotion FFMAs as in production, scales computed in registers (no global loads)
-DIAG_MODES = (DIAG_OFF, DIAG_L2_RESIDENT, DIAG_NO_REFILL, DIAG_NO_PROMOTE, DIAG_MMA_ONLY, DIAG_NO_SCALE_LOADS)
+DIAG_NO_SFA_LOADS = 6    # as 5 for A's scales only (B's loaded as in production)
+DIAG_NO_SFB_LOADS = 7    # as 5 for B's scales only (A's loaded as in production)
+DIAG_MODES = (DIAG_OFF, DIAG_L2_RESIDENT, DIAG_NO_REFILL, DIAG_NO_PROMOTE, DIAG_MMA_ONLY, DIAG_NO_SCALE_LOADS,
+              DIAG_NO_SFA_LOADS, DIAG_NO_SFB_LOADS)
 
 
 if HAS_GLUON:
@@ -454,17 +457,24 @@ if HAS_GLUON:
     @gluon.jit
     def _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, kb_logical, rot, num_k,
                      s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR: gl.constexpr, NO_PROMO: gl.constexpr = False,
-                     NO_LOADS: gl.constexpr = False):
+                     NO_LOADS: gl.constexpr = 0):
         if NO_PROMO:
             # DIAG 3/4: no scale loads (the values are never read)
             sa = gl.to_tensor(0.0)
             sb0 = sa
             sb1 = sa
-        elif NO_LOADS:
-            # DIAG 5: scales that vary by row and slice like loaded ones, from registers only
+        elif NO_LOADS != 0:
+            # DIAG 5 (NO_LOADS 1): scales that vary by row and slice like loaded ones, from registers only;
+            # DIAG 6 / 7 (NO_LOADS 2 / 3): only A's / only B's made so, the other loaded as in production
             kb = _rotated(kb_logical, rot, num_k)
-            sa = (offs_m & 3).to(gl.float32) * 0.25 + 1.0
-            sb0 = kb.to(gl.float32) * 0.001 + 1.0
+            if NO_LOADS == 3:
+                sa = gl.load(sfa_ptr + g64 * s_ag + offs_m * s_am + kb * s_ak, mask=m_ok, other=0.0)
+            else:
+                sa = (offs_m & 3).to(gl.float32) * 0.25 + 1.0
+            if NO_LOADS == 2:
+                sb0 = gl.load(sfb_ptr + g64 * s_bg + nb0 * s_bn + kb * s_bk)
+            else:
+                sb0 = kb.to(gl.float32) * 0.001 + 1.0
             sb1 = sb0
         else:
             kb = _rotated(kb_logical, rot, num_k)
@@ -690,7 +700,8 @@ if HAS_GLUON:
                   DIAG: gl.constexpr = 0):
         BK: gl.constexpr = a_bufs.type.shape[2]
         NO_PROMO: gl.constexpr = DIAG == 3 or DIAG == 4      # diagnostics: no scale loads, no promotion
-        NO_LOADS: gl.constexpr = DIAG == 5                   # diagnostics: promotion without scale loads
+        # diagnostics 5/6/7: promotion without (some) scale loads
+        NO_LOADS: gl.constexpr = 1 if DIAG == 5 else (2 if DIAG == 6 else (3 if DIAG == 7 else 0))
         num_warps: gl.constexpr = gl.num_warps()
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32])
@@ -1081,8 +1092,8 @@ if HAS_GLUON:
             ], [1], [PRODUCER_REGS])
         else:
             # (an AOT compile that does not name DIAG passes None: same as 0)
-            gl.static_assert(not DIAG or (MODE == 0 and not PDL_WAIT and DIAG <= 5),
-                             "DIAG: dense mode without PDL_WAIT, modes 0-5")
+            gl.static_assert(not DIAG or (MODE == 0 and not PDL_WAIT and DIAG <= 7),
+                             "DIAG: dense mode without PDL_WAIT, modes 0-7")
             gl.warp_specialize([
                 (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
                              d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
