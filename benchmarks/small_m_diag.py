@@ -38,6 +38,8 @@ def main():
     ap.add_argument("--shapes", default="64x2112x7168,128x2112x7168,64x4096x7168,128x4096x7168")
     ap.add_argument("--modes", default="0,1,2,3,5")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sfa", choices=("mn", "row"), default="mn",
+                    help="A's scales MN-major (DeepGEMM's layout) or row-major [M, K/128]")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -50,6 +52,8 @@ def main():
     for shape in args.shapes.split(","):
         m, n, k = (int(x) for x in shape.split("x"))
         a, sfa, b, sfb, d = dense_operands(m, n, k)
+        if args.sfa == "row":
+            sfa = sfa.contiguous()
         cfg = G._config_for("dense", a, b, d, None, None, 256, num_sms)
         runs = {f"{mode} {NAMES[mode]}": (lambda mode=mode: launch_probe(G, a, sfa, b, sfb, d, cfg, None, num_sms,
                                                                          diag=mode))
@@ -65,7 +69,7 @@ def main():
         torch.cuda.synchronize()
         times = interleaved_times(runs, args.rounds)
         base = min(times["0 production"])
-        print(f"{shape} {cfg.block_m}x{cfg.block_n}, {cfg.stages} stages, "
+        print(f"{shape} {cfg.block_m}x{cfg.block_n}, {cfg.stages} stages, sfa {args.sfa}, "
               f"{-(-m // cfg.block_m) * -(-n // cfg.block_n)} tiles:", flush=True)
         for tag, ts in times.items():
             us = min(ts)
