@@ -4,7 +4,8 @@ production kernel against the same kernel with one suspect removed (the kernel's
 
     PYTHONPATH=. python3 benchmarks/small_m_diag.py [--shapes 64x2112x7168,...] [--modes 0,1,2,3,5] [--out DIR]
 
-Modes: 0 production (checked against the reference first), 1 L2-resident operands (no DRAM traffic), 2 no
+Modes (all with A's scales loaded from global memory, the kernel before SA_SMEM): 0 production (checked against
+the reference first), 1 L2-resident operands (no DRAM traffic), 2 no
 stage refill (no TMA traffic at all), 3 no scale loads and no promotion, 5 no scale loads (the promotion's
 FFMAs kept), 6 / 7 no loads of A's / of B's scales only.  Outputs of modes 1-5 are garbage by design.  Every mode is timed with PROBE off (CUDA-graph
 replays, L2 flushed) in interleaved rounds.
@@ -62,6 +63,8 @@ def main():
         if not ok:
             print(f"{shape}: production WRONG (diff {diff:.2e}); skipped", flush=True)
             continue
+        # what launch runs: A's scales through shared memory (SA_SMEM; the DIAG modes above load them from global)
+        runs["launch (SA_SMEM)"] = lambda: G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms, config=cfg)
         if dg is not None:
             runs["DeepGEMM"] = lambda: dg.fp8_gemm_nt((a, sfa), (b, sfb), d)
         for fn in runs.values():   # compile every mode before anything is timed

@@ -59,6 +59,7 @@ try:  # pragma: no cover - depends on the installed triton
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared,
         mbarrier,
@@ -339,7 +340,8 @@ if HAS_GLUON:
                   MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                   STAGES: gl.constexpr, K_ROTATE: gl.constexpr, WIDE_N: gl.constexpr = False,
                   PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
-                  DIAG: gl.constexpr = 0, b2_desc=None, b2_bufs=None, BN_TAIL: gl.constexpr = 0):
+                  DIAG: gl.constexpr = 0, b2_desc=None, b2_bufs=None, BN_TAIL: gl.constexpr = 0,
+                  sa_bufs=None, sfa_ptr=None, s_ag=0, s_am=0, s_ak=0, SA_SMEM: gl.constexpr = False):
         BK: gl.constexpr = a_desc.block_type.shape[1]
         idx_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
         if WIDE_N:
@@ -392,6 +394,9 @@ if HAS_GLUON:
                     if PROBE:
                         _stamp(pbase, pw, it, _EV_P_EMPTY)
                     bar = full_bars.index(s)
+                    if SA_SMEM:
+                        _copy_sa(sa_bufs.index(s), bar, sfa_ptr, g, m_blk, _rotated(kb, rot, num_k), M,
+                                 s_ag, s_am, s_ak, BLOCK_M, idx_layout)
                     if DIAG == 1 or DIAG == 2 or DIAG == 4:
                         _diag_load_stage(a_desc, b_desc, a_bufs, b_bufs, bar, s, it, row_a, row_b, kk, nbytes,
                                          STAGES, DIAG)
@@ -405,6 +410,29 @@ if HAS_GLUON:
                     if PROBE:
                         _stamp(pbase, pw, it, _EV_P_ISSUED)
                     it += 1
+
+    @gluon.jit
+    def _copy_sa(sa_buf, bar, sfa_ptr, g, m_blk, kb, M, s_ag, s_am, s_ak, BLOCK_M: gl.constexpr,
+                 layout: gl.constexpr):
+        """Copy A's scales of one K-slice (rows ``m_blk * BLOCK_M ..`` of group ``g``, column ``kb``) into the
+        stage's ``sa_buf`` with cp.async, tracked by the stage's full barrier: each lane's
+        ``cp.async.mbarrier.arrive`` adds one pending arrival that its copies' completion gives back, so the
+        barrier's phase (one arrive and the TMA bytes) also waits for them.  Rows past M read as 0.
+        Loading these scales in the consumer, from global memory two slices ahead, cost 1.2-1.5x the time of
+        the small-m tiles and 8% at 4096x4096x7168 (benchmarks/small_m_diag.py, DIAG 6)."""
+        offs = m_blk * BLOCK_M + gl.arange(0, BLOCK_M, layout=layout)
+        ptrs = sfa_ptr + g.to(gl.int64) * s_ag + offs * s_am + kb * s_ak
+        async_copy.async_copy_global_to_shared(sa_buf, ptrs, mask=offs < M)
+        async_copy.mbarrier_arrive(bar)
+
+    @gluon.jit
+    def _issue_sa(a_bufs, b_bufs, full_bars, it, buf, sa_bufs, STAGES: gl.constexpr, sa_layout: gl.constexpr,
+                  PROBE: gl.constexpr = False, pbase=None, pw=None):
+        """:func:`_issue`, then the slice's A scales from its stage (``SA_SMEM``): read while the MMA runs,
+        before the stage is released."""
+        tok = _issue(a_bufs, b_bufs, full_bars, it, buf, STAGES, PROBE, pbase, pw)
+        sa = sa_bufs.index(it % STAGES).load(sa_layout)
+        return tok, sa
 
     @gluon.jit
     def _diag_load_stage(a_desc, b_desc, a_bufs, b_bufs, bar, s, it, row_a, row_b, kk, nbytes: gl.constexpr,
@@ -485,6 +513,17 @@ if HAS_GLUON:
             else:
                 sb1 = gl.load(sfb_ptr + g64 * s_bg + nb1 * s_bn + kb * s_bk)
         return sa, sb0, sb1
+
+    @gluon.jit
+    def _load_sb(sfb_ptr, g64, nb0, nb1, kb_logical, rot, num_k, s_bg, s_bn, s_bk, SB_SCALAR: gl.constexpr):
+        """B's scales of one K-slice (the production branch of :func:`_load_scales` without A's)."""
+        kb = _rotated(kb_logical, rot, num_k)
+        sb0 = gl.load(sfb_ptr + g64 * s_bg + nb0 * s_bn + kb * s_bk)
+        if SB_SCALAR:
+            sb1 = sb0
+        else:
+            sb1 = gl.load(sfb_ptr + g64 * s_bg + nb1 * s_bn + kb * s_bk)
+        return sb0, sb1
 
     @gluon.jit
     def _promote(acc, part, sa, sb0, sb1, col_lo, SB_SCALAR: gl.constexpr):
@@ -697,7 +736,7 @@ if HAS_GLUON:
                   STAGES: gl.constexpr, TMA_STORE: gl.constexpr, HAS_C: gl.constexpr,
                   HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr, K_ROTATE: gl.constexpr,
                   PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
-                  DIAG: gl.constexpr = 0):
+                  DIAG: gl.constexpr = 0, sa_bufs=None, SA_SMEM: gl.constexpr = False):
         BK: gl.constexpr = a_bufs.type.shape[2]
         NO_PROMO: gl.constexpr = DIAG == 3 or DIAG == 4      # diagnostics: no scale loads, no promotion
         # diagnostics 5/6/7: promotion without (some) scale loads
@@ -756,50 +795,81 @@ if HAS_GLUON:
 
                 rot = _k_rotation(t, num_k, K_ROTATE)
                 acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
-                # Two scratch accumulators X/Y alternate by K-slice parity (the loop is unrolled by two so
-                # that neither is ever copied while its MMA is in flight: ptxas would serialise the MMAs).
-                # Loop invariant: X holds slice 2j in flight, Y is free; the scales of slices 2j (sX) and
-                # 2j+1 (sY) are in registers: each scale load is issued two slices before its use.
                 base = it
                 last = num_k - 1
-                saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, 0, rot, num_k,
-                                               s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-                saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
-                                               gl.minimum(1, last), rot, num_k,
-                                               s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-                X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES, PROBE, pbase, pw)
-                for j in range(0, last // 2):
-                    k1 = 2 * j + 1
-                    naX, nbX0, nbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
-                                                   k1 + 1, rot, num_k,
-                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-                    naY, nbY0, nbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
-                                                   gl.minimum(k1 + 2, last), rot, num_k,
-                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-                    Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES, PROBE, pbase, pw)
-                    acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
-                                     SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
-                    X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES, PROBE, pbase, pw)
-                    acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
-                                     SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
-                    saX, sbX0, sbX1 = naX, nbX0, nbX1
-                    saY, sbY0, sbY1 = naY, nbY0, nbY1
-                if num_k % 2 == 0:
-                    Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES, PROBE, pbase, pw)
-                    acc, Xd = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
-                                      SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
-                    acc, Y = _retire(Y, empty_bars, base + last, acc, saY, sbY0, sbY1, col_lo,
-                                     SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
+                if SA_SMEM:
+                    # A's scales come with each stage (the producer's cp.async, _copy_sa) and are read from shared
+                    # memory right after the slice's MMA is issued; B's are loaded two slices ahead as below.
+                    sbX0, sbX1 = _load_sb(sfb_ptr, g64, nb0, nb1, 0, rot, num_k, s_bg, s_bn, s_bk, SB_SCALAR)
+                    sbY0, sbY1 = _load_sb(sfb_ptr, g64, nb0, nb1, gl.minimum(1, last), rot, num_k, s_bg, s_bn, s_bk,
+                                          SB_SCALAR)
+                    X, saX = _issue_sa(a_bufs, b_bufs, full_bars, base, X, sa_bufs, STAGES, row_layout)
+                    for j in range(0, last // 2):
+                        k1 = 2 * j + 1
+                        nbX0, nbX1 = _load_sb(sfb_ptr, g64, nb0, nb1, k1 + 1, rot, num_k, s_bg, s_bn, s_bk, SB_SCALAR)
+                        nbY0, nbY1 = _load_sb(sfb_ptr, g64, nb0, nb1, gl.minimum(k1 + 2, last), rot, num_k,
+                                              s_bg, s_bn, s_bk, SB_SCALAR)
+                        Y, saY = _issue_sa(a_bufs, b_bufs, full_bars, base + k1, Y, sa_bufs, STAGES, row_layout)
+                        acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
+                                         SB_SCALAR, STAGES, 1)
+                        X, saX = _issue_sa(a_bufs, b_bufs, full_bars, base + k1 + 1, X, sa_bufs, STAGES, row_layout)
+                        acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
+                                         SB_SCALAR, STAGES, 1)
+                        sbX0, sbX1 = nbX0, nbX1
+                        sbY0, sbY1 = nbY0, nbY1
+                    if num_k % 2 == 0:
+                        Y, saY = _issue_sa(a_bufs, b_bufs, full_bars, base + last, Y, sa_bufs, STAGES, row_layout)
+                        acc, Xd = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
+                                          SB_SCALAR, STAGES, 1)
+                        acc, Y = _retire(Y, empty_bars, base + last, acc, saY, sbY0, sbY1, col_lo,
+                                         SB_SCALAR, STAGES, 0)
+                    else:
+                        acc, Xd = _retire(X, empty_bars, base + last, acc, saX, sbX0, sbX1, col_lo,
+                                          SB_SCALAR, STAGES, 0)
+                    X = Xd
                 else:
-                    acc, Xd = _retire(X, empty_bars, base + last, acc, saX, sbX0, sbX1, col_lo,
-                                      SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
-                X = Xd
-                if NO_PROMO:
-                    # DIAG 3/4: every MMA of the tile is complete here; fold the last two results into ``acc``
-                    # once per tile so that the MMA chain stays live (the pin as in _retire keeps these adds
-                    # ahead of the next tile's first MMA, which reuses X's registers).
-                    acc = acc + X + Y
-                    X = _pin(X, acc)
+                    # Two scratch accumulators X/Y alternate by K-slice parity (the loop is unrolled by two so
+                    # that neither is ever copied while its MMA is in flight: ptxas would serialise the MMAs).
+                    # Loop invariant: X holds slice 2j in flight, Y is free; the scales of slices 2j (sX) and
+                    # 2j+1 (sY) are in registers: each scale load is issued two slices before its use.
+                    saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, 0, rot, num_k,
+                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
+                    saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
+                                                   gl.minimum(1, last), rot, num_k,
+                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
+                    X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES, PROBE, pbase, pw)
+                    for j in range(0, last // 2):
+                        k1 = 2 * j + 1
+                        naX, nbX0, nbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
+                                                       k1 + 1, rot, num_k,
+                                                       s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
+                        naY, nbY0, nbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
+                                                       gl.minimum(k1 + 2, last), rot, num_k,
+                                                       s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
+                        Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES, PROBE, pbase, pw)
+                        acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
+                                         SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
+                        X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES, PROBE, pbase, pw)
+                        acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
+                                         SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
+                        saX, sbX0, sbX1 = naX, nbX0, nbX1
+                        saY, sbY0, sbY1 = naY, nbY0, nbY1
+                    if num_k % 2 == 0:
+                        Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES, PROBE, pbase, pw)
+                        acc, Xd = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
+                                          SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
+                        acc, Y = _retire(Y, empty_bars, base + last, acc, saY, sbY0, sbY1, col_lo,
+                                         SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
+                    else:
+                        acc, Xd = _retire(X, empty_bars, base + last, acc, saX, sbX0, sbX1, col_lo,
+                                          SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
+                    X = Xd
+                    if NO_PROMO:
+                        # DIAG 3/4: every MMA of the tile is complete here; fold the last two results into ``acc``
+                        # once per tile so that the MMA chain stays live (the pin as in _retire keeps these adds
+                        # ahead of the next tile's first MMA, which reuses X's registers).
+                        acc = acc + X + Y
+                        X = _pin(X, acc)
                 it = base + num_k
 
                 # ---------------- epilogue ----------------
@@ -1012,8 +1082,13 @@ if HAS_GLUON:
                            HAS_C: gl.constexpr, HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr,
                            K_ROTATE: gl.constexpr, PRODUCER_REGS: gl.constexpr, WIDE_N: gl.constexpr = False,
                            PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
-                           DIAG: gl.constexpr = 0, BN_TAIL: gl.constexpr = 0, b2_desc=None):
+                           DIAG: gl.constexpr = 0, BN_TAIL: gl.constexpr = 0, b2_desc=None,
+                           SA_SMEM: gl.constexpr = False):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
+
+        ``SA_SMEM`` (default kernel only, not with PROBE or DIAG): A's scales travel with each stage (the
+        producer copies them into shared memory with cp.async, tracked by the full barrier) instead of being
+        loaded from global memory by the consumer.
 
         ``a_desc``: TMA over A as 2-D [rows, K] (masked: [G*max_m, K]); ``b_desc``: B as [G*N, K];
         ``d_desc``: TMA over D as 2-D (BF16 without C, ``TMA_STORE``; the grouped modes store only their full
@@ -1049,6 +1124,10 @@ if HAS_GLUON:
             b2_bufs = gl.allocate_shared_memory(b2_desc.dtype, [STAGES] + b2_desc.block_type.shape, b2_desc.layout)
         else:
             b2_bufs = b_bufs
+        if SA_SMEM:
+            sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        else:
+            sa_bufs = a_bufs
         empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         full_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -1094,16 +1173,18 @@ if HAS_GLUON:
             # (an AOT compile that does not name DIAG passes None: same as 0)
             gl.static_assert(not DIAG or (MODE == 0 and not PDL_WAIT and DIAG <= 7),
                              "DIAG: dense mode without PDL_WAIT, modes 0-7")
+            gl.static_assert(not SA_SMEM or (not DIAG and not PROBE), "SA_SMEM: not with PROBE or DIAG")
             gl.warp_specialize([
                 (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
                              d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                              M, N, K, G,
                              s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
                              MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
-                             K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG)),
+                             K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG, sa_bufs, SA_SMEM)),
                 (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                              masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
-                             False, PROBE, probe_ptr, PDL_WAIT, DIAG)),
+                             False, PROBE, probe_ptr, PDL_WAIT, DIAG, None, None, 0,
+                             sa_bufs, sfa_ptr, s_ag, s_am, s_ak, SA_SMEM)),
             ], [1], [PRODUCER_REGS])
 
 
@@ -1131,6 +1212,9 @@ class GluonConfig:
     # columns instead of q + 1; see ``_consumer_tail``).  Only where :func:`tail_ok` holds; launch falls back
     # to the plain 128x128 kernel otherwise.
     bn_tail: int = 0
+    # A's scales through shared memory with each stage (``SA_SMEM``; the plain kernel only: the wide, split
+    # and tail kernels load them as before).
+    sa_smem: bool = True
 
     @property
     def split(self) -> bool:
@@ -1171,7 +1255,8 @@ def estimate_seconds(rows: int, groups: int, n: int, k: int, bm: int, bn: int, n
 
 
 def _stages(bm: int, bn: int, epi_bytes: int) -> int:
-    return max(2, min(16, (_SMEM_BUDGET - epi_bytes) // ((bm + bn) * BLOCK_K)))
+    # a stage: A and B boxes and A's scales (SA_SMEM)
+    return max(2, min(16, (_SMEM_BUDGET - epi_bytes) // ((bm + bn) * BLOCK_K + 4 * bm)))
 
 
 _WIDE_SMEM = 227 * 1024 - 2048      # barriers + warp_specialize captures fit in the last 2 KB
@@ -1515,7 +1600,8 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         MODE=mode_id, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages,
         TMA_STORE=tma_store, HAS_C=c is not None, HAS_SIGNAL=signal is not None,
         SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate and not cfg.wide_n, PRODUCER_REGS=cfg.producer_regs,
-        WIDE_N=cfg.wide_n, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg, **tail,
+        WIDE_N=cfg.wide_n, SA_SMEM=cfg.sa_smem and not cfg.wide_n and not cfg.bn_tail,
+        num_warps=cfg.num_warps, maxnreg=cfg.maxnreg, **tail,
         **({"PDL_WAIT": True, "launch_pdl": True} if pdl else {}),
     )
     return bm, bn

@@ -104,12 +104,16 @@ VARIANTS = [
 ]
 
 
+@pytest.mark.parametrize("sa_smem", [True, False], ids=["sa_smem", "sa_global"])
 @pytest.mark.parametrize("mode,bm,bn,tma_store,out,has_c,signal,k_rotate", VARIANTS)
-def test_aot_sm90a(tmp_path, mode, bm, bn, tma_store, out, has_c, signal, k_rotate):
+def test_aot_sm90a(tmp_path, mode, bm, bn, tma_store, out, has_c, signal, k_rotate, sa_smem):
+    """Every variant compiles for sm_90a with FP8 QGMMAs, no local memory, the MMAs asynchronous; with A's
+    scales through shared memory (SA_SMEM, the default) the producer's cp.async copies arrive on the stage's
+    full barrier; without (the probe's and DIAG's kernel) there is no cp.async at all."""
     cfg = gg.GluonConfig(bm, bn, gg._stages(bm, bn, bm * bn * 4), 8 if bm == 128 else 4, k_rotate=k_rotate)
     constexprs = dict(MODE=gg._MODES[mode], BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages,
                       TMA_STORE=tma_store, HAS_C=has_c, HAS_SIGNAL=signal, SB_SCALAR=(128 % bn == 0),
-                      K_ROTATE=k_rotate, PRODUCER_REGS=cfg.producer_regs)
+                      K_ROTATE=k_rotate, PRODUCER_REGS=cfg.producer_regs, SA_SMEM=sa_smem)
     if not tma_store:
         constexprs["d_desc"] = None
     r = compile_sm90_in_subprocess("fp8gemm.kernels.gemm_gluon", "fp8_gemm_ws_kernel",
@@ -123,6 +127,11 @@ def test_aot_sm90a(tmp_path, mode, bm, bn, tma_store, out, has_c, signal, k_rota
     assert r["shared"] <= 227 * 1024
     if signal:
         assert "atom.global.gpu.release.add" in r["ptx"]
+    if sa_smem:
+        assert "cp.async.ca.shared.global" in r["ptx"] and "cp.async.mbarrier.arrive.shared" in r["ptx"]
+        assert "cp.async.wait" not in r["ptx"]        # the full barrier alone tracks the copies
+    else:
+        assert "cp.async.ca" not in r["ptx"] and "cp.async.mbarrier" not in r["ptx"]
     # ptxas must keep the MMAs asynchronous: C7514/C7515 mean it serialised them (waits after each).
     log = ptxas_log(r["ptx"])
     assert "C7514" not in log and "C7515" not in log, log
@@ -161,15 +170,23 @@ def test_aot_sm90a_wide(tmp_path):
 # sha256 of cuobjdump -sass of the production dense 128x128 BF16 TMA-store kernel (pick_config for
 # 4096x4096x7168: 5 stages, 8 consumer warps), recorded with triton 3.6.0 at the commit before the probe
 # was added and unchanged by it.  A deliberate kernel change must update it (after checking its SASS).
-_PROD_SASS_SHA256 = {"3.6.0": "bbdd37ed050fed1e"}
+_PROD_SASS_SHA256 = {"3.6.0": "09306f0f6220ea11"}
+# ... and of the same kernel loading A's scales from global memory (SA_SMEM off: the kernel the probe and the
+# DIAG modes instrument), which is the production kernel of before SA_SMEM, byte for byte.
+_SA_GLOBAL_SASS_SHA256 = {"3.6.0": "bbdd37ed050fed1e"}
 _CLOCK_SASS = re.compile(r"SR_CLOCK|SR_GLOBALTIMER|CLOCKLO|CLOCKHI")
 
 
-def _compile_prod_128(probe=None):
+def _compile_prod_128(probe=None, sa_smem=None):
+    """The dense 128x128 kernel of 4096x4096x7168; ``sa_smem`` None: as launch builds it (A's scales through
+    shared memory, except with the probe on, which instruments the kernel that loads them from global)."""
     cfg = gg.pick_config("dense", 4096, 4096, 7168, tma_store=True)
-    assert (cfg.block_m, cfg.block_n, cfg.stages, cfg.num_warps) == (128, 128, 5, 8)
+    assert (cfg.block_m, cfg.block_n, cfg.stages, cfg.num_warps, cfg.sa_smem) == (128, 128, 5, 8, True)
+    if sa_smem is None:
+        sa_smem = not probe
     constexprs = dict(MODE=0, BLOCK_M=128, BLOCK_N=128, GROUP_M=cfg.group_m, STAGES=cfg.stages, TMA_STORE=True,
-                      HAS_C=False, HAS_SIGNAL=False, SB_SCALAR=True, K_ROTATE=False, PRODUCER_REGS=cfg.producer_regs)
+                      HAS_C=False, HAS_SIGNAL=False, SB_SCALAR=True, K_ROTATE=False, PRODUCER_REGS=cfg.producer_regs,
+                      SA_SMEM=sa_smem)
     sig = _signature("dense", 128, 128, True, torch.bfloat16, False)
     div16 = ["sfa_ptr", "sfb_ptr", "d_ptr", "c_ptr", "N", "K", "s_dm"]
     if probe is not None:
@@ -188,8 +205,9 @@ def _num_params(ptx: str) -> int:
 
 def test_aot_sm90a_probe(tmp_path):
     """PROBE=True: compiles, no local memory/spills, the MMAs stay asynchronous (the probe must time the
-    real pipeline: same QGMMA/DEPBAR/bar.sync structure as production), and the stamps are there."""
-    prod = _compile_prod_128()
+    real pipeline: same QGMMA/DEPBAR/bar.sync structure as the kernel it instruments, the one that loads A's
+    scales from global memory), and the stamps are there."""
+    prod = _compile_prod_128(sa_smem=False)
     r = _compile_prod_128(probe=True)
     assert r["local"] == 0 and r["stack"] == 0, (r["local"], r["stack"])
     assert sass_count(r["sass"], "LDL") == 0 and sass_count(r["sass"], "STL") == 0
@@ -226,6 +244,10 @@ def test_aot_sm90a_probe_off_is_production(tmp_path):
         got = hashlib.sha256(sass.encode()).hexdigest()[:16]
         assert got == want, (f"production SASS changed ({got} != {want}); if the kernel change is deliberate, "
                              "check its SASS and update _PROD_SASS_SHA256")
+    want = _SA_GLOBAL_SASS_SHA256.get(triton.__version__)
+    if want is not None:
+        got = hashlib.sha256(_compile_prod_128(sa_smem=False)["sass"].encode()).hexdigest()[:16]
+        assert got == want, (got, want)
 
 
 @pytest.mark.parametrize("mode,out,has_c", [("dense", torch.bfloat16, False), ("dense", torch.float32, True),
