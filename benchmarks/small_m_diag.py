@@ -13,6 +13,7 @@ replays, L2 flushed) in interleaved rounds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -64,7 +65,8 @@ def main():
             print(f"{shape}: production WRONG (diff {diff:.2e}); skipped", flush=True)
             continue
         # what launch runs: A's scales through shared memory (SA_SMEM; the DIAG modes above load them from global)
-        runs["launch (SA_SMEM)"] = lambda: G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms, config=cfg)
+        cfg_sa = dataclasses.replace(cfg, sa_smem=True)
+        runs["launch (SA_SMEM)"] = lambda: G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms, config=cfg_sa)
         if dg is not None:
             runs["DeepGEMM"] = lambda: dg.fp8_gemm_nt((a, sfa), (b, sfb), d)
         for fn in runs.values():   # compile every mode before anything is timed

@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import torch
 
@@ -83,6 +84,8 @@ MODE_CONTIGUOUS = 2
 _MODES = {"dense": MODE_DENSE, "masked": MODE_MASKED, "contiguous": MODE_CONTIGUOUS}
 
 BLOCK_K = 128
+# A's scales through shared memory (GluonConfig.sa_smem): not yet the default, see GluonConfig.
+SA_SMEM_DEFAULT = os.environ.get("FP8GEMM_GLUON_SA_SMEM", "0") == "1"
 _SMEM_BUDGET = 220 * 1024     # of the 227 KB an H100/H200 block may use; the rest is barriers and scratch
 
 # Cycle probe (``PROBE=True``, diagnostics only: benchmarks/gluon_probe.py).  int64 buffer, per program
@@ -415,15 +418,18 @@ if HAS_GLUON:
     def _copy_sa(sa_buf, bar, sfa_ptr, g, m_blk, kb, M, s_ag, s_am, s_ak, BLOCK_M: gl.constexpr,
                  layout: gl.constexpr):
         """Copy A's scales of one K-slice (rows ``m_blk * BLOCK_M ..`` of group ``g``, column ``kb``) into the
-        stage's ``sa_buf`` with cp.async, tracked by the stage's full barrier: each lane's
-        ``cp.async.mbarrier.arrive`` adds one pending arrival that its copies' completion gives back, so the
-        barrier's phase (one arrive and the TMA bytes) also waits for them.  Rows past M read as 0.
+        stage's ``sa_buf`` with cp.async, tracked by the stage's full barrier: every lane of the producer warp
+        gives one ``cp.async.mbarrier.arrive.noinc``, which arrives once that lane's copies are complete, and
+        the barrier expects those 32 arrivals besides the producer's expect-arrive (init count 33), so its phase
+        completes only after the TMA bytes and the copies.  (Without ``.noinc`` the pending count is raised
+        only when the copies complete, so the phase could complete on the TMA bytes alone: the first try did
+        that, and the PDL test saw stale scales.)  Rows past M read as 0.
         Loading these scales in the consumer, from global memory two slices ahead, cost 1.2-1.5x the time of
-        the small-m tiles and 8% at 4096x4096x7168 (benchmarks/small_m_diag.py, DIAG 6)."""
+        the small-m tiles and 8% at 4096x4096x7168 (benchmarks/small_m_diag.py, DIAG 6, H100)."""
         offs = m_blk * BLOCK_M + gl.arange(0, BLOCK_M, layout=layout)
         ptrs = sfa_ptr + g.to(gl.int64) * s_ag + offs * s_am + kb * s_ak
         async_copy.async_copy_global_to_shared(sa_buf, ptrs, mask=offs < M)
-        async_copy.mbarrier_arrive(bar)
+        async_copy.mbarrier_arrive(bar, increment_count=False)
 
     @gluon.jit
     def _issue_sa(a_bufs, b_bufs, full_bars, it, buf, sa_bufs, STAGES: gl.constexpr, sa_layout: gl.constexpr,
@@ -1132,7 +1138,8 @@ if HAS_GLUON:
         full_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(empty_bars.index(i), count=2 if WIDE_N else 1)   # wide: one arrive per warpgroup
-            mbarrier.init(full_bars.index(i), count=1)
+            # SA_SMEM: the producer warp's 32 cp.async arrivals besides its expect-arrive (_copy_sa)
+            mbarrier.init(full_bars.index(i), count=33 if SA_SMEM else 1)
 
         if WIDE_N:
             WNH: gl.constexpr = BLOCK_N // b_desc.block_type.shape[0]
@@ -1213,8 +1220,9 @@ class GluonConfig:
     # to the plain 128x128 kernel otherwise.
     bn_tail: int = 0
     # A's scales through shared memory with each stage (``SA_SMEM``; the plain kernel only: the wide, split
-    # and tail kernels load them as before).
-    sa_smem: bool = True
+    # and tail kernels load them as before).  Off by default until measured and checked on a GPU
+    # (FP8GEMM_GLUON_SA_SMEM=1 turns it on for an A/B).
+    sa_smem: bool = dataclasses.field(default_factory=lambda: SA_SMEM_DEFAULT)
 
     @property
     def split(self) -> bool:
