@@ -421,9 +421,11 @@ if HAS_GLUON:
         stage's ``sa_buf`` with cp.async, tracked by the stage's full barrier: every lane of the producer warp
         gives one ``cp.async.mbarrier.arrive.noinc``, which arrives once that lane's copies are complete, and
         the barrier expects those 32 arrivals besides the producer's expect-arrive (init count 33), so its phase
-        completes only after the TMA bytes and the copies.  (Without ``.noinc`` the pending count is raised
-        only when the copies complete, so the phase could complete on the TMA bytes alone: the first try did
-        that, and the PDL test saw stale scales.)  Rows past M read as 0.
+        completes only after the TMA bytes and the copies.  The first try used the default form (no
+        ``.noinc``, barrier count 1), relying on its pending-count increment to hold the phase open; the 61
+        Gluon GEMM GPU tests passed with it, but the PDL test (FP4 convert -> GEMM) saw outputs differ from the
+        non-PDL run, i.e. stale scales, which is what a phase completing on the TMA bytes alone would give
+        (our reading; the fixed form is not yet run on a GPU).  Rows past M read as 0.
         Loading these scales in the consumer, from global memory two slices ahead, cost 1.2-1.5x the time of
         the small-m tiles and 8% at 4096x4096x7168 (benchmarks/small_m_diag.py, DIAG 6, H100)."""
         offs = m_blk * BLOCK_M + gl.arange(0, BLOCK_M, layout=layout)
