@@ -50,6 +50,25 @@ def test_pick_config_masked_decode_tiles(groups, n, k, want_bn):
     assert not gg.pick_config("dense", 64, n, k, tma_store=True, num_sms=132).k_rotate
 
 
+def test_tma_store_decision():
+    """Which calls store D by TMA (:func:`gemm_gluon._problem`): BF16 without C in every mode, a 16-byte row
+    pitch, and for the masked layout only a D that is one [G * max_m, N] matrix (the kernel then stores a
+    group's full blocks by TMA and the rest through registers); FP32, C, or another layout: register stores.
+    ``launch`` also turns it off for calls with an SBO signal and for the tail kernel (GPU tests)."""
+    fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    a2, b2 = torch.zeros(256, 256, dtype=fp8), torch.zeros(128, 256, dtype=fp8)
+    a3, b3 = torch.zeros(3, 64, 256, dtype=fp8), torch.zeros(3, 128, 256, dtype=fp8)
+    tma = lambda mode, a, b, d, c=None: gg._problem(mode, a, b, d, c)[4]   # noqa: E731
+    assert tma("dense", a2, b2, torch.zeros(256, 128, dtype=bf16))
+    assert not tma("dense", a2, b2, torch.zeros(256, 128))                                   # FP32
+    assert not tma("dense", a2, b2, torch.zeros(256, 128), torch.zeros(256, 128))            # C
+    assert tma("contiguous", a2, b3, torch.zeros(256, 128, dtype=bf16))
+    assert not tma("contiguous", a2, b3, torch.zeros(256, 132, dtype=bf16)[:, :120])         # 264-byte pitch
+    assert tma("masked", a3, b3, torch.zeros(3, 64, 128, dtype=bf16))
+    assert not tma("masked", a3, b3, torch.zeros(3, 80, 128, dtype=bf16)[:, :64])            # groups apart
+    assert not tma("masked", a3, b3, torch.zeros(3, 64, 128))
+
+
 def test_pick_config_wide_is_opt_in():
     """The 128x256 variant (GluonConfig.wide_n) is chosen only when asked for (or WIDE_N_DEFAULT is flipped),
     only for dense BF16 TMA-store calls, and its config fits the SM."""
