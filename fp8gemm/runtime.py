@@ -15,6 +15,11 @@ Settings (environment variables, read when first needed):
 ``FP8GEMM_DEBUG``
     ``1`` turns on extra checks that synchronise with the host (e.g. that contiguous-layout
     segments are aligned).  Never use it under CUDA-graph capture.
+``FP8GEMM_GLUON_SA_SMEM``
+    ``1`` (experimental, default ``0``): the Gluon GEMM brings A's scales into shared memory with each pipeline
+    stage instead of loading them from global memory in the consumer (``GluonConfig.sa_smem``).  Built in
+    session 8 to remove what the small-m GEMMs lose to DeepGEMM; not yet checked and measured on a GPU in its
+    final form (benchmarks/RESULTS.md, session 8).
 ``TRITON_INTERPRET``
     ``1`` runs every Triton kernel in Triton's CPU interpreter (tests, the demo without a GPU).
     It must be set before :mod:`fp8gemm` is imported.
@@ -41,6 +46,11 @@ def interpreting() -> bool:
 
 def debug_checks() -> bool:
     return os.environ.get("FP8GEMM_DEBUG", "0") == "1"
+
+
+def gluon_sa_smem() -> bool:
+    """``FP8GEMM_GLUON_SA_SMEM=1``: the default of ``GluonConfig.sa_smem`` (A's scales through shared memory)."""
+    return os.environ.get("FP8GEMM_GLUON_SA_SMEM", "0") == "1"
 
 
 def backend() -> str:

@@ -50,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
 import torch
 
@@ -84,8 +83,6 @@ MODE_CONTIGUOUS = 2
 _MODES = {"dense": MODE_DENSE, "masked": MODE_MASKED, "contiguous": MODE_CONTIGUOUS}
 
 BLOCK_K = 128
-# A's scales through shared memory (GluonConfig.sa_smem): not yet the default, see GluonConfig.
-SA_SMEM_DEFAULT = os.environ.get("FP8GEMM_GLUON_SA_SMEM", "0") == "1"
 _SMEM_BUDGET = 220 * 1024     # of the 227 KB an H100/H200 block may use; the rest is barriers and scratch
 
 # Cycle probe (``PROBE=True``, diagnostics only: benchmarks/gluon_probe.py).  int64 buffer, per program
@@ -1223,8 +1220,8 @@ class GluonConfig:
     bn_tail: int = 0
     # A's scales through shared memory with each stage (``SA_SMEM``; the plain kernel only: the wide, split
     # and tail kernels load them as before).  Off by default until measured and checked on a GPU
-    # (FP8GEMM_GLUON_SA_SMEM=1 turns it on for an A/B).
-    sa_smem: bool = dataclasses.field(default_factory=lambda: SA_SMEM_DEFAULT)
+    # (FP8GEMM_GLUON_SA_SMEM=1 turns it on for an A/B, see runtime.gluon_sa_smem).
+    sa_smem: bool = dataclasses.field(default_factory=runtime.gluon_sa_smem)
 
     @property
     def split(self) -> bool:

@@ -264,7 +264,7 @@ def test_aot_sm90a_probe_off_is_production(tmp_path):
         assert got == want, (f"production SASS changed ({got} != {want}); if the kernel change is deliberate, "
                              "check its SASS and update _PROD_SASS_SHA256")
     # SA_SMEM is opt-in (GluonConfig.sa_smem); the default kernel is the one measured, byte for byte.
-    assert not gg.SA_SMEM_DEFAULT or gg.GluonConfig(128, 128, 5, 8).sa_smem
+    assert gg.GluonConfig(128, 128, 5, 8).sa_smem == gg.runtime.gluon_sa_smem()
 
 
 @pytest.mark.parametrize("mode,out,has_c", [("dense", torch.bfloat16, False), ("dense", torch.float32, True),
