@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fp8gemm import reference as R  # noqa: E402
-from fp8gemm.bench.core import ab_rounds  # noqa: E402
+from fp8gemm.bench.core import ab_header, ab_rounds  # noqa: E402
 from fp8gemm.bench.suite_gemm import cublas_us, dense_operands  # noqa: E402
 from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
 
@@ -31,12 +31,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    try:
-        import deep_gemm as dg
-    except ImportError:
-        dg = None
-    print(f"{torch.cuda.get_device_name()}, {num_sms} SMs, DeepGEMM {'yes' if dg else 'no'}", flush=True)
+    num_sms, dg = ab_header()
     rows = []
     tma_ok = G._tma_ok
     for m, n, k in SHAPES:

@@ -27,7 +27,7 @@ sys.path.insert(0, HERE)
 from gluon_probe import launch_probe  # noqa: E402
 
 from fp8gemm import reference as R  # noqa: E402
-from fp8gemm.bench.core import checked_run, interleaved_times  # noqa: E402
+from fp8gemm.bench.core import ab_header, checked_run, interleaved_times  # noqa: E402
 from fp8gemm.bench.suite_gemm import dense_operands  # noqa: E402
 from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
 
@@ -44,12 +44,7 @@ def main():
                     help="A's scales MN-major (DeepGEMM's layout) or row-major [M, K/128]")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    try:
-        import deep_gemm as dg
-    except ImportError:
-        dg = None
-    print(f"{torch.cuda.get_device_name()}, {num_sms} SMs, DeepGEMM {'yes' if dg else 'no'}", flush=True)
+    num_sms, dg = ab_header()
     rows = []
     for shape in args.shapes.split(","):
         m, n, k = (int(x) for x in shape.split("x"))

@@ -119,6 +119,24 @@ def time_us(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 1
     return 1e3 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def deep_gemm_or_none():
+    """DeepGEMM's module where ``import deep_gemm`` works (a peer column), else None."""
+    try:
+        import deep_gemm
+        return deep_gemm
+    except ImportError:
+        return None
+
+
+def ab_header() -> tuple[int, object]:
+    """The A/B scripts' start: prints the card, its SM count and whether DeepGEMM is there; returns
+    ``(num_sms, deep_gemm module or None)``."""
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    dg = deep_gemm_or_none()
+    print(f"{torch.cuda.get_device_name()}, {num_sms} SMs, DeepGEMM {'yes' if dg else 'no'}", flush=True)
+    return num_sms, dg
+
+
 def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, list[float]]:
     """:func:`time_us` of every function, ``rounds`` times, the functions interleaved within each round (so a
     drift of clock or temperature during the run falls on all of them alike): name -> µs per round."""
