@@ -1574,6 +1574,10 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         cfg = dataclasses.replace(cfg, bn_tail=0)
     if signal is not None:
         tma_store = False       # each SBO signal must follow its block's stores: register stores, then the release
+    if pdl and mode != "dense":
+        # Grouped calls after the FP4 convert keep the register stores they passed the PDL tests with: the
+        # session that added the grouped TMA stores ran out of device time before test_pdl_gpu.py ran on them.
+        tma_store = False
     if cfg.bn_tail:
         tma_store = False       # the tail kernel stores through registers
         fit = tail_config(cfg.bn_tail, out_bytes=d.element_size()).stages
