@@ -254,6 +254,38 @@ def test_grouped_tma_store(kernel_launches):
     assert tma(lambda: check_contiguous([256, 384], 272, 384, config=cfg, holes=(5, 130, 300, 511))) == [True]
 
 
+# A's scales through shared memory (GluonConfig.sa_smem, opt-in: FP8GEMM_GLUON_SA_SMEM=1): every tile shape and
+# mode, K-slice counts odd and even, ragged M and N, and the ANCHORS shapes of each dense tile family.
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("bm,bn", TILES)
+@pytest.mark.parametrize("k_rotate", [False, True])
+def test_sa_smem_every_tile_shape(bm, bn, k_rotate, kernel_launches):
+    gg = _gg()
+    cfg = gg.GluonConfig(bm, bn, gg._stages(bm, bn, bm * bn * 4), 8 if bm == 128 else 4, k_rotate=k_rotate,
+                         sa_smem=True)
+    check_dense(200, 300, 640, config=cfg)
+    check_dense(129, 136, 384, config=cfg, sfa_layout="mn")
+    check_masked(3, 150, 272, 384, [150, 0, 65], 60, config=cfg)
+    check_masked(3, 150, 272, 384, [150, 0, 65], 60, config=cfg, signal=False)
+    check_contiguous([130, 5], 200, 384, config=cfg)
+    assert kernel_launches and all(launch["SA_SMEM"] for launch in kernel_launches)
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("m,n,k", [(64, 2112, 7168), (128, 4096, 7168), (4096, 4096, 7168), (4096, 7168, 2048),
+                                   (1000, 4100, 640)])
+def test_sa_smem_dense(m, n, k):
+    import dataclasses
+    gg = _gg()
+    a, b = _fp8(m, k), _fp8(n, k)
+    d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    cfg = dataclasses.replace(gg._config_for("dense", a, b, d, None, None, 256, _sms()), sa_smem=True)
+    for layout in ("row", "mn"):
+        check_dense(m, n, k, config=cfg, sfa_layout=layout)
+
+
 # Opt-in 128x256 variant (GluonConfig.wide_n): dense BF16 TMA-store calls only.  Cases cover an upper
 # warpgroup wholly past M (m=300, 129), an upper N half wholly past N (n=2112, 200) or partly (1000, 4104;
 # the row pitch must stay 16-byte aligned for the TMA store, else the call falls back to 128x128),

@@ -53,6 +53,23 @@ def _masked_problem(g, max_m, n, k, expected):
     return codes, sbytes, b, sfb, masked_m.cuda(), d
 
 
+@pytest.fixture(params=["default", "grouped_tma", "sa_smem"])
+def gluon_variant(request, monkeypatch):
+    """The PDL route as shipped, and with each opt-in of session 8 switched on: TMA stores of the grouped GEMMs'
+    full blocks under PDL (``gemm_gluon.GROUPED_TMA_STORE_UNDER_PDL``), and A's scales through shared memory
+    (``FP8GEMM_GLUON_SA_SMEM``, with those TMA stores).  When an opt-in passes here and measures faster, it can
+    become the default."""
+    from fp8gemm import runtime
+    from fp8gemm.kernels import gemm_gluon as gg
+    if request.param in ("grouped_tma", "sa_smem"):
+        monkeypatch.setattr(gg, "GROUPED_TMA_STORE_UNDER_PDL", True)
+    if request.param == "sa_smem":
+        monkeypatch.setattr(runtime, "gluon_sa_smem", lambda: True)
+    gg._pick_config.cache_clear()     # its configs carry sa_smem from when they were made
+    yield request.param
+    gg._pick_config.cache_clear()
+
+
 def _with_pdl(flag: bool, fn):
     old = gemm_dispatch.USE_PDL
     gemm_dispatch.USE_PDL = flag
@@ -63,7 +80,7 @@ def _with_pdl(flag: bool, fn):
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 2048), (7168, 3072)])
-def test_masked_fp4_pdl_equals_no_pdl(n, k, monkeypatch):
+def test_masked_fp4_pdl_equals_no_pdl(n, k, monkeypatch, gluon_variant):
     monkeypatch.delenv("FP8GEMM_BACKEND", raising=False)
     g, max_m, expected = 6, 256, 20
     codes, sbytes, b, sfb, masked_m, d = _masked_problem(g, max_m, n, k, expected)
@@ -111,7 +128,7 @@ def test_masked_fp4_pdl_in_cuda_graph_reads_each_replays_operand(monkeypatch):
         _same_bits(got, d, f"graph replay with PDL vs eager without, inputs {seed}")
 
 
-def test_contiguous_fp4_pdl_equals_no_pdl(monkeypatch):
+def test_contiguous_fp4_pdl_equals_no_pdl(monkeypatch, gluon_variant):
     monkeypatch.delenv("FP8GEMM_BACKEND", raising=False)
     n, k = 2048, 4096
     ids = []
