@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--filter", default="", help="only cases whose name matches this regular expression (re.search; plain text matches as a substring)")
     p.add_argument("--out", default="results", help="folder for JSON, table and PNG")
     p.add_argument("--tag", default="bench", help="file name stem of the outputs")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time each case's implementations in this many interleaved rounds, best kept (use 3 when "
+                        "comparing with a peer)")
     args = p.parse_args(argv)
 
     import torch
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[skip suite {name}: {exc}]", file=sys.stderr)
             continue
         cases += [c for c in mod.cases(args.quick) if re.search(args.filter, c.name)]
-    rows = run_cases(cases)
+    rows = run_cases(cases, rounds=args.rounds)
     write_results(rows, args.out, args.tag)
     print(f"card: {torch.cuda.get_device_name()} ({card_name()}), torch {torch.__version__}")
     print(format_table(rows))

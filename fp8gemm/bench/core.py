@@ -189,8 +189,14 @@ def ab_rounds(label: str, runs: dict[str, Callable[[], object]], out: torch.Tens
     return list(rows.values())
 
 
-def run_cases(cases: list[Case], progress: bool = True) -> list[dict]:
-    """Check and time every case; one result dict per (case, implementation)."""
+def run_cases(cases: list[Case], progress: bool = True, rounds: int = 1) -> list[dict]:
+    """Check and time every case; one result dict per (case, implementation).
+
+    ``rounds`` > 1: each case's implementations are timed in that many interleaved rounds (a drift of clock or
+    temperature then falls on all of them alike) and each keeps its best round; one shot a row moved by up to
+    ±5-10% on an H100 (RESULTS.md, session 8)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     card = card_name()
     ceil = CEILINGS.get(card, {})
     rows = []
@@ -212,13 +218,18 @@ def run_cases(cases: list[Case], progress: bool = True) -> list[dict]:
             except Exception as exc:  # a failed check is reported, never hidden
                 err, ok = float("nan"), False
                 print(f"[check failed] {case.suite} {case.name}: {exc!r}", file=sys.stderr)
-        times = {}
-        for impl, fn in case.impls.items():
-            try:
-                times[impl] = time_us(fn)
-            except Exception as exc:
-                print(f"[time failed] {case.suite} {case.name} {impl}: {exc!r}", file=sys.stderr)
-                times[impl] = float("nan")
+        all_times: dict[str, list[float]] = {impl: [] for impl in case.impls}
+        for _ in range(rounds):
+            for impl, fn in case.impls.items():
+                if all_times[impl] and math.isnan(all_times[impl][-1]):
+                    continue          # failed once: not timed again
+                try:
+                    all_times[impl].append(time_us(fn))
+                except Exception as exc:
+                    print(f"[time failed] {case.suite} {case.name} {impl}: {exc!r}", file=sys.stderr)
+                    all_times[impl].append(float("nan"))
+        times = {impl: (float("nan") if any(math.isnan(t) for t in ts) else min(ts))
+                 for impl, ts in all_times.items()}
         if progress:   # one line a case, so that a run cut off at its time limit still says what it measured
             print(f"[case] {case.suite} {case.name}: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()),
                   file=sys.stderr, flush=True)
@@ -228,6 +239,7 @@ def run_cases(cases: list[Case], progress: bool = True) -> list[dict]:
             gbs = case.bytes / sec / 1e9 if case.bytes and us == us else 0.0
             peak_key = "fp8_tflops" if case.compute_dtype == "fp8" else "bf16_tflops"
             row = {"suite": case.suite, "case": case.name, "impl": impl, "card": card, "us": us,
+                   "rounds_us": all_times[impl],
                    "tflops": tflops, "gbs": gbs,
                    "frac_compute": tflops / ceil[peak_key] if peak_key in ceil else None,
                    "frac_copy": gbs / ceil["copy_gbs"] if "copy_gbs" in ceil else None,

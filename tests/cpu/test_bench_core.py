@@ -46,3 +46,37 @@ def test_ab_rounds_checks_before_timing(monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "wrong" in text and "WRONG" in text and "FAILED RuntimeError" in text
     assert "vs cuBLAS 30.0 us: 2.727x" in text                         # 30 / 11
+
+
+def test_run_cases_interleaves_rounds_and_keeps_the_best(monkeypatch, capsys):
+    """``run_cases(rounds=3)``: the implementations of a case alternate within each round, each keeps its best
+    round (all rounds in ``rounds_us``), the speed ratios use the best rounds, and one that fails is reported as
+    NaN and not timed again."""
+    calls = []
+    fake = {"ours": [12.0, 10.0, 11.0], "peer": [20.0, 22.0, 21.0]}
+
+    def fake_time(fn):
+        calls.append(fn.__name__)
+        if fn.__name__ == "broken":
+            raise RuntimeError("no")
+        return fake[fn.__name__][sum(c == fn.__name__ for c in calls) - 1]
+
+    def ours():
+        pass
+
+    def peer():
+        pass
+
+    def broken():
+        pass
+
+    monkeypatch.setattr(core, "time_us", fake_time)
+    monkeypatch.setattr(core, "card_name", lambda: "H100")
+    case = core.Case("gemm", "m1 n1 k1", 2e6, 1e6, {"ours": ours, "peer": peer, "broken": broken})
+    rows = {r["impl"]: r for r in core.run_cases([case], progress=False, rounds=3)}
+    assert calls == ["ours", "peer", "broken", "ours", "peer", "ours", "peer"]
+    assert rows["ours"]["us"] == 10.0 and rows["ours"]["rounds_us"] == [12.0, 10.0, 11.0]
+    assert rows["peer"]["us"] == 20.0
+    assert abs(rows["ours"]["speedup_vs_peer"] - 2.0) < 1e-12
+    assert rows["broken"]["us"] != rows["broken"]["us"]          # NaN
+    assert "time failed" in capsys.readouterr().err
