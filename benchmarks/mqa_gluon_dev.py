@@ -183,7 +183,10 @@ def main() -> None:
             os.remove(path)
         try:
             subprocess.run([sys.executable, os.path.abspath(__file__), "--out", args.out, "--phase", phase],
-                           timeout=limits[phase], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+                           timeout=limits[phase], cwd=ROOT,
+                           # the caller's path stays (DeepGEMM may be importable only through it)
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                               p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)})
         except subprocess.TimeoutExpired:
             print(f"phase {phase}: TIMEOUT after {limits[phase]} s (hung kernel?)", flush=True)
         res = json.load(open(path)) if os.path.exists(path) else {"error": "no result (timeout or crash)"}
