@@ -13,7 +13,7 @@ import torch
 
 import fp8gemm
 from fp8gemm import reference as R
-from fp8gemm.bench.core import Case, time_us
+from fp8gemm.bench.core import Case, deep_gemm_or_none, time_us
 from fp8gemm.testing import calc_diff
 
 DENSE_NK = [(2112, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384), (4096, 7168), (7168, 2048)]
@@ -22,13 +22,6 @@ GROUPED_NK = [(6144, 7168), (7168, 3072), (4096, 4096), (4096, 2048)]
 MASKED = [(32, 192), (6, 1024), (32, 20), (6, 20)]      # (groups, expected_m), max_m 4096 in ANCHORS
 CONTIGUOUS = [(4, 8192), (8, 4096)]                    # (groups, ~m per group)
 
-
-def _deep_gemm():
-    try:
-        import deep_gemm  # noqa: F401
-        return deep_gemm
-    except Exception:
-        return None
 
 
 def _scaled_mm():
@@ -76,7 +69,7 @@ def cublas_us(a, sfa, b, sfb) -> float | None:
 
 def dense_cases(quick: bool) -> list[Case]:
     cublas = _scaled_mm()
-    dg = _deep_gemm()
+    dg = deep_gemm_or_none()
     cases = []
     ms = [64, 4096] if quick else DENSE_M
     nks = DENSE_NK[:3] if quick else DENSE_NK
@@ -107,7 +100,7 @@ def dense_cases(quick: bool) -> list[Case]:
 
 
 def masked_cases(quick: bool, overlap: bool = False) -> list[Case]:
-    dg = _deep_gemm()
+    dg = deep_gemm_or_none()
     cases = []
     max_m = 4096
     rows = MASKED[:2] if quick else MASKED
@@ -153,7 +146,7 @@ def masked_cases(quick: bool, overlap: bool = False) -> list[Case]:
 
 
 def contiguous_cases(quick: bool) -> list[Case]:
-    dg = _deep_gemm()
+    dg = deep_gemm_or_none()
     cases = []
     rows = CONTIGUOUS[:1] if quick else CONTIGUOUS
     nks = GROUPED_NK[2:3] if quick else GROUPED_NK

@@ -22,7 +22,7 @@ import torch
 import fp8gemm
 from fp8gemm import attention
 from fp8gemm import reference as R
-from fp8gemm.bench.core import Case
+from fp8gemm.bench.core import Case, deep_gemm_or_none
 from fp8gemm.kernels import mqa as K
 from fp8gemm.testing import calc_diff
 
@@ -37,13 +37,6 @@ PAGED_QUICK = [(256, 1, 64, 128, 16384), (1024, 2, 64, 128, 8192)]
 BLOCK_KV = 64
 
 
-def _deep_gemm():
-    try:
-        import deep_gemm
-        return deep_gemm
-    except Exception:
-        return None
-
 
 def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
@@ -57,7 +50,7 @@ def _diff_on_valid(out: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor, ex
 
 
 def prefill_cases(quick: bool) -> list[Case]:
-    dg = _deep_gemm()
+    dg = deep_gemm_or_none()
     cases = []
     for sq, sk, h, d in (PREFILL_QUICK if quick else PREFILL):
         gen = torch.Generator(device="cuda").manual_seed(sq * 7 + h)
@@ -122,7 +115,7 @@ def _paged_setup(batch, next_n, h, d, avg, seed):
 
 
 def paged_cases(quick: bool) -> list[Case]:
-    dg = _deep_gemm()
+    dg = deep_gemm_or_none()
     cases = []
     for batch, next_n, h, d, avg in (PAGED_QUICK if quick else PAGED):
         q, cache, w, lens, ctx2, table, max_len = _paged_setup(batch, next_n, h, d, avg, seed=batch + next_n)
