@@ -1264,9 +1264,16 @@ def estimate_seconds(rows: int, groups: int, n: int, k: int, bm: int, bn: int, n
     return max(waves * (max(t_mma, t_mem) + _TILE_OVERHEAD), floor)
 
 
-def _stages(bm: int, bn: int, epi_bytes: int) -> int:
-    # a stage: A and B boxes and A's scales (SA_SMEM)
-    return max(2, min(16, (_SMEM_BUDGET - epi_bytes) // ((bm + bn) * BLOCK_K + 4 * bm)))
+def _stages(bm: int, bn: int, epi_bytes: int, sa_smem: bool = False) -> int:
+    """Pipeline stages that fit beside the epilogue buffer: a stage holds the A and B boxes, and with
+    ``sa_smem`` also A's scales (``BLOCK_M`` floats)."""
+    stage = (bm + bn) * BLOCK_K + (4 * bm if sa_smem else 0)
+    return max(2, min(16, (_SMEM_BUDGET - epi_bytes) // stage))
+
+
+def _epi_bytes(bm: int, bn: int, tma_store: bool, out_bytes: int, has_c: bool) -> int:
+    """Shared memory of the epilogue: the TMA store's tile, or the layout conversion's scratch (FP32 with C)."""
+    return bm * bn * out_bytes if tma_store else bm * bn * (4 if (has_c or out_bytes == 4) else 2)
 
 
 _WIDE_SMEM = 227 * 1024 - 2048      # barriers + warp_specialize captures fit in the last 2 KB
@@ -1385,8 +1392,8 @@ def _pick_config(mode, m, n, k, groups, expected_m, max_block_n, num_sms, tma_st
         k_rotate = True
     if TAIL_DEFAULT and mode == "dense" and (bm, bn) == (128, 128) and _tail_pays(m, n, k, num_sms):
         return tail_config(out_bytes=out_bytes)
-    epi = bm * bn * out_bytes if tma_store else bm * bn * (4 if (has_c or out_bytes == 4) else 2)
-    return GluonConfig(bm, bn, _stages(bm, bn, epi), 8 if bm == 128 else 4, k_rotate=k_rotate)
+    return GluonConfig(bm, bn, _stages(bm, bn, _epi_bytes(bm, bn, tma_store, out_bytes, has_c)),
+                       8 if bm == 128 else 4, k_rotate=k_rotate)
 
 
 def _wave_fill(tiles: int, num_sms: int) -> float:
@@ -1479,8 +1486,10 @@ def plan(mode: str, a, sfa, b, sfb, d, *, expected_m=None, max_block_n: int = 25
     return cfg.block_m, cfg.block_n
 
 
-def _problem(mode, a, b, d, c):
-    """(m, n, k, groups, tma_store) of a validated call; m is the row count of one group."""
+def _problem(mode, a, b, d, c, signal=None, pdl: bool = False):
+    """(m, n, k, groups, tma_store) of a validated call; m is the row count of one group.  ``tma_store``: D is
+    stored by TMA (the grouped modes: their full blocks), the one place this is decided (the tail kernel, a
+    config choice, stores through registers whatever it says)."""
     k = a.shape[-1]
     n = b.shape[-2]
     if mode == "dense":
@@ -1490,9 +1499,14 @@ def _problem(mode, a, b, d, c):
     else:
         m, groups = a.shape[0], b.shape[0]
     # Grouped calls store their full blocks by TMA too (the kernel keeps register stores for partial ones);
-    # the masked layout's D must then be one [G * max_m, N] matrix.
+    # the masked layout's D must then be one [G * max_m, N] matrix.  Not with an SBO signal: each signal must
+    # follow its block's stores (register stores, then the release).  Not for grouped calls under PDL (the FP4
+    # convert route) unless GROUPED_TMA_STORE_UNDER_PDL: they keep the register stores they passed the PDL
+    # tests with; the session that added the grouped TMA stores ran out of device time before test_pdl_gpu.py
+    # ran on them (its "grouped_tma" variant switches them on).
     tma_store = (d.dtype == torch.bfloat16 and c is None and _tma_ok(d)
-                 and (mode != "masked" or _flat_rows_ok(d)))
+                 and (mode != "masked" or _flat_rows_ok(d)) and signal is None
+                 and (mode == "dense" or not pdl or GROUPED_TMA_STORE_UNDER_PDL))
     return m, n, k, groups, tma_store
 
 
@@ -1551,7 +1565,7 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     one (capturable in a CUDA graph); the returned tile is the first launch's.
     """
     mode_id = _MODES[mode]
-    m, n, k, groups, tma_store = _problem(mode, a, b, d, c)
+    m, n, k, groups, tma_store = _problem(mode, a, b, d, c, signal, pdl)
     cfg = config if config is not None else _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms)
     if mode == "dense" and config is None and not pdl and m > 0:
         nm = split_n_columns(m, n, k, cfg, num_sms)
@@ -1575,16 +1589,15 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     if cfg.bn_tail and not (cfg.block_m == 128 and cfg.block_n == 128 and not cfg.wide_n
                             and tail_ok(n, cfg.bn_tail, signal=signal is not None, pdl=pdl)):
         cfg = dataclasses.replace(cfg, bn_tail=0)
-    if signal is not None:
-        tma_store = False       # each SBO signal must follow its block's stores: register stores, then the release
-    if pdl and mode != "dense" and not GROUPED_TMA_STORE_UNDER_PDL:
-        # Grouped calls after the FP4 convert keep the register stores they passed the PDL tests with: the
-        # session that added the grouped TMA stores ran out of device time before test_pdl_gpu.py ran on them
-        # (its "grouped_tma" variant switches them on).
-        tma_store = False
     if cfg.bn_tail:
         tma_store = False       # the tail kernel stores through registers
         fit = tail_config(cfg.bn_tail, out_bytes=d.element_size()).stages
+        cfg = dataclasses.replace(cfg, stages=min(cfg.stages, fit))
+    sa_smem = cfg.sa_smem and not cfg.wide_n and not cfg.bn_tail
+    if sa_smem:
+        # A's scales take BLOCK_M floats of every stage: as many stages as still fit
+        fit = _stages(cfg.block_m, cfg.block_n,
+                      _epi_bytes(cfg.block_m, cfg.block_n, tma_store, d.element_size(), c is not None), sa_smem=True)
         cfg = dataclasses.replace(cfg, stages=min(cfg.stages, fit))
     bm, bn = cfg.block_m, cfg.block_n
     if m == 0 or n == 0 or groups == 0:
@@ -1615,7 +1628,7 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         MODE=mode_id, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages,
         TMA_STORE=tma_store, HAS_C=c is not None, HAS_SIGNAL=signal is not None,
         SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate and not cfg.wide_n, PRODUCER_REGS=cfg.producer_regs,
-        WIDE_N=cfg.wide_n, SA_SMEM=cfg.sa_smem and not cfg.wide_n and not cfg.bn_tail,
+        WIDE_N=cfg.wide_n, SA_SMEM=sa_smem,
         num_warps=cfg.num_warps, maxnreg=cfg.maxnreg, **tail,
         **({"PDL_WAIT": True, "launch_pdl": True} if pdl else {}),
     )

@@ -67,6 +67,31 @@ def test_tma_store_decision():
     assert tma("masked", a3, b3, torch.zeros(3, 64, 128, dtype=bf16))
     assert not tma("masked", a3, b3, torch.zeros(3, 80, 128, dtype=bf16)[:, :64])            # groups apart
     assert not tma("masked", a3, b3, torch.zeros(3, 64, 128))
+    # an SBO signal: register stores (each signal follows its block's stores)
+    d3 = torch.zeros(3, 64, 128, dtype=bf16)
+    assert not gg._problem("masked", a3, b3, d3, None, signal=torch.zeros(3, dtype=torch.int32))[4]
+    # PDL (the FP4 convert route): grouped calls keep register stores unless GROUPED_TMA_STORE_UNDER_PDL
+    assert not gg._problem("masked", a3, b3, d3, None, pdl=True)[4]
+    assert not gg._problem("contiguous", a2, b3, torch.zeros(256, 128, dtype=bf16), None, pdl=True)[4]
+    assert gg._problem("dense", a2, b2, torch.zeros(256, 128, dtype=bf16), None, pdl=True)[4]
+    old = gg.GROUPED_TMA_STORE_UNDER_PDL
+    try:
+        gg.GROUPED_TMA_STORE_UNDER_PDL = True
+        assert gg._problem("masked", a3, b3, d3, None, pdl=True)[4]
+    finally:
+        gg.GROUPED_TMA_STORE_UNDER_PDL = old
+
+
+def test_stages_count_a_scales_only_with_sa_smem():
+    """A stage holds the A and B boxes, and A's scales only for the SA_SMEM kernel (launch then keeps the stages
+    that still fit): the configs picked without it keep their stage counts."""
+    assert gg._stages(128, 16, 128 * 16 * 2) == 12 and gg._stages(128, 16, 128 * 16 * 2, sa_smem=True) == 11
+    assert gg._stages(128, 128, 128 * 128 * 2) == gg._stages(128, 128, 128 * 128 * 2, sa_smem=True) == 5
+    for bm in (64, 128):
+        for bn in (16, 32, 64, 128):
+            epi = gg._epi_bytes(bm, bn, True, 2, False)
+            stages = gg._stages(bm, bn, epi, sa_smem=True)
+            assert stages * ((bm + bn) * gg.BLOCK_K + 4 * bm) + epi <= gg._SMEM_BUDGET
 
 
 def test_pick_config_wide_is_opt_in():
@@ -129,7 +154,9 @@ def test_aot_sm90a(tmp_path, mode, bm, bn, tma_store, out, has_c, signal, k_rota
     """Every variant compiles for sm_90a with FP8 QGMMAs, no local memory, the MMAs asynchronous; with A's
     scales through shared memory (SA_SMEM, the default) the producer's cp.async copies arrive on the stage's
     full barrier; without (the probe's and DIAG's kernel) there is no cp.async at all."""
-    cfg = gg.GluonConfig(bm, bn, gg._stages(bm, bn, bm * bn * 4), 8 if bm == 128 else 4, k_rotate=k_rotate)
+    # the stages launch gives it (A's scales take room in each stage with SA_SMEM)
+    cfg = gg.GluonConfig(bm, bn, gg._stages(bm, bn, bm * bn * 4, sa_smem=sa_smem), 8 if bm == 128 else 4,
+                         k_rotate=k_rotate)
     constexprs = dict(MODE=gg._MODES[mode], BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages,
                       TMA_STORE=tma_store, HAS_C=has_c, HAS_SIGNAL=signal, SB_SCALAR=(128 % bn == 0),
                       K_ROTATE=k_rotate, PRODUCER_REGS=cfg.producer_regs, SA_SMEM=sa_smem)
