@@ -4,8 +4,8 @@ ANCHORS.md (m = 64, 128, 4096) and masked grouped rows, DeepGEMM beside where ``
 
     PYTHONPATH=. python3 benchmarks/sa_smem_ab.py [--only dense|masked] [--out DIR]
 
-Prediction (benchmarks/small_m_diag.py, DIAG 6 on an H100: the A-scale loads cost 1.2-1.5x at m = 64/128 and 8%
-at 4096x4096x7168): m = 64/128 rows 1.2-1.4x faster (near DeepGEMM's µs), m = 4096 rows 3-8% faster.
+Prediction (benchmarks/small_m_diag.py on an H100, DIAG 6: the A-scale loads cost 1.17-1.31x at m = 64/128 and
+7-8% at 4096x4096x7168): m = 64/128 rows 1.15-1.3x faster, m = 4096 rows 3-8% faster.
 Every run is NaN-poisoned and checked against the reference, then timed in interleaved rounds (CUDA-graph
 replays, L2 flushed); A's scales row-major (as the library's benchmark passes them) and MN-major.
 """
