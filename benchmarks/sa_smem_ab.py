@@ -1,8 +1,10 @@
 """A/B: A's scales through shared memory (``GluonConfig.sa_smem``, the producer's cp.async with each stage) against
 the consumer's global loads two slices ahead (the default until this A/B says otherwise), on the dense shapes of
-ANCHORS.md (m = 64, 128, 4096) and masked grouped rows, DeepGEMM beside where ``import deep_gemm`` works.
+ANCHORS.md (m = 64, 128, 4096; beside them at m <= 128 the split-K Triton kernel the public API picks there),
+masked and contiguous grouped rows with A's scales row-major and MN-major, DeepGEMM beside where
+``import deep_gemm`` works.
 
-    PYTHONPATH=. python3 benchmarks/sa_smem_ab.py [--only dense|masked] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/sa_smem_ab.py [--only dense,masked,contiguous] [--ms 64,128,4096] [--out DIR]
 
 Prediction (benchmarks/small_m_diag.py on an H100, DIAG 6: the A-scale loads cost 1.17-1.31x at m = 64/128 and
 7-8% at 4096x4096x7168): m = 64/128 rows 1.15-1.3x faster, m = 4096 rows 3-8% faster.
@@ -26,13 +28,20 @@ from fp8gemm import reference as R  # noqa: E402
 from fp8gemm.bench.core import ab_header, ab_rounds  # noqa: E402
 from fp8gemm.bench.suite_gemm import DENSE_NK, cublas_us, dense_operands  # noqa: E402
 from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
+from fp8gemm.kernels import gemm_skinny as S  # noqa: E402
 
 MASKED = [(6, 1024, 4096, 2048), (32, 192, 4096, 4096), (32, 20, 4096, 7168), (6, 20, 7168, 3072)]
+CONTIGUOUS = [(8, 4096, 4096, 7168), (4, 8192, 7168, 2048)]      # (groups, rows a group, n, k)
+
+
+def _mn(sf):
+    """The same scales MN-major (the M dimension contiguous), any leading group dimension kept."""
+    return sf.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="dense,masked")
+    ap.add_argument("--only", default="dense,masked,contiguous")
     ap.add_argument("--ms", default="64,128,4096")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -51,6 +60,9 @@ def main():
                         c = dataclasses.replace(cfg, sa_smem=sa)
                         runs[f"{tag} {'sa_smem' if sa else 'sa_global'}"] = (
                             lambda sfa=sfa, c=c: G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms, config=c))
+                if m <= 128 and S.pays(m, n, k, num_sms):
+                    # what the public API runs at this size today: the split-K swap-A/B Triton kernel
+                    runs["skinny"] = lambda: S.launch(a, sfa_mn, b, sfb, d, num_sms)
                 if dg is not None:
                     runs["DeepGEMM"] = lambda: dg.fp8_gemm_nt((a, sfa_mn), (b, sfb), d)
                 rows += ab_rounds(f"m{m} n{n} k{k}", runs, d, R.fp8_gemm_nt(a, sfa_mn, b, sfb), args.rounds,
@@ -67,10 +79,11 @@ def main():
             d = torch.empty(g, max_m, n, dtype=torch.bfloat16, device="cuda")
             cfg = G._config_for("masked", a, b, d, None, e, 256, num_sms)
             runs = {}
-            for sa in (False, True):
-                c = dataclasses.replace(cfg, sa_smem=sa)
-                runs["sa_smem" if sa else "sa_global"] = (lambda c=c: G.launch(
-                    "masked", a, sfa, b, sfb, d, masked_m=masked_m, expected_m=e, num_sms=num_sms, config=c))
+            for tag, sf in (("row", sfa), ("mn", _mn(sfa))):
+                for sa in (False, True):
+                    c = dataclasses.replace(cfg, sa_smem=sa)
+                    runs[f"{tag} {'sa_smem' if sa else 'sa_global'}"] = (lambda c=c, sf=sf: G.launch(
+                        "masked", a, sf, b, sfb, d, masked_m=masked_m, expected_m=e, num_sms=num_sms, config=c))
             if dg is not None:
                 sfa_mn = sfa.transpose(1, 2).contiguous().transpose(1, 2)
                 runs["DeepGEMM"] = lambda: dg.m_grouped_fp8_gemm_nt_masked((a, sfa_mn), (b, sfb), d, masked_m, e)
@@ -78,6 +91,26 @@ def main():
             # rows past masked_m are never written: poison and compare the valid rows only (a view of d)
             rows += ab_rounds(f"masked g{g} e{e} n{n} k{k}", runs, d[:, :e], want[:, :e], args.rounds,
                               nbytes=g * n * k + g * e * k + 2 * g * e * n)
+    if "contiguous" in args.only:
+        for g, per, n, k in CONTIGUOUS:
+            m = g * per
+            m_indices = torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(per)
+            a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
+            b = torch.randn(g, n, k, device="cuda").to(torch.float8_e4m3fn)
+            sfa = torch.rand(m, k // 128, device="cuda") + 0.5
+            sfb = torch.rand(g, math.ceil(n / 128), k // 128, device="cuda") + 0.5
+            d = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+            cfg = G._config_for("contiguous", a, b, d, None, None, 256, num_sms)
+            runs = {}
+            for tag, sf in (("row", sfa), ("mn", _mn(sfa))):
+                for sa in (False, True):
+                    c = dataclasses.replace(cfg, sa_smem=sa)
+                    runs[f"{tag} {'sa_smem' if sa else 'sa_global'}"] = (lambda c=c, sf=sf: G.launch(
+                        "contiguous", a, sf, b, sfb, d, m_indices=m_indices, num_sms=num_sms, config=c))
+            if dg is not None:
+                runs["DeepGEMM"] = lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, _mn(sfa)), (b, sfb), d, m_indices)
+            want = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, torch.zeros_like(d))
+            rows += ab_rounds(f"contig g{g} m{per} n{n} k{k}", runs, d, want, args.rounds, flops=2.0 * m * n * k)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sa_smem_ab.json"), "w") as f:
         json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)

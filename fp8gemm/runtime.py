@@ -16,10 +16,10 @@ Settings (environment variables, read when first needed):
     ``1`` turns on extra checks that synchronise with the host (e.g. that contiguous-layout
     segments are aligned).  Never use it under CUDA-graph capture.
 ``FP8GEMM_GLUON_SA_SMEM``
-    ``1`` (experimental, default ``0``): the Gluon GEMM brings A's scales into shared memory with each pipeline
-    stage instead of loading them from global memory in the consumer (``GluonConfig.sa_smem``).  Built in
-    session 8 to remove what the small-m GEMMs lose to DeepGEMM; not yet checked and measured on a GPU in its
-    final form (benchmarks/RESULTS.md, session 8).
+    Unset (default): the Gluon GEMM brings A's scales into shared memory with each pipeline stage (instead of
+    loading them from global memory in the consumer) where it measured faster: MN-major scales, and row-major
+    ones for dense calls of at most 256 rows (``gemm_gluon.sa_smem_pays``; benchmarks/RESULTS.md, session 9).
+    ``1`` forces it on for every call of the plain kernel, ``0`` off (A/Bs).
 ``TRITON_INTERPRET``
     ``1`` runs every Triton kernel in Triton's CPU interpreter (tests, the demo without a GPU).
     It must be set before :mod:`fp8gemm` is imported.
@@ -48,9 +48,15 @@ def debug_checks() -> bool:
     return os.environ.get("FP8GEMM_DEBUG", "0") == "1"
 
 
-def gluon_sa_smem() -> bool:
-    """``FP8GEMM_GLUON_SA_SMEM=1``: the default of ``GluonConfig.sa_smem`` (A's scales through shared memory)."""
-    return os.environ.get("FP8GEMM_GLUON_SA_SMEM", "0") == "1"
+def gluon_sa_smem() -> bool | None:
+    """``FP8GEMM_GLUON_SA_SMEM``: True (``1``) or False (``0``) forces A's scales through shared memory on or off
+    for the Gluon GEMM; None (unset or empty): the kernel decides per call."""
+    value = os.environ.get("FP8GEMM_GLUON_SA_SMEM", "").strip()
+    if value == "":
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"FP8GEMM_GLUON_SA_SMEM must be 0, 1 or unset, got {value!r}")
+    return value == "1"
 
 
 def backend() -> str:

@@ -88,7 +88,10 @@ def dense_cases(quick: bool) -> list[Case]:
                 fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
                 return calc_diff(d, R.fp8_gemm_nt(a, sfa, b, sfb))
 
-            impls = {"fp8gemm": ours}
+            # the same call with A's scales MN-major (DeepGEMM's layout; sglang passes them so): the Gluon kernel
+            # then brings them through shared memory at every size (gemm_gluon.sa_smem_pays)
+            impls = {"fp8gemm": ours, "fp8gemm[mn]": lambda a=a, s=sfa_cm, b=b, sb=sfb, d=d:
+                     fp8gemm.fp8_gemm_nt((a, s), (b, sb), d)}
             if cublas is not None and m > 1:
                 impls["cuBLAS"] = lambda a=a, s=sfa_cm, b=b, sb=sfb.t(): cublas(a, s, b, sb)
             if dg is not None:

@@ -83,10 +83,18 @@ MODE_CONTIGUOUS = 2
 _MODES = {"dense": MODE_DENSE, "masked": MODE_MASKED, "contiguous": MODE_CONTIGUOUS}
 
 BLOCK_K = 128
-# Grouped GEMMs under PDL (the FP4 convert route) store full blocks by TMA too; off until test_pdl_gpu.py has
-# passed with it (see launch).
-GROUPED_TMA_STORE_UNDER_PDL = False
+# Grouped GEMMs under PDL (the FP4 convert route) store full blocks by TMA too: test_pdl_gpu.py's "grouped_tma"
+# variant passed on an H200 (session 9), so it is on.
+GROUPED_TMA_STORE_UNDER_PDL = True
 _SMEM_BUDGET = 220 * 1024     # of the 227 KB an H100/H200 block may use; the rest is barriers and scratch
+_SMEM_LIMIT = 227 * 1024      # what a block may use at all (the launch fails above it)
+# A's scales through shared memory (SA_SMEM) when the call's own config does not say (GluonConfig.sa_smem None)
+# and FP8GEMM_GLUON_SA_SMEM is unset.  H200, benchmarks/sa_smem_ab.py (RESULTS.md session 9): with MN-major
+# scales (DeepGEMM's layout) 1.05-1.36x faster on every dense row but two ties; with row-major scales 1.13-1.16x
+# faster at m = 64/128 on the k = 7168 rows (within 2.3% elsewhere) and 3-7% slower at m = 4096 (each row's 128
+# scales then come from 128 rows).  Grouped calls: off until measured.
+SA_SMEM_ROW_MAJOR_MAX_M = 256
+SA_SMEM_GROUPED = False
 
 # Cycle probe (``PROBE=True``, diagnostics only: benchmarks/gluon_probe.py).  int64 buffer, per program
 # PROBE_ROWS rows of PROBE_SLICES x PROBE_EVENTS timestamps: row 0/1 = consumer warpgroup 0/1, row 2 = the
@@ -1222,9 +1230,9 @@ class GluonConfig:
     # to the plain 128x128 kernel otherwise.
     bn_tail: int = 0
     # A's scales through shared memory with each stage (``SA_SMEM``; the plain kernel only: the wide, split
-    # and tail kernels load them as before).  Off by default until measured and checked on a GPU
-    # (FP8GEMM_GLUON_SA_SMEM=1 turns it on for an A/B, see runtime.gluon_sa_smem).
-    sa_smem: bool = dataclasses.field(default_factory=lambda: runtime.gluon_sa_smem())
+    # and tail kernels load them as before).  None: FP8GEMM_GLUON_SA_SMEM if set (runtime.gluon_sa_smem), else
+    # by the call's scale layout and size (:func:`sa_smem_pays`), decided in ``launch``.
+    sa_smem: bool | None = None
 
     @property
     def split(self) -> bool:
@@ -1271,9 +1279,34 @@ def _stages(bm: int, bn: int, epi_bytes: int, sa_smem: bool = False) -> int:
     return max(2, min(16, (_SMEM_BUDGET - epi_bytes) // stage))
 
 
-def _epi_bytes(bm: int, bn: int, tma_store: bool, out_bytes: int, has_c: bool) -> int:
-    """Shared memory of the epilogue: the TMA store's tile, or the layout conversion's scratch (FP32 with C)."""
-    return bm * bn * out_bytes if tma_store else bm * bn * (4 if (has_c or out_bytes == 4) else 2)
+def _epi_bytes(bm: int, bn: int, tma_store: bool, out_bytes: int, has_c: bool, grouped: bool = False) -> int:
+    """Shared memory of the epilogue: the TMA store's tile, or the layout conversion's scratch (FP32 with C);
+    a grouped call with TMA stores has both (its partial blocks go out through registers)."""
+    regs = bm * bn * (4 if (has_c or out_bytes == 4) else 2)
+    if not tma_store:
+        return regs
+    return bm * bn * out_bytes + (regs if grouped else 0)
+
+
+def _fit_stages(bm: int, bn: int, stages: int, epi_bytes: int, sa_smem: bool) -> int:
+    """``stages`` lowered until the kernel's shared memory fits the block limit: the stages, two barriers a stage
+    (16 bytes), the epilogue's buffers, and a small reserve (the compiler's other barriers: 92-220 bytes
+    measured on the AOT builds).  The picks use the rounder _SMEM_BUDGET; this is the hard check (a grouped
+    64x64 tile with A's scales in shared memory and both epilogue buffers went 476 bytes over at 13 stages)."""
+    stage = (bm + bn) * BLOCK_K + (4 * bm if sa_smem else 0) + 16
+    while stages > 2 and stages * stage + epi_bytes + 256 > _SMEM_LIMIT:
+        stages -= 1
+    return stages
+
+
+def sa_smem_pays(mode: str, m: int, sfa) -> bool:
+    """Whether A's scales should come through shared memory for this call (see SA_SMEM_ROW_MAJOR_MAX_M):
+    MN-major scales (M contiguous) always, row-major ones for small dense calls; grouped calls only while
+    SA_SMEM_GROUPED."""
+    if mode != "dense" and not SA_SMEM_GROUPED:
+        return False
+    mn_major = sfa.stride(-2) == 1 and sfa.shape[-1] > 1
+    return mn_major or (mode == "dense" and m <= SA_SMEM_ROW_MAJOR_MAX_M)
 
 
 _WIDE_SMEM = 227 * 1024 - 2048      # barriers + warp_specialize captures fit in the last 2 KB
@@ -1498,12 +1531,10 @@ def _problem(mode, a, b, d, c, signal=None, pdl: bool = False):
         groups, m = a.shape[0], a.shape[1]
     else:
         m, groups = a.shape[0], b.shape[0]
-    # Grouped calls store their full blocks by TMA too (the kernel keeps register stores for partial ones);
-    # the masked layout's D must then be one [G * max_m, N] matrix.  Not with an SBO signal: each signal must
-    # follow its block's stores (register stores, then the release).  Not for grouped calls under PDL (the FP4
-    # convert route) unless GROUPED_TMA_STORE_UNDER_PDL: they keep the register stores they passed the PDL
-    # tests with; the session that added the grouped TMA stores ran out of device time before test_pdl_gpu.py
-    # ran on them (its "grouped_tma" variant switches them on).
+    # Grouped calls store their full blocks by TMA too (the kernel keeps register stores for partial ones); the
+    # masked layout's D must then be one [G * max_m, N] matrix.  Not with an SBO signal: each signal must follow
+    # its block's stores (register stores, then the release).  Grouped calls under PDL (the FP4 convert route)
+    # only while GROUPED_TMA_STORE_UNDER_PDL.
     tma_store = (d.dtype == torch.bfloat16 and c is None and _tma_ok(d)
                  and (mode != "masked" or _flat_rows_ok(d)) and signal is None
                  and (mode == "dense" or not pdl or GROUPED_TMA_STORE_UNDER_PDL))
@@ -1593,12 +1624,20 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         tma_store = False       # the tail kernel stores through registers
         fit = tail_config(cfg.bn_tail, out_bytes=d.element_size()).stages
         cfg = dataclasses.replace(cfg, stages=min(cfg.stages, fit))
-    sa_smem = cfg.sa_smem and not cfg.wide_n and not cfg.bn_tail
+    sa_smem = cfg.sa_smem
+    if sa_smem is None:
+        sa_smem = runtime.gluon_sa_smem()
+        if sa_smem is None:
+            sa_smem = sa_smem_pays(mode, m, sfa)
+    sa_smem = sa_smem and not cfg.wide_n and not cfg.bn_tail
     if sa_smem:
         # A's scales take BLOCK_M floats of every stage: as many stages as still fit
         fit = _stages(cfg.block_m, cfg.block_n,
                       _epi_bytes(cfg.block_m, cfg.block_n, tma_store, d.element_size(), c is not None), sa_smem=True)
         cfg = dataclasses.replace(cfg, stages=min(cfg.stages, fit))
+    if not cfg.wide_n and not cfg.bn_tail:
+        epi = _epi_bytes(cfg.block_m, cfg.block_n, tma_store, d.element_size(), c is not None, mode != "dense")
+        cfg = dataclasses.replace(cfg, stages=_fit_stages(cfg.block_m, cfg.block_n, cfg.stages, epi, sa_smem))
     bm, bn = cfg.block_m, cfg.block_n
     if m == 0 or n == 0 or groups == 0:
         return bm, bn

@@ -70,14 +70,18 @@ def test_tma_store_decision():
     # an SBO signal: register stores (each signal follows its block's stores)
     d3 = torch.zeros(3, 64, 128, dtype=bf16)
     assert not gg._problem("masked", a3, b3, d3, None, signal=torch.zeros(3, dtype=torch.int32))[4]
-    # PDL (the FP4 convert route): grouped calls keep register stores unless GROUPED_TMA_STORE_UNDER_PDL
-    assert not gg._problem("masked", a3, b3, d3, None, pdl=True)[4]
-    assert not gg._problem("contiguous", a2, b3, torch.zeros(256, 128, dtype=bf16), None, pdl=True)[4]
+    # PDL (the FP4 convert route): grouped calls store by TMA while GROUPED_TMA_STORE_UNDER_PDL (on since
+    # test_pdl_gpu.py passed with it, session 9), register stores without it
+    assert gg.GROUPED_TMA_STORE_UNDER_PDL is True
+    assert gg._problem("masked", a3, b3, d3, None, pdl=True)[4]
+    assert gg._problem("contiguous", a2, b3, torch.zeros(256, 128, dtype=bf16), None, pdl=True)[4]
     assert gg._problem("dense", a2, b2, torch.zeros(256, 128, dtype=bf16), None, pdl=True)[4]
     old = gg.GROUPED_TMA_STORE_UNDER_PDL
     try:
-        gg.GROUPED_TMA_STORE_UNDER_PDL = True
-        assert gg._problem("masked", a3, b3, d3, None, pdl=True)[4]
+        gg.GROUPED_TMA_STORE_UNDER_PDL = False
+        assert not gg._problem("masked", a3, b3, d3, None, pdl=True)[4]
+        assert not gg._problem("contiguous", a2, b3, torch.zeros(256, 128, dtype=bf16), None, pdl=True)[4]
+        assert gg._problem("dense", a2, b2, torch.zeros(256, 128, dtype=bf16), None, pdl=True)[4]
     finally:
         gg.GROUPED_TMA_STORE_UNDER_PDL = old
 
@@ -92,6 +96,49 @@ def test_stages_count_a_scales_only_with_sa_smem():
             epi = gg._epi_bytes(bm, bn, True, 2, False)
             stages = gg._stages(bm, bn, epi, sa_smem=True)
             assert stages * ((bm + bn) * gg.BLOCK_K + 4 * bm) + epi <= gg._SMEM_BUDGET
+
+
+def test_fit_stages_counts_both_grouped_epilogue_buffers():
+    """launch's hard check (:func:`gemm_gluon._fit_stages`): a grouped call with TMA stores has the TMA tile and
+    the register stores' scratch.  The masked decode tile (64x64, 13 stages) with A's scales in shared memory
+    asked 232924 bytes of the 232448 an H200 block may use (test_pdl_gpu.py, session 9): one stage less now;
+    the picks that fit keep their stages."""
+    epi_grouped = gg._epi_bytes(64, 64, True, 2, False, grouped=True)
+    assert epi_grouped == 64 * 64 * 2 * 2 and gg._epi_bytes(64, 64, True, 2, False) == 64 * 64 * 2
+    assert gg._fit_stages(64, 64, 13, epi_grouped, sa_smem=True) == 12
+    assert gg._fit_stages(64, 64, 13, epi_grouped, sa_smem=False) == 13       # 229596 bytes measured: fits
+    assert gg._fit_stages(128, 128, 5, gg._epi_bytes(128, 128, True, 2, False, grouped=True), sa_smem=True) == 5
+    assert gg._fit_stages(128, 128, 5, gg._epi_bytes(128, 128, True, 2, False), sa_smem=False) == 5
+    for bm in (64, 128):
+        for bn in (16, 32, 64, 128):
+            for tma in (False, True):
+                for sa in (False, True):
+                    epi = gg._epi_bytes(bm, bn, tma, 2, False, grouped=True)
+                    st = gg._fit_stages(bm, bn, 16, epi, sa)
+                    assert st * ((bm + bn) * gg.BLOCK_K + (4 * bm if sa else 0) + 16) + epi + 256 <= 227 * 1024
+
+
+def test_sa_smem_policy(monkeypatch):
+    """Where A's scales go through shared memory by default (measured, RESULTS.md session 9): MN-major scales,
+    row-major ones only for dense calls of at most 256 rows; grouped calls not yet; the environment forces
+    either way and rejects anything but 0/1."""
+    mn = torch.empty(56, 4096).t()                 # [4096, 56], M contiguous
+    row = torch.empty(4096, 56)
+    assert gg.sa_smem_pays("dense", 4096, mn) and not gg.sa_smem_pays("dense", 4096, row)
+    assert gg.sa_smem_pays("dense", 128, row[:128]) and gg.sa_smem_pays("dense", 256, row[:256])
+    assert not gg.sa_smem_pays("dense", 257, row[:257])
+    g_mn = torch.empty(4, 56, 512).transpose(1, 2)
+    assert gg.sa_smem_pays("masked", 512, g_mn) == gg.SA_SMEM_GROUPED
+    assert not gg.sa_smem_pays("masked", 64, torch.empty(4, 64, 56))
+    monkeypatch.delenv("FP8GEMM_GLUON_SA_SMEM", raising=False)
+    assert gg.runtime.gluon_sa_smem() is None
+    monkeypatch.setenv("FP8GEMM_GLUON_SA_SMEM", "0")
+    assert gg.runtime.gluon_sa_smem() is False
+    monkeypatch.setenv("FP8GEMM_GLUON_SA_SMEM", "1")
+    assert gg.runtime.gluon_sa_smem() is True
+    monkeypatch.setenv("FP8GEMM_GLUON_SA_SMEM", "yes")
+    with pytest.raises(ValueError, match="FP8GEMM_GLUON_SA_SMEM"):
+        gg.runtime.gluon_sa_smem()
 
 
 def test_pick_config_wide_is_opt_in():
@@ -224,12 +271,12 @@ _CLOCK_SASS = re.compile(r"SR_CLOCK|SR_GLOBALTIMER|CLOCKLO|CLOCKHI")
 
 
 def _compile_prod_128(probe=None, sa_smem=None):
-    """The dense 128x128 kernel of 4096x4096x7168; ``sa_smem`` None: as launch builds it by default (A's scales
-    loaded from global memory; SA_SMEM is opt-in until measured on a GPU)."""
+    """The dense 128x128 kernel of 4096x4096x7168; ``sa_smem`` None: as launch builds it for row-major scales (A's
+    scales loaded from global memory, :func:`gemm_gluon.sa_smem_pays`)."""
     cfg = gg.pick_config("dense", 4096, 4096, 7168, tma_store=True)
     assert (cfg.block_m, cfg.block_n, cfg.stages, cfg.num_warps) == (128, 128, 5, 8)
     if sa_smem is None:
-        sa_smem = cfg.sa_smem and not probe
+        sa_smem = gg.sa_smem_pays("dense", 4096, torch.empty(4096, 56)) and not probe
     constexprs = dict(MODE=0, BLOCK_M=128, BLOCK_N=128, GROUP_M=cfg.group_m, STAGES=cfg.stages, TMA_STORE=True,
                       HAS_C=False, HAS_SIGNAL=False, SB_SCALAR=True, K_ROTATE=False, PRODUCER_REGS=cfg.producer_regs,
                       SA_SMEM=sa_smem)
@@ -290,8 +337,8 @@ def test_aot_sm90a_probe_off_is_production(tmp_path):
         got = hashlib.sha256(sass.encode()).hexdigest()[:16]
         assert got == want, (f"production SASS changed ({got} != {want}); if the kernel change is deliberate, "
                              "check its SASS and update _PROD_SASS_SHA256")
-    # SA_SMEM is opt-in (GluonConfig.sa_smem); the default kernel is the one measured, byte for byte.
-    assert gg.GluonConfig(128, 128, 5, 8).sa_smem == gg.runtime.gluon_sa_smem()
+    # A config leaves SA_SMEM to launch (sa_smem_pays); with row-major scales this is the kernel measured before.
+    assert gg.GluonConfig(128, 128, 5, 8).sa_smem is None
 
 
 @pytest.mark.parametrize("mode,out,has_c", [("dense", torch.bfloat16, False), ("dense", torch.float32, True),

@@ -254,7 +254,7 @@ def test_grouped_tma_store(kernel_launches):
     assert tma(lambda: check_contiguous([256, 384], 272, 384, config=cfg, holes=(5, 130, 300, 511))) == [True]
 
 
-# A's scales through shared memory (GluonConfig.sa_smem, opt-in: FP8GEMM_GLUON_SA_SMEM=1): every tile shape and
+# A's scales through shared memory (GluonConfig.sa_smem; the default for MN-major scales and small dense calls): every tile shape and
 # mode, K-slice counts odd and even, ragged M and N, and the ANCHORS shapes of each dense tile family.
 @pytest.mark.gpu
 @pytest.mark.sm90

@@ -53,16 +53,15 @@ def _masked_problem(g, max_m, n, k, expected):
     return codes, sbytes, b, sfb, masked_m.cuda(), d
 
 
-@pytest.fixture(params=["default", "grouped_tma", "sa_smem"])
+@pytest.fixture(params=["default", "register_stores", "sa_smem"])
 def gluon_variant(request, monkeypatch):
-    """The PDL route as shipped, and with each opt-in of session 8 switched on: TMA stores of the grouped GEMMs'
-    full blocks under PDL (``gemm_gluon.GROUPED_TMA_STORE_UNDER_PDL``), and A's scales through shared memory
-    (``FP8GEMM_GLUON_SA_SMEM``, with those TMA stores).  When an opt-in passes here and measures faster, it can
-    become the default."""
+    """The PDL route as shipped (TMA stores of the grouped GEMMs' full blocks, ``GROUPED_TMA_STORE_UNDER_PDL``,
+    on since session 9), with register stores only (the route before), and with A's scales through shared memory
+    forced on (``FP8GEMM_GLUON_SA_SMEM``; the grouped calls' default leaves it off)."""
     from fp8gemm import runtime
     from fp8gemm.kernels import gemm_gluon as gg
-    if request.param in ("grouped_tma", "sa_smem"):
-        monkeypatch.setattr(gg, "GROUPED_TMA_STORE_UNDER_PDL", True)
+    if request.param == "register_stores":
+        monkeypatch.setattr(gg, "GROUPED_TMA_STORE_UNDER_PDL", False)
     if request.param == "sa_smem":
         monkeypatch.setattr(runtime, "gluon_sa_smem", lambda: True)
     gg._pick_config.cache_clear()     # its configs carry sa_smem from when they were made
