@@ -29,7 +29,7 @@ step sa_smem_ab 240 python3 benchmarks/sa_smem_ab.py --out "$out"
 if python3 -c "import deep_gemm" 2>/dev/null; then
     step dg_prewarm 150 python3 benchmarks/dg_prewarm.py --procs 3 --suites gemm --filter "$filter"
 fi
-step bench 400 python3 -m fp8gemm bench gemm --rounds 3 --filter "$filter" --out "$out" --tag gemm_rounds3
+step bench 360 python3 -m fp8gemm bench gemm --rounds 3 --filter "$filter" --out "$out" --tag gemm_rounds3
 echo "== summary"
 [[ -f $out/tests.log ]] && tail -n 4 "$out/tests.log"
 [[ -f $out/sa_smem_ab.log ]] && grep -E "sa_global|sa_smem|DeepGEMM" "$out/sa_smem_ab.log" | head -n 60

@@ -6,7 +6,7 @@ Settings (environment variables, read when first needed):
     ``auto`` (default): Gluon kernels on SM90 where one exists for the call and measured faster
     (the grouped/dense GEMMs, the per-channel cast), else Triton; the MQA-logits prefill stays on
     Triton under ``auto`` (its Gluon kernel measured 0.67-0.95x the Triton one and covers fewer forms), and so do
-    dense GEMMs with at most 128 rows where the split-K Triton kernel measured faster
+    dense GEMMs with at most 32 rows where the split-K Triton kernel measured faster
     (``kernels.gemm_skinny.pays``).
     ``triton``: always the portable Triton kernels.  ``gluon``: insist on Gluon (error where there is
     none for the call).

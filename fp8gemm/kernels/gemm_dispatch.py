@@ -34,7 +34,7 @@ USE_PDL = True
 # Dense FP8 calls with at most this many rows take the split-K swap-A/B kernel (:mod:`.gemm_skinny`) where it
 # measured faster than the Gluon kernel (``gemm_skinny.pays``; the persistent Triton kernel is slower than both),
 # on every backend but ``FP8GEMM_BACKEND=gluon``.  0 turns it off (A/B runs flip it).
-SKINNY_MAX_M = 128
+SKINNY_MAX_M = 32
 
 
 @dataclasses.dataclass(frozen=True)

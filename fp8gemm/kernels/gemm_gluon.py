@@ -92,9 +92,10 @@ _SMEM_LIMIT = 227 * 1024      # what a block may use at all (the launch fails ab
 # and FP8GEMM_GLUON_SA_SMEM is unset.  H200, benchmarks/sa_smem_ab.py (RESULTS.md session 9): with MN-major
 # scales (DeepGEMM's layout) 1.05-1.36x faster on every dense row but two ties; with row-major scales 1.13-1.16x
 # faster at m = 64/128 on the k = 7168 rows (within 2.3% elsewhere) and 3-7% slower at m = 4096 (each row's 128
-# scales then come from 128 rows).  Grouped calls: off until measured.
+# scales then come from 128 rows).  Grouped calls with MN-major scales: masked 1.02-1.10x and contiguous
+# 1.03-1.05x faster (row-major: up to 14% slower, so those stay off).
 SA_SMEM_ROW_MAJOR_MAX_M = 256
-SA_SMEM_GROUPED = False
+SA_SMEM_GROUPED = True
 
 # Cycle probe (``PROBE=True``, diagnostics only: benchmarks/gluon_probe.py).  int64 buffer, per program
 # PROBE_ROWS rows of PROBE_SLICES x PROBE_EVENTS timestamps: row 0/1 = consumer warpgroup 0/1, row 2 = the

@@ -127,9 +127,10 @@ def pays(m: int, n: int, k: int, num_sms: int) -> bool:
     """Whether this kernel beats the warp-specialised Gluon one.  Measured on an H100 (benchmarks/RESULTS.md,
     session 5, ``benchmarks/skinny_ab.py``, the planned config against the Gluon kernel): one row, every
     DeepSeek shape 1.02-1.49x; 4-128 rows where the 64 x 64 (weights x tokens) tiles fill at most half the SMs
-    (n 576-4096) 0.98-1.60x; elsewhere with more than one row the Gluon kernel is faster (at n >= 7168 by up
-    to 27%, at 96-128 rows by 15-63%)."""
-    return m == 1 or (m <= 128 and 2 * triton.cdiv(n, 64) * triton.cdiv(m, 64) <= num_sms)
+    (n 576-4096) 0.98-1.60x.  Since the Gluon kernel takes A's scales through shared memory (session 9, H200,
+    ``benchmarks/sa_smem_ab.py``) it is 1.04-1.33x faster than this one at 64 and 128 rows on every shape this
+    took, so this keeps at most 32 rows (33-64 rows run the same 64-row tiles in both kernels as 64 do)."""
+    return m == 1 or (m <= 32 and 2 * triton.cdiv(n, 64) * triton.cdiv(m, 64) <= num_sms)
 
 
 def plan(m: int, n: int, k: int, num_sms: int) -> SkinnyConfig:

@@ -69,7 +69,7 @@ def test_skinny_plan_fills_the_sms():
     assert KS.plan(1, 7168, 16384, 132).split == 2
     assert KS.plan(1, 32768, 512, 132).num_stages == 4
     assert KS.pays(1, 7168, 2048, 132) and KS.pays(16, 2112, 7168, 132) and not KS.pays(4, 7168, 2048, 132)
-    assert KS.pays(64, 576, 7168, 132) and KS.pays(128, 576, 7168, 132) and not KS.pays(128, 4096, 7168, 132)
+    assert KS.pays(32, 576, 7168, 132) and not KS.pays(64, 576, 7168, 132) and not KS.pays(128, 576, 7168, 132)
     assert KS.plan(64, 2112, 7168, 132).num_stages == 4
     assert KS.plan(1, 32768, 512, 132).split == 1            # 512 column blocks already
     assert KS.plan(1, 64, 512, 132).split == 1               # at least four slices a program
