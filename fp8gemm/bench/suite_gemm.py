@@ -136,9 +136,12 @@ def masked_cases(quick: bool, overlap: bool = False) -> list[Case]:
                 want = torch.cat([R.fp8_gemm_nt(a[i, :c], sfa[i, :c], b[i], sfb[i]) for i, c in enumerate(counts.tolist())])
                 return calc_diff(got, want)
 
+            sfa_mn = sfa.transpose(1, 2).contiguous().transpose(1, 2)   # DeepGEMM's layout: no transpose timed
             impls = {"fp8gemm": ours}
+            if not overlap:     # the same call with MN-major scales (SA_SMEM on: gemm_gluon.sa_smem_pays)
+                impls["fp8gemm[mn]"] = lambda a=a, s=sfa_mn, b=b, sb=sfb, d=d, mm=masked_m, e=expected: \
+                    fp8gemm.m_grouped_fp8_gemm_nt_masked((a, s), (b, sb), d, mm, e)
             if dg is not None:
-                sfa_mn = sfa.transpose(1, 2).contiguous().transpose(1, 2)   # DeepGEMM's layout: no transpose timed
                 impls["DeepGEMM"] = lambda a=a, b=b, sfa=sfa_mn, sfb=sfb, d=d, mm=masked_m, e=expected: \
                     dg.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, mm, e)
             total = int(counts.sum())
@@ -178,9 +181,11 @@ def contiguous_cases(quick: bool) -> list[Case]:
                 ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, mi, torch.zeros_like(d))
                 return calc_diff(d[ok], ref[ok])
 
-            impls = {"fp8gemm": ours}
+            sfa_mn = sfa.t().contiguous().t()
+            impls = {"fp8gemm": ours, "fp8gemm[mn]": lambda a=a, s=sfa_mn, b=b, sb=sfb, d=d, mi=m_indices:
+                     fp8gemm.m_grouped_fp8_gemm_nt_contiguous((a, s), (b, sb), d, mi)}
             if dg is not None:
-                impls["DeepGEMM"] = lambda a=a, b=b, sfa=sfa.t().contiguous().t(), sfb=sfb, d=d, mi=m_indices: \
+                impls["DeepGEMM"] = lambda a=a, b=b, sfa=sfa_mn, sfb=sfb, d=d, mi=m_indices: \
                     dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), d, mi)
             total = sum(real)
             cases.append(Case("contig", f"g{g} m~{per} n{n} k{k}", 2.0 * total * n * k,
