@@ -3,7 +3,9 @@
 Input: the L1 GEMM output ``h`` BF16 ``[G, max_m, 2 * I]`` (gate in columns ``[0, I)``, up in
 ``[I, 2 I)``) and the per-group valid-row count ``masked_m``.  Output: E4M3 codes ``[G, max_m, I]``
 and FP32 scales ``[G, max_m, ceil(I / 128)]`` of ``silu(gate) * up`` computed in FP32, quantised
-exactly as :func:`fp8gemm.reference.per_token_cast_to_fp8` does (one scale per row per 128 columns).
+exactly as :func:`fp8gemm.reference.per_token_cast_to_fp8` does (one scale per row per 128 columns).  The
+scales may be any strided view: the MoE layer gives an MN-major one (rows contiguous), the layout in which the
+next GEMM takes them through shared memory (``gemm_gluon.sa_smem_pays``).
 Only rows ``< masked_m[g]`` are read and written; every other row is left untouched.
 
 Semantics: :func:`fp8gemm.reference.swiglu_quant_reference`.  The GPU's ``exp`` is an
@@ -24,7 +26,7 @@ from .quant import e4m3_bytes, group_amax, scale_from_amax
 
 @triton.jit
 def swiglu_quant_kernel(h_ptr, q_ptr, sf_ptr, masked_m_ptr, max_m,
-                        stride_hg, stride_hm, stride_qg, stride_qm, stride_sg, stride_sm,
+                        stride_hg, stride_hm, stride_qg, stride_qm, stride_sg, stride_sm, stride_sc,
                         INTER: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
                         USE_UE8M0: tl.constexpr, SOFT_CVT: tl.constexpr):
     g = tl.program_id(0)
@@ -50,11 +52,12 @@ def swiglu_quant_kernel(h_ptr, q_ptr, sf_ptr, masked_m_ptr, max_m,
             sf, inv = scale_from_amax(group_amax(act, 1), 448.0, USE_UE8M0)     # [ROWS]
             q = e4m3_bytes(act * inv[:, None], SOFT_CVT)
             tl.store(q_base + rows64[:, None] * stride_qm + c[None, :], q, mask=mask)
-            tl.store(s_base + rows64 * stride_sm + j, sf, mask=rmask)
+            tl.store(s_base + rows64 * stride_sm + j * stride_sc, sf, mask=rmask)
 
 
 def launch_swiglu_quant(h, q, sf, masked_m, use_ue8m0: bool, soft: bool, num_sms: int) -> None:
-    """``h`` [G, max_m, 2I] BF16, ``q`` [G, max_m, I] (viewed as uint8), ``sf`` [G, max_m, ceil(I/128)] FP32."""
+    """``h`` [G, max_m, 2I] BF16, ``q`` [G, max_m, I] (viewed as uint8), ``sf`` [G, max_m, ceil(I/128)] FP32
+    (any strides: row-major, or MN-major as the MoE layer allocates it)."""
     g, max_m, two_i = h.shape
     if g == 0 or max_m == 0:
         return
@@ -62,5 +65,5 @@ def launch_swiglu_quant(h, q, sf, masked_m, use_ue8m0: bool, soft: bool, num_sms
     split = max(1, min(triton.cdiv(max_m, rows), triton.cdiv(4 * num_sms, g)))
     swiglu_quant_kernel[(g, split)](
         h, q.view(torch.uint8), sf, masked_m, max_m,
-        h.stride(0), h.stride(1), q.stride(0), q.stride(1), sf.stride(0), sf.stride(1),
+        h.stride(0), h.stride(1), q.stride(0), q.stride(1), sf.stride(0), sf.stride(1), sf.stride(2),
         INTER=two_i // 2, ROWS=rows, SPLIT=split, USE_UE8M0=use_ue8m0, SOFT_CVT=soft, num_warps=4)

@@ -89,12 +89,16 @@ def _check_layer(layers, w13, w2, idxs, tokens, overlap, gen):
 
 @pytest.mark.parametrize("inter", [128, 192, 384])
 @pytest.mark.parametrize("use_ue8m0", [False, True])
-def test_swiglu_quant_kernel(inter, use_ue8m0):
+@pytest.mark.parametrize("sf_layout", ["row", "mn"])
+def test_swiglu_quant_kernel(inter, use_ue8m0, sf_layout):
     g, max_m = 3, 11
     h = (torch.randn(g, max_m, 2 * inter) * 3).bfloat16()
     masked_m = torch.tensor([0, 4, 11], dtype=torch.int32)
     q = torch.full((g, max_m, inter), 0x55, dtype=torch.uint8).view(R.FP8)
-    sf = torch.full((g, max_m, -(-inter // 128)), float("nan"))
+    if sf_layout == "mn":       # as the MoE layer allocates them: each column's rows contiguous, rows padded
+        sf = torch.full((g, -(-inter // 128), 12), float("nan")).transpose(1, 2)[:, :max_m]
+    else:
+        sf = torch.full((g, max_m, -(-inter // 128)), float("nan"))
     launch_swiglu_quant(h, q, sf, masked_m, use_ue8m0, soft=True, num_sms=4)
     rq, rsf = RL.swiglu_quant_reference(h, masked_m, use_ue8m0)
     for gi, m in enumerate(masked_m.tolist()):
@@ -610,7 +614,7 @@ def test_swiglu_kernel_compiles_for_sm90():
     from fp8gemm.testing import compile_sm90_in_subprocess
     sig = {"h_ptr": "*bf16", "q_ptr": "*u8", "sf_ptr": "*fp32", "masked_m_ptr": "*i32", "max_m": _I32,
            "stride_hg": _I32, "stride_hm": _I32, "stride_qg": _I32, "stride_qm": _I32, "stride_sg": _I32,
-           "stride_sm": _I32}
+           "stride_sm": _I32, "stride_sc": _I32}
     r = compile_sm90_in_subprocess("fp8gemm.kernels.swiglu", "swiglu_quant_kernel", sig,
                                    {"INTER": 2048, "ROWS": 4, "SPLIT": 8, "USE_UE8M0": False, "SOFT_CVT": False},
                                    divisible_by_16=["h_ptr", "q_ptr", "stride_hg", "stride_hm", "stride_qg",
