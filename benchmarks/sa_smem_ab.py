@@ -1,12 +1,16 @@
 """A/B: A's scales through shared memory (``GluonConfig.sa_smem``, the producer's cp.async with each stage) against
-the consumer's global loads two slices ahead (the default until this A/B says otherwise), on the dense shapes of
+the consumer's global loads two slices ahead, on the dense shapes of
 ANCHORS.md (m = 64, 128, 4096; beside them at m <= 128 the split-K Triton kernel the public API picks there),
 masked and contiguous grouped rows with A's scales row-major and MN-major, DeepGEMM beside where
 ``import deep_gemm`` works.
 
     PYTHONPATH=. python3 benchmarks/sa_smem_ab.py [--only dense,masked,contiguous] [--ms 64,128,4096] [--out DIR]
 
-Prediction (benchmarks/small_m_diag.py on an H100, DIAG 6: the A-scale loads cost 1.17-1.31x at m = 64/128 and
+"row->mn sa_smem" (m > 256 and contiguous rows): the row-major scales copied MN-major inside the timed call, then
+SA_SMEM; prediction from session 9's rows: 3-9% faster than "row sa_global" where the MN-major SA_SMEM run was
+5-11% faster (n2112, n4096, n7168), slower on n576 (the tail kernel has no SA_SMEM) and n32768 k512 (4 slices).
+
+Session 8's prediction (benchmarks/small_m_diag.py on an H100, DIAG 6: the A-scale loads cost 1.17-1.31x at m = 64/128 and
 7-8% at 4096x4096x7168): m = 64/128 rows 1.15-1.3x faster, m = 4096 rows 3-8% faster.
 Every run is NaN-poisoned and checked against the reference, then timed in interleaved rounds (CUDA-graph
 replays, L2 flushed); A's scales row-major (as the library's benchmark passes them) and MN-major.
@@ -60,6 +64,12 @@ def main():
                         c = dataclasses.replace(cfg, sa_smem=sa)
                         runs[f"{tag} {'sa_smem' if sa else 'sa_global'}"] = (
                             lambda sfa=sfa, c=c: G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms, config=c))
+                if m > G.SA_SMEM_ROW_MAJOR_MAX_M:
+                    # row-major scales made MN-major on every call (a copy kernel) so that SA_SMEM pays: the
+                    # candidate default for large row-major calls (the copy is timed with the GEMM)
+                    c = dataclasses.replace(cfg, sa_smem=True)
+                    runs["row->mn sa_smem"] = lambda c=c: G.launch("dense", a, _mn(sfa_row), b, sfb, d,
+                                                                   num_sms=num_sms, config=c)
                 if m <= 128 and S.pays(m, n, k, num_sms):
                     # what the public API runs at this size today: the split-K swap-A/B Triton kernel
                     runs["skinny"] = lambda: S.launch(a, sfa_mn, b, sfb, d, num_sms)
@@ -107,8 +117,12 @@ def main():
                     c = dataclasses.replace(cfg, sa_smem=sa)
                     runs[f"{tag} {'sa_smem' if sa else 'sa_global'}"] = (lambda c=c, sf=sf: G.launch(
                         "contiguous", a, sf, b, sfb, d, m_indices=m_indices, num_sms=num_sms, config=c))
+            c = dataclasses.replace(cfg, sa_smem=True)
+            runs["row->mn sa_smem"] = lambda c=c: G.launch("contiguous", a, _mn(sfa), b, sfb, d, m_indices=m_indices,
+                                                           num_sms=num_sms, config=c)
             if dg is not None:
-                runs["DeepGEMM"] = lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, _mn(sfa)), (b, sfb), d, m_indices)
+                sfa_mn = _mn(sfa)
+                runs["DeepGEMM"] = lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa_mn), (b, sfb), d, m_indices)
             want = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, torch.zeros_like(d))
             rows += ab_rounds(f"contig g{g} m{per} n{n} k{k}", runs, d, want, args.rounds, flops=2.0 * m * n * k)
     os.makedirs(args.out, exist_ok=True)

@@ -20,6 +20,14 @@ Settings (environment variables, read when first needed):
     loading them from global memory in the consumer) where it measured faster: MN-major scales, and row-major
     ones for dense calls of at most 256 rows (``gemm_gluon.sa_smem_pays``; benchmarks/RESULTS.md, session 9).
     ``1`` forces it on for every call of the plain kernel, ``0`` off (A/Bs).
+``FP8GEMM_STREAM_EVICT``, ``FP8GEMM_STORE_EVICT`` (A/B runs only, read at import of
+:mod:`fp8gemm.kernels.quant`)
+    The L2 eviction policy of the casts' input loads (``""`` or ``evict_first``; unset: each cast's measured
+    default) and of the FP8 pre-dispatch's code stores (``""``, ``evict_first`` or a PTX cache modifier such
+    as ``.cs``; unset: plain stores).  :func:`stream_evict`, :func:`store_evict`.
+``FP8GEMM_BENCH_FLUSH``
+    How the benchmarks evict the L2 before each timed call: ``write`` (default, as ``do_bench`` and ANCHORS.md)
+    or ``read`` (:func:`bench_flush`).
 ``TRITON_INTERPRET``
     ``1`` runs every Triton kernel in Triton's CPU interpreter (tests, the demo without a GPU).
     It must be set before :mod:`fp8gemm` is imported.
@@ -57,6 +65,24 @@ def gluon_sa_smem() -> bool | None:
     if value not in ("0", "1"):
         raise ValueError(f"FP8GEMM_GLUON_SA_SMEM must be 0, 1 or unset, got {value!r}")
     return value == "1"
+
+
+def stream_evict() -> str | None:
+    """``FP8GEMM_STREAM_EVICT``: None when unset (each cast keeps its measured policy), else the policy."""
+    return os.environ.get("FP8GEMM_STREAM_EVICT")
+
+
+def store_evict() -> str:
+    """``FP8GEMM_STORE_EVICT``: the FP8 pre-dispatch's code-store policy or cache modifier (``""``: plain)."""
+    return os.environ.get("FP8GEMM_STORE_EVICT", "")
+
+
+def bench_flush() -> str:
+    """``FP8GEMM_BENCH_FLUSH``: ``write`` (default) or ``read``."""
+    value = os.environ.get("FP8GEMM_BENCH_FLUSH", "write")
+    if value not in ("write", "read"):
+        raise ValueError(f"FP8GEMM_BENCH_FLUSH must be 'write' or 'read', got {value!r}")
+    return value
 
 
 def backend() -> str:

@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from .. import runtime
+
 # Ceilings measured on our cards (ANCHORS.md): copy bandwidth (read + write) and FP8 dense TFLOPS.
 CEILINGS = {
     "H100": {"copy_gbs": 3010.0, "fp8_tflops": 1265.0, "bf16_tflops": 761.0},
@@ -69,7 +71,7 @@ def _as_graph(fn: Callable[[], object]) -> Callable[[], object]:
 # lines, which the timed kernel's own traffic may have to write back) or "read" (sum it; the L2 holds clean lines).
 # "write" (do_bench's way, and ANCHORS.md's) is what benchmarks/RESULTS.md uses unless a row says otherwise;
 # "read" isolates a kernel's own bytes.  The environment variable FP8GEMM_BENCH_FLUSH sets the default.
-FLUSH_MODE = os.environ.get("FP8GEMM_BENCH_FLUSH", "write")
+FLUSH_MODE = runtime.bench_flush()
 
 
 def time_us(fn: Callable[[], object], warmup_ms: float = 25.0, rep_ms: float = 100.0,
@@ -280,7 +282,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_results(rows: list[dict], folder: str, tag: str) -> None:
-    import os
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{tag}.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -17,27 +17,25 @@ The UE8M0 FP4 cast needs no division at all: its power-of-two scale comes from t
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ..runtime import backend, get_num_sms, interpreting
+from ..runtime import backend, get_num_sms, interpreting, store_evict, stream_evict
 
 # L2 eviction priority of the casts' input loads (each element is read once).  Measured on an H100 (RESULTS.md,
 # session 4, same card and flush, A/B in one call): evict-first on the input makes the per-channel cast, the
 # FP4 cast and the FP4 pre-dispatch 1-3% faster, and the row-group FP8 casts (per-token, per-block, FP8
 # pre-dispatch) 0-1.5% slower, so each gets the faster one.  FP8GEMM_STREAM_EVICT ("" or "evict_first") sets
 # both, for A/B runs.
-_EVICT_ENV = os.environ.get("FP8GEMM_STREAM_EVICT")
+_EVICT_ENV = stream_evict()
 STREAM_EVICT = tl.constexpr("evict_first" if _EVICT_ENV is None else _EVICT_ENV)    # per-channel, FP4 tiles
 ROWS_EVICT = tl.constexpr("" if _EVICT_ENV is None else _EVICT_ENV)                 # FP8 row-group tiles
 # L2 policy of the FP8 pre-dispatch's code stores, for A/B runs only (benchmarks/evict_ab.py):
 # FP8GEMM_STORE_EVICT "" (plain stores, the default), "evict_first", or a PTX cache modifier such as ".cs".
 # Measured on an H100 (RESULTS.md, session 6, write flush, interleaved rounds in two calls): every setting
 # within 0.0-0.3 us of 38, so the default stays plain.
-_STORE_ENV = os.environ.get("FP8GEMM_STORE_EVICT", "")
+_STORE_ENV = store_evict()
 PRE_STORE_EVICT = tl.constexpr("" if _STORE_ENV.startswith(".") else _STORE_ENV)
 PRE_STORE_CACHE = tl.constexpr(_STORE_ENV if _STORE_ENV.startswith(".") else "")
 

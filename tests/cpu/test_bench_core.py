@@ -1,6 +1,7 @@
 """The A/B loop shared by the benchmark scripts (``fp8gemm.bench.core.ab_rounds``), on the CPU with its
 check and timer replaced: wrong and failing runs are reported and never timed, the others are timed in
 interleaved rounds and their best round is kept."""
+import pytest
 import torch
 
 from fp8gemm.bench import core
@@ -80,3 +81,19 @@ def test_run_cases_interleaves_rounds_and_keeps_the_best(monkeypatch, capsys):
     assert abs(rows["ours"]["speedup_vs_peer"] - 2.0) < 1e-12
     assert rows["broken"]["us"] != rows["broken"]["us"]          # NaN
     assert "time failed" in capsys.readouterr().err
+
+
+def test_environment_knobs_are_read_in_runtime(monkeypatch):
+    """The A/B knobs of the casts and the benchmarks' flush are read through fp8gemm.runtime (the one place the
+    environment is read), with their defaults when unset and a clear error for a bad flush mode."""
+    from fp8gemm import runtime
+    for name in ("FP8GEMM_STREAM_EVICT", "FP8GEMM_STORE_EVICT", "FP8GEMM_BENCH_FLUSH"):
+        monkeypatch.delenv(name, raising=False)
+    assert runtime.stream_evict() is None and runtime.store_evict() == "" and runtime.bench_flush() == "write"
+    monkeypatch.setenv("FP8GEMM_STREAM_EVICT", "")
+    monkeypatch.setenv("FP8GEMM_STORE_EVICT", ".cs")
+    monkeypatch.setenv("FP8GEMM_BENCH_FLUSH", "read")
+    assert runtime.stream_evict() == "" and runtime.store_evict() == ".cs" and runtime.bench_flush() == "read"
+    monkeypatch.setenv("FP8GEMM_BENCH_FLUSH", "none")
+    with pytest.raises(ValueError, match="FP8GEMM_BENCH_FLUSH"):
+        runtime.bench_flush()
