@@ -43,6 +43,17 @@ def _mn(sf):
     return sf.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
+def _layout_runs(cfg, sfa, call) -> dict:
+    """The four runs of a grouped row: A's scales row-major and MN-major, each through global loads and through
+    shared memory; ``call(sf, config)`` launches one."""
+    runs = {}
+    for tag, sf in (("row", sfa), ("mn", _mn(sfa))):
+        for sa in (False, True):
+            c = dataclasses.replace(cfg, sa_smem=sa)
+            runs[f"{tag} {'sa_smem' if sa else 'sa_global'}"] = lambda c=c, sf=sf: call(sf, c)
+    return runs
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="dense,masked,contiguous")
@@ -88,12 +99,8 @@ def main():
             sfb = torch.rand(g, math.ceil(n / 128), k // 128, device="cuda") + 0.5
             d = torch.empty(g, max_m, n, dtype=torch.bfloat16, device="cuda")
             cfg = G._config_for("masked", a, b, d, None, e, 256, num_sms)
-            runs = {}
-            for tag, sf in (("row", sfa), ("mn", _mn(sfa))):
-                for sa in (False, True):
-                    c = dataclasses.replace(cfg, sa_smem=sa)
-                    runs[f"{tag} {'sa_smem' if sa else 'sa_global'}"] = (lambda c=c, sf=sf: G.launch(
-                        "masked", a, sf, b, sfb, d, masked_m=masked_m, expected_m=e, num_sms=num_sms, config=c))
+            runs = _layout_runs(cfg, sfa, lambda sf, c: G.launch(
+                "masked", a, sf, b, sfb, d, masked_m=masked_m, expected_m=e, num_sms=num_sms, config=c))
             if dg is not None:
                 sfa_mn = sfa.transpose(1, 2).contiguous().transpose(1, 2)
                 runs["DeepGEMM"] = lambda: dg.m_grouped_fp8_gemm_nt_masked((a, sfa_mn), (b, sfb), d, masked_m, e)
@@ -111,12 +118,8 @@ def main():
             sfb = torch.rand(g, math.ceil(n / 128), k // 128, device="cuda") + 0.5
             d = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
             cfg = G._config_for("contiguous", a, b, d, None, None, 256, num_sms)
-            runs = {}
-            for tag, sf in (("row", sfa), ("mn", _mn(sfa))):
-                for sa in (False, True):
-                    c = dataclasses.replace(cfg, sa_smem=sa)
-                    runs[f"{tag} {'sa_smem' if sa else 'sa_global'}"] = (lambda c=c, sf=sf: G.launch(
-                        "contiguous", a, sf, b, sfb, d, m_indices=m_indices, num_sms=num_sms, config=c))
+            runs = _layout_runs(cfg, sfa, lambda sf, c: G.launch(
+                "contiguous", a, sf, b, sfb, d, m_indices=m_indices, num_sms=num_sms, config=c))
             c = dataclasses.replace(cfg, sa_smem=True)
             runs["row->mn sa_smem"] = lambda c=c: G.launch("contiguous", a, _mn(sfa), b, sfb, d, m_indices=m_indices,
                                                            num_sms=num_sms, config=c)
