@@ -6,9 +6,9 @@ masked and contiguous grouped rows with A's scales row-major and MN-major, DeepG
 
     PYTHONPATH=. python3 benchmarks/sa_smem_ab.py [--only dense,masked,contiguous] [--ms 64,128,4096] [--out DIR]
 
-"row->mn sa_smem" (m > 256 and contiguous rows): the row-major scales copied MN-major inside the timed call, then
-SA_SMEM; prediction from session 9's rows: 3-9% faster than "row sa_global" where the MN-major SA_SMEM run was
-5-11% faster (n2112, n4096, n7168), slower on n576 (the tail kernel has no SA_SMEM) and n32768 k512 (4 slices).
+"row->mn sa_smem" (m > 256 and contiguous rows): the row-major scales copied MN-major inside the timed call,
+then SA_SMEM, which is what ``gemm_gluon.TRANSPOSE_ROW_MAJOR_FOR_SA`` (opt-in) makes launch do; prediction from
+session 9's rows: 3-9% faster than "row sa_global" where the MN-major SA_SMEM run was 5-11% faster (n2112, n4096, n7168), slower on n576 (the tail kernel has no SA_SMEM) and n32768 k512 (4 slices).
 
 Session 8's prediction (benchmarks/small_m_diag.py on an H100, DIAG 6: the A-scale loads cost 1.17-1.31x at m = 64/128 and
 7-8% at 4096x4096x7168): m = 64/128 rows 1.15-1.3x faster, m = 4096 rows 3-8% faster.

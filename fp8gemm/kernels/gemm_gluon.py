@@ -91,11 +91,15 @@ _SMEM_LIMIT = 227 * 1024      # what a block may use at all (the launch fails ab
 # A's scales through shared memory (SA_SMEM) when the call's own config does not say (GluonConfig.sa_smem None)
 # and FP8GEMM_GLUON_SA_SMEM is unset.  H200, benchmarks/sa_smem_ab.py (RESULTS.md session 9): with MN-major
 # scales (DeepGEMM's layout) 1.05-1.36x faster on every dense row but two ties; with row-major scales 1.13-1.16x
-# faster at m = 64/128 on the k = 7168 rows (within 2.3% elsewhere) and 3-7% slower at m = 4096 (each row's 128
+# faster at m = 64/128 on the k = 7168 rows (within 2.3% elsewhere) and 1-7% slower at m = 4096 (each row's 128
 # scales then come from 128 rows).  Grouped calls with MN-major scales: masked 1.02-1.10x and contiguous
 # 1.03-1.05x faster (row-major: up to 14% slower, so those stay off).
 SA_SMEM_ROW_MAJOR_MAX_M = 256
 SA_SMEM_GROUPED = True
+# Larger dense and contiguous calls with row-major A scales: copy the scales MN-major first (one PyTorch copy
+# kernel, ~1-7 MB) and run SA_SMEM.  Off until measured (benchmarks/sa_smem_ab.py's "row->mn sa_smem" run times
+# the same copy + kernel): predicted 3-9% faster where SA_SMEM with MN-major scales was 5-11% faster.
+TRANSPOSE_ROW_MAJOR_FOR_SA = False
 
 # Cycle probe (``PROBE=True``, diagnostics only: benchmarks/gluon_probe.py).  int64 buffer, per program
 # PROBE_ROWS rows of PROBE_SLICES x PROBE_EVENTS timestamps: row 0/1 = consumer warpgroup 0/1, row 2 = the
@@ -1301,6 +1305,22 @@ def _fit_stages(bm: int, bn: int, stages: int, epi_bytes: int, sa_smem: bool) ->
     return stages
 
 
+def transpose_for_sa(mode: str, m: int, n: int, k: int, sfa, cfg: GluonConfig, *, signal: bool = False,
+                     pdl: bool = False) -> bool:
+    """Whether ``launch`` copies row-major A scales MN-major to run SA_SMEM (``TRANSPOSE_ROW_MAJOR_FOR_SA``): a
+    dense or contiguous call that :func:`sa_smem_pays` leaves off only for its layout, whose kernel has
+    SA_SMEM (not the wide or remainder-tail tiles) and at least 8 K-slices a tile for the copy to pay
+    (4096x32768x512 measured level with MN-major scales); not under PDL (the copy would sit between the kernels
+    it chains) nor with FP8GEMM_GLUON_SA_SMEM set."""
+    if not TRANSPOSE_ROW_MAJOR_FOR_SA or mode == "masked" or pdl or runtime.gluon_sa_smem() is not None:
+        return False
+    if cfg.sa_smem is not None or cfg.wide_n or k // BLOCK_K < 8 or sfa.stride(-1) != 1 or sfa.shape[-1] < 2:
+        return False
+    if cfg.bn_tail and cfg.block_m == 128 and cfg.block_n == 128 and tail_ok(n, cfg.bn_tail, signal=signal, pdl=pdl):
+        return False
+    return not sa_smem_pays(mode, m, sfa)
+
+
 def sa_smem_pays(mode: str, m: int, sfa) -> bool:
     """Whether A's scales should come through shared memory for this call (see SA_SMEM_ROW_MAJOR_MAX_M):
     MN-major scales (M contiguous) always, row-major ones for small dense calls; grouped calls only while
@@ -1600,6 +1620,8 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     mode_id = _MODES[mode]
     m, n, k, groups, tma_store = _problem(mode, a, b, d, c, signal, pdl)
     cfg = config if config is not None else _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms)
+    if m > 0 and transpose_for_sa(mode, m, n, k, sfa, cfg, signal=signal is not None, pdl=pdl):
+        sfa = sfa.transpose(-1, -2).contiguous().transpose(-1, -2)    # sa_smem_pays then says yes
     if mode == "dense" and config is None and not pdl and m > 0:
         nm = split_n_columns(m, n, k, cfg, num_sms)
         if nm:

@@ -392,3 +392,30 @@ def test_tail_rules():
     assert gg.tail_ok(576) and gg.tail_ok(2112) and gg.tail_ok(4096 + 64)
     assert not gg.tail_ok(4096) and not gg.tail_ok(100) and not gg.tail_ok(128 + 64)   # r = 0; r > 16 q
     assert not gg.tail_ok(576, signal=True) and not gg.tail_ok(576, pdl=True) and not gg.tail_ok(584)
+
+
+def test_transpose_for_sa_decision(monkeypatch):
+    """When launch copies row-major A scales MN-major to run SA_SMEM (opt-in TRANSPOSE_ROW_MAJOR_FOR_SA): large
+    dense and contiguous calls with >= 8 K-slices on a kernel that has SA_SMEM; never masked calls, PDL, short K,
+    the remainder-tail or wide tiles, explicit configs, MN-major scales, small calls SA_SMEM already takes, or
+    with the environment override set."""
+    monkeypatch.delenv("FP8GEMM_GLUON_SA_SMEM", raising=False)
+    row, mn = torch.empty(4096, 56), torch.empty(56, 4096).t()
+    cfg = gg.pick_config("dense", 4096, 4096, 7168, tma_store=True)
+    assert gg.TRANSPOSE_ROW_MAJOR_FOR_SA is False
+    assert not gg.transpose_for_sa("dense", 4096, 4096, 7168, row, cfg)
+    monkeypatch.setattr(gg, "TRANSPOSE_ROW_MAJOR_FOR_SA", True)
+    assert gg.transpose_for_sa("dense", 4096, 4096, 7168, row, cfg)
+    assert gg.transpose_for_sa("contiguous", 4096, 4096, 7168, row, cfg)
+    assert not gg.transpose_for_sa("masked", 4096, 4096, 7168, torch.empty(4, 4096, 56), cfg)
+    assert not gg.transpose_for_sa("dense", 4096, 4096, 7168, row, cfg, pdl=True)
+    assert not gg.transpose_for_sa("dense", 4096, 4096, 7168, mn, cfg)
+    assert not gg.transpose_for_sa("dense", 256, 4096, 7168, row[:256], cfg)         # SA_SMEM already
+    assert not gg.transpose_for_sa("dense", 4096, 32768, 512, torch.empty(4096, 4), cfg)
+    assert not gg.transpose_for_sa("dense", 4096, 4096, 7168, row, gg.GluonConfig(128, 128, 5, 8, sa_smem=False))
+    assert not gg.transpose_for_sa("dense", 4096, 4096, 7168, row, gg.wide_config())
+    tail = gg.GluonConfig(128, 128, 5, 8, bn_tail=16)
+    assert not gg.transpose_for_sa("dense", 4096, 576, 7168, row, tail)             # the tail kernel runs
+    assert gg.transpose_for_sa("dense", 4096, 4096, 7168, row, tail)                # no remainder: plain kernel
+    monkeypatch.setenv("FP8GEMM_GLUON_SA_SMEM", "0")
+    assert not gg.transpose_for_sa("dense", 4096, 4096, 7168, row, cfg)

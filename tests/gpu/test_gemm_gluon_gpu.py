@@ -402,3 +402,21 @@ def test_dense_split_n(kw, kernel_launches):
     n0 = len(kernel_launches)
     check_dense(config=cfg, **kw)
     assert len(kernel_launches) - n0 == (2 if kw.get("graph") else 1)   # an explicit config: one launch
+
+
+# Row-major A scales copied MN-major for SA_SMEM (gemm_gluon.TRANSPOSE_ROW_MAJOR_FOR_SA, off until measured):
+# dense (one launch; two launches on two streams for a ragged N) and contiguous calls run the SA_SMEM kernel
+# and stay exact; short K keeps the plain kernel.
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_row_major_scales_transposed_for_sa_smem(kernel_launches, monkeypatch):
+    gg = _gg()
+    monkeypatch.setattr(gg, "TRANSPOSE_ROW_MAJOR_FOR_SA", True)
+    monkeypatch.delenv("FP8GEMM_GLUON_SA_SMEM", raising=False)
+    check_dense(1000, 1024, 1024)
+    check_dense(1000, 2112, 1024)                       # split into two launches: both with SA_SMEM
+    check_contiguous([300, 0, 129, 512], 512, 1024)
+    assert kernel_launches and all(launch["SA_SMEM"] for launch in kernel_launches)
+    kernel_launches.clear()
+    check_dense(1000, 1024, 512)                        # 4 K-slices: no copy, no SA_SMEM at 1000 rows
+    assert kernel_launches and not any(launch["SA_SMEM"] for launch in kernel_launches)

@@ -64,7 +64,7 @@ def gluon_variant(request, monkeypatch):
         monkeypatch.setattr(gg, "GROUPED_TMA_STORE_UNDER_PDL", False)
     if request.param == "sa_smem":
         monkeypatch.setattr(runtime, "gluon_sa_smem", lambda: True)
-    gg._pick_config.cache_clear()     # its configs carry sa_smem from when they were made
+    gg._pick_config.cache_clear()     # picks made under another variant are not reused
     yield request.param
     gg._pick_config.cache_clear()
 
