@@ -175,6 +175,9 @@ def main():
                    help="A/B: ROWS,BLOCK_H of the combine sender's tile (default: EPCommunicator._combine_tiles)")
     p.add_argument("--tail-experts", type=int, default=None,
                    help="A/B: local experts whose combine is sent after the L2 GEMM on every SM (MoELayer; 0 = off)")
+    p.add_argument("--a2-scales", choices=("mn", "row"), default="mn",
+                   help="A/B: the layout of the L2 GEMM's A scales (the layer allocates them MN-major, so that the "
+                        "Gluon GEMM takes them through shared memory; 'row' swaps in a row-major buffer)")
     p.add_argument("--trace", action="store_true",
                    help="after the timings, stamp every combine work item (global timer after its counter wait "
                         "and after its stores) over CUDA-graph replays of the overlapped layer at the largest T; "
@@ -212,9 +215,12 @@ def main():
         EPCommunicator._combine_tiles = lambda self, rows: tile
     comm = EPCommunicator(dist.group.WORLD, num_experts=E, max_tokens_per_rank=max(tokens_list), topk=K, hidden=Hd)
     layer = MoELayer(comm, (w13q, w13s), (w2q, w2s), num_comm_sms=args.comm_sms, tail_experts=args.tail_experts)
+    if args.a2_scales == "row":
+        layer.a2_sf = torch.empty(layer.a2_sf.shape, dtype=torch.float32, device=dev)
     if rank == 0:
         print(f"[bench] setup {time.time() - t_setup:.1f}s, p2p copy-engine {p2p:.0f} GB/s, "
-              f"gemm SMs {layer.num_gemm_sms}, comm SMs {layer.num_comm_sms}, tail experts {layer.tail_experts}",
+              f"gemm SMs {layer.num_gemm_sms}, comm SMs {layer.num_comm_sms}, tail experts {layer.tail_experts}, "
+              f"L2 A scales {args.a2_scales}",
               flush=True)
 
     rows = []
