@@ -129,7 +129,9 @@ def _write_png(path, lanes, spans, width=1200, lane_h=40):
 def _combine_trace(layer, comm, x, idx, w, iters):
     """Per-item stamps of the overlapped combine under CUDA-graph replay (the last replay's): a list of
     ``[launch, local expert, m-block, part, ready µs, done µs]``, times from the earliest ready stamp.
-    ``launch`` is "head" (communication SMs, during the GEMM) or "tail" (every SM, after it)."""
+    ``launch`` is "head" (communication SMs, during the GEMM) or "tail" (every SM, after it).  Then the
+    receive side on the same clock (``EPCommunicator.recv_trace``): rows ``["recv", -1, -1, -1, start, end]`` for
+    the arrival wait and ``["reduce", -1, -1, -1, start, end]`` for the weighted reduce."""
     import math
 
     layer.forward(x, idx, w, overlap=True)                       # block_m of this batch
@@ -138,11 +140,14 @@ def _combine_trace(layer, comm, x, idx, w, iters):
     nb = math.ceil(comm.max_m / bm)
     L = comm.num_local_experts
     comm.combine_trace = torch.zeros(L * nb * max(1, layer.total_sms), 2, dtype=torch.int64, device=comm.device)
+    comm.recv_trace = torch.zeros(4, dtype=torch.int64, device=comm.device)
     try:
         _timed(lambda: layer.forward(x, idx, w, overlap=True, check=False), iters)
         stamps = comm.combine_trace.cpu()
+        recv = comm.recv_trace.tolist()
     finally:
         comm.combine_trace = None
+        comm.recv_trace = None
     em = layer.expected_m(x.shape[0])
     head, tail = layer._combine_launches(bm, 0, em)
     launches = [("head", head)] + ([("tail", tail)] if tail is not None else [])
@@ -157,7 +162,8 @@ def _combine_trace(layer, comm, x, idx, w, iters):
             u, s = divmod(v, parts)
             i, gl = divmod(u, lg)
             out.append([name, g_lo + gl, i, s, ready, done])
-    t0 = min(r[4] for r in out) if out else 0
+    out += [["recv", -1, -1, -1, recv[0], recv[1]], ["reduce", -1, -1, -1, recv[2], recv[3]]]
+    t0 = min(r[4] for r in out[:-2]) if len(out) > 2 else min(recv)
     return [r[:4] + [(r[4] - t0) / 1e3, (r[5] - t0) / 1e3] for r in out]
 
 
@@ -296,6 +302,15 @@ def main():
     idx = torch.argsort(torch.rand(T, E, device=dev, generator=gen), dim=1)[:, :K].contiguous()
     w = torch.softmax(torch.randn(T, K, device=dev, generator=gen), dim=1)
     trace = _combine_trace(layer, comm, x, idx, w, args.iters) if args.trace else None
+    if trace and rank == 0:
+        sends = [r for r in trace if r[0] in ("head", "tail")]
+        tail = [r[4] for r in sends if r[0] == "tail"]
+        span = {r[0]: (r[4], r[5]) for r in trace if r[0] in ("recv", "reduce")}
+        print(f"[bench] trace T={T} (µs from the first ready block, rank 0): last head block ready "
+              f"{max((r[4] for r in sends if r[0] == 'head'), default=float('nan')):.1f}, tail ready "
+              f"{min(tail, default=float('nan')):.1f}, sends done {max((r[5] for r in sends), default=float('nan')):.1f}, "
+              f"arrival wait {span['recv'][0]:.1f} -> {span['recv'][1]:.1f}, "
+              f"reduce {span['reduce'][0]:.1f} -> {span['reduce'][1]:.1f}", flush=True)
     layer.forward(x, idx, w, overlap=True)
     torch.cuda.synchronize()
     dist.barrier()

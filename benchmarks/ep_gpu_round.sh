@@ -29,6 +29,7 @@ echo "== summary ($n GPUs)"
 for s in tail_default tail_0 tail_default2; do
     [[ -f $out/$s.log ]] || continue
     echo "-- $s"; grep -A 12 "^MoE EP layer" "$out/$s.log" | grep -vE "^bytes per rank"
+    grep "^\[bench\] trace" "$out/$s.log"
 done
 # the device returns at most 8 files: one log, the three JSONs, the first timeline
 for s in tests tail_default tail_0 tail_default2; do

@@ -318,15 +318,27 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
 
 @triton.jit
 def combine_recv_kernel(buf_ptr, err_ptr, OFF_CFLAG, max_iters, timeout_ns, W: tl.constexpr,
-                        USE_TIMER: tl.constexpr):
+                        USE_TIMER: tl.constexpr, trace_ptr=None, TRACE: tl.constexpr = False):
+    """Wait for every rank's combine arrival.  ``TRACE`` (GPU only, benchmarks): ``trace_ptr[0]`` gets the global
+    timer (ns) when the kernel starts, ``trace_ptr[1]`` when the arrivals are all in."""
+    if TRACE:
+        tl.store(trace_ptr, tl.extra.cuda.globaltimer())
     flags = (buf_ptr + OFF_CFLAG).to(tl.pointer_type(tl.int32))
     _await_arrivals(flags, err_ptr, 3, max_iters, timeout_ns, W, USE_TIMER)
+    if TRACE:
+        tl.store(trace_ptr + 1, tl.extra.cuda.globaltimer())
 
 
 @triton.jit
 def combine_reduce_kernel(recv_ptr, idx_ptr, w_ptr, out_ptr, num_experts,
                           stride_rt, stride_rk, stride_it, stride_ik, stride_wt, stride_wk, stride_ot,
-                          H: tl.constexpr, TOPK: tl.constexpr, BLOCK_H: tl.constexpr):
+                          H: tl.constexpr, TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+                          trace_ptr=None, TRACE: tl.constexpr = False):
+    """``TRACE`` (GPU only, benchmarks): program (0, 0) stores the global timer (ns) at its start in
+    ``trace_ptr[2]``; every program raises ``trace_ptr[3]`` to its end time (an atomic max)."""
+    if TRACE:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(trace_ptr + 2, tl.extra.cuda.globaltimer())
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cm = c < H
@@ -338,6 +350,9 @@ def combine_reduce_kernel(recv_ptr, idx_ptr, w_ptr, out_ptr, num_experts,
         v = tl.load(recv_ptr + t * stride_rt + k * stride_rk + c, mask=cm & valid, other=0.0).to(tl.float32)
         acc += tl.where(valid, w * v, 0.0)
     tl.store(out_ptr + t * stride_ot + c, acc.to(tl.bfloat16), mask=cm)
+    if TRACE:
+        tl.debug_barrier()
+        tl.atomic_max(trace_ptr + 3, tl.extra.cuda.globaltimer(), sem="relaxed")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -209,6 +209,7 @@ class EPCommunicator:
         self._last_tokens = None        # tokens of the last dispatch (host side): sizes the combine's tiles
         self.tile_override = None       # (rows, columns) of every sender's tile: tests only
         self.combine_trace = None       # int64 [items, 2]: per-item timer stamps of combine_send (benchmarks)
+        self.recv_trace = None          # int64 [4]: timer stamps of combine_recv (benchmarks, see combine_recv)
         if backend == "symm":
             if _simulated is not None:
                 self.region, self.tab = _simulated["region"], _simulated["tab"]
@@ -467,17 +468,29 @@ class EPCommunicator:
 
     def combine_recv(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-        """Wait for every peer's rows and reduce: ``out[t] = sum_k w[t, k] * recv[t, k]`` (BF16 [T, hidden])."""
+        """Wait for every peer's rows and reduce: ``out[t] = sum_k w[t, k] * recv[t, k]`` (BF16 [T, hidden]).
+
+        ``self.recv_trace`` (benchmarks; int64 [4] zeros, None by default; GPU only, symm backend): the global
+        timer (ns) when the arrival wait starts, when the arrivals are all in, when the reduce starts, and when
+        its last program ends (kept as a maximum over calls)."""
         t = topk_idx.shape[0] if isinstance(topk_idx, torch.Tensor) else 0
         check_tensor("topk_idx", topk_idx, dtype=(torch.int64, torch.int32), shape=(t, self.topk))
         check_tensor("topk_weights", topk_weights, dtype=(torch.float32, torch.bfloat16), shape=(t, self.topk))
         if out is None:
             out = torch.empty(t, self.hidden, dtype=torch.bfloat16, device=self.device)
         check_tensor("out", out, dtype=torch.bfloat16, shape=(t, self.hidden))
+        trace = {}
+        if self.recv_trace is not None and self.backend == "symm":
+            rt = self.recv_trace
+            if rt.dtype != torch.int64 or rt.shape != (4,) or rt.device != self.device:
+                raise ValueError(f"recv_trace must be int64 [4] on {self.device}")
+            trace = dict(trace_ptr=rt, TRACE=True)
         if self.backend == "symm":
             K.combine_recv_kernel[(1,)](self.region, self.err, self.offsets["cflag"], self.max_spin_iters,
-                                        self.timeout_ns, W=self.world_size, USE_TIMER=self.use_timer, num_warps=1)
-        return combine_reduce_bf16(self.combine_recv_buf, topk_idx, topk_weights, out, self.num_experts)
+                                        self.timeout_ns, W=self.world_size, USE_TIMER=self.use_timer, num_warps=1,
+                                        **trace)
+        return combine_reduce_bf16(self.combine_recv_buf, topk_idx, topk_weights, out, self.num_experts,
+                                   trace=trace.get("trace_ptr"))
 
     def combine(self, expert_out, topk_idx, topk_weights, out=None, **kw) -> torch.Tensor:
         self.combine_send(expert_out, **kw)
@@ -670,8 +683,9 @@ def send_tile(rows: int, hidden: int, elem_bytes: int, tile_bytes: int = 16384, 
 
 
 def combine_reduce_bf16(recv: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                        out: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``out[t] = bf16(sum_k w[t, k] * recv[t, k])`` over valid experts, FP32 accumulation in k order."""
+                        out: torch.Tensor, num_experts: int, trace: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[t] = bf16(sum_k w[t, k] * recv[t, k])`` over valid experts, FP32 accumulation in k order.
+    ``trace`` (benchmarks, GPU only): :attr:`EPCommunicator.recv_trace`, slots 2 and 3."""
     t, h = out.shape
     if t == 0:
         return out
@@ -680,7 +694,8 @@ def combine_reduce_bf16(recv: torch.Tensor, topk_idx: torch.Tensor, topk_weights
         recv, topk_idx, topk_weights, out, num_experts,
         recv.stride(0), recv.stride(1), topk_idx.stride(0), topk_idx.stride(1),
         topk_weights.stride(0), topk_weights.stride(1), out.stride(0),
-        H=h, TOPK=topk_idx.shape[1], BLOCK_H=block_h, num_warps=4)
+        H=h, TOPK=topk_idx.shape[1], BLOCK_H=block_h, num_warps=4,
+        **({} if trace is None else dict(trace_ptr=trace, TRACE=True)))
     return out
 
 

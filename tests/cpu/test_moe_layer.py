@@ -560,6 +560,24 @@ def test_combine_send_trace_compiles_for_sm90():
     assert r["ptx"].count("globaltimer") >= plain["ptx"].count("globaltimer") + 2
 
 
+@pytest.mark.parametrize("kernel", ["combine_recv_kernel", "combine_reduce_kernel"])
+def test_combine_recv_trace_compiles_for_sm90(kernel):
+    """The benchmark-only stamps of the receive side (EPCommunicator.recv_trace): the arrival wait's start and
+    end, the reduce's start (one program) and end (an int64 atomic max), no local memory; off, no timer read
+    beyond the spin's own."""
+    from fp8gemm.testing import compile_sm90_in_subprocess
+    sig, consts, div16, _ = _AOT[kernel]
+    r = compile_sm90_in_subprocess("fp8gemm.kernels.ep_comm", kernel, dict(sig, trace_ptr="*i64"),
+                                   dict(consts, TRACE=True), divisible_by_16=div16)
+    plain = compile_sm90_in_subprocess("fp8gemm.kernels.ep_comm", kernel, sig, dict(consts, TRACE=False),
+                                       divisible_by_16=div16)
+    assert r["local"] == 0 and r["stack"] == 0, r
+    assert r["ptx"].count("globaltimer") >= plain["ptx"].count("globaltimer") + 2
+    if kernel == "combine_reduce_kernel":
+        assert "atom.global" in r["ptx"] and ".max.s64" in r["ptx"]
+        assert "globaltimer" not in plain["ptx"]
+
+
 _AOT_CONTIG = {
     "dispatch_count_kernel": (
         {"idx_ptr": "*i64", "cnt_ptr": "*i32", "slot_ptr": "*i32", "tab_ptr": "*i64", "done_ptr": "*i32",
