@@ -39,7 +39,7 @@ import os
 
 import torch
 
-from ._checks import check_int
+from ._checks import check_bool, check_int
 
 _BACKENDS = ("auto", "triton", "gluon")
 
@@ -114,6 +114,23 @@ def _default_sms() -> int:
     # The interpreter runs programs one after another: a handful of persistent programs keeps
     # the persistent loops exercised without slowing the tests.
     return 4
+
+
+_pdl: bool = True
+
+
+def set_pdl(enable: bool) -> None:
+    """Allow (default) or forbid programmatic dependent launch between fp8gemm's kernels (DeepGEMM's name).  Today
+    one route uses it: the FP4-activation grouped GEMM, whose FP8 convert lets the GEMM start early
+    (``kernels.gemm_dispatch``).  Read at every call, so at capture time for a CUDA graph."""
+    global _pdl
+    check_bool("enable", enable)
+    _pdl = enable
+
+
+def get_pdl() -> bool:
+    """Whether programmatic dependent launch is allowed (:func:`set_pdl`)."""
+    return _pdl
 
 
 def set_num_sms(num_sms: int) -> None:

@@ -28,7 +28,8 @@ from . import fp4_convert, gemm_skinny, gemm_triton
 # it reads the converted operand.  Aimed at the ~3.5 us the separate convert launch added over the FP8-input
 # GEMM at the 6-group decode shapes (issue #6).  Safe under CUDA-graph capture: CUDA 12.3+ records the launch
 # attribute as a programmatic graph edge.  Read at every call (so at capture time for a graph): tests and
-# benchmarks flip it (``benchmarks/fp4_pdl_ab.py`` times both settings in one run).  Other routes never use PDL.
+# benchmarks flip it (``benchmarks/fp4_pdl_ab.py`` times both settings in one run); users turn it off with
+# ``fp8gemm.set_pdl(False)`` (DeepGEMM's name).  Other routes never use PDL.
 USE_PDL = True
 
 # Dense FP8 calls with at most this many rows take the split-K swap-A/B kernel (:mod:`.gemm_skinny`) where it
@@ -181,7 +182,7 @@ def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, 
         return cfg.block_m, cfg.block_n
     if kind == "fp4-gluon":
         q, sf = cfg
-        pdl = bool(USE_PDL)
+        pdl = bool(USE_PDL) and runtime.get_pdl()
         fp4_convert.launch_fp4_to_fp8(a, sfa, q, sf, masked_m=masked_m, m_indices=m_indices,
                                       rows_hint=expected_m if masked_m is not None else None, pdl_trigger=pdl)
         a, sfa, kind = q, sf, "gluon"

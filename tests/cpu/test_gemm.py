@@ -439,3 +439,32 @@ def test_masked_overlap_with_per_row_b_scales(device):
     check_signal(signal, masked_m, max_m, n, block_m, threshold)
     ref = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, torch.zeros_like(d), gran_n_b=1)
     assert calc_diff(torch.cat([d[0, :70], d[1, :9]]), torch.cat([ref[0, :70], ref[1, :9]])) < 1e-3
+
+
+# DeepGEMM's public names that exist for features this library has (DeepGEMM 2.6.1's __init__, SM90 scope);
+# the SM100-only FP8xFP4 GEMMs, einsum, the mega-MoE and the cuBLASLt wrappers are not here.
+DEEPGEMM_NAMES = [
+    "set_num_sms", "get_num_sms", "set_pdl", "get_pdl", "get_mk_alignment_for_contiguous_layout",
+    "set_mk_alignment_for_contiguous_layout", "fp8_gemm_nt", "fp8_gemm_nn", "fp8_gemm_tn", "fp8_gemm_tt",
+    "m_grouped_fp8_gemm_nt_contiguous", "m_grouped_fp8_gemm_nt_masked", "k_grouped_fp8_gemm_tn_contiguous",
+    "bf16_gemm_nt", "bf16_gemm_nn", "bf16_gemm_tn", "bf16_gemm_tt", "m_grouped_bf16_gemm_nt_contiguous",
+    "m_grouped_bf16_gemm_nt_masked", "fp8_mqa_logits", "fp8_paged_mqa_logits", "get_paged_mqa_logits_metadata",
+    "transform_sf_into_required_layout", "get_mn_major_tma_aligned_tensor", "per_token_cast_to_fp8",
+    "per_block_cast_to_fp8", "ceil_to_ue8m0", "pack_ue8m0_to_int", "fp8_m_grouped_gemm_nt_masked",
+    "bf16_m_grouped_gemm_nt_masked",
+]
+
+
+def test_deepgemm_names_and_set_pdl():
+    missing = [name for name in DEEPGEMM_NAMES if not callable(getattr(fp8gemm, name, None))]
+    assert not missing, missing
+    assert fp8gemm.fp8_m_grouped_gemm_nt_masked is fp8gemm.m_grouped_fp8_gemm_nt_masked
+    assert fp8gemm.get_pdl() is True
+    try:
+        fp8gemm.set_pdl(False)
+        assert fp8gemm.get_pdl() is False
+        with pytest.raises(TypeError, match="enable"):
+            fp8gemm.set_pdl(1)
+        assert fp8gemm.get_pdl() is False
+    finally:
+        fp8gemm.set_pdl(True)

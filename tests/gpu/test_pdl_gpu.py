@@ -178,3 +178,28 @@ def test_gemm_pdl_launch_without_a_triggering_kernel(graph):
         cg.replay()
     torch.cuda.synchronize()
     _same_bits(d, d_ref, "pdl launch without a trigger")
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_set_pdl_false_launches_without_pdl(monkeypatch):
+    """``fp8gemm.set_pdl(False)`` (DeepGEMM's switch): the FP4 route's GEMM is launched without PDL, and the
+    result is the same."""
+    from fp8gemm.kernels import gemm_gluon as gg
+    monkeypatch.delenv("FP8GEMM_BACKEND", raising=False)
+    codes, sbytes, b, sfb, masked_m, d = _masked_problem(6, 256, 4096, 2048, 20)
+    seen = []
+    real = gg.launch
+    monkeypatch.setattr(gg, "launch", lambda *args, **kw: seen.append(kw.get("pdl")) or real(*args, **kw))
+    outs = []
+    try:
+        for flag in (True, False):
+            fp8gemm.set_pdl(flag)
+            d.fill_(float("nan"))
+            fp8gemm.m_grouped_fp8_gemm_nt_masked((codes, sbytes), (b, sfb), d, masked_m, 20)
+            outs.append(d.clone())
+    finally:
+        fp8gemm.set_pdl(True)
+    assert seen == [True, False]
+    for i, c in enumerate(masked_m.tolist()):
+        assert torch.equal(outs[0][i, :c], outs[1][i, :c])
