@@ -85,6 +85,48 @@ def _p2p_bandwidth(rank, world, nbytes=256 << 20):
     return gbs
 
 
+class _AllPeersCopy:
+    """Copy-engine bandwidth of the EP kernels' traffic pattern at their size: every rank writes ``per`` bytes
+    to each of its W - 1 peers at once (one stream a peer), through one symmetric buffer allocated for the
+    largest size.  GB/s = (W - 1) * per / the slowest rank's time, best of ``reps`` timed rounds of 5 copies."""
+
+    def __init__(self, rank, world, max_per):
+        import torch.distributed as dist
+        import torch.distributed._symmetric_memory as symm_mem
+        self.rank, self.world, self.max_per = rank, world, max_per
+        self.buf = symm_mem.empty(world * max_per, dtype=torch.uint8, device="cuda")
+        hdl = symm_mem.rendezvous(self.buf, dist.group.WORLD.group_name)
+        self.peers = [hdl.get_buffer(p, (world * max_per,), torch.uint8) for p in range(world) if p != rank]
+        self.src = torch.empty(max_per, dtype=torch.uint8, device="cuda").random_()
+        self.streams = [torch.cuda.Stream() for _ in self.peers]
+
+    def gbps(self, per: int, reps: int = 3) -> float:
+        import torch.distributed as dist
+        per = max(16, min(self.max_per, per // 16 * 16))
+        lo = self.rank * self.max_per
+        best = float("inf")
+        for rep in range(reps + 1):                      # the first round warms up
+            dist.barrier()
+            torch.cuda.synchronize()
+            main = torch.cuda.current_stream()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for peer, st in zip(self.peers, self.streams):
+                st.wait_stream(main)
+                with torch.cuda.stream(st):
+                    for _ in range(5):
+                        peer[lo:lo + per].copy_(self.src[:per])
+            for st in self.streams:
+                main.wait_stream(st)
+            e.record()
+            torch.cuda.synchronize()
+            t = torch.tensor([s.elapsed_time(e)], device="cuda")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if rep:
+                best = min(best, float(t) / 5)
+        return len(self.peers) * per / (best * 1e-3) / 1e9
+
+
 def _write_png(path, lanes, spans, width=1200, lane_h=40):
     """Timeline: one lane per stream, one coloured bar per stage (matplotlib if present)."""
     try:
@@ -216,6 +258,14 @@ def main():
         w13q[e], w13s[e] = per_block_cast_to_fp8((torch.randn(2 * I, Hd, device=dev) / Hd ** 0.5).bfloat16())
         w2q[e], w2s[e] = per_block_cast_to_fp8((torch.randn(Hd, I, device=dev) / I ** 0.5).bfloat16())
     p2p = _p2p_bandwidth(rank, world)
+    # the same pattern as the EP kernels at their size (each rank to every peer at once): a second reference
+    max_rows = max(int(t) for t in args.tokens.split(",")) * args.topk
+    at_size = None
+    if world > 1:
+        try:
+            at_size = _AllPeersCopy(rank, world, -(-max_rows * 2 * args.hidden // 16) * 16)
+        except Exception as e:  # noqa: BLE001 - a reference that cannot be set up is reported, not fatal
+            print(f"[bench] rank {rank}: no at-size copy-engine reference ({type(e).__name__}: {e})", flush=True)
     if args.combine_tile:
         tile = tuple(int(x) for x in args.combine_tile.split(","))
         EPCommunicator._combine_tiles = lambda self, rows: tile
@@ -287,6 +337,13 @@ def main():
         r["dispatch_pct_p2p"] = r["dispatch_peer_GBps"] / p2p * 100
         r["combine_pct_p2p"] = r["combine_peer_GBps"] / p2p * 100
         r["combine_all_sms_pct_p2p"] = r["combine_all_sms_peer_GBps"] / p2p * 100
+        if at_size is not None:
+            # copy-engine rate of each kernel's own cross-rank bytes sent to all peers at once
+            for key in ("dispatch", "combine"):
+                ce = at_size.gbps(int(r[f"{key}_nvl_MB"] * 1e6 / (world - 1)))
+                r[f"{key}_ce_at_size_GBps"] = ce
+                r[f"{key}_pct_ce_at_size"] = r[f"{key}_peer_GBps"] / ce * 100
+            r["combine_all_sms_pct_ce_at_size"] = r["combine_all_sms_peer_GBps"] / r["combine_ce_at_size_GBps"] * 100
         r["gain_pct"] = (r["off_ms"] / r["on_ms"] - 1) * 100
         r["exposed_combine_pct"] = max(0.0, r["on_ms"] - r["skip_ms"]) / r["combine_ms"] * 100
         r["on_vs_off_maxabs"] = same
@@ -351,6 +408,15 @@ def main():
                   f"{r['combine_GBps']:>8.1f} {r['combine_pct_p2p']:>5.1f} | {r['combine_all_sms_ms'] * 1e3:>9.1f} "
                   f"{r['combine_all_sms_pct_p2p']:>5.1f} {r['reduce_ms'] * 1e3:>9.1f} "
                   f"{r['barrier_ms'] * 1e3:>10.1f}", flush=True)
+        if at_size is not None:
+            print("against the copy engine moving the same cross-rank bytes to all peers at once (one stream a "
+                  "peer, this run): CE GB/s and the kernel's % of it")
+            print(f"{'T':>5} | {'disp CE GB/s':>12} {'%':>5} | {'comb CE GB/s':>12} {'% (comm SMs)':>12} "
+                  f"{'% (all SMs)':>11}")
+            for r in rows:
+                print(f"{r['tokens']:>5} | {r['dispatch_ce_at_size_GBps']:>12.1f} {r['dispatch_pct_ce_at_size']:>5.1f} "
+                      f"| {r['combine_ce_at_size_GBps']:>12.1f} {r['combine_pct_ce_at_size']:>12.1f} "
+                      f"{r['combine_all_sms_pct_ce_at_size']:>11.1f}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
