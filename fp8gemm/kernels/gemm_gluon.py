@@ -448,13 +448,10 @@ if HAS_GLUON:
         async_copy.mbarrier_arrive(bar, increment_count=False)
 
     @gluon.jit
-    def _issue_sa(a_bufs, b_bufs, full_bars, it, buf, sa_bufs, STAGES: gl.constexpr, sa_layout: gl.constexpr,
-                  PROBE: gl.constexpr = False, pbase=None, pw=None):
-        """:func:`_issue`, then the slice's A scales from its stage (``SA_SMEM``): read while the MMA runs,
-        before the stage is released."""
-        tok = _issue(a_bufs, b_bufs, full_bars, it, buf, STAGES, PROBE, pbase, pw)
-        sa = sa_bufs.index(it % STAGES).load(sa_layout)
-        return tok, sa
+    def _stage_sa(sa_bufs, it, STAGES: gl.constexpr, sa_layout: gl.constexpr):
+        """A's scales of slice ``it`` from its stage (``SA_SMEM``): read right after the slice's MMA is issued,
+        while it runs, and before the stage is released."""
+        return sa_bufs.index(it % STAGES).load(sa_layout)
 
     @gluon.jit
     def _diag_load_stage(a_desc, b_desc, a_bufs, b_bufs, bar, s, it, row_a, row_b, kk, nbytes: gl.constexpr,
@@ -529,16 +526,12 @@ if HAS_GLUON:
         else:
             kb = _rotated(kb_logical, rot, num_k)
             sa = gl.load(sfa_ptr + g64 * s_ag + offs_m * s_am + kb * s_ak, mask=m_ok, other=0.0)
-            sb0 = gl.load(sfb_ptr + g64 * s_bg + nb0 * s_bn + kb * s_bk)
-            if SB_SCALAR:
-                sb1 = sb0
-            else:
-                sb1 = gl.load(sfb_ptr + g64 * s_bg + nb1 * s_bn + kb * s_bk)
+            sb0, sb1 = _load_sb(sfb_ptr, g64, nb0, nb1, kb_logical, rot, num_k, s_bg, s_bn, s_bk, SB_SCALAR)
         return sa, sb0, sb1
 
     @gluon.jit
     def _load_sb(sfb_ptr, g64, nb0, nb1, kb_logical, rot, num_k, s_bg, s_bn, s_bk, SB_SCALAR: gl.constexpr):
-        """B's scales of one K-slice (the production branch of :func:`_load_scales` without A's)."""
+        """B's scales of one K-slice (with SA_SMEM the consumer loads only these; :func:`_load_scales` otherwise)."""
         kb = _rotated(kb_logical, rot, num_k)
         sb0 = gl.load(sfb_ptr + g64 * s_bg + nb0 * s_bn + kb * s_bk)
         if SB_SCALAR:
@@ -819,79 +812,70 @@ if HAS_GLUON:
                 acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
                 base = it
                 last = num_k - 1
+                # Two scratch accumulators X/Y alternate by K-slice parity (the loop is unrolled by two so that
+                # neither is ever copied while its MMA is in flight: ptxas would serialise the MMAs).  Loop
+                # invariant: X holds slice 2j in flight, Y is free; the scales of slices 2j (sX) and 2j+1 (sY) are
+                # in registers: each scale load is issued two slices before its use.  SA_SMEM: A's scales come
+                # with each stage (the producer's cp.async, _copy_sa) and are read from shared memory right after
+                # the slice's MMA is issued; only B's are loaded ahead.
                 if SA_SMEM:
-                    # A's scales come with each stage (the producer's cp.async, _copy_sa) and are read from shared
-                    # memory right after the slice's MMA is issued; B's are loaded two slices ahead as below.
                     sbX0, sbX1 = _load_sb(sfb_ptr, g64, nb0, nb1, 0, rot, num_k, s_bg, s_bn, s_bk, SB_SCALAR)
                     sbY0, sbY1 = _load_sb(sfb_ptr, g64, nb0, nb1, gl.minimum(1, last), rot, num_k, s_bg, s_bn, s_bk,
                                           SB_SCALAR)
-                    X, saX = _issue_sa(a_bufs, b_bufs, full_bars, base, X, sa_bufs, STAGES, row_layout)
-                    for j in range(0, last // 2):
-                        k1 = 2 * j + 1
-                        nbX0, nbX1 = _load_sb(sfb_ptr, g64, nb0, nb1, k1 + 1, rot, num_k, s_bg, s_bn, s_bk, SB_SCALAR)
-                        nbY0, nbY1 = _load_sb(sfb_ptr, g64, nb0, nb1, gl.minimum(k1 + 2, last), rot, num_k,
-                                              s_bg, s_bn, s_bk, SB_SCALAR)
-                        Y, saY = _issue_sa(a_bufs, b_bufs, full_bars, base + k1, Y, sa_bufs, STAGES, row_layout)
-                        acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
-                                         SB_SCALAR, STAGES, 1)
-                        X, saX = _issue_sa(a_bufs, b_bufs, full_bars, base + k1 + 1, X, sa_bufs, STAGES, row_layout)
-                        acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
-                                         SB_SCALAR, STAGES, 1)
-                        sbX0, sbX1 = nbX0, nbX1
-                        sbY0, sbY1 = nbY0, nbY1
-                    if num_k % 2 == 0:
-                        Y, saY = _issue_sa(a_bufs, b_bufs, full_bars, base + last, Y, sa_bufs, STAGES, row_layout)
-                        acc, Xd = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
-                                          SB_SCALAR, STAGES, 1)
-                        acc, Y = _retire(Y, empty_bars, base + last, acc, saY, sbY0, sbY1, col_lo,
-                                         SB_SCALAR, STAGES, 0)
-                    else:
-                        acc, Xd = _retire(X, empty_bars, base + last, acc, saX, sbX0, sbX1, col_lo,
-                                          SB_SCALAR, STAGES, 0)
-                    X = Xd
                 else:
-                    # Two scratch accumulators X/Y alternate by K-slice parity (the loop is unrolled by two so
-                    # that neither is ever copied while its MMA is in flight: ptxas would serialise the MMAs).
-                    # Loop invariant: X holds slice 2j in flight, Y is free; the scales of slices 2j (sX) and
-                    # 2j+1 (sY) are in registers: each scale load is issued two slices before its use.
                     saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, 0, rot, num_k,
                                                    s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
                     saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
                                                    gl.minimum(1, last), rot, num_k,
                                                    s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-                    X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES, PROBE, pbase, pw)
-                    for j in range(0, last // 2):
-                        k1 = 2 * j + 1
+                X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES, PROBE, pbase, pw)
+                if SA_SMEM:
+                    saX = _stage_sa(sa_bufs, base, STAGES, row_layout)
+                for j in range(0, last // 2):
+                    k1 = 2 * j + 1
+                    if SA_SMEM:
+                        nbX0, nbX1 = _load_sb(sfb_ptr, g64, nb0, nb1, k1 + 1, rot, num_k, s_bg, s_bn, s_bk, SB_SCALAR)
+                        nbY0, nbY1 = _load_sb(sfb_ptr, g64, nb0, nb1, gl.minimum(k1 + 2, last), rot, num_k,
+                                              s_bg, s_bn, s_bk, SB_SCALAR)
+                    else:
                         naX, nbX0, nbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
                                                        k1 + 1, rot, num_k,
                                                        s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
                         naY, nbY0, nbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
                                                        gl.minimum(k1 + 2, last), rot, num_k,
                                                        s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-                        Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES, PROBE, pbase, pw)
-                        acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
-                                         SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
-                        X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES, PROBE, pbase, pw)
-                        acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
-                                         SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
-                        saX, sbX0, sbX1 = naX, nbX0, nbX1
-                        saY, sbY0, sbY1 = naY, nbY0, nbY1
-                    if num_k % 2 == 0:
-                        Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES, PROBE, pbase, pw)
-                        acc, Xd = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
-                                          SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
-                        acc, Y = _retire(Y, empty_bars, base + last, acc, saY, sbY0, sbY1, col_lo,
-                                         SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
-                    else:
-                        acc, Xd = _retire(X, empty_bars, base + last, acc, saX, sbX0, sbX1, col_lo,
-                                          SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
-                    X = Xd
-                    if NO_PROMO:
-                        # DIAG 3/4: every MMA of the tile is complete here; fold the last two results into ``acc``
-                        # once per tile so that the MMA chain stays live (the pin as in _retire keeps these adds
-                        # ahead of the next tile's first MMA, which reuses X's registers).
-                        acc = acc + X + Y
-                        X = _pin(X, acc)
+                    Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES, PROBE, pbase, pw)
+                    if SA_SMEM:
+                        saY = _stage_sa(sa_bufs, base + k1, STAGES, row_layout)
+                    acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
+                                     SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
+                    X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES, PROBE, pbase, pw)
+                    if SA_SMEM:
+                        saX = _stage_sa(sa_bufs, base + k1 + 1, STAGES, row_layout)
+                    acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
+                                     SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
+                    if not SA_SMEM:
+                        saX, saY = naX, naY
+                    sbX0, sbX1 = nbX0, nbX1
+                    sbY0, sbY1 = nbY0, nbY1
+                if num_k % 2 == 0:
+                    Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES, PROBE, pbase, pw)
+                    if SA_SMEM:
+                        saY = _stage_sa(sa_bufs, base + last, STAGES, row_layout)
+                    acc, Xd = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
+                                      SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
+                    acc, Y = _retire(Y, empty_bars, base + last, acc, saY, sbY0, sbY1, col_lo,
+                                     SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
+                else:
+                    acc, Xd = _retire(X, empty_bars, base + last, acc, saX, sbX0, sbX1, col_lo,
+                                      SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
+                X = Xd
+                if NO_PROMO:
+                    # DIAG 3/4: every MMA of the tile is complete here; fold the last two results into ``acc``
+                    # once per tile so that the MMA chain stays live (the pin as in _retire keeps these adds
+                    # ahead of the next tile's first MMA, which reuses X's registers).
+                    acc = acc + X + Y
+                    X = _pin(X, acc)
                 it = base + num_k
 
                 # ---------------- epilogue ----------------
@@ -1510,6 +1494,12 @@ def _nvmma(block: tuple, dtype_name: str):
     return gl.NVMMASharedLayout.get_default_for(list(block), _GL_DTYPES[dtype_name])
 
 
+def _rows2d(t: torch.Tensor) -> int:
+    """Rows of ``t`` seen as one 2-D [rows, last] matrix (the leading dimensions flattened; grouped operands
+    and the masked layout's D are one matrix of all groups' rows)."""
+    return math.prod(t.shape[:-1])
+
+
 def _desc2d(t: torch.Tensor, rows: int, block: tuple, dtype_name: str):
     """TMA descriptor over ``t`` seen as a 2-D [rows, last] matrix (no copy).
 
@@ -1665,14 +1655,12 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     bm, bn = cfg.block_m, cfg.block_n
     if m == 0 or n == 0 or groups == 0:
         return bm, bn
-    a_rows = a.shape[0] * a.shape[1] if a.dim() == 3 else a.shape[0]
-    b_rows = b.shape[0] * b.shape[1] if b.dim() == 3 else b.shape[0]
+    a_rows, b_rows = _rows2d(a), _rows2d(b)
     # wide/split: A in 64-row boxes (one per consumer warpgroup), B and D in 128-wide halves
     box_m, box_n = (bm // 2, 128) if cfg.wide_n else (bm, bn)
     a_desc = _desc2d(a, a_rows, (box_m, BLOCK_K), "fp8")
     b_desc = _desc2d(b, b_rows, (box_n, BLOCK_K), "fp8")
-    d_rows = d.shape[0] * d.shape[1] if d.dim() == 3 else d.shape[0]
-    d_desc = _desc2d(d, d_rows, (box_m, box_n), "bf16") if tma_store else None
+    d_desc = _desc2d(d, _rows2d(d), (box_m, box_n), "bf16") if tma_store else None
     tail = {"BN_TAIL": cfg.bn_tail, "b2_desc": _desc2d(b, b_rows, (cfg.bn_tail, BLOCK_K), "fp8")} if cfg.bn_tail else {}
 
     num_n = n // bn if cfg.bn_tail else triton.cdiv(n, bn)
