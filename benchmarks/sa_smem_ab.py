@@ -6,9 +6,10 @@ masked and contiguous grouped rows with A's scales row-major and MN-major, DeepG
 
     PYTHONPATH=. python3 benchmarks/sa_smem_ab.py [--only dense,masked,contiguous] [--ms 64,128,4096] [--out DIR]
 
-"row->mn sa_smem" (m > 256 and contiguous rows): the row-major scales copied MN-major inside the timed call,
-then SA_SMEM, which is what ``gemm_gluon.TRANSPOSE_ROW_MAJOR_FOR_SA`` (opt-in) makes launch do; prediction from
-session 9's rows: 3-9% faster than "row sa_global" where the MN-major SA_SMEM run was 5-11% faster (n2112, n4096, n7168), slower on n576 (the tail kernel has no SA_SMEM) and n32768 k512 (4 slices).
+"row->mn sa_smem" (m > 256 and contiguous rows): ``gemm_gluon.TRANSPOSE_ROW_MAJOR_FOR_SA`` (opt-in) on, so launch
+copies the row-major scales MN-major inside the timed call and runs SA_SMEM; prediction from session 9's rows: 3-9%
+faster than "row sa_global" where "mn sa_smem" was 5-10% faster than it (n2112, n4096, n7168), level on n576 and
+n32768 k512 (launch does not copy there: the tail kernel has no SA_SMEM; 4 K-slices).
 
 Session 8's prediction (benchmarks/small_m_diag.py on an H100, DIAG 6: the A-scale loads cost 1.17-1.31x at m = 64/128 and
 7-8% at 4096x4096x7168): m = 64/128 rows 1.15-1.3x faster, m = 4096 rows 3-8% faster.
@@ -28,6 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fp8gemm import get_mn_major_tma_aligned_tensor  # noqa: E402
 from fp8gemm import reference as R  # noqa: E402
 from fp8gemm.bench.core import ab_header, ab_rounds  # noqa: E402
 from fp8gemm.bench.suite_gemm import DENSE_NK, cublas_us, dense_operands  # noqa: E402
@@ -38,9 +40,20 @@ MASKED = [(6, 1024, 4096, 2048), (32, 192, 4096, 4096), (32, 20, 4096, 7168), (6
 CONTIGUOUS = [(8, 4096, 4096, 7168), (4, 8192, 7168, 2048)]      # (groups, rows a group, n, k)
 
 
-def _mn(sf):
-    """The same scales MN-major (the M dimension contiguous), any leading group dimension kept."""
-    return sf.transpose(-1, -2).contiguous().transpose(-1, -2)
+_mn = get_mn_major_tma_aligned_tensor       # the same scales MN-major (DeepGEMM's layout)
+
+
+def _transposing(call):
+    """``call`` with ``gemm_gluon.TRANSPOSE_ROW_MAJOR_FOR_SA`` on: launch itself copies row-major scales MN-major
+    and runs SA_SMEM (the copy is timed with the GEMM)."""
+    def run():
+        old = G.TRANSPOSE_ROW_MAJOR_FOR_SA
+        G.TRANSPOSE_ROW_MAJOR_FOR_SA = True
+        try:
+            return call()
+        finally:
+            G.TRANSPOSE_ROW_MAJOR_FOR_SA = old
+    return run
 
 
 def _layout_runs(cfg, sfa, call) -> dict:
@@ -76,11 +89,9 @@ def main():
                         runs[f"{tag} {'sa_smem' if sa else 'sa_global'}"] = (
                             lambda sfa=sfa, c=c: G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms, config=c))
                 if m > G.SA_SMEM_ROW_MAJOR_MAX_M:
-                    # row-major scales made MN-major on every call (a copy kernel) so that SA_SMEM pays: the
-                    # candidate default for large row-major calls (the copy is timed with the GEMM)
-                    c = dataclasses.replace(cfg, sa_smem=True)
-                    runs["row->mn sa_smem"] = lambda c=c: G.launch("dense", a, _mn(sfa_row), b, sfb, d,
-                                                                   num_sms=num_sms, config=c)
+                    # the candidate default for large row-major calls: launch copies the scales MN-major
+                    runs["row->mn sa_smem"] = _transposing(
+                        lambda: G.launch("dense", a, sfa_row, b, sfb, d, num_sms=num_sms, config=cfg))
                 if m <= 128 and S.pays(m, n, k, num_sms):
                     # what the public API runs at this size today: the split-K swap-A/B Triton kernel
                     runs["skinny"] = lambda: S.launch(a, sfa_mn, b, sfb, d, num_sms)
@@ -102,7 +113,7 @@ def main():
             runs = _layout_runs(cfg, sfa, lambda sf, c: G.launch(
                 "masked", a, sf, b, sfb, d, masked_m=masked_m, expected_m=e, num_sms=num_sms, config=c))
             if dg is not None:
-                sfa_mn = sfa.transpose(1, 2).contiguous().transpose(1, 2)
+                sfa_mn = _mn(sfa)
                 runs["DeepGEMM"] = lambda: dg.m_grouped_fp8_gemm_nt_masked((a, sfa_mn), (b, sfb), d, masked_m, e)
             want = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, torch.zeros_like(d))
             # rows past masked_m are never written: poison and compare the valid rows only (a view of d)
@@ -120,9 +131,8 @@ def main():
             cfg = G._config_for("contiguous", a, b, d, None, None, 256, num_sms)
             runs = _layout_runs(cfg, sfa, lambda sf, c: G.launch(
                 "contiguous", a, sf, b, sfb, d, m_indices=m_indices, num_sms=num_sms, config=c))
-            c = dataclasses.replace(cfg, sa_smem=True)
-            runs["row->mn sa_smem"] = lambda c=c: G.launch("contiguous", a, _mn(sfa), b, sfb, d, m_indices=m_indices,
-                                                           num_sms=num_sms, config=c)
+            runs["row->mn sa_smem"] = _transposing(lambda: G.launch(
+                "contiguous", a, sfa, b, sfb, d, m_indices=m_indices, num_sms=num_sms, config=cfg))
             if dg is not None:
                 sfa_mn = _mn(sfa)
                 runs["DeepGEMM"] = lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa_mn), (b, sfb), d, m_indices)

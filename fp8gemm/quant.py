@@ -229,12 +229,25 @@ def get_mn_major_tma_aligned_tensor(sf: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"sf must be 2-D [mn, k] or 3-D [G, mn, k], got shape {list(sf.shape)}")
     if _is_mn_major_tma_aligned(sf):
         return sf
+    return mn_major_copy(sf, zero_pad=True)
+
+
+def empty_mn_major(groups: int, mn: int, k: int, dtype=torch.float32, device=None,
+                   zero_pad: bool = False) -> torch.Tensor:
+    """An uninitialised ``[groups, mn, k]`` tensor in the MN-major, TMA-aligned layout of
+    :func:`get_mn_major_tma_aligned_tensor` (strides ``(aligned_mn * k, 1, aligned_mn)``); ``zero_pad``: the
+    storage starts zeroed (the padding then reads 0)."""
+    aligned = _aligned_mn(mn, torch.empty((), dtype=dtype).element_size())
+    storage = (torch.zeros if zero_pad else torch.empty)(groups, k, aligned, dtype=dtype, device=device)
+    return storage.transpose(1, 2)[:, :mn, :]
+
+
+def mn_major_copy(sf: torch.Tensor, zero_pad: bool = False) -> torch.Tensor:
+    """A copy of 2-D or 3-D scales in the layout of :func:`empty_mn_major` (one copy kernel; with ``zero_pad`` a
+    fill too).  For callers that need a copy whatever ``sf``'s layout."""
     squeeze = sf.dim() == 2
     src = sf.unsqueeze(0) if squeeze else sf
-    g, mn, k = src.shape
-    aligned = _aligned_mn(mn, sf.element_size())
-    storage = torch.zeros(g, k, aligned, dtype=sf.dtype, device=sf.device)
-    out = storage.transpose(1, 2)[:, :mn, :]
+    out = empty_mn_major(*src.shape, dtype=sf.dtype, device=sf.device, zero_pad=zero_pad)
     out.copy_(src)
     return out[0] if squeeze else out
 

@@ -136,7 +136,7 @@ def masked_cases(quick: bool, overlap: bool = False) -> list[Case]:
                 want = torch.cat([R.fp8_gemm_nt(a[i, :c], sfa[i, :c], b[i], sfb[i]) for i, c in enumerate(counts.tolist())])
                 return calc_diff(got, want)
 
-            sfa_mn = sfa.transpose(1, 2).contiguous().transpose(1, 2)   # DeepGEMM's layout: no transpose timed
+            sfa_mn = fp8gemm.get_mn_major_tma_aligned_tensor(sfa)   # DeepGEMM's layout: no transpose timed
             impls = {"fp8gemm": ours}
             if not overlap:     # the same call with MN-major scales (SA_SMEM on: gemm_gluon.sa_smem_pays)
                 impls["fp8gemm[mn]"] = lambda a=a, s=sfa_mn, b=b, sb=sfb, d=d, mm=masked_m, e=expected: \
@@ -181,7 +181,7 @@ def contiguous_cases(quick: bool) -> list[Case]:
                 ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, mi, torch.zeros_like(d))
                 return calc_diff(d[ok], ref[ok])
 
-            sfa_mn = sfa.t().contiguous().t()
+            sfa_mn = fp8gemm.get_mn_major_tma_aligned_tensor(sfa)
             impls = {"fp8gemm": ours, "fp8gemm[mn]": lambda a=a, s=sfa_mn, b=b, sb=sfb, d=d, mi=m_indices:
                      fp8gemm.m_grouped_fp8_gemm_nt_contiguous((a, s), (b, sb), d, mi)}
             if dg is not None:

@@ -1611,7 +1611,8 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     m, n, k, groups, tma_store = _problem(mode, a, b, d, c, signal, pdl)
     cfg = config if config is not None else _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms)
     if m > 0 and transpose_for_sa(mode, m, n, k, sfa, cfg, signal=signal is not None, pdl=pdl):
-        sfa = sfa.transpose(-1, -2).contiguous().transpose(-1, -2)    # sa_smem_pays then says yes
+        from ..quant import mn_major_copy
+        sfa = mn_major_copy(sfa)            # one copy kernel, no fill; sa_smem_pays then says yes
     if mode == "dense" and config is None and not pdl and m > 0:
         nm = split_n_columns(m, n, k, cfg, num_sms)
         if nm:

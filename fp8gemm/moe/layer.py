@@ -44,13 +44,7 @@ import torch
 from .. import runtime
 from .._checks import FP8, check_bool, check_int, check_pair, check_tensor
 from ..kernels.swiglu import launch_swiglu_quant
-
-
-def _mn_major(groups: int, rows: int, cols: int, device) -> torch.Tensor:
-    """FP32 ``[groups, rows, cols]`` scales stored MN-major (each column's ``rows`` contiguous), rows padded to
-    4 (16 bytes: TMA-aligned, as :func:`fp8gemm.get_mn_major_tma_aligned_tensor` makes them)."""
-    padded = -(-rows // 4) * 4
-    return torch.empty(groups, cols, padded, dtype=torch.float32, device=device).transpose(1, 2)[:, :rows]
+from ..quant import empty_mn_major
 from .ep import EPCommunicator
 
 
@@ -136,7 +130,7 @@ class MoELayer:
         self.a2 = torch.empty(L, M, inter, dtype=FP8, device=dev)
         # The L2 GEMM's A scales MN-major (rows contiguous): the Gluon GEMM then brings them through shared
         # memory (gemm_gluon.sa_smem_pays; masked 1.02-1.10x, contiguous 1.03-1.05x on an H200, session 9).
-        self.a2_sf = _mn_major(L, M, inter // 128, dev)
+        self.a2_sf = empty_mn_major(L, M, inter // 128, device=dev)
         self.out2 = torch.empty(L, M, H, dtype=torch.bfloat16, device=dev)
         from ..grouped import alloc_signal
         self.signal = alloc_signal(L, M, dev)
@@ -144,7 +138,7 @@ class MoELayer:
             R = comm.contig_rows
             self.c_h1 = torch.empty(R, two_i, dtype=torch.bfloat16, device=dev)
             self.c_a2 = torch.empty(R, inter, dtype=FP8, device=dev)
-            self.c_a2_sf = _mn_major(1, R, inter // 128, dev)[0]
+            self.c_a2_sf = empty_mn_major(1, R, inter // 128, device=dev)[0]
             self.c_out2 = torch.empty(R, H, dtype=torch.bfloat16, device=dev)
         self.on_gpu = dev.type == "cuda" and not runtime.interpreting()
         self.comm_stream = torch.cuda.Stream(dev) if self.on_gpu else None

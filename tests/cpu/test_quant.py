@@ -706,3 +706,20 @@ def test_fp4_cast_sass_on_the_bits():
         assert sass_wide_loads(sass) > 0 and sass_count(sass, "STG.E.64") > 0
         ops = len(sass_opcodes(sass))
         assert ops <= 16 * 32, f"{ops} SASS instructions for 32 values a thread"
+
+
+def test_mn_major_copy_and_empty_layout():
+    """The layout helpers behind get_mn_major_tma_aligned_tensor (also used by the MoE layer's scale buffers and
+    by the Gluon GEMM's row-major copy): strides (aligned_mn * k, 1, aligned_mn), values equal, a 2-D input kept
+    2-D; an empty buffer has the same layout."""
+    from fp8gemm.quant import empty_mn_major, mn_major_copy
+    sf = torch.rand(3, 10, 7)
+    out = mn_major_copy(sf)
+    assert out.shape == sf.shape and out.stride() == (12 * 7, 1, 12) and torch.equal(out, sf)
+    two = mn_major_copy(sf[0], zero_pad=True)
+    assert two.shape == (10, 7) and two.stride() == (1, 12) and torch.equal(two, sf[0])
+    assert two.untyped_storage().nbytes() == 12 * 7 * 4
+    assert torch.all(torch.as_strided(two, (7, 12), (12, 1))[:, 10:] == 0)       # the padding reads 0
+    e = empty_mn_major(2, 5, 3)
+    assert e.shape == (2, 5, 3) and e.stride() == (8 * 3, 1, 8)
+    assert fp8gemm.get_mn_major_tma_aligned_tensor(sf).stride() == out.stride()
