@@ -6,7 +6,7 @@
 
 The rows and inputs are those of ``python -m fp8gemm bench moe_act --filter fp4-act`` (the "FP4 convert after
 the instruction cut" table in benchmarks/RESULTS.md: masked layout, max_m 4096, expected_m 20/192): per row the
-FP8-input Gluon GEMM, FP4 convert + GEMM with ``gemm_dispatch.USE_PDL`` True and False, and the convert alone,
+FP8-input Gluon GEMM, FP4 convert + GEMM with ``fp8gemm.set_pdl`` True and False, and the convert alone,
 each captured in a CUDA graph and timed by ``fp8gemm.bench.core.time_us`` (median of replays, L2 flushed before
 each).  ``--rounds`` repeats the whole set, implementations interleaved inside each row, and reports each
 implementation's median over the rounds (min-max spread in the JSON).  Before timing, each row checks that
@@ -26,15 +26,15 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 
 def _with_pdl(flag: bool, fn):
-    from fp8gemm.kernels import gemm_dispatch
+    import fp8gemm
 
     def run():
-        old = gemm_dispatch.USE_PDL
-        gemm_dispatch.USE_PDL = flag       # read at launch, so also at graph capture
+        old = fp8gemm.get_pdl()
+        fp8gemm.set_pdl(flag)              # read at launch, so also at graph capture
         try:
             return fn()
         finally:
-            gemm_dispatch.USE_PDL = old
+            fp8gemm.set_pdl(old)
     return run
 
 

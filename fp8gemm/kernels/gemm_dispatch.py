@@ -8,7 +8,7 @@ where the Gluon kernel takes the converted call, one launch of :mod:`.fp4_conver
 (1D2D scales, rows the GEMM skips left alone) and the Gluon kernel runs on it; elsewhere (``FP8GEMM_BACKEND=
 triton``, no SM90, K not a multiple of 128, per-row B scales, 64-row contiguous alignment) the Triton kernel
 dequantises in its A-load.  Both multiply the same E4M3 values and scales.  On the convert + Gluon route the
-GEMM follows the convert by programmatic dependent launch (:data:`USE_PDL`).
+GEMM follows the convert by programmatic dependent launch (``fp8gemm.set_pdl``).
 """
 from __future__ import annotations
 
@@ -27,10 +27,9 @@ from . import fp4_convert, gemm_skinny, gemm_triton
 # partitions executes ``griddepcontrol.wait`` (full completion and memory visibility of the convert) before
 # it reads the converted operand.  Aimed at the ~3.5 us the separate convert launch added over the FP8-input
 # GEMM at the 6-group decode shapes (issue #6).  Safe under CUDA-graph capture: CUDA 12.3+ records the launch
-# attribute as a programmatic graph edge.  Read at every call (so at capture time for a graph): tests and
-# benchmarks flip it (``benchmarks/fp4_pdl_ab.py`` times both settings in one run); users turn it off with
-# ``fp8gemm.set_pdl(False)`` (DeepGEMM's name).  Other routes never use PDL.
-USE_PDL = True
+# attribute as a programmatic graph edge.  ``runtime.get_pdl()`` (``fp8gemm.set_pdl``, DeepGEMM's name) is read at
+# every call, so at capture time for a graph: tests and benchmarks flip it (``benchmarks/fp4_pdl_ab.py`` times
+# both settings in one run).  Other routes never use PDL.
 
 # Dense FP8 calls with at most this many rows take the split-K swap-A/B kernel (:mod:`.gemm_skinny`) where it
 # measured faster than the Gluon kernel (``gemm_skinny.pays``; the persistent Triton kernel is slower than both),
@@ -182,7 +181,7 @@ def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, 
         return cfg.block_m, cfg.block_n
     if kind == "fp4-gluon":
         q, sf = cfg
-        pdl = bool(USE_PDL) and runtime.get_pdl()
+        pdl = runtime.get_pdl()
         fp4_convert.launch_fp4_to_fp8(a, sfa, q, sf, masked_m=masked_m, m_indices=m_indices,
                                       rows_hint=expected_m if masked_m is not None else None, pdl_trigger=pdl)
         a, sfa, kind = q, sf, "gluon"

@@ -5,7 +5,7 @@
   producer issues only its weight (B) prefetch before it, and the pipeline is otherwise intact (same QGMMA,
   shared memory, no spills, MMAs asynchronous).  The convert's side (``PDL_TRIGGER``: SASS ``PREEXIT``
   first, or nothing) is tested beside its other compile checks in test_fp4_convert.py.
-* The dispatcher: only the "fp4-gluon" route asks for PDL, both kernels together, and ``USE_PDL = False``
+* The dispatcher: only the "fp4-gluon" route asks for PDL, both kernels together, and ``fp8gemm.set_pdl(False)``
   turns it off; in the interpreter the convert never gets the trigger.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 
 from fp8gemm import runtime
 from fp8gemm.kernels import fp4_convert as FC
-from fp8gemm.kernels import gemm_dispatch
 from fp8gemm.kernels import gemm_gluon as gg
 from fp8gemm.testing import compile_sm90_in_subprocess, ptxas_log, sass_count
 
@@ -227,11 +226,11 @@ def _masked_fp4_call(device):
 
 
 def test_dispatch_fp4_route_uses_pdl(recorded_fp4_route, device, monkeypatch):
-    assert gemm_dispatch.USE_PDL is True
+    assert runtime.get_pdl() is True
     torch.manual_seed(1)
     d_on = _masked_fp4_call(device)
     assert recorded_fp4_route.convert == [True] and recorded_fp4_route.gemm == [("masked", True)]
-    monkeypatch.setattr(gemm_dispatch, "USE_PDL", False)
+    monkeypatch.setattr(runtime, "_pdl", False)          # fp8gemm.set_pdl(False), undone after the test
     torch.manual_seed(1)
     d_off = _masked_fp4_call(device)
     assert recorded_fp4_route.convert == [True, False] and recorded_fp4_route.gemm[1] == ("masked", False)

@@ -1,7 +1,7 @@
 """Programmatic dependent launch between the FP4 convert and the Gluon GEMM (issue #6) on an SM90 GPU.
 
 The GEMM's arithmetic does not depend on PDL, so every output here must equal, bit for bit, the same call with
-``gemm_dispatch.USE_PDL = False``.  A GEMM that read A or its scales before the convert had written them would
+``fp8gemm.set_pdl(False)``.  A GEMM that read A or its scales before the convert had written them would
 read the previous call's operand (the converted buffers of a graph keep their addresses, and the caching
 allocator hands eager calls the same blocks), so each check feeds new inputs to the same buffers.
 """
@@ -10,6 +10,7 @@ import torch
 
 import fp8gemm
 from fp8gemm import reference as R
+from fp8gemm import runtime
 from fp8gemm.kernels import gemm_dispatch
 from fp8gemm.testing import bit_view, calc_diff, check_signal
 
@@ -70,12 +71,12 @@ def gluon_variant(request, monkeypatch):
 
 
 def _with_pdl(flag: bool, fn):
-    old = gemm_dispatch.USE_PDL
-    gemm_dispatch.USE_PDL = flag
+    old = fp8gemm.get_pdl()
+    fp8gemm.set_pdl(flag)
     try:
         return fn()
     finally:
-        gemm_dispatch.USE_PDL = old
+        fp8gemm.set_pdl(old)
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 2048), (7168, 3072)])
@@ -110,7 +111,7 @@ def test_masked_fp4_pdl_in_cuda_graph_reads_each_replays_operand(monkeypatch):
         signal.zero_()
         return fp8gemm.m_grouped_fp8_gemm_nt_masked((codes, sbytes), (b, sfb), d, masked_m, expected,
                                                     enable_overlap=True, signal=signal)
-    monkeypatch.setattr(gemm_dispatch, "USE_PDL", True)
+    monkeypatch.setattr(runtime, "_pdl", True)          # PDL on whatever an earlier test left
     block_m, threshold = call()                  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
