@@ -436,17 +436,21 @@ class EPCommunicator:
             block_m, threshold, nb, parts, g_lo, g_hi, arrive_total, self.max_spin_iters, self.timeout_ns,
             H=H, TOPK=self.topk, L=L, W=self.world_size, ROWS=rows, BLOCK_H=bh, BLOCK_L=triton_next_pow2(L),
             WAIT_SIGNAL=wait, USE_TIMER=self.use_timer, num_warps=8 if rows * bh >= 4096 else 4,
-            **self._trace_args(trace_base, (g_hi - g_lo) * nb * parts))
+            **self._trace_args("combine_trace", trace_base + (g_hi - g_lo) * nb * parts, trace_base=trace_base))
 
-    def _trace_args(self, base: int, items: int) -> dict:
-        t = self.combine_trace
-        if t is None or not self.use_timer:
+    def _trace_args(self, name: str, rows: int, **extra) -> dict:
+        """The kernel arguments of the benchmark-only timer stamps held in ``self.<name>`` (int64, at least
+        ``rows`` rows of 2 stamps for ``combine_trace``, 4 stamps for ``recv_trace``): none where it is None or
+        there is no global timer (the interpreter)."""
+        t = getattr(self, name)
+        if t is None:
             return {}
-        if t.dtype != torch.int64 or t.dim() != 2 or t.shape[1] != 2 or t.device != self.device:
-            raise ValueError(f"combine_trace must be int64 [items, 2] on {self.device}")
-        if base + items > t.shape[0]:
-            raise ValueError(f"combine_trace holds {t.shape[0]} rows, this launch needs {base + items}")
-        return dict(trace_ptr=t, trace_base=base, TRACE=True)
+        shape = (rows, 2) if name == "combine_trace" else (4,)
+        if t.dtype != torch.int64 or t.dim() != len(shape) or t.shape[1:] != shape[1:] or t.device != self.device:
+            raise ValueError(f"{name} must be int64 {['items', 2] if len(shape) == 2 else [4]} on {self.device}")
+        if t.shape[0] < shape[0]:
+            raise ValueError(f"{name} holds {t.shape[0]} rows, this launch needs {shape[0]}")
+        return dict(trace_ptr=t, TRACE=True, **extra) if self.use_timer else {}
 
     def combine_programs(self, num_sms: int | None, experts: int, block_m: int = 64, parts: int = 1) -> int:
         """Programs of a :meth:`combine_send` launch over ``experts`` local experts: ``num_sms`` (default the
@@ -479,12 +483,7 @@ class EPCommunicator:
         if out is None:
             out = torch.empty(t, self.hidden, dtype=torch.bfloat16, device=self.device)
         check_tensor("out", out, dtype=torch.bfloat16, shape=(t, self.hidden))
-        trace = {}
-        if self.recv_trace is not None and self.backend == "symm":
-            rt = self.recv_trace
-            if rt.dtype != torch.int64 or rt.shape != (4,) or rt.device != self.device:
-                raise ValueError(f"recv_trace must be int64 [4] on {self.device}")
-            trace = dict(trace_ptr=rt, TRACE=True)
+        trace = self._trace_args("recv_trace", 4) if self.backend == "symm" else {}
         if self.backend == "symm":
             K.combine_recv_kernel[(1,)](self.region, self.err, self.offsets["cflag"], self.max_spin_iters,
                                         self.timeout_ns, W=self.world_size, USE_TIMER=self.use_timer, num_warps=1,

@@ -217,3 +217,25 @@ def test_tile_heuristic_deepseek_shape():
     assert c._expected_rows() == 16 and c._combine_tiles(16) == (16, 1024)
     c._last_tokens = 8
     assert c._expected_rows() == 1 and c._combine_tiles(1) == (1, 8192)
+
+
+def test_trace_buffers_are_checked():
+    """The benchmark-only stamp buffers (``combine_trace``, ``recv_trace``) are checked before any launch: dtype,
+    shape and rows; in the interpreter (no global timer) a good one is accepted and the kernels run unstamped."""
+    comms = _world(2, 4, 6, 3, 2, None)
+    c = comms[0]
+    e = torch.zeros(c.num_local_experts, c.max_m, H).bfloat16()
+    idx = torch.zeros(6, 3, dtype=torch.int64)
+    w = torch.ones(6, 3)
+    for name, bad, word in [("combine_trace", torch.zeros(1, 2, dtype=torch.int64), "rows"),
+                            ("combine_trace", torch.zeros(64, 2), "int64"),
+                            ("recv_trace", torch.zeros(3, dtype=torch.int64), "rows"),
+                            ("recv_trace", torch.zeros(4, 2, dtype=torch.int64), "int64")]:
+        setattr(c, name, bad)
+        with pytest.raises(ValueError, match=f"{name}.*{word}|{word}.*{name}|{name} holds"):
+            c.combine_send(e) if name == "combine_trace" else c.combine_recv(idx, w)
+        setattr(c, name, None)
+    assert c._trace_args("combine_trace", 8) == {} and c._trace_args("recv_trace", 4) == {}
+    c.combine_trace = torch.zeros(4096, 2, dtype=torch.int64)
+    c.recv_trace = torch.zeros(4, dtype=torch.int64)
+    assert c._trace_args("combine_trace", 8, trace_base=0) == {} and c._trace_args("recv_trace", 4) == {}
