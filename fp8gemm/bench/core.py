@@ -196,7 +196,7 @@ def run_cases(cases: list[Case], progress: bool = True, rounds: int = 1) -> list
     """Check and time every case; one result dict per (case, implementation).
 
     ``rounds`` > 1: each case's implementations are timed in that many interleaved rounds (a drift of clock or
-    temperature then falls on all of them alike) and each keeps its best round; one shot a row moved by up to
+    temperature then falls on all of them alike) and each keeps its best round; one shot a row moved by
     up to 12% on an H100 (RESULTS.md, session 8)."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")

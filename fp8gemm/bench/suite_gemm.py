@@ -23,7 +23,6 @@ MASKED = [(32, 192), (6, 1024), (32, 20), (6, 20)]      # (groups, expected_m), 
 CONTIGUOUS = [(4, 8192), (8, 4096)]                    # (groups, ~m per group)
 
 
-
 def _scaled_mm():
     """cuBLAS block-scaled FP8 (A 1x128, B 128x128), or None where this torch lacks it."""
     F = torch.nn.functional

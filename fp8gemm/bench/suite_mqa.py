@@ -37,7 +37,6 @@ PAGED_QUICK = [(256, 1, 64, 128, 16384), (1024, 2, 64, 128, 8192)]
 BLOCK_KV = 64
 
 
-
 def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 

@@ -89,16 +89,17 @@ GROUPED_TMA_STORE_UNDER_PDL = True
 _SMEM_BUDGET = 220 * 1024     # of the 227 KB an H100/H200 block may use; the rest is barriers and scratch
 _SMEM_LIMIT = 227 * 1024      # what a block may use at all (the launch fails above it)
 # A's scales through shared memory (SA_SMEM) when the call's own config does not say (GluonConfig.sa_smem None)
-# and FP8GEMM_GLUON_SA_SMEM is unset.  H200, benchmarks/sa_smem_ab.py (RESULTS.md session 9): with MN-major
-# scales (DeepGEMM's layout) 1.05-1.36x faster on every dense row but two ties; with row-major scales 1.13-1.16x
-# faster at m = 64/128 on the k = 7168 rows (within 2.3% elsewhere) and 1-7% slower at m = 4096 (each row's 128
-# scales then come from 128 rows).  Grouped calls with MN-major scales: masked 1.02-1.10x and contiguous
-# 1.03-1.05x faster (row-major: up to 14% slower, so those stay off).
+# and FP8GEMM_GLUON_SA_SMEM is unset.  H200, benchmarks/sa_smem_ab.py (RESULTS.md session 9), against the same
+# scales loaded by the consumer: with MN-major scales (DeepGEMM's layout) 1.30-1.36x faster at m = 64/128 on the
+# k = 7168 rows (1.01-1.24x on the others) and 1.03-1.12x at m = 4096 (n576 level: its tail kernel has no
+# SA_SMEM); with row-major scales 1.13-1.17x faster at m = 64/128 on the k = 7168 rows (within 2.6% elsewhere)
+# and up to 7% slower at m = 4096 (each row's 128 scales then come from 128 rows).  Grouped calls with MN-major
+# scales: masked 1.01-1.10x and contiguous 1.03-1.05x faster (row-major: up to 14% slower, so those stay off).
 SA_SMEM_ROW_MAJOR_MAX_M = 256
 SA_SMEM_GROUPED = True
 # Larger dense and contiguous calls with row-major A scales: copy the scales MN-major first (one PyTorch copy
 # kernel, ~1-7 MB) and run SA_SMEM.  Off until measured (benchmarks/sa_smem_ab.py's "row->mn sa_smem" run times
-# the same copy + kernel): predicted 3-9% faster where SA_SMEM with MN-major scales was 5-11% faster.
+# the same copy + kernel): predicted 3-9% faster where SA_SMEM with MN-major scales was 5-10% faster than this.
 TRANSPOSE_ROW_MAJOR_FOR_SA = False
 
 # Cycle probe (``PROBE=True``, diagnostics only: benchmarks/gluon_probe.py).  int64 buffer, per program
@@ -1646,7 +1647,8 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
             sa_smem = sa_smem_pays(mode, m, sfa)
     sa_smem = sa_smem and not cfg.wide_n and not cfg.bn_tail
     if sa_smem:
-        # A's scales take BLOCK_M floats of every stage: as many stages as still fit
+        # A's scales take BLOCK_M floats of every stage: as many stages as still fit the picks' budget (the
+        # counts session 9 measured); _fit_stages below is the hard limit every kernel is held to
         fit = _stages(cfg.block_m, cfg.block_n,
                       _epi_bytes(cfg.block_m, cfg.block_n, tma_store, d.element_size(), c is not None), sa_smem=True)
         cfg = dataclasses.replace(cfg, stages=min(cfg.stages, fit))

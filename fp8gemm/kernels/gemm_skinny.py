@@ -128,7 +128,7 @@ def pays(m: int, n: int, k: int, num_sms: int) -> bool:
     session 5, ``benchmarks/skinny_ab.py``, the planned config against the Gluon kernel): one row, every
     DeepSeek shape 1.02-1.49x; 4-128 rows where the 64 x 64 (weights x tokens) tiles fill at most half the SMs
     (n 576-4096) 0.98-1.60x.  Since the Gluon kernel takes A's scales through shared memory (session 9, H200,
-    ``benchmarks/sa_smem_ab.py``) it is 1.04-1.33x faster than this one at 64 and 128 rows on every shape this
+    ``benchmarks/sa_smem_ab.py``) it is 1.04-1.34x faster than this one at 64 and 128 rows on every shape this
     took, so this keeps at most 32 rows (33-64 rows run the same 64-row tiles in both kernels as 64 do)."""
     return m == 1 or (m <= 32 and 2 * triton.cdiv(n, 64) * triton.cdiv(m, 64) <= num_sms)
 

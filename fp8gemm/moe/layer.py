@@ -129,7 +129,7 @@ class MoELayer:
         self.h1 = torch.empty(L, M, two_i, dtype=torch.bfloat16, device=dev)
         self.a2 = torch.empty(L, M, inter, dtype=FP8, device=dev)
         # The L2 GEMM's A scales MN-major (rows contiguous): the Gluon GEMM then brings them through shared
-        # memory (gemm_gluon.sa_smem_pays; masked 1.02-1.10x, contiguous 1.03-1.05x on an H200, session 9).
+        # memory (gemm_gluon.sa_smem_pays; masked 1.01-1.10x, contiguous 1.03-1.05x on an H200, session 9).
         self.a2_sf = empty_mn_major(L, M, inter // 128, device=dev)
         self.out2 = torch.empty(L, M, H, dtype=torch.bfloat16, device=dev)
         from ..grouped import alloc_signal

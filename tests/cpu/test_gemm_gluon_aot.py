@@ -120,16 +120,18 @@ def test_fit_stages_counts_both_grouped_epilogue_buffers():
 
 def test_sa_smem_policy(monkeypatch):
     """Where A's scales go through shared memory by default (measured, RESULTS.md session 9): MN-major scales,
-    row-major ones only for dense calls of at most 256 rows; grouped calls not yet; the environment forces
-    either way and rejects anything but 0/1."""
+    row-major ones only for dense calls of at most 256 rows; grouped calls with MN-major scales only (while
+    SA_SMEM_GROUPED); the environment forces either way and rejects anything but 0/1."""
     mn = torch.empty(56, 4096).t()                 # [4096, 56], M contiguous
     row = torch.empty(4096, 56)
     assert gg.sa_smem_pays("dense", 4096, mn) and not gg.sa_smem_pays("dense", 4096, row)
     assert gg.sa_smem_pays("dense", 128, row[:128]) and gg.sa_smem_pays("dense", 256, row[:256])
     assert not gg.sa_smem_pays("dense", 257, row[:257])
     g_mn = torch.empty(4, 56, 512).transpose(1, 2)
-    assert gg.sa_smem_pays("masked", 512, g_mn) == gg.SA_SMEM_GROUPED
+    assert gg.SA_SMEM_GROUPED is True and gg.sa_smem_pays("masked", 512, g_mn)
+    assert gg.sa_smem_pays("contiguous", 512, g_mn[0])
     assert not gg.sa_smem_pays("masked", 64, torch.empty(4, 64, 56))
+    assert not gg.sa_smem_pays("contiguous", 64, torch.empty(64, 56))
     monkeypatch.delenv("FP8GEMM_GLUON_SA_SMEM", raising=False)
     assert gg.runtime.gluon_sa_smem() is None
     monkeypatch.setenv("FP8GEMM_GLUON_SA_SMEM", "0")
