@@ -6,10 +6,11 @@ masked and contiguous grouped rows with A's scales row-major and MN-major, DeepG
 
     PYTHONPATH=. python3 benchmarks/sa_smem_ab.py [--only dense,masked,contiguous] [--ms 64,128,4096] [--out DIR]
 
-"row->mn sa_smem" (m > 256 and contiguous rows): ``gemm_gluon.TRANSPOSE_ROW_MAJOR_FOR_SA`` (opt-in) on, so launch
-copies the row-major scales MN-major inside the timed call and runs SA_SMEM; prediction from session 9's rows: 3-9%
-faster than "row sa_global" where "mn sa_smem" was 5-10% faster than it (n2112, n4096, n7168), level on n576 and
-n32768 k512 (launch does not copy there: the tail kernel has no SA_SMEM; 4 K-slices).
+"row->mn sa_smem" (m > 256 and contiguous rows): ``gemm_gluon.TRANSPOSE_ROW_MAJOR_FOR_SA`` on (the default since
+session 10), so launch copies the row-major scales MN-major inside the timed call and runs SA_SMEM; "row sa_global"
+passes an explicit config, which turns the copy off.  Session 10 (H200): 1.02-1.09x faster than "row sa_global"
+where k >= 1536, level on contiguous g4 k = 2048; launch does not copy on n576 (the tail kernel has no SA_SMEM) nor
+on n32768 k512 (4 K-slices).
 
 Session 8's prediction (benchmarks/small_m_diag.py on an H100, DIAG 6: the A-scale loads cost 1.17-1.31x at m = 64/128 and
 7-8% at 4096x4096x7168): m = 64/128 rows 1.15-1.3x faster, m = 4096 rows 3-8% faster.

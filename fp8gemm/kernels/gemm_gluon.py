@@ -98,9 +98,10 @@ _SMEM_LIMIT = 227 * 1024      # what a block may use at all (the launch fails ab
 SA_SMEM_ROW_MAJOR_MAX_M = 256
 SA_SMEM_GROUPED = True
 # Larger dense and contiguous calls with row-major A scales: copy the scales MN-major first (one PyTorch copy
-# kernel, ~1-7 MB) and run SA_SMEM.  Off until measured (benchmarks/sa_smem_ab.py's "row->mn sa_smem" run times
-# the same copy + kernel): predicted 3-9% faster where SA_SMEM with MN-major scales was 5-10% faster than this.
-TRANSPOSE_ROW_MAJOR_FOR_SA = False
+# kernel, ~1-7 MB) and run SA_SMEM.  H200, benchmarks/sa_smem_ab.py (RESULTS.md session 10), copy + kernel against
+# the plain kernel on the row-major scales at m = 4096: 1.05-1.09x faster at k = 7168/16384 (contiguous g8
+# 1.08x), 1.02x at k = 1536/2048 dense, level on contiguous g4 k = 2048; the predicted 3-9% held.
+TRANSPOSE_ROW_MAJOR_FOR_SA = True
 
 # Cycle probe (``PROBE=True``, diagnostics only: benchmarks/gluon_probe.py).  int64 buffer, per program
 # PROBE_ROWS rows of PROBE_SLICES x PROBE_EVENTS timestamps: row 0/1 = consumer warpgroup 0/1, row 2 = the

@@ -397,17 +397,18 @@ def test_tail_rules():
 
 
 def test_transpose_for_sa_decision(monkeypatch):
-    """When launch copies row-major A scales MN-major to run SA_SMEM (opt-in TRANSPOSE_ROW_MAJOR_FOR_SA): large
+    """When launch copies row-major A scales MN-major to run SA_SMEM (TRANSPOSE_ROW_MAJOR_FOR_SA, on): large
     dense and contiguous calls with >= 8 K-slices on a kernel that has SA_SMEM; never masked calls, PDL, short K,
     the remainder-tail or wide tiles, explicit configs, MN-major scales, small calls SA_SMEM already takes, or
     with the environment override set."""
     monkeypatch.delenv("FP8GEMM_GLUON_SA_SMEM", raising=False)
     row, mn = torch.empty(4096, 56), torch.empty(56, 4096).t()
     cfg = gg.pick_config("dense", 4096, 4096, 7168, tma_store=True)
-    assert gg.TRANSPOSE_ROW_MAJOR_FOR_SA is False
+    assert gg.TRANSPOSE_ROW_MAJOR_FOR_SA is True
+    assert gg.transpose_for_sa("dense", 4096, 4096, 7168, row, cfg)
+    monkeypatch.setattr(gg, "TRANSPOSE_ROW_MAJOR_FOR_SA", False)
     assert not gg.transpose_for_sa("dense", 4096, 4096, 7168, row, cfg)
     monkeypatch.setattr(gg, "TRANSPOSE_ROW_MAJOR_FOR_SA", True)
-    assert gg.transpose_for_sa("dense", 4096, 4096, 7168, row, cfg)
     assert gg.transpose_for_sa("contiguous", 4096, 4096, 7168, row, cfg)
     assert not gg.transpose_for_sa("masked", 4096, 4096, 7168, torch.empty(4, 4096, 56), cfg)
     assert not gg.transpose_for_sa("dense", 4096, 4096, 7168, row, cfg, pdl=True)

@@ -404,7 +404,7 @@ def test_dense_split_n(kw, kernel_launches):
     assert len(kernel_launches) - n0 == (2 if kw.get("graph") else 1)   # an explicit config: one launch
 
 
-# Row-major A scales copied MN-major for SA_SMEM (gemm_gluon.TRANSPOSE_ROW_MAJOR_FOR_SA, off until measured):
+# Row-major A scales copied MN-major for SA_SMEM (gemm_gluon.TRANSPOSE_ROW_MAJOR_FOR_SA, on by default):
 # dense (one launch; two launches on two streams for a ragged N) and contiguous calls run the SA_SMEM kernel
 # and stay exact; short K keeps the plain kernel.
 @pytest.mark.gpu
