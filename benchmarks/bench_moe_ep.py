@@ -226,6 +226,8 @@ def main():
     p.add_argument("--a2-scales", choices=("mn", "row"), default="mn",
                    help="A/B: the layout of the L2 GEMM's A scales (the layer allocates them MN-major, so that the "
                         "Gluon GEMM takes them through shared memory; 'row' swaps in a row-major buffer)")
+    p.add_argument("--combine-payload", choices=("bf16", "fp8"), default="bf16",
+                   help="the combine's rows as BF16 (default) or as the FP8 combine payload (EPCommunicator)")
     p.add_argument("--trace", action="store_true",
                    help="after the timings, stamp every combine work item (global timer after its counter wait "
                         "and after its stores) over CUDA-graph replays of the overlapped layer at the largest T; "
@@ -260,23 +262,28 @@ def main():
     p2p = _p2p_bandwidth(rank, world)
     # the same pattern as the EP kernels at their size (each rank to every peer at once): a second reference
     max_rows = max(int(t) for t in args.tokens.split(",")) * args.topk
-    at_size = None
+    at_size, a2a = None, float("nan")
     if world > 1:
         try:
+            # the link's all-to-all rate when the size does not limit it: 64 MiB to every peer, every rank at once
+            big = _AllPeersCopy(rank, world, 64 << 20)
+            a2a = big.gbps(64 << 20)
+            del big
             at_size = _AllPeersCopy(rank, world, -(-max_rows * 2 * args.hidden // 16) * 16)
         except Exception as e:  # noqa: BLE001 - a reference that cannot be set up is reported, not fatal
             print(f"[bench] rank {rank}: no at-size copy-engine reference ({type(e).__name__}: {e})", flush=True)
     if args.combine_tile:
         tile = tuple(int(x) for x in args.combine_tile.split(","))
         EPCommunicator._combine_tiles = lambda self, rows: tile
-    comm = EPCommunicator(dist.group.WORLD, num_experts=E, max_tokens_per_rank=max(tokens_list), topk=K, hidden=Hd)
+    comm = EPCommunicator(dist.group.WORLD, num_experts=E, max_tokens_per_rank=max(tokens_list), topk=K, hidden=Hd,
+                          combine_payload=args.combine_payload)
     layer = MoELayer(comm, (w13q, w13s), (w2q, w2s), num_comm_sms=args.comm_sms, tail_experts=args.tail_experts)
     if args.a2_scales == "row":
         layer.a2_sf = torch.empty(layer.a2_sf.shape, dtype=torch.float32, device=dev)
     if rank == 0:
         print(f"[bench] setup {time.time() - t_setup:.1f}s, p2p copy-engine {p2p:.0f} GB/s, "
               f"gemm SMs {layer.num_gemm_sms}, comm SMs {layer.num_comm_sms}, tail experts {layer.tail_experts}, "
-              f"L2 A scales {args.a2_scales}",
+              f"L2 A scales {args.a2_scales}, combine payload {args.combine_payload}",
               flush=True)
 
     rows = []
@@ -310,12 +317,19 @@ def main():
                                     args.iters)
         r["combine_all_sms_ms"], _ = _timed(lambda: comm.combine(layer.out2, idx, w), args.iters)
         y_red = torch.empty(T, Hd, dtype=torch.bfloat16, device=dev)
-        r["reduce_ms"], _ = _timed(lambda: combine_reduce_bf16(comm.combine_recv_buf, idx, w, y_red, E), args.iters)
+        if args.combine_payload == "fp8":
+            from fp8gemm.kernels.moe_act import launch_combine_reduce
+            r["reduce_ms"], _ = _timed(lambda: launch_combine_reduce(comm.combine_recv_codes[:T], comm.combine_recv_sf[:T],
+                                                                     w, idx, y_red, False, num_experts=E), args.iters)
+        else:
+            r["reduce_ms"], _ = _timed(lambda: combine_reduce_bf16(comm.combine_recv_buf, idx, w, y_red, E),
+                                       args.iters)
         comm.check()
         # Bytes (per rank, averaged over the ranks; times are the slowest rank's):
         # dispatch: every valid (token, k) row = FP8 row + FP32 scales + int32 routing word, written into
         #   its owner's masked buffer; "nvl" counts the rows whose owner is another rank (they cross NVLink).
-        # combine: every row this rank's experts received goes back as a BF16 row; "nvl" the rows whose
+        # combine: every row this rank's experts received goes back as a BF16 row (FP8 payload: codes + one
+        #   scale byte per 128 columns); "nvl" the rows whose
         #   source is another rank.  The local reduce (reads T x topk BF16 rows) is not counted.
         owner = idx // L
         d_rows, d_remote = int((idx >= 0).sum()), int(((idx >= 0) & (owner != rank)).sum())
@@ -328,7 +342,8 @@ def main():
         d_rows, d_remote, c_rows, c_remote = (cnt / world).tolist()
         row_bytes = Hd + 4 * (Hd // 128) + 4
         r["dispatch_total_MB"], r["dispatch_nvl_MB"] = d_rows * row_bytes / 1e6, d_remote * row_bytes / 1e6
-        r["combine_total_MB"], r["combine_nvl_MB"] = c_rows * 2 * Hd / 1e6, c_remote * 2 * Hd / 1e6
+        c_row_bytes = Hd + Hd // 128 if args.combine_payload == "fp8" else 2 * Hd
+        r["combine_total_MB"], r["combine_nvl_MB"] = c_rows * c_row_bytes / 1e6, c_remote * c_row_bytes / 1e6
         r["dispatch_GBps"] = r["dispatch_total_MB"] / r["dispatch_ms"]
         r["dispatch_peer_GBps"] = r["dispatch_nvl_MB"] / r["dispatch_ms"]
         r["combine_GBps"] = r["combine_total_MB"] / r["combine_ms"]
@@ -344,6 +359,8 @@ def main():
                 r[f"{key}_ce_at_size_GBps"] = ce
                 r[f"{key}_pct_ce_at_size"] = r[f"{key}_peer_GBps"] / ce * 100
             r["combine_all_sms_pct_ce_at_size"] = r["combine_all_sms_peer_GBps"] / r["combine_ce_at_size_GBps"] * 100
+            for key in ("dispatch", "combine", "combine_all_sms"):
+                r[f"{key}_pct_a2a"] = r[f"{key}_peer_GBps"] / a2a * 100
         r["gain_pct"] = (r["off_ms"] / r["on_ms"] - 1) * 100
         r["exposed_combine_pct"] = max(0.0, r["on_ms"] - r["skip_ms"]) / r["combine_ms"] * 100
         r["on_vs_off_maxabs"] = same
@@ -386,12 +403,13 @@ def main():
             json.dump({"card": card, "gpus": world, "experts": E, "hidden": Hd, "inter": I, "topk": K,
                        "p2p_copy_GBps": p2p, "gemm_sms": layer.num_gemm_sms, "comm_sms": layer.num_comm_sms,
                        "combine_tile": args.combine_tile or "default", "tail_experts": layer.tail_experts,
+                       "combine_payload": args.combine_payload, "all_to_all_copy_GBps_64MiB": a2a,
                        "combine_trace": trace, "rows": rows, "timeline_us": spans}, f, indent=1)
         print(f"\nMoE EP layer, {card} x{world}, E={E} H={Hd} I={I} top-{K}, p2p {p2p:.0f} GB/s, "
-              f"SMs gemm/comm {layer.num_gemm_sms}/{layer.num_comm_sms}")
+              f"SMs gemm/comm {layer.num_gemm_sms}/{layer.num_comm_sms}, combine payload {args.combine_payload}")
         print("bytes per rank (mean over ranks), time of the slowest rank; nvl = bytes that cross NVLink (rows "
               "to / from another rank), total = all rows written (local ones too); dispatch row = FP8 row + FP32 "
-              "scales + int32 routing word, combine row = BF16 row (the local reduce is not counted); "
+              "scales + int32 routing word, combine row = BF16 row or FP8 payload (the local reduce is not counted); "
               f"%p2p = nvl GB/s / the copy-engine P2P bandwidth measured in this run ({p2p:.0f} GB/s); dispatch "
               f"on all SMs ({comm.num_sms}), combine (send + wait + reduce) on the {layer.num_comm_sms} "
               "communication SMs and on all SMs")
@@ -410,13 +428,15 @@ def main():
                   f"{r['barrier_ms'] * 1e3:>10.1f}", flush=True)
         if at_size is not None:
             print("against the copy engine moving the same cross-rank bytes to all peers at once (one stream a "
-                  "peer, this run): CE GB/s and the kernel's % of it")
-            print(f"{'T':>5} | {'disp CE GB/s':>12} {'%':>5} | {'comb CE GB/s':>12} {'% (comm SMs)':>12} "
-                  f"{'% (all SMs)':>11}")
+                  "peer, this run): CE GB/s and the kernel's % of it; %a2a = the kernel's nvl GB/s against the "
+                  f"copy engine's all-to-all at 64 MiB a peer, every rank at once ({a2a:.0f} GB/s)")
+            print(f"{'T':>5} | {'disp CE GB/s':>12} {'%':>5} {'%a2a':>5} | {'comb CE GB/s':>12} {'% (comm SMs)':>12} "
+                  f"{'% (all SMs)':>11} {'%a2a comm':>9} {'%a2a all':>8}")
             for r in rows:
                 print(f"{r['tokens']:>5} | {r['dispatch_ce_at_size_GBps']:>12.1f} {r['dispatch_pct_ce_at_size']:>5.1f} "
-                      f"| {r['combine_ce_at_size_GBps']:>12.1f} {r['combine_pct_ce_at_size']:>12.1f} "
-                      f"{r['combine_all_sms_pct_ce_at_size']:>11.1f}", flush=True)
+                      f"{r['dispatch_pct_a2a']:>5.1f} | {r['combine_ce_at_size_GBps']:>12.1f} "
+                      f"{r['combine_pct_ce_at_size']:>12.1f} {r['combine_all_sms_pct_ce_at_size']:>11.1f} "
+                      f"{r['combine_pct_a2a']:>9.1f} {r['combine_all_sms_pct_a2a']:>8.1f}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One multi-GPU call's worth of EP work (#7): the EP GPU tests under torchrun on every GPU, then the layer
 # benchmark three times, alternating the combine's tail launch (default L/8 tail experts, then 0, then the
-# default again), the first run with --trace.  Each step has its own time limit and log under OUT.
+# default again), the first run with --trace; or (STEPS=tests,fp8,bf16,fp8b) the FP8 combine payload against
+# BF16, alternating.  Each step has its own time limit and log under OUT.
 #
 #   PYTHONPATH=. bash benchmarks/ep_gpu_round.sh OUT [TOKENS]
 set -u
@@ -25,15 +26,19 @@ step tests 150 torchrun --nproc-per-node "$n" tests/gpu/test_moe_ep_gpu.py
 step tail_default 180 "${bench[@]}" "$out/tail_default" --tokens "$tokens" --trace
 step tail_0 130 "${bench[@]}" "$out/tail_0" --tokens "$tokens" --tail-experts 0
 (( $(date +%s) - start < 440 )) && step tail_default2 120 "${bench[@]}" "$out/tail_default2" --tokens "$tokens"
+# the FP8 combine payload against BF16, alternating (STEPS=tests,fp8,bf16,fp8b)
+step fp8 150 "${bench[@]}" "$out/fp8" --tokens "$tokens" --combine-payload fp8 --trace
+step bf16 130 "${bench[@]}" "$out/bf16" --tokens "$tokens"
+(( $(date +%s) - start < 470 )) && step fp8b 120 "${bench[@]}" "$out/fp8b" --tokens "$tokens" --combine-payload fp8
 echo "== summary ($n GPUs)"
-for s in tail_default tail_0 tail_default2; do
+for s in tail_default tail_0 tail_default2 fp8 bf16 fp8b; do
     [[ -f $out/$s.log ]] || continue
     echo "-- $s"; grep -A 12 "^MoE EP layer" "$out/$s.log" | grep -vE "^bytes per rank"
     grep "^\[bench\] trace" "$out/$s.log"
 done
 # the device returns at most 8 files: one log, the three JSONs, the first timeline
-for s in tests tail_default tail_0 tail_default2; do
+for s in tests tail_default tail_0 tail_default2 fp8 bf16 fp8b; do
     [[ -f $out/$s.log ]] && { echo "##### $s"; cat "$out/$s.log"; rm "$out/$s.log"; }
 done > "$out/logs.txt"
-rm -f "$out/tail_0/moe_ep_timeline.png" "$out/tail_default2/moe_ep_timeline.png"
+rm -f "$out"/{tail_0,tail_default2,bf16,fp8b}/moe_ep_timeline.png
 exit 0

@@ -631,9 +631,12 @@ def expert_forward(xq: torch.Tensor, xsf: torch.Tensor, w13, w2, use_ue8m0: bool
 
 
 def moe_layer_reference(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                        w13, w2, use_ue8m0: bool = False) -> torch.Tensor:
+                        w13, w2, use_ue8m0: bool = False, combine_payload: str = "bf16") -> torch.Tensor:
     """``x`` BF16 [T, hidden]; ``w13 = (FP8 [E, 2I, hidden], FP32 [E, 2I/128, hidden/128])``;
-    ``w2 = (FP8 [E, hidden, I], FP32 [E, hidden/128, I/128])`` -> BF16 [T, hidden]."""
+    ``w2 = (FP8 [E, hidden, I], FP32 [E, hidden/128, I/128])`` -> BF16 [T, hidden].
+
+    ``combine_payload="fp8"``: step 3 reduces the FP8 combine payload of ``o`` instead
+    (:func:`quantize_combine_payload` then :func:`combine_reduce`, invalid experts skipped)."""
     t, hidden = x.shape
     num_experts = w13[0].shape[0]
     xq, xsf = per_token_cast_to_fp8(x, use_ue8m0=use_ue8m0)
@@ -643,6 +646,12 @@ def moe_layer_reference(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: t
         tt, kk = (idx == e).nonzero(as_tuple=True)
         if tt.numel():
             o[tt, kk] = expert_forward(xq[tt], xsf[tt], (w13[0][e], w13[1][e]), (w2[0][e], w2[1][e]), use_ue8m0)
+    if combine_payload == "fp8":
+        payload, sf = quantize_combine_payload(o)
+        valid = (idx >= 0) & (idx < num_experts)
+        return combine_reduce(payload, sf, topk_weights, torch.where(valid, idx, -1))
+    if combine_payload != "bf16":
+        raise ValueError(f"combine_payload must be 'bf16' or 'fp8', got {combine_payload!r}")
     return combine_reduce_reference(o, topk_idx, topk_weights, num_experts)
 
 

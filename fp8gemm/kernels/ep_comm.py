@@ -22,8 +22,9 @@ addresses (peer addresses come from ``torch.distributed._symmetric_memory``; in 
   g) in block-major order ``u = i * L + g`` (the rows sit in the first blocks of every expert: this
   spreads them over all programs), up to the last m-block any expert reaches.  Per non-empty unit:
   one bounded scalar spin until the masked GEMM's SBO counter reaches the threshold (then zero it for
-  the next call), then the whole program stores the block's BF16 rows, ``ROWS x BLOCK_H`` tiles in the
-  same two-stage pipeline, into their source rank's receive buffer at slot (token, k); then the same
+  the next call), then the whole program stores the block's BF16 rows (or their FP8 payload, see *combine
+  reduce*), ``ROWS x BLOCK_H`` tiles in the same two-stage pipeline, into their source rank's receive buffer
+  at slot (token, k); then the same
   done-counter / ``CFLAG`` arrival as the dispatch.
 - **combine recv** (one program): spin on ``CFLAG``, consume it.
 - **barrier** (:meth:`fp8gemm.moe.ep.EPCommunicator.barrier`): one program adds 1 to ``BFLAG[rank]`` on every
@@ -44,7 +45,9 @@ addresses (peer addresses come from ``torch.distributed._symmetric_memory``; in 
   ``send_base[e] + slot_of[t, k]`` of the owner's contiguous buffer (rows past the capacity are dropped; the owner's layout step records the overflow), then the
   same ``DFLAG`` arrival as the masked dispatch; :func:`wait_arrivals_kernel` waits for it.
 - **combine reduce** (local): ``y[t] = sum_k w[t, k] * recv[t, k]`` in FP32, over the k whose expert
-  id is valid, cast to BF16.
+  id is valid, cast to BF16.  With the FP8 combine payload (``EPCommunicator(combine_payload="fp8")``) the
+  sender casts each BF16 row to E4M3 codes + one UE8M0 byte per 128 columns as it stores it (half the bytes
+  on the link and in the reduce), and the reduce is :func:`fp8gemm.kernels.moe_act.combine_reduce_kernel`.
 
 Every spin is bounded: by ``timeout_ns`` of ``%globaltimer`` on the GPU, by ``max_iters`` iterations in
 the interpreter.  A spin that runs out records the first error in ``err`` (int32 [4]: code, a, b, c;
@@ -55,6 +58,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .quant import e4m3_bytes, group_amax, scale_from_amax, ue8m0_byte
 
 ERROR_CODES = {
     1: "dispatch: timed out waiting for the arrival signal of rank {a}",
@@ -167,6 +172,43 @@ def _copy_rows(v, src, dst, lmask, smask, H: tl.constexpr, BLOCK_H: tl.constexpr
 
 
 @triton.jit
+def _load_groups(src, rmask, j: tl.constexpr, H: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Tile ``j`` of the BF16 rows ``src[r]`` (where ``rmask[r]``) as ``[rows, BLOCK_H / 128, 128]``: the FP8
+    combine payload's scale groups on their own axis; zeros past ``H``."""
+    cols = j * BLOCK_H + tl.arange(0, BLOCK_H // 128)[:, None] * 128 + tl.arange(0, 128)[None, :]
+    m = rmask[:, None, None] & (cols[None, :, :] < H)
+    return tl.load(src[:, None, None] + cols[None, :, :], mask=m, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _put_fp8_groups(v, dst, sdst, smask, j: tl.constexpr, H: tl.constexpr, BLOCK_H: tl.constexpr,
+                    SOFT: tl.constexpr):
+    """The FP8 combine payload of a loaded tile ``v`` (:func:`_load_groups`): E4M3 codes at ``dst[r]`` and one
+    UE8M0 byte per 128 columns at ``sdst[r]`` (``fp8gemm.reference.quantize_combine_payload``; the helpers of
+    the public casts, so the same bytes)."""
+    G: tl.constexpr = BLOCK_H // 128
+    g = j * G + tl.arange(0, G)
+    cols = g[:, None] * 128 + tl.arange(0, 128)[None, :]
+    sf, inv = scale_from_amax(group_amax(v, 2), 448.0, True)
+    q = e4m3_bytes(v.to(tl.float32) * inv[:, :, None], SOFT)
+    tl.store(dst[:, None, None] + cols[None, :, :], q, mask=smask[:, None, None] & (cols[None, :, :] < H))
+    tl.store(sdst[:, None] + g[None, :], ue8m0_byte(sf), mask=smask[:, None] & (g[None, :] < H // 128))
+
+
+@triton.jit
+def _quant_copy_rows(v, src, dst, sdst, mask, H: tl.constexpr, BLOCK_H: tl.constexpr, SOFT: tl.constexpr):
+    """:func:`_copy_rows` for the FP8 combine payload: BF16 rows ``src[r]`` -> codes at ``dst[r]`` and scale
+    bytes at ``sdst[r]``, the loads of tile j+1 issued before the cast and stores of tile j; ``v`` is tile 0
+    (:func:`_load_groups`)."""
+    NT: tl.constexpr = (H + BLOCK_H - 1) // BLOCK_H
+    for j in tl.static_range(1, NT):
+        nv = _load_groups(src, mask, j, H, BLOCK_H)
+        _put_fp8_groups(v, dst, sdst, mask, j - 1, H, BLOCK_H, SOFT)
+        v = nv
+    _put_fp8_groups(v, dst, sdst, mask, NT - 1, H, BLOCK_H, SOFT)
+
+
+@triton.jit
 def _put_rows(v0, sf, base, row, ok, t, j, xq_ptr, stride_xq, rank, TMAX, OFF_X, OFF_SF, OFF_META,
               H: tl.constexpr, SFH: tl.constexpr, TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
               BLOCK_SF: tl.constexpr):
@@ -254,7 +296,8 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
                         H: tl.constexpr, TOPK: tl.constexpr, L: tl.constexpr, W: tl.constexpr,
                         ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr,
                         WAIT_SIGNAL: tl.constexpr, USE_TIMER: tl.constexpr,
-                        trace_ptr=None, trace_base=0, TRACE: tl.constexpr = False):
+                        trace_ptr=None, trace_base=0, TRACE: tl.constexpr = False,
+                        OFF_RSF=0, FP8: tl.constexpr = False, SOFT: tl.constexpr = False):
     """Persistent, over the local experts ``[g_lo, g_hi)``: units ``u = i * LG + (g - g_lo)`` (m-block i of
     local expert g, LG = g_hi - g_lo; block-major, so the first blocks of all experts -- where the rows are --
     spread over every program), each cut into ``parts`` row ranges; work item ``v = u * parts + s`` goes to
@@ -263,7 +306,9 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
     into their source ranks' receive buffers.  Each part adds 1 to the counter after its spin; the part
     that brings it to ``threshold + parts`` zeroes it, so the array is ready for the next GEMM.  The last of
     ``arrive_total`` programs (this launch's and any other launch's sending the same combine; -1: this
-    launch's) signals the arrival to every rank.  ``TRACE`` (GPU only, benchmarks): for work item ``v`` of a
+    launch's) signals the arrival to every rank.  ``FP8``: each row goes as the FP8 combine payload instead
+    (E4M3 codes in the first ``H`` bytes of its receive slot, its UE8M0 scale bytes in the ``OFF_RSF`` section;
+    ``SOFT``: the interpreter's rounding).  ``TRACE`` (GPU only, benchmarks): for work item ``v`` of a
     non-empty unit, ``trace_ptr[trace_base + v]`` gets the global timer (ns) after its spin and after its
     stores, as two int64."""
     pid = tl.program_id(0)
@@ -303,13 +348,21 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
                 rows = r0 + rr
                 rm = rows < p_end
                 srow = d_ptr + g64 * stride_dg + rows.to(tl.int64) * stride_dm
-                v0 = _load_tile(srow, rm, 0, H, BLOCK_H, ".cg")
+                if FP8:
+                    v0 = _load_groups(srow, rm, 0, H, BLOCK_H)
+                else:
+                    v0 = _load_tile(srow, rm, 0, H, BLOCK_H, ".cg")
                 meta = tl.load(meta_base + g64 * MAX_M + rows, mask=rm, other=0)
                 src = meta // (TMAX * TOPK)
                 tk = (meta - src * (TMAX * TOPK)).to(tl.int64)
                 bases = tl.load(tab_ptr + src, mask=rm, other=0)
-                dst = tl.multiple_of((bases + OFF_RECV + tk * (H * 2)).to(tl.pointer_type(tl.bfloat16)), 16)
-                _copy_rows(v0, srow, dst, rm, rm, H, BLOCK_H, ".cg")
+                if FP8:
+                    dst8 = tl.multiple_of((bases + OFF_RECV + tk * H).to(tl.pointer_type(tl.uint8)), 16)
+                    sdst = (bases + OFF_RSF + tk * (H // 128)).to(tl.pointer_type(tl.uint8))
+                    _quant_copy_rows(v0, srow, dst8, sdst, rm, H, BLOCK_H, SOFT)
+                else:
+                    dst = tl.multiple_of((bases + OFF_RECV + tk * (H * 2)).to(tl.pointer_type(tl.bfloat16)), 16)
+                    _copy_rows(v0, srow, dst, rm, rm, H, BLOCK_H, ".cg")
             if TRACE:
                 tl.debug_barrier()
                 tl.store(trace_ptr + 2 * (trace_base + v) + 1, tl.extra.cuda.globaltimer())

@@ -161,11 +161,18 @@ def bf16_bits(acc, SOFT: tl.constexpr):
 @triton.jit
 def combine_reduce_kernel(p_ptr, sf_ptr, w_ptr, idx_ptr, out_ptr, T, hidden, topk,
                           stride_pt, stride_pk, stride_st, stride_sk, stride_wt, stride_wk, stride_it, stride_ik,
-                          stride_ot,
-                          BLOCK_T: tl.constexpr, GROUPS: tl.constexpr, HAS_IDX: tl.constexpr, SOFT: tl.constexpr):
+                          stride_ot, num_experts,
+                          BLOCK_T: tl.constexpr, GROUPS: tl.constexpr, HAS_IDX: tl.constexpr, SOFT: tl.constexpr,
+                          trace_ptr=None, TRACE: tl.constexpr = False):
     """Program (i, j): tokens ``[i*BLOCK_T, (i+1)*BLOCK_T)``, 128-column groups ``[j*GROUPS, (j+1)*GROUPS)``;
     loops over the top-k slots in order, accumulating ``w * (code * scale)`` in FP32 registers.  Launched
-    with FP contraction off so that ``acc + w * v`` rounds twice, as the reference does."""
+    with FP contraction off so that ``acc + w * v`` rounds twice, as the reference does.  With ``HAS_IDX`` a
+    slot counts where ``0 <= idx < num_experts``.  ``TRACE`` (GPU only, the EP layer's benchmark stamps,
+    :attr:`fp8gemm.moe.ep.EPCommunicator.recv_trace`): program (0, 0) stores the global timer at its start in
+    ``trace_ptr[2]``, every program raises ``trace_ptr[3]`` to its end time."""
+    if TRACE:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(trace_ptr + 2, tl.extra.cuda.globaltimer())
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
     cols = groups[:, None] * 128 + tl.arange(0, 128)[None, :]
@@ -183,10 +190,13 @@ def combine_reduce_kernel(p_ptr, sf_ptr, w_ptr, idx_ptr, out_ptr, T, hidden, top
         summed = acc + w[:, None, None] * value
         if HAS_IDX:
             idx = tl.load(idx_ptr + rows64 * stride_it + k * stride_ik, mask=row_ok, other=-1)
-            acc = tl.where((idx >= 0)[:, None, None], summed, acc)
+            acc = tl.where(((idx >= 0) & (idx < num_experts))[:, None, None], summed, acc)
         else:
             acc = summed
     tl.store(out_ptr + rows64[:, None, None] * stride_ot + cols[None, :, :], bf16_bits(acc, SOFT), mask=mask)
+    if TRACE:
+        tl.debug_barrier()
+        tl.atomic_max(trace_ptr + 3, tl.extra.cuda.globaltimer(), sem="relaxed")
 
 
 def launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx, buf_topk_weights,
@@ -210,7 +220,8 @@ def launch_pre_dispatch(x, topk_idx, topk_weights, buf_x, buf_x_sf, buf_topk_idx
         X_PAIRS=use_fp4_acts and bf16_pairs_ok(x), num_warps=warps)
 
 
-def launch_combine_reduce(payload, sf, weights, topk_idx, out, soft: bool, config=None) -> None:
+def launch_combine_reduce(payload, sf, weights, topk_idx, out, soft: bool, config=None,
+                          num_experts: int = 2**31 - 1, trace=None) -> None:
     t, topk, hidden = payload.shape
     groups_total = triton.cdiv(hidden, 128)
     if config is None:
@@ -224,6 +235,6 @@ def launch_combine_reduce(payload, sf, weights, topk_idx, out, soft: bool, confi
     combine_reduce_kernel[grid](
         payload.view(torch.uint8), sf, weights, idx, out.view(torch.int16), t, hidden, topk,
         payload.stride(0), payload.stride(1), sf.stride(0), sf.stride(1), weights.stride(0), weights.stride(1),
-        idx.stride(0), idx.stride(1), out.stride(0),
+        idx.stride(0), idx.stride(1), out.stride(0), num_experts,
         BLOCK_T=block_t, GROUPS=groups, HAS_IDX=topk_idx is not None, SOFT=soft, num_warps=warps,
-        enable_fp_fusion=False)
+        enable_fp_fusion=False, **({} if trace is None else dict(trace_ptr=trace, TRACE=True)))

@@ -15,6 +15,13 @@ that row back to rank ``src_rank``'s receive buffer ``[max_tokens_per_rank, topk
 ``(token, k)``, where ``y[t] = sum_k topk_weights[t, k] * recv[t, k]`` (FP32, then BF16) reduces it.
 Entries of ``topk_idx`` that are negative (or >= num_experts) are skipped throughout.
 
+Combine payload: ``combine_payload="bf16"`` (default) sends the expert outputs as they are;
+``combine_payload="fp8"`` (symm backend) sends each row as E4M3 codes with one UE8M0 scale byte per 128
+columns, cast by the sender as it stores (:func:`fp8gemm.reference.quantize_combine_payload`), and the
+receiver reduces the de-quantised rows (:func:`fp8gemm.reference.combine_reduce`): half the bytes on
+NVLink and in the reduce, at the precision of an FP8 round trip of every expert output (semantics:
+:func:`fp8gemm.reference.moe_layer_reference` with ``combine_payload="fp8"``).
+
 Contiguous layout (prefill)
 ---------------------------
 Created with ``contiguous=True``, the communicator also has a second receive form for
@@ -71,6 +78,7 @@ from .._checks import FP8, check_bool, check_int, check_tensor
 from ..kernels import ep_comm as K
 
 _BACKENDS = ("symm", "nccl")
+_PAYLOADS = ("bf16", "fp8")
 
 
 
@@ -97,7 +105,7 @@ class SymmLayout:
         L, M, H = self.num_local_experts, self.max_m, self.hidden
         sizes = {"x": L * M * H, "sf": L * M * self.sf_cols * 4, "meta": L * M * 4, "cnt": L * 4,
                  "dflag": self.world_size * 4, "cflag": self.world_size * 4, "bflag": self.world_size * 4,
-                 "recv": self.max_tokens * self.topk * H * 2}
+                 "recv": self.max_tokens * self.topk * H * 2, "rsf": self.max_tokens * self.topk * self.sf_cols}
         if self.contig_rows:
             R, E = self.contig_rows, L * self.world_size
             sizes.update({"ccnt": self.world_size * E * 4, "aflag": self.world_size * 4, "cx": R * H,
@@ -140,17 +148,24 @@ class EPCommunicator:
     local expert, default ``world_size * max_tokens_per_rank``), ``backend`` ``"symm"`` or ``"nccl"``,
     ``timeout_s`` (bound of every wait on the GPU), ``max_spin_iters`` (bound in the interpreter),
     ``num_sms`` (programs of the dispatch kernel and of the combine without overlap; default all SMs),
-    ``contiguous`` (also allocate the contiguous prefill form, see the module docstring) and
-    ``contiguous_rows`` (its capacity R, a multiple of the alignment; default: never overflows).
+    ``contiguous`` (also allocate the contiguous prefill form, see the module docstring),
+    ``contiguous_rows`` (its capacity R, a multiple of the alignment; default: never overflows) and
+    ``combine_payload`` (``"bf16"`` or ``"fp8"``, the symm backend only; module docstring).
     """
 
     def __init__(self, group=None, *, num_experts: int, max_tokens_per_rank: int, topk: int, hidden: int,
                  max_m: int | None = None, backend: str = "symm", timeout_s: float = 10.0,
                  max_spin_iters: int = 1 << 16, num_sms: int | None = None, contiguous: bool = False,
-                 contiguous_rows: int | None = None, device=None, _simulated=None):
+                 contiguous_rows: int | None = None, combine_payload: str = "bf16", device=None,
+                 _simulated=None):
         import torch.distributed as dist
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if combine_payload not in _PAYLOADS:
+            raise ValueError(f"combine_payload must be one of {_PAYLOADS}, got {combine_payload!r}")
+        if combine_payload == "fp8" and backend != "symm":
+            raise ValueError(f"combine_payload='fp8' needs the symm backend, got backend={backend!r}")
+        self.combine_payload = combine_payload
         if _simulated is not None:
             rank, world = _simulated["rank"], _simulated["world_size"]
         else:
@@ -269,6 +284,9 @@ class EPCommunicator:
         self.recv_x_sf = sec("sf", torch.float32, (L, M, self.sf_cols))
         self.recv_src_info = sec("meta", torch.int32, (L, M))
         self.combine_recv_buf = sec("recv", torch.bfloat16, (self.max_tokens, self.topk, H))
+        # the FP8 payload: codes in the first half of the same section, scale bytes in their own
+        self.combine_recv_codes = sec("recv", torch.uint8, (2, self.max_tokens, self.topk, H))[0].view(FP8)
+        self.combine_recv_sf = sec("rsf", torch.uint8, (self.max_tokens, self.topk, self.sf_cols))
         if self.contig_rows:
             R = self.contig_rows
             self.crecv_x = sec("cx", torch.uint8, (R, H)).view(FP8)
@@ -436,7 +454,14 @@ class EPCommunicator:
             block_m, threshold, nb, parts, g_lo, g_hi, arrive_total, self.max_spin_iters, self.timeout_ns,
             H=H, TOPK=self.topk, L=L, W=self.world_size, ROWS=rows, BLOCK_H=bh, BLOCK_L=triton_next_pow2(L),
             WAIT_SIGNAL=wait, USE_TIMER=self.use_timer, num_warps=8 if rows * bh >= 4096 else 4,
+            **self._payload_args(),
             **self._trace_args("combine_trace", trace_base + (g_hi - g_lo) * nb * parts, trace_base=trace_base))
+
+    def _payload_args(self) -> dict:
+        """The combine sender's arguments of the FP8 payload (none for BF16)."""
+        if self.combine_payload != "fp8":
+            return {}
+        return dict(OFF_RSF=self.offsets["rsf"], FP8=True, SOFT=runtime.interpreting())
 
     def _trace_args(self, name: str, rows: int, **extra) -> dict:
         """The kernel arguments of the benchmark-only timer stamps held in ``self.<name>`` (int64, at least
@@ -472,7 +497,8 @@ class EPCommunicator:
 
     def combine_recv(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-        """Wait for every peer's rows and reduce: ``out[t] = sum_k w[t, k] * recv[t, k]`` (BF16 [T, hidden]).
+        """Wait for every peer's rows and reduce: ``out[t] = sum_k w[t, k] * recv[t, k]`` (BF16 [T, hidden]; with
+        the FP8 payload ``recv`` is the de-quantised codes, :func:`fp8gemm.reference.combine_reduce`).
 
         ``self.recv_trace`` (benchmarks; int64 [4] zeros, None by default; GPU only, symm backend): the global
         timer (ns) when the arrival wait starts, when the arrivals are all in, when the reduce starts, and when
@@ -488,6 +514,13 @@ class EPCommunicator:
             K.combine_recv_kernel[(1,)](self.region, self.err, self.offsets["cflag"], self.max_spin_iters,
                                         self.timeout_ns, W=self.world_size, USE_TIMER=self.use_timer, num_warps=1,
                                         **trace)
+        if self.combine_payload == "fp8":
+            if t:
+                from ..kernels.moe_act import launch_combine_reduce
+                launch_combine_reduce(self.combine_recv_codes[:t], self.combine_recv_sf[:t], topk_weights, topk_idx,
+                                      out, runtime.interpreting(), num_experts=self.num_experts,
+                                      trace=trace.get("trace_ptr"))
+            return out
         return combine_reduce_bf16(self.combine_recv_buf, topk_idx, topk_weights, out, self.num_experts,
                                    trace=trace.get("trace_ptr"))
 
@@ -578,7 +611,7 @@ class EPCommunicator:
             A, 0, 1, 1, 0, nblk, -1, self.max_spin_iters, self.timeout_ns,
             H=H, TOPK=self.topk, L=nblk, W=self.world_size, ROWS=rows, BLOCK_H=bh,
             BLOCK_L=triton_next_pow2(nblk), WAIT_SIGNAL=False, USE_TIMER=self.use_timer,
-            num_warps=8 if rows * bh >= 4096 else 4)
+            num_warps=8 if rows * bh >= 4096 else 4, **self._payload_args())
 
     def combine_contiguous(self, expert_out, topk_idx, topk_weights, out=None) -> torch.Tensor:
         """:meth:`combine_contiguous_send` then :meth:`combine_recv` (the reduction is the same)."""

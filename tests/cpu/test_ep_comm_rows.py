@@ -89,15 +89,16 @@ def test_dispatch_row_blocks(num_sms, tile):
 @pytest.mark.parametrize("block_m,tile,num_sms", [(2, (4, 256), 1), (8, (2, 256), 3), (3, (1, 512), 2),
                                                   (4, None, 3)])
 @pytest.mark.parametrize("overlap", [False, True])
-def test_combine_row_blocks(block_m, tile, num_sms, overlap, split=None):
+def test_combine_row_blocks(block_m, tile, num_sms, overlap, split=None, payload="bf16"):
     """The combine sender with m-blocks smaller than, equal to and larger than its row tile (several
     row iterations per block, a partial last one), units spread over 1..3 programs, SBO counters
     waited on and consumed; every received slot holds its row, every other slot stays poisoned.
     ``split`` = ``(parts, programs)``: the combine as two launches (local expert 0 on ``num_sms`` programs,
-    expert 1 cut into ``parts`` row ranges on ``programs`` programs), one arrival for both."""
+    expert 1 cut into ``parts`` row ranges on ``programs`` programs), one arrival for both.  ``payload="fp8"``:
+    every received slot holds the FP8 combine payload of its row, byte for byte (codes and scale bytes)."""
     gen = torch.Generator().manual_seed(4)
     world, num_experts, topk, tokens = 2, 4, 3, 6
-    comms = _world(world, num_experts, tokens, topk, num_sms, tile)
+    comms = _world(world, num_experts, tokens, topk, num_sms, tile, combine_payload=payload)
     idxs = _routing(world, tokens, num_experts, topk, gen)
     qs, outs = _dispatch(comms, idxs, gen)
     L, M = comms[0].num_local_experts, comms[0].max_m
@@ -110,6 +111,7 @@ def test_combine_row_blocks(block_m, tile, num_sms, overlap, split=None):
             sig[g * nb:g * nb + -(-m // block_m)] = 2            # what the GEMM leaves: threshold per block
         signals.append(sig)
         c.combine_recv_buf.fill_(float("nan"))
+        c.combine_recv_sf.fill_(0xAA)
     for c, e, sig in zip(comms, outs_e, signals):
         kw = dict(signal=sig, block_m=block_m, threshold=2) if overlap else {}
         if split is None:
@@ -132,6 +134,9 @@ def test_combine_row_blocks(block_m, tile, num_sms, overlap, split=None):
         assert int(c.done.abs().sum()) == 0                      # the grid-completion counters reset
     tmax = comms[0].max_tokens
     for s, c in enumerate(comms):
+        if payload == "fp8":
+            _check_fp8_payload(c, s, outs, outs_e, idxs[s], ws[s], ys[s], tokens, num_experts)
+            continue
         buf = c.combine_recv_buf
         got = torch.zeros(tokens, topk, dtype=torch.bool)
         for r, out in enumerate(outs):                            # the rows rank s gets back from rank r
@@ -148,6 +153,39 @@ def test_combine_row_blocks(block_m, tile, num_sms, overlap, split=None):
         ref = R.combine_reduce_reference(torch.nan_to_num(buf[:tokens]), idxs[s], ws[s], num_experts)
         # one BF16 ulp: Triton's interpreter truncates the FP32 -> BF16 cast (the GPU rounds to nearest)
         torch.testing.assert_close(ys[s], ref, rtol=2 ** -7, atol=1e-30)
+
+
+def _check_fp8_payload(c, s, outs, outs_e, idx, w, y, tokens, num_experts):
+    """Rank ``s``'s receive slots hold the FP8 payload of the rows sent to it (the rest poisoned) and its
+    reduce equals the reference's on them, bit for bit."""
+    tmax, topk, L = c.max_tokens, c.topk, c.num_local_experts
+    codes, sf = c.combine_recv_codes.view(torch.uint8), c.combine_recv_sf
+    got = torch.zeros(tokens, topk, dtype=torch.bool)
+    for r, out in enumerate(outs):
+        for le in range(L):
+            for j, word in enumerate(out.recv_src_info[le, :int(out.masked_m[le])].tolist()):
+                src, rest = divmod(word, tmax * topk)
+                if src != s:
+                    continue
+                t, k = divmod(rest, topk)
+                q, b = R.quantize_combine_payload(outs_e[r][le, j][None])
+                assert torch.equal(codes[t, k], q[0].view(torch.uint8)), (s, t, k)
+                assert torch.equal(sf[t, k], b[0]), (s, t, k)
+                got[t, k] = True
+    assert torch.equal(got, idx >= 0)
+    assert (sf[:tokens][~got] == 0xAA).all() and (sf[tokens:] == 0xAA).all()
+    ref = R.combine_reduce(c.combine_recv_codes[:tokens], sf[:tokens], w, torch.where(got, idx, -1))
+    assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
+
+
+@pytest.mark.parametrize("block_m,tile,num_sms,split", [(2, (4, 256), 1, None), (3, (1, 512), 2, None),
+                                                        (8, (2, 256), 3, (3, 2)), (4, None, 3, None)])
+def test_combine_fp8_payload(block_m, tile, num_sms, split):
+    """The FP8 combine payload (``combine_payload="fp8"``): the sender casts each BF16 row as it stores it
+    (tiles whose last scale group lies past the row, 1..4 groups a tile, one and two launches); codes, scale
+    bytes and the reduce exact against the reference."""
+    test_combine_row_blocks(block_m, tile, num_sms, True, split=split, payload="fp8")
+    test_combine_row_blocks(block_m, tile, num_sms, False, payload="fp8")
 
 
 @pytest.mark.parametrize("parts,programs", [(3, 2), (7, 5), (1, 1)])

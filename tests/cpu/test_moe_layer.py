@@ -59,7 +59,7 @@ def _routing(kind, world, tokens, num_experts, topk, gen):
     return idxs
 
 
-def _check_layer(layers, w13, w2, idxs, tokens, overlap, gen):
+def _check_layer(layers, w13, w2, idxs, tokens, overlap, gen, payload="bf16"):
     world = len(layers)
     xs = [torch.randn(tokens, H, generator=gen).bfloat16() for _ in range(world)]
     ws = [torch.rand(tokens, idxs[0].shape[1], generator=gen) for _ in range(world)]
@@ -70,7 +70,7 @@ def _check_layer(layers, w13, w2, idxs, tokens, overlap, gen):
     for r, layer in enumerate(layers):
         assert torch.equal(layer.comm.masked_m, counts[r]), (r, layer.comm.masked_m, counts[r])
         assert torch.equal(layer.comm.cumulative_local_expert_recv_stats - before[r], counts[r])
-        ref = RL.moe_layer_reference(xs[r], idxs[r], ws[r], w13, w2)
+        ref = RL.moe_layer_reference(xs[r], idxs[r], ws[r], w13, w2, combine_payload=payload)
         assert ys[r].shape == ref.shape and ys[r].dtype == torch.bfloat16
         assert not ys[r].isnan().any()
         diff = testing.calc_diff(ys[r], ref)
@@ -130,6 +130,26 @@ def test_layer_random_routing(world, num_experts, topk, overlap):
     # a second call through the same buffers (flags and counters were consumed, not reset)
     idxs = _routing("random", world, 4, num_experts, topk, gen)
     _check_layer(layers, w13, w2, idxs, 4, overlap, gen)
+
+
+@pytest.mark.parametrize("world,num_experts,topk,overlap,tail", [(2, 4, 2, True, None), (4, 8, 3, True, 1),
+                                                                   (2, 4, 2, False, None)])
+def test_layer_fp8_combine_payload(world, num_experts, topk, overlap, tail):
+    """The layer with the FP8 combine payload against the reference with the same payload (the reference
+    quantises its own expert outputs, which differ from the kernels' by accumulation order only)."""
+    gen = torch.Generator().manual_seed(11)
+    layers, w13, w2 = _world(world, num_experts, 6, topk, tail_experts=tail, combine_payload="fp8")
+    idxs = _routing("random", world, 5, num_experts, topk, gen)
+    idxs[0][1, 1] = -1
+    idxs[1][2, :] = -1
+    _check_layer(layers, w13, w2, idxs, 5, overlap, gen, payload="fp8")
+    # the rows came as FP8 payload: every used slot has its scale bytes (the BF16 form never writes them).
+    # The layer's output alone cannot tell the payloads apart here: its expert outputs differ from the
+    # reference's by ~2% (FP8 re-quantisation after SwiGLU), as much as the payload's own rounding; the
+    # payload bytes and the reduce are checked exactly in test_ep_comm_rows.test_combine_fp8_payload.
+    for r, layer in enumerate(layers):
+        used = idxs[r] >= 0
+        assert (layer.comm.combine_recv_sf[:5][used] != 0).all()
 
 
 @pytest.mark.parametrize("world,num_experts,topk,tail", [(2, 4, 2, 1), (4, 8, 3, 1), (2, 8, 3, 3)])
@@ -279,6 +299,16 @@ def test_validation():
     with pytest.raises(ValueError, match="backend must be one of"):
         EPCommunicator(None, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, backend="mpi",
                        _simulated={"rank": 0, "world_size": 1, "region": None, "tab": None})
+    sim = {"rank": 0, "world_size": 1, "region": None, "tab": None}
+    with pytest.raises(ValueError, match="combine_payload must be one of"):
+        EPCommunicator(None, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, combine_payload="fp4",
+                       _simulated=sim)
+    with pytest.raises(ValueError, match="combine_payload='fp8' needs the symm backend"):
+        EPCommunicator(None, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, combine_payload="fp8",
+                       backend="nccl", _simulated=sim)
+    with pytest.raises(ValueError, match="combine_payload must be"):
+        RL.moe_layer_reference(torch.randn(1, H).bfloat16(), idx[:1], torch.rand(1, 2), w13, w2,
+                               combine_payload="fp16")
     with pytest.raises(ValueError, match=r"w13\[0\] must have shape"):
         MoELayer(c, _local(w13, 0, 1), _local(w2, 0, 2))
     with pytest.raises(TypeError, match="comm must be an EPCommunicator"):
@@ -558,6 +588,19 @@ def test_combine_send_trace_compiles_for_sm90():
                                        dict(consts, TRACE=False), divisible_by_16=div16, num_warps=8)
     assert r["local"] == 0 and r["stack"] == 0, r
     assert r["ptx"].count("globaltimer") >= plain["ptx"].count("globaltimer") + 2
+
+
+@pytest.mark.parametrize("rows,block_h", [(16, 1024), (1, 8192)])
+def test_combine_send_fp8_payload_compiles_for_sm90(rows, block_h):
+    """The combine sender with the FP8 payload at the DeepSeek-V3 tiles (16 rows x 1024, one row x the whole
+    hidden): the hardware E4M3 conversion, 16-byte code stores, byte stores of the scales, no local memory."""
+    from fp8gemm.testing import compile_sm90_in_subprocess
+    sig, consts, div16, _ = _AOT["combine_send_kernel"]
+    r = compile_sm90_in_subprocess("fp8gemm.kernels.ep_comm", "combine_send_kernel", dict(sig, OFF_RSF=_I64),
+                                   dict(consts, FP8=True, SOFT=False, ROWS=rows, BLOCK_H=block_h),
+                                   divisible_by_16=div16, num_warps=8)
+    assert r["local"] == 0 and r["stack"] == 0, r
+    assert "e4m3" in r["ptx"] and "STG.E.128" in r["sass"] and "STG.E.U8" in r["sass"]
 
 
 @pytest.mark.parametrize("kernel", ["combine_recv_kernel", "combine_reduce_kernel"])

@@ -460,7 +460,7 @@ def test_combine_kernel_compiles_sm90_without_fma():
     from fp8gemm.testing import compile_sm90_in_subprocess
     sig = {"p_ptr": "*u8", "sf_ptr": "*u8", "w_ptr": "*fp32", "idx_ptr": "*i64", "out_ptr": "*i16", "T": "i32",
            "hidden": "i32", "topk": "i32", "stride_pt": "i32", "stride_pk": "i32", "stride_st": "i32",
-           "stride_sk": "i32", "stride_wt": "i32", "stride_it": "i32", "stride_ot": "i32"}
+           "stride_sk": "i32", "stride_wt": "i32", "stride_it": "i32", "stride_ot": "i32", "num_experts": "i32"}
     c = dict(stride_wk=1, stride_ik=1, BLOCK_T=8, GROUPS=4, HAS_IDX=True, SOFT=False)
     res = compile_sm90_in_subprocess("fp8gemm.kernels.moe_act", "combine_reduce_kernel", sig, c, num_warps=8,
                                      enable_fp_fusion=False,

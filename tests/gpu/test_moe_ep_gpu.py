@@ -15,8 +15,10 @@ nothing), tokens whose experts all live on another rank, tokens without any expe
 ``m_indices`` (each local expert's rows in one aligned segment, -1 on every other row); output
 ``calc_diff < 1e-3`` against :func:`fp8gemm.reference.moe_layer_reference` (same weights,
 every expert in one process).  Also: CUDA-graph capture and replay of the symm layer (both layouts),
-and a rank that deliberately skips its dispatch send, or its contiguous count exchange (its peers raise
-a RuntimeError naming it within the timeout).
+a rank that deliberately skips its dispatch send, or its contiguous count exchange (its peers raise
+a RuntimeError naming it within the timeout), and the FP8 combine payload (output bitwise equal to the
+reference reduce of the payload of the layer's own expert outputs; ``calc_diff < 2e-3`` against the
+whole-layer reference with that payload).
 """
 import os
 import subprocess
@@ -190,6 +192,54 @@ def _worker() -> int:
                 record("symm back-to-back dispatches with barrier", False, repr(e))
             dist.barrier()
         del layer, comm
+
+    # The FP8 combine payload (symm): the output must be, bit for bit, the reference reduce of the FP8 payload
+    # of the expert outputs this very layer computed (gathered from every rank by their routing words), and
+    # within the stated error of the whole-layer reference with the same payload.
+    comm = EPCommunicator(dist.group.WORLD, num_experts=num_experts, max_tokens_per_rank=max_tokens, topk=TOPK,
+                          hidden=H, timeout_s=5.0, combine_payload="fp8")
+    layer = MoELayer(comm, loc13, loc2, tail_experts=1)
+    gen = torch.Generator().manual_seed(29)
+
+    def own_expert_outputs(layer, comm, tokens):
+        """o [tokens, TOPK, H]: the rows of this rank's tokens as the experts of every rank computed them."""
+        outs = [torch.empty_like(layer.out2) for _ in range(world)]
+        infos = [torch.empty_like(comm.recv_src_info) for _ in range(world)]
+        counts = [torch.empty_like(comm.masked_m) for _ in range(world)]
+        dist.all_gather(outs, layer.out2.contiguous())
+        dist.all_gather(infos, comm.recv_src_info.contiguous())
+        dist.all_gather(counts, comm.masked_m.contiguous())
+        o = torch.zeros(tokens, TOPK, H, dtype=torch.bfloat16, device=dev)
+        for r in range(world):
+            for le in range(L):
+                m = int(counts[r][le])
+                words = infos[r][le, :m].long()
+                src, rest = words // (max_tokens * TOPK), words % (max_tokens * TOPK)
+                sel = src == rank
+                o[rest[sel] // TOPK, rest[sel] % TOPK] = outs[r][le, :m][sel]
+        return o
+
+    for kind in ("random", "remote", "sparse"):
+        for tokens in (1, 96):
+            for overlap in (True, False):
+                idxs = _routing(kind, world, tokens, num_experts, gen, dev)
+                xs = [torch.randn(tokens, H, generator=gen).bfloat16().to(dev) for _ in range(world)]
+                ws = [torch.rand(tokens, TOPK, generator=gen).to(dev) for _ in range(world)]
+                name = f"symm fp8 combine {kind} T={tokens} overlap={overlap}"
+                try:
+                    y = layer.forward(xs[rank], idxs[rank], ws[rank], overlap=overlap)
+                    torch.cuda.synchronize()
+                    q, sf = RL.quantize_combine_payload(own_expert_outputs(layer, comm, tokens))
+                    idx = idxs[rank]
+                    exact = RL.combine_reduce(q, sf, ws[rank], torch.where((idx >= 0) & (idx < num_experts), idx, -1))
+                    ref = RL.moe_layer_reference(xs[rank], idxs[rank], ws[rank], w13, w2, combine_payload="fp8")
+                    diff = testing.calc_diff(y, ref)
+                    same = torch.equal(y.view(torch.int16), exact.view(torch.int16))
+                    record(name, same and diff < 2e-3, f"bitwise={same} diff={diff:.2e}")
+                except Exception as e:      # noqa: BLE001
+                    record(name, False, repr(e))
+                dist.barrier()
+    del layer, comm
 
     # A rank that skips its dispatch send: every other rank must raise within the timeout.
     comm = EPCommunicator(dist.group.WORLD, num_experts=num_experts, max_tokens_per_rank=16, topk=TOPK, hidden=H,
