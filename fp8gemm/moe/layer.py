@@ -329,10 +329,15 @@ class MoELayer:
         :data:`AUTO_OVERLAP_MIN_BYTES`.  Measured on 2 and 4 H200s with 8 communication SMs
         (benchmarks/RESULTS.md, session 6): 0.7-2.9 MB (8-32 tokens) 0.5-2.1% slower with overlap, 5.6-7.6 MB
         (64 tokens on four, 128 on two) within ±0.3%, 11-22 MB (128-256 tokens on four, 256 on two) 1.1-5.4%
-        faster."""
+        faster.
+
+        Never with the FP8 combine payload (``EPCommunicator(combine_payload="fp8")``): its sender casts every
+        row, and on the communication SMs that cast is compute-bound (4 x H200, 256 tokens: 294 µs for the
+        combine on 8 SMs against 135 with BF16; the overlapped layer 1048 µs against 886 back to back,
+        RESULTS.md session 10)."""
         c = self.comm
         remote = tokens * c.topk * (c.world_size - 1) / c.world_size * c.hidden * 2
-        return c.backend == "symm" and remote >= AUTO_OVERLAP_MIN_BYTES
+        return c.backend == "symm" and c.combine_payload == "bf16" and remote >= AUTO_OVERLAP_MIN_BYTES
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                 overlap: bool | str = "auto", out: torch.Tensor | None = None, check: bool = True,

@@ -217,6 +217,27 @@ def test_peer_that_never_sends_times_out():
         comms[0].check()
 
 
+@pytest.mark.parametrize("payload", ["bf16", "fp8"])
+def test_peer_that_never_combines_times_out(payload):
+    """A rank that skips its combine send: its peer's receive step (the BF16 reduce with the arrival wait
+    inside, or the FP8 payload's wait kernel) records the error naming it and ends; nothing hangs."""
+    gen = torch.Generator().manual_seed(2)
+    comms = make_simulated_world(2, num_experts=4, max_tokens_per_rank=4, topk=2, hidden=H, max_spin_iters=50,
+                                 combine_payload=payload)
+    idxs = _routing("random", 2, 3, 4, 2, gen)
+    for c, idx in zip(comms, idxs):
+        xq, xsf = R.per_token_cast_to_fp8(torch.randn(3, H))
+        c.dispatch_send(xq, xsf, idx)
+    for c in comms:
+        c.dispatch_recv()
+        c.check()
+    out = torch.zeros(comms[0].num_local_experts, comms[0].max_m, H).bfloat16()
+    comms[0].combine_send(out)                           # rank 1 deliberately skips its send
+    comms[0].combine_recv(idxs[0], torch.rand(3, 2))
+    with pytest.raises(RuntimeError, match=r"rank 0/2: combine: timed out .* rank 1 \(owner of experts 2\.\.3\)"):
+        comms[0].check()
+
+
 def test_barrier_between_dispatches():
     """The barrier's mechanics between two dispatches: every rank's arrival reaches every rank, each wait
     consumes them (the flags are back at 0, so the next barrier needs new arrivals) and records no error; the
@@ -329,11 +350,14 @@ def test_validation():
                                                 (8, 128, True), (1, 4096, False)])
 def test_auto_overlap_threshold(world, tokens, pays):
     """overlap="auto" at the DeepSeek-V3 shape (hidden 7168, top-8): overlap where the measured rows gained
-    (cross-rank combine bytes >= 8 MB a rank), not where they lost; never on one rank or the NCCL backend."""
+    (cross-rank combine bytes >= 8 MB a rank), not where they lost; never on one rank, the NCCL backend or
+    with the FP8 combine payload."""
     from types import SimpleNamespace
-    comm = SimpleNamespace(topk=8, world_size=world, hidden=7168, backend="symm")
+    comm = SimpleNamespace(topk=8, world_size=world, hidden=7168, backend="symm", combine_payload="bf16")
     assert MoELayer.overlap_pays(SimpleNamespace(comm=comm), tokens) is pays
-    comm.backend = "nccl"
+    comm.combine_payload = "fp8"
+    assert MoELayer.overlap_pays(SimpleNamespace(comm=comm), tokens) is False
+    comm.backend, comm.combine_payload = "nccl", "bf16"
     assert MoELayer.overlap_pays(SimpleNamespace(comm=comm), tokens) is False
 
 
@@ -554,9 +578,9 @@ _AOT = {
         {"tab_ptr": "*i64", "rank": _I32, "OFF_FLAG": _I64}, {"W": 4}, [], "atom.global.sys.release.add"),
     "combine_reduce_kernel": (
         {"recv_ptr": "*bf16", "idx_ptr": "*i64", "w_ptr": "*fp32", "out_ptr": "*bf16", "num_experts": _I32,
-         "stride_rt": _I32, "stride_rk": _I32, "stride_it": _I32, "stride_ik": _I32, "stride_wt": _I32,
+         "T": _I32, "stride_rt": _I32, "stride_rk": _I32, "stride_it": _I32, "stride_ik": _I32, "stride_wt": _I32,
          "stride_wk": _I32, "stride_ot": _I32},
-        {"H": 7168, "TOPK": 8, "BLOCK_H": 1024, "stride_ik": 1, "stride_wk": 1},
+        {"H": 7168, "TOPK": 8, "BLOCK_H": 1024, "BLOCK_T": 4, "stride_ik": 1, "stride_wk": 1},
         ["recv_ptr", "out_ptr", "stride_rt", "stride_rk", "stride_ot"], None),
 }
 
@@ -588,6 +612,20 @@ def test_combine_send_trace_compiles_for_sm90():
                                        dict(consts, TRACE=False), divisible_by_16=div16, num_warps=8)
     assert r["local"] == 0 and r["stack"] == 0, r
     assert r["ptx"].count("globaltimer") >= plain["ptx"].count("globaltimer") + 2
+
+
+def test_combine_reduce_with_arrival_wait_compiles_for_sm90():
+    """The BF16 reduce with the combine's arrival wait inside (EPCommunicator.combine_recv): sys-scope acquire
+    polls bounded by the global timer, the completion counter, 128-bit loads of the rows, no local memory."""
+    from fp8gemm.testing import compile_sm90_in_subprocess
+    sig, consts, div16, _ = _AOT["combine_reduce_kernel"]
+    r = compile_sm90_in_subprocess("fp8gemm.kernels.ep_comm", "combine_reduce_kernel",
+                                   dict(sig, buf_ptr="*u8", err_ptr="*i32", done_ptr="*i32", OFF_CFLAG=_I64,
+                                        max_iters=_I32, timeout_ns=_I64),
+                                   dict(consts, W=4, WAIT=True, USE_TIMER=True), divisible_by_16=div16)
+    assert r["local"] == 0 and r["stack"] == 0, r
+    assert "globaltimer" in r["ptx"] and "LDG.E.128" in r["sass"]
+    assert "sys.acquire" in r["ptx"] or ".acquire.sys" in r["ptx"]
 
 
 @pytest.mark.parametrize("rows,block_h", [(16, 1024), (1, 8192)])
