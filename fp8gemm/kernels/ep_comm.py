@@ -397,10 +397,10 @@ def combine_reduce_kernel(recv_ptr, idx_ptr, w_ptr, out_ptr, num_experts, T,
     consuming it -- unless an error is already recorded; the last program to finish (``done_ptr``, a local
     counter) consumes one arrival of each rank, when no error was recorded.  A rank that does not arrive
     leaves error 3 naming it.  ``TRACE`` (GPU only, benchmarks): program (0, 0) stores the global timer at its
-    start in ``trace_ptr[0]``, after its wait in ``trace_ptr[1]`` and ``trace_ptr[2]``; every program raises
-    ``trace_ptr[3]`` to its end time (an atomic max)."""
+    start in ``trace_ptr[0]`` and after its wait in ``trace_ptr[1]`` (with ``WAIT``), and when its reduce starts
+    in ``trace_ptr[2]``; every program raises ``trace_ptr[3]`` to its end time (an atomic max)."""
     first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
-    if TRACE:
+    if TRACE and WAIT:
         if first:
             tl.store(trace_ptr, tl.extra.cuda.globaltimer())
     if WAIT:
@@ -414,7 +414,8 @@ def combine_reduce_kernel(recv_ptr, idx_ptr, w_ptr, out_ptr, num_experts, T,
     if TRACE:
         if first:
             now = tl.extra.cuda.globaltimer()
-            tl.store(trace_ptr + 1, now)
+            if WAIT:
+                tl.store(trace_ptr + 1, now)
             tl.store(trace_ptr + 2, now)
     c = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cm = c < H

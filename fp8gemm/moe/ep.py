@@ -226,6 +226,7 @@ class EPCommunicator:
         self.tile_override = None       # (rows, columns) of every sender's tile: tests only
         self.combine_trace = None       # int64 [items, 2]: per-item timer stamps of combine_send (benchmarks)
         self.recv_trace = None          # int64 [4]: timer stamps of combine_recv (benchmarks, see combine_recv)
+        self.fused_recv_wait = True     # BF16 combine: the arrival wait inside the reduce (False: benchmarks' A/B)
         if backend == "symm":
             if _simulated is not None:
                 self.region, self.tab = _simulated["region"], _simulated["tab"]
@@ -511,7 +512,7 @@ class EPCommunicator:
             out = torch.empty(t, self.hidden, dtype=torch.bfloat16, device=self.device)
         check_tensor("out", out, dtype=torch.bfloat16, shape=(t, self.hidden))
         trace = self._trace_args("recv_trace", 4) if self.backend == "symm" else {}
-        if self.backend == "symm" and self.combine_payload == "bf16":
+        if self.backend == "symm" and self.combine_payload == "bf16" and self.fused_recv_wait:
             # the arrival wait runs inside the reduce (one launch fewer)
             wait = dict(buf_ptr=self.region, err_ptr=self.err, done_ptr=self.done[3:], OFF_CFLAG=self.offsets["cflag"],
                         max_iters=self.max_spin_iters, timeout_ns=self.timeout_ns, W=self.world_size, WAIT=True,
