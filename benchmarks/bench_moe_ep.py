@@ -228,9 +228,6 @@ def main():
                         "Gluon GEMM takes them through shared memory; 'row' swaps in a row-major buffer)")
     p.add_argument("--combine-payload", choices=("bf16", "fp8"), default="bf16",
                    help="the combine's rows as BF16 (default) or as the FP8 combine payload (EPCommunicator)")
-    p.add_argument("--separate-recv-wait", action="store_true",
-                   help="A/B: the BF16 combine's arrival wait as its own one-program kernel before the reduce "
-                        "(the default waits inside the reduce)")
     p.add_argument("--trace", action="store_true",
                    help="after the timings, stamp every combine work item (global timer after its counter wait "
                         "and after its stores) over CUDA-graph replays of the overlapped layer at the largest T; "
@@ -280,15 +277,13 @@ def main():
         EPCommunicator._combine_tiles = lambda self, rows: tile
     comm = EPCommunicator(dist.group.WORLD, num_experts=E, max_tokens_per_rank=max(tokens_list), topk=K, hidden=Hd,
                           combine_payload=args.combine_payload)
-    comm.fused_recv_wait = not args.separate_recv_wait
     layer = MoELayer(comm, (w13q, w13s), (w2q, w2s), num_comm_sms=args.comm_sms, tail_experts=args.tail_experts)
     if args.a2_scales == "row":
         layer.a2_sf = torch.empty(layer.a2_sf.shape, dtype=torch.float32, device=dev)
     if rank == 0:
         print(f"[bench] setup {time.time() - t_setup:.1f}s, p2p copy-engine {p2p:.0f} GB/s, "
               f"gemm SMs {layer.num_gemm_sms}, comm SMs {layer.num_comm_sms}, tail experts {layer.tail_experts}, "
-              f"L2 A scales {args.a2_scales}, combine payload {args.combine_payload}, "
-              f"recv wait {'separate' if args.separate_recv_wait else 'in the reduce'}",
+              f"L2 A scales {args.a2_scales}, combine payload {args.combine_payload}",
               flush=True)
 
     rows = []

@@ -26,8 +26,7 @@ addresses (peer addresses come from ``torch.distributed._symmetric_memory``; in 
   reduce*), ``ROWS x BLOCK_H`` tiles in the same two-stage pipeline, into their source rank's receive buffer
   at slot (token, k); then the same
   done-counter / ``CFLAG`` arrival as the dispatch.
-- **combine recv**: spin on ``CFLAG``, consume it -- inside the BF16 reduce kernel (every program waits, the
-  last one consumes, :func:`combine_reduce_kernel`), or as one program before the FP8 payload's reduce.
+- **combine recv** (one program): spin on ``CFLAG``, consume it.
 - **barrier** (:meth:`fp8gemm.moe.ep.EPCommunicator.barrier`): one program adds 1 to ``BFLAG[rank]`` on every
   rank (release), then one program spins on this rank's ``BFLAG`` and consumes one arrival of each peer.
 - **contiguous form** (prefill, :meth:`fp8gemm.moe.ep.EPCommunicator.dispatch_contiguous`), three
@@ -384,60 +383,26 @@ def combine_recv_kernel(buf_ptr, err_ptr, OFF_CFLAG, max_iters, timeout_ns, W: t
 
 
 @triton.jit
-def combine_reduce_kernel(recv_ptr, idx_ptr, w_ptr, out_ptr, num_experts, T,
+def combine_reduce_kernel(recv_ptr, idx_ptr, w_ptr, out_ptr, num_experts,
                           stride_rt, stride_rk, stride_it, stride_ik, stride_wt, stride_wk, stride_ot,
-                          H: tl.constexpr, TOPK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-                          buf_ptr=None, err_ptr=None, done_ptr=None, OFF_CFLAG=0, max_iters=0, timeout_ns=0,
-                          W: tl.constexpr = 1, WAIT: tl.constexpr = False, USE_TIMER: tl.constexpr = False,
+                          H: tl.constexpr, TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
                           trace_ptr=None, TRACE: tl.constexpr = False):
-    """Program (i, j): tokens ``[i * BLOCK_T, (i + 1) * BLOCK_T)``, columns ``[j * BLOCK_H, (j + 1) * BLOCK_H)``.
-
-    ``WAIT``: the combine's arrival wait is part of this kernel (one launch fewer on the layer's critical
-    path): every program first spins (bounded, acquire, ``sys``) until every rank's ``CFLAG`` is >= 1 -- without
-    consuming it -- unless an error is already recorded; the last program to finish (``done_ptr``, a local
-    counter) consumes one arrival of each rank, when no error was recorded.  A rank that does not arrive
-    leaves error 3 naming it.  ``TRACE`` (GPU only, benchmarks): program (0, 0) stores the global timer at its
-    start in ``trace_ptr[0]`` and after its wait in ``trace_ptr[1]`` (with ``WAIT``), and when its reduce starts
-    in ``trace_ptr[2]``; every program raises ``trace_ptr[3]`` to its end time (an atomic max)."""
-    first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
-    if TRACE and WAIT:
-        if first:
-            tl.store(trace_ptr, tl.extra.cuda.globaltimer())
-    if WAIT:
-        flags = (buf_ptr + OFF_CFLAG).to(tl.pointer_type(tl.int32))
-        for p in range(W):
-            if tl.load(err_ptr, volatile=True) == 0:
-                ok = _spin(flags + p, 1, max_iters, timeout_ns, USE_TIMER, "sys")
-                if ok == 0:
-                    _set_error(err_ptr, 3, p, 0, 0)
-        tl.debug_barrier()
+    """``TRACE`` (GPU only, benchmarks): program (0, 0) stores the global timer (ns) at its start in
+    ``trace_ptr[2]``; every program raises ``trace_ptr[3]`` to its end time (an atomic max)."""
     if TRACE:
-        if first:
-            now = tl.extra.cuda.globaltimer()
-            if WAIT:
-                tl.store(trace_ptr + 1, now)
-            tl.store(trace_ptr + 2, now)
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(trace_ptr + 2, tl.extra.cuda.globaltimer())
+    t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cm = c < H
-    for i in range(BLOCK_T):
-        t = (tl.program_id(0) * BLOCK_T + i).to(tl.int64)
-        if t < T:
-            acc = tl.zeros((BLOCK_H,), tl.float32)
-            for k in range(TOPK):
-                e = tl.load(idx_ptr + t * stride_it + k * stride_ik)
-                w = tl.load(w_ptr + t * stride_wt + k * stride_wk).to(tl.float32)
-                valid = (e >= 0) & (e < num_experts)
-                v = tl.load(recv_ptr + t * stride_rt + k * stride_rk + c, mask=cm & valid, other=0.0).to(tl.float32)
-                acc += tl.where(valid, w * v, 0.0)
-            tl.store(out_ptr + t * stride_ot + c, acc.to(tl.bfloat16), mask=cm)
-    if WAIT:
-        tl.debug_barrier()
-        prev = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
-        if prev == tl.num_programs(0) * tl.num_programs(1) - 1:
-            tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
-            if tl.load(err_ptr, volatile=True) == 0:
-                for p in range(W):
-                    tl.atomic_add(flags + p, -1, sem="relaxed", scope="sys")
+    acc = tl.zeros((BLOCK_H,), tl.float32)
+    for k in range(TOPK):
+        e = tl.load(idx_ptr + t * stride_it + k * stride_ik)
+        w = tl.load(w_ptr + t * stride_wt + k * stride_wk).to(tl.float32)
+        valid = (e >= 0) & (e < num_experts)
+        v = tl.load(recv_ptr + t * stride_rt + k * stride_rk + c, mask=cm & valid, other=0.0).to(tl.float32)
+        acc += tl.where(valid, w * v, 0.0)
+    tl.store(out_ptr + t * stride_ot + c, acc.to(tl.bfloat16), mask=cm)
     if TRACE:
         tl.debug_barrier()
         tl.atomic_max(trace_ptr + 3, tl.extra.cuda.globaltimer(), sem="relaxed")

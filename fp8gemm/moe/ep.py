@@ -217,8 +217,7 @@ class EPCommunicator:
         self.sf_cols = self.layout.sf_cols
         dev = self.device
         self.err = torch.zeros(4, dtype=torch.int32, device=dev)
-        # grid-completion counters: dispatch, combine send, contiguous counts, combine reduce (arrival wait)
-        self.done = torch.zeros(4, dtype=torch.int32, device=dev)
+        self.done = torch.zeros(3, dtype=torch.int32, device=dev)
         self.masked_m = torch.zeros(L, dtype=torch.int32, device=dev)
         self.cumulative_local_expert_recv_stats = torch.zeros(L, dtype=torch.int32, device=dev)
         self._handle = None
@@ -226,7 +225,6 @@ class EPCommunicator:
         self.tile_override = None       # (rows, columns) of every sender's tile: tests only
         self.combine_trace = None       # int64 [items, 2]: per-item timer stamps of combine_send (benchmarks)
         self.recv_trace = None          # int64 [4]: timer stamps of combine_recv (benchmarks, see combine_recv)
-        self.fused_recv_wait = True     # BF16 combine: the arrival wait inside the reduce (False: benchmarks' A/B)
         if backend == "symm":
             if _simulated is not None:
                 self.region, self.tab = _simulated["region"], _simulated["tab"]
@@ -512,13 +510,6 @@ class EPCommunicator:
             out = torch.empty(t, self.hidden, dtype=torch.bfloat16, device=self.device)
         check_tensor("out", out, dtype=torch.bfloat16, shape=(t, self.hidden))
         trace = self._trace_args("recv_trace", 4) if self.backend == "symm" else {}
-        if self.backend == "symm" and self.combine_payload == "bf16" and self.fused_recv_wait:
-            # the arrival wait runs inside the reduce (one launch fewer)
-            wait = dict(buf_ptr=self.region, err_ptr=self.err, done_ptr=self.done[3:], OFF_CFLAG=self.offsets["cflag"],
-                        max_iters=self.max_spin_iters, timeout_ns=self.timeout_ns, W=self.world_size, WAIT=True,
-                        USE_TIMER=self.use_timer)
-            return combine_reduce_bf16(self.combine_recv_buf, topk_idx, topk_weights, out, self.num_experts,
-                                       trace=trace.get("trace_ptr"), wait=wait)
         if self.backend == "symm":
             K.combine_recv_kernel[(1,)](self.region, self.err, self.offsets["cflag"], self.max_spin_iters,
                                         self.timeout_ns, W=self.world_size, USE_TIMER=self.use_timer, num_warps=1,
@@ -724,24 +715,19 @@ def send_tile(rows: int, hidden: int, elem_bytes: int, tile_bytes: int = 16384, 
 
 
 def combine_reduce_bf16(recv: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                        out: torch.Tensor, num_experts: int, trace: torch.Tensor | None = None,
-                        wait: dict | None = None) -> torch.Tensor:
+                        out: torch.Tensor, num_experts: int, trace: torch.Tensor | None = None) -> torch.Tensor:
     """``out[t] = bf16(sum_k w[t, k] * recv[t, k])`` over valid experts, FP32 accumulation in k order.
-    ``trace`` (benchmarks, GPU only): :attr:`EPCommunicator.recv_trace`.  ``wait``: the kernel arguments of the
-    combine's arrival wait (:meth:`EPCommunicator.combine_recv`), which then runs inside this kernel -- even
-    for ``t = 0``, so the arrivals are always consumed."""
+    ``trace`` (benchmarks, GPU only): :attr:`EPCommunicator.recv_trace`, slots 2 and 3."""
     t, h = out.shape
-    if t == 0 and wait is None:
+    if t == 0:
         return out
     block_h = min(1024, triton_next_pow2(h))
-    # a few tokens a program from 64 tokens on: at most ~4 programs an SM, so each waits for the arrivals once
-    block_t = 4 if t >= 64 else 1
-    K.combine_reduce_kernel[(max(1, math.ceil(t / block_t)), math.ceil(h / block_h))](
-        recv, topk_idx, topk_weights, out, num_experts, t,
+    K.combine_reduce_kernel[(t, math.ceil(h / block_h))](
+        recv, topk_idx, topk_weights, out, num_experts,
         recv.stride(0), recv.stride(1), topk_idx.stride(0), topk_idx.stride(1),
         topk_weights.stride(0), topk_weights.stride(1), out.stride(0),
-        H=h, TOPK=topk_idx.shape[1], BLOCK_H=block_h, BLOCK_T=block_t, num_warps=4,
-        **(wait or {}), **({} if trace is None else dict(trace_ptr=trace, TRACE=True)))
+        H=h, TOPK=topk_idx.shape[1], BLOCK_H=block_h, num_warps=4,
+        **({} if trace is None else dict(trace_ptr=trace, TRACE=True)))
     return out
 
 

@@ -89,7 +89,7 @@ def test_dispatch_row_blocks(num_sms, tile):
 @pytest.mark.parametrize("block_m,tile,num_sms", [(2, (4, 256), 1), (8, (2, 256), 3), (3, (1, 512), 2),
                                                   (4, None, 3)])
 @pytest.mark.parametrize("overlap", [False, True])
-def test_combine_row_blocks(block_m, tile, num_sms, overlap, split=None, payload="bf16", fused=True):
+def test_combine_row_blocks(block_m, tile, num_sms, overlap, split=None, payload="bf16"):
     """The combine sender with m-blocks smaller than, equal to and larger than its row tile (several
     row iterations per block, a partial last one), units spread over 1..3 programs, SBO counters
     waited on and consumed; every received slot holds its row, every other slot stays poisoned.
@@ -99,8 +99,6 @@ def test_combine_row_blocks(block_m, tile, num_sms, overlap, split=None, payload
     gen = torch.Generator().manual_seed(4)
     world, num_experts, topk, tokens = 2, 4, 3, 6
     comms = _world(world, num_experts, tokens, topk, num_sms, tile, combine_payload=payload)
-    for c in comms:
-        c.fused_recv_wait = fused
     idxs = _routing(world, tokens, num_experts, topk, gen)
     qs, outs = _dispatch(comms, idxs, gen)
     L, M = comms[0].num_local_experts, comms[0].max_m
@@ -188,13 +186,6 @@ def test_combine_fp8_payload(block_m, tile, num_sms, split):
     bytes and the reduce exact against the reference."""
     test_combine_row_blocks(block_m, tile, num_sms, True, split=split, payload="fp8")
     test_combine_row_blocks(block_m, tile, num_sms, False, payload="fp8")
-
-
-def test_combine_with_separate_arrival_wait():
-    """The BF16 combine with its arrival wait as a kernel of its own (``fused_recv_wait = False``, the
-    benchmarks' A/B): the same rows, the same reduce, flags and counters consumed."""
-    test_combine_row_blocks(8, (2, 256), 3, True, fused=False)
-    test_combine_row_blocks(4, None, 3, False, fused=False)
 
 
 @pytest.mark.parametrize("parts,programs", [(3, 2), (7, 5), (1, 1)])
