@@ -228,6 +228,8 @@ def main():
                         "Gluon GEMM takes them through shared memory; 'row' swaps in a row-major buffer)")
     p.add_argument("--combine-payload", choices=("bf16", "fp8"), default="bf16",
                    help="the combine's rows as BF16 (default) or as the FP8 combine payload (EPCommunicator)")
+    p.add_argument("--dispatch-payload", choices=("fp8", "fp4"), default="fp8",
+                   help="the dispatched tokens as FP8 (default) or FP4 (E2M1 + UE8M0 bytes a 32 columns; EPCommunicator)")
     p.add_argument("--trace", action="store_true",
                    help="after the timings, stamp every combine work item (global timer after its counter wait "
                         "and after its stores) over CUDA-graph replays of the overlapped layer at the largest T; "
@@ -238,7 +240,7 @@ def main():
 
     import torch.distributed as dist
 
-    from fp8gemm import per_block_cast_to_fp8, per_token_cast_to_fp8
+    from fp8gemm import per_block_cast_to_fp8
     from fp8gemm.moe.ep import EPCommunicator, combine_reduce_bf16
     from fp8gemm.moe.layer import MoELayer
 
@@ -276,14 +278,15 @@ def main():
         tile = tuple(int(x) for x in args.combine_tile.split(","))
         EPCommunicator._combine_tiles = lambda self, rows: tile
     comm = EPCommunicator(dist.group.WORLD, num_experts=E, max_tokens_per_rank=max(tokens_list), topk=K, hidden=Hd,
-                          combine_payload=args.combine_payload)
+                          combine_payload=args.combine_payload, dispatch_payload=args.dispatch_payload)
     layer = MoELayer(comm, (w13q, w13s), (w2q, w2s), num_comm_sms=args.comm_sms, tail_experts=args.tail_experts)
     if args.a2_scales == "row":
         layer.a2_sf = torch.empty(layer.a2_sf.shape, dtype=torch.float32, device=dev)
     if rank == 0:
         print(f"[bench] setup {time.time() - t_setup:.1f}s, p2p copy-engine {p2p:.0f} GB/s, "
               f"gemm SMs {layer.num_gemm_sms}, comm SMs {layer.num_comm_sms}, tail experts {layer.tail_experts}, "
-              f"L2 A scales {args.a2_scales}, combine payload {args.combine_payload}",
+              f"L2 A scales {args.a2_scales}, combine payload {args.combine_payload}, "
+              f"dispatch payload {args.dispatch_payload}",
               flush=True)
 
     rows = []
@@ -307,7 +310,7 @@ def main():
         r["barrier_ms"], _ = _timed(comm.barrier, args.iters)
         r["skip_ms"] = _timed(lambda: (layer.forward(x, idx, w, overlap=True, check=False, skip_combine=True),
                                        comm.barrier()), args.iters)[0] - r["barrier_ms"]
-        xq, xsf = per_token_cast_to_fp8(x)
+        xq, xsf = layer._cast_tokens(x)
         r["dispatch_ms"] = _timed(lambda: (comm.dispatch(xq, xsf, idx), comm.barrier()), args.iters)[0] \
             - r["barrier_ms"]
         layer.forward(x, idx, w, overlap=False)          # routing state of this batch for the combine alone
@@ -340,7 +343,7 @@ def main():
         cnt = torch.tensor([d_rows, d_remote, c_rows, c_remote], dtype=torch.float64, device=dev)
         dist.all_reduce(cnt)
         d_rows, d_remote, c_rows, c_remote = (cnt / world).tolist()
-        row_bytes = Hd + 4 * (Hd // 128) + 4
+        row_bytes = (Hd // 2 if args.dispatch_payload == "fp4" else Hd) + 4 * (Hd // 128) + 4
         r["dispatch_total_MB"], r["dispatch_nvl_MB"] = d_rows * row_bytes / 1e6, d_remote * row_bytes / 1e6
         c_row_bytes = Hd + Hd // 128 if args.combine_payload == "fp8" else 2 * Hd
         r["combine_total_MB"], r["combine_nvl_MB"] = c_rows * c_row_bytes / 1e6, c_remote * c_row_bytes / 1e6
@@ -403,13 +406,15 @@ def main():
             json.dump({"card": card, "gpus": world, "experts": E, "hidden": Hd, "inter": I, "topk": K,
                        "p2p_copy_GBps": p2p, "gemm_sms": layer.num_gemm_sms, "comm_sms": layer.num_comm_sms,
                        "combine_tile": args.combine_tile or "default", "tail_experts": layer.tail_experts,
-                       "combine_payload": args.combine_payload, "all_to_all_copy_GBps_64MiB": a2a,
+                       "combine_payload": args.combine_payload, "dispatch_payload": args.dispatch_payload,
+                       "all_to_all_copy_GBps_64MiB": a2a,
                        "combine_trace": trace, "rows": rows, "timeline_us": spans}, f, indent=1)
         print(f"\nMoE EP layer, {card} x{world}, E={E} H={Hd} I={I} top-{K}, p2p {p2p:.0f} GB/s, "
-              f"SMs gemm/comm {layer.num_gemm_sms}/{layer.num_comm_sms}, combine payload {args.combine_payload}")
+              f"SMs gemm/comm {layer.num_gemm_sms}/{layer.num_comm_sms}, combine payload {args.combine_payload}, "
+              f"dispatch payload {args.dispatch_payload}")
         print("bytes per rank (mean over ranks), time of the slowest rank; nvl = bytes that cross NVLink (rows "
               "to / from another rank), total = all rows written (local ones too); dispatch row = FP8 row + FP32 "
-              "scales + int32 routing word, combine row = BF16 row or FP8 payload (the local reduce is not counted); "
+              "scales (FP4: codes + scale bytes) + int32 routing word, combine row = BF16 row or FP8 payload (the local reduce is not counted); "
               f"%p2p = nvl GB/s / the copy-engine P2P bandwidth measured in this run ({p2p:.0f} GB/s); dispatch "
               f"on all SMs ({comm.num_sms}), combine (send + wait + reduce) on the {layer.num_comm_sms} "
               "communication SMs and on all SMs")

@@ -621,31 +621,44 @@ def swiglu_quant_reference(h: torch.Tensor, masked_m: torch.Tensor, use_ue8m0: b
     return q, sf
 
 
-def expert_forward(xq: torch.Tensor, xsf: torch.Tensor, w13, w2, use_ue8m0: bool = False) -> torch.Tensor:
-    """One expert on FP8 rows: ``xq`` [m, hidden] + ``xsf`` -> BF16 [m, hidden]."""
+def expert_forward(xq: torch.Tensor, xsf: torch.Tensor | None, w13, w2, use_ue8m0: bool = False) -> torch.Tensor:
+    """One expert on FP8 rows: ``xq`` [m, hidden] + ``xsf`` -> BF16 [m, hidden] (``xsf`` None: ``xq`` holds the
+    rows' values already de-quantised, FP32)."""
     w13q, w13sf = w13
     w2q, w2sf = w2
-    h = (dequantize(xq, xsf, 1) @ dequantize(w13q, w13sf, 128).T).to(torch.bfloat16)
+    xv = xq if xsf is None else dequantize(xq, xsf, 1)
+    h = (xv @ dequantize(w13q, w13sf, 128).T).to(torch.bfloat16)
     aq, asf = per_token_cast_to_fp8(silu_mul(h), use_ue8m0=use_ue8m0)
     return (dequantize(aq, asf, 1) @ dequantize(w2q, w2sf, 128).T).to(torch.bfloat16)
 
 
 def moe_layer_reference(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                        w13, w2, use_ue8m0: bool = False, combine_payload: str = "bf16") -> torch.Tensor:
+                        w13, w2, use_ue8m0: bool = False, combine_payload: str = "bf16",
+                        dispatch_payload: str = "fp8") -> torch.Tensor:
     """``x`` BF16 [T, hidden]; ``w13 = (FP8 [E, 2I, hidden], FP32 [E, 2I/128, hidden/128])``;
     ``w2 = (FP8 [E, hidden, I], FP32 [E, hidden/128, I/128])`` -> BF16 [T, hidden].
 
     ``combine_payload="fp8"``: step 3 reduces the FP8 combine payload of ``o`` instead
-    (:func:`quantize_combine_payload` then :func:`combine_reduce`, invalid experts skipped)."""
+    (:func:`quantize_combine_payload` then :func:`combine_reduce`, invalid experts skipped).
+    ``dispatch_payload="fp4"``: step 1 is :func:`per_token_cast_to_fp4` (UE8M0 scales a 32 columns) and its
+    de-quantised values (:func:`dequantize_fp4`; the GEMMs' FP4 -> E4M3 conversion is exact for them while
+    a 32-column group's scale is within 2^8 of its 128-column block's largest)."""
     t, hidden = x.shape
     num_experts = w13[0].shape[0]
-    xq, xsf = per_token_cast_to_fp8(x, use_ue8m0=use_ue8m0)
+    if dispatch_payload == "fp4":
+        codes, sf = per_token_cast_to_fp4(x, True, 32)
+        xq, xsf = dequantize_fp4(codes, to_ue8m0_bytes(sf), 32), None
+    elif dispatch_payload == "fp8":
+        xq, xsf = per_token_cast_to_fp8(x, use_ue8m0=use_ue8m0)
+    else:
+        raise ValueError(f"dispatch_payload must be 'fp8' or 'fp4', got {dispatch_payload!r}")
     o = torch.zeros(t, topk_idx.shape[1], hidden, dtype=torch.bfloat16, device=x.device)
     idx = topk_idx.long()
     for e in range(num_experts):
         tt, kk = (idx == e).nonzero(as_tuple=True)
         if tt.numel():
-            o[tt, kk] = expert_forward(xq[tt], xsf[tt], (w13[0][e], w13[1][e]), (w2[0][e], w2[1][e]), use_ue8m0)
+            o[tt, kk] = expert_forward(xq[tt], None if xsf is None else xsf[tt], (w13[0][e], w13[1][e]),
+                                       (w2[0][e], w2[1][e]), use_ue8m0)
     if combine_payload == "fp8":
         payload, sf = quantize_combine_payload(o)
         valid = (idx >= 0) & (idx < num_experts)

@@ -15,6 +15,15 @@ that row back to rank ``src_rank``'s receive buffer ``[max_tokens_per_rank, topk
 ``(token, k)``, where ``y[t] = sum_k topk_weights[t, k] * recv[t, k]`` (FP32, then BF16) reduces it.
 Entries of ``topk_idx`` that are negative (or >= num_experts) are skipped throughout.
 
+Dispatch payload: ``dispatch_payload="fp8"`` (default) takes tokens as FP8 ``[T, hidden]`` + FP32 scales
+``[T, hidden / 128]`` (:func:`fp8gemm.per_token_cast_to_fp8`) and leaves them so on the owner;
+``dispatch_payload="fp4"`` (symm backend) takes the FP4 form of :func:`fp8gemm.per_token_cast_to_fp4` with
+``ue8m0_bytes=True`` -- E2M1 codes uint8 ``[T, hidden / 2]`` + UE8M0 scale bytes ``[T, hidden / 32]``, 52% of the
+FP8 form's bytes -- and leaves the same form on the owner (``recv_x`` uint8 ``[L, max_m, hidden / 2]``,
+``recv_x_sf`` uint8 ``[L, max_m, hidden / 32]``), which the grouped GEMMs take as FP4 activations.  The rows
+are moved as bytes either way (the scale bytes of a row, ``hidden / 32 = 4 * hidden / 128``, fill exactly
+the FP8 form's scale slot).
+
 Combine payload: ``combine_payload="bf16"`` (default) sends the expert outputs as they are;
 ``combine_payload="fp8"`` (symm backend) sends each row as E4M3 codes with one UE8M0 scale byte per 128
 columns, cast by the sender as it stores (:func:`fp8gemm.reference.quantize_combine_payload`), and the
@@ -121,8 +130,8 @@ class SymmLayout:
 @dataclass
 class DispatchOutput:
     """What the dispatch leaves on the owner rank (views of persistent buffers, valid until the next call)."""
-    recv_x: torch.Tensor          # FP8 [L, max_m, hidden]
-    recv_x_sf: torch.Tensor       # FP32 [L, max_m, hidden / 128]
+    recv_x: torch.Tensor          # FP8 [L, max_m, hidden] (FP4 payload: uint8 [L, max_m, hidden / 2])
+    recv_x_sf: torch.Tensor       # FP32 [L, max_m, hidden / 128] (FP4 payload: uint8 [L, max_m, hidden / 32])
     masked_m: torch.Tensor        # int32 [L]
     recv_src_info: torch.Tensor   # int32 [L, max_m], routing words (module docstring)
 
@@ -130,8 +139,8 @@ class DispatchOutput:
 @dataclass
 class ContiguousDispatchOutput:
     """The contiguous (prefill) form of a dispatch on the owner rank (views of persistent buffers)."""
-    recv_x: torch.Tensor          # FP8 [R, hidden]
-    recv_x_sf: torch.Tensor       # FP32 [R, hidden / 128]
+    recv_x: torch.Tensor          # FP8 [R, hidden] (FP4 payload: uint8 [R, hidden / 2])
+    recv_x_sf: torch.Tensor       # FP32 [R, hidden / 128] (FP4 payload: uint8 [R, hidden / 32])
     m_indices: torch.Tensor       # int32 [R]: local expert of each row, -1 on padding rows
     masked_m: torch.Tensor        # int32 [L]: rows received per local expert
     recv_src_info: torch.Tensor   # int32 [R], routing words of the valid rows
@@ -150,14 +159,15 @@ class EPCommunicator:
     ``num_sms`` (programs of the dispatch kernel and of the combine without overlap; default all SMs),
     ``contiguous`` (also allocate the contiguous prefill form, see the module docstring),
     ``contiguous_rows`` (its capacity R, a multiple of the alignment; default: never overflows) and
-    ``combine_payload`` (``"bf16"`` or ``"fp8"``, the symm backend only; module docstring).
+    ``combine_payload`` (``"bf16"`` or ``"fp8"``, the symm backend only) and ``dispatch_payload`` (``"fp8"``
+    or ``"fp4"``, the symm backend only; module docstring).
     """
 
     def __init__(self, group=None, *, num_experts: int, max_tokens_per_rank: int, topk: int, hidden: int,
                  max_m: int | None = None, backend: str = "symm", timeout_s: float = 10.0,
                  max_spin_iters: int = 1 << 16, num_sms: int | None = None, contiguous: bool = False,
-                 contiguous_rows: int | None = None, combine_payload: str = "bf16", device=None,
-                 _simulated=None):
+                 contiguous_rows: int | None = None, combine_payload: str = "bf16",
+                 dispatch_payload: str = "fp8", device=None, _simulated=None):
         import torch.distributed as dist
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -166,6 +176,11 @@ class EPCommunicator:
         if combine_payload == "fp8" and backend != "symm":
             raise ValueError(f"combine_payload='fp8' needs the symm backend, got backend={backend!r}")
         self.combine_payload = combine_payload
+        if dispatch_payload not in ("fp8", "fp4"):
+            raise ValueError(f"dispatch_payload must be 'fp8' or 'fp4', got {dispatch_payload!r}")
+        if dispatch_payload == "fp4" and backend != "symm":
+            raise ValueError(f"dispatch_payload='fp4' needs the symm backend, got backend={backend!r}")
+        self.dispatch_payload = dispatch_payload
         if _simulated is not None:
             rank, world = _simulated["rank"], _simulated["world_size"]
         else:
@@ -280,8 +295,12 @@ class EPCommunicator:
         def sec(name, dtype, shape):
             off, size = s[name]
             return r[off:off + size].view(dtype).view(*shape)
-        self.recv_x = sec("x", torch.uint8, (L, M, H)).view(FP8)
-        self.recv_x_sf = sec("sf", torch.float32, (L, M, self.sf_cols))
+        if self.dispatch_payload == "fp4":     # the FP4 form's rows in the first half of the FP8 form's bytes
+            self.recv_x = sec("x", torch.uint8, (2, L, M, H // 2))[0]
+            self.recv_x_sf = sec("sf", torch.uint8, (L, M, H // 32))
+        else:
+            self.recv_x = sec("x", torch.uint8, (L, M, H)).view(FP8)
+            self.recv_x_sf = sec("sf", torch.float32, (L, M, self.sf_cols))
         self.recv_src_info = sec("meta", torch.int32, (L, M))
         self.combine_recv_buf = sec("recv", torch.bfloat16, (self.max_tokens, self.topk, H))
         # the FP8 payload: codes in the first half of the same section, scale bytes in their own
@@ -289,20 +308,30 @@ class EPCommunicator:
         self.combine_recv_sf = sec("rsf", torch.uint8, (self.max_tokens, self.topk, self.sf_cols))
         if self.contig_rows:
             R = self.contig_rows
-            self.crecv_x = sec("cx", torch.uint8, (R, H)).view(FP8)
-            self.crecv_x_sf = sec("csf", torch.float32, (R, self.sf_cols))
+            if self.dispatch_payload == "fp4":
+                self.crecv_x = sec("cx", torch.uint8, (2, R, H // 2))[0]
+                self.crecv_x_sf = sec("csf", torch.uint8, (R, H // 32))
+            else:
+                self.crecv_x = sec("cx", torch.uint8, (R, H)).view(FP8)
+                self.crecv_x_sf = sec("csf", torch.float32, (R, self.sf_cols))
             self.crecv_src_info = sec("cmeta", torch.int32, (R,))
         self.offsets = {k: v[0] for k, v in s.items()}
 
     # ------------------------------------------------------------------ argument checks
     def _check_tokens(self, xq, xsf, topk_idx):
-        check_tensor("x", xq, dtype=FP8, ndim=2)
+        fp4 = self.dispatch_payload == "fp4"
+        cols = self.hidden // 2 if fp4 else self.hidden
+        check_tensor("x", xq, dtype=torch.uint8 if fp4 else FP8, ndim=2)
         t = xq.shape[0]
-        if xq.shape[1] != self.hidden:
-            raise ValueError(f"x must have shape [T, {self.hidden}], got {list(xq.shape)}")
+        if xq.shape[1] != cols:
+            raise ValueError(f"x must have shape [T, {cols}]" + (" (FP4 codes, two a byte)" if fp4 else "")
+                             + f", got {list(xq.shape)}")
         if t > self.max_tokens:
             raise ValueError(f"x has {t} tokens, more than max_tokens_per_rank={self.max_tokens}")
-        check_tensor("x_sf", xsf, dtype=torch.float32, shape=(t, self.sf_cols))
+        if fp4:
+            check_tensor("x_sf", xsf, dtype=torch.uint8, shape=(t, self.hidden // 32))
+        else:
+            check_tensor("x_sf", xsf, dtype=torch.float32, shape=(t, self.sf_cols))
         check_tensor("topk_idx", topk_idx, dtype=(torch.int64, torch.int32), shape=(t, self.topk))
         for name, v in (("x", xq), ("x_sf", xsf), ("topk_idx", topk_idx)):
             if v.device != self.device:
@@ -355,12 +384,27 @@ class EPCommunicator:
         t = xq.shape[0]
         self._last_tokens = t
         br, bh, warps, programs = self._dispatch_tiles(t)
+        xb, sfw = self._payload_words(xq, xsf)
         K.dispatch_send_kernel[(programs,)](
-            xq.view(torch.uint8), xsf, topk_idx, self.tab, self.done[0:], t, self.rank, self.num_experts,
-            xq.stride(0), xsf.stride(0), topk_idx.stride(0), topk_idx.stride(1),
+            xb, sfw, topk_idx, self.tab, self.done[0:], t, self.rank, self.num_experts,
+            xb.stride(0), sfw.stride(0), topk_idx.stride(0), topk_idx.stride(1),
             o["x"], o["sf"], o["meta"], o["cnt"], o["dflag"], self.max_m, self.max_tokens,
-            H=self.hidden, SFH=self.sf_cols, TOPK=self.topk, L=self.num_local_experts, W=self.world_size,
+            H=self._row_bytes, SFH=self.sf_cols, TOPK=self.topk, L=self.num_local_experts, W=self.world_size,
             BLOCK_R=br, BLOCK_H=bh, BLOCK_SF=triton_next_pow2(self.sf_cols), num_warps=warps)
+
+    @property
+    def _row_bytes(self) -> int:
+        """Bytes of a dispatched token's codes: hidden (FP8) or hidden / 2 (FP4)."""
+        return self.hidden // 2 if self.dispatch_payload == "fp4" else self.hidden
+
+    def _payload_words(self, xq, xsf):
+        """The senders' view of a token batch: codes as bytes, scales as FP32 words (the FP4 form's
+        ``hidden / 32`` scale bytes are ``hidden / 128`` words, the FP8 form's slot, moved as they are)."""
+        if self.dispatch_payload == "fp4":
+            if xsf.stride(0) % 4 or xsf.storage_offset() % 4:
+                xsf = xsf.contiguous()
+            return xq, xsf.view(torch.float32)
+        return xq.view(torch.uint8), xsf
 
     def _dispatch_tiles(self, t: int):
         """(BLOCK_R, BLOCK_H, num_warps, programs) of a dispatch sender for ``t`` tokens: about one row
@@ -369,7 +413,7 @@ class EPCommunicator:
         flight behind the stores of the previous one (bandwidth); ``self.tile_override`` (tests) forces
         ``(BLOCK_R, BLOCK_H)``."""
         rows = t * self.topk
-        br, bh = send_tile(-(-rows // max(1, self.num_sms)), self.hidden, 1)
+        br, bh = send_tile(-(-rows // max(1, self.num_sms)), self._row_bytes, 1)
         if self.tile_override is not None:
             br, bh = self.tile_override
         programs = max(1, min(self.num_sms, -(-rows // br)))
@@ -569,11 +613,12 @@ class EPCommunicator:
             self.segment_starts, self.masked_m, self.m_indices, self.block_valid, A,
             L=L, BLOCK_L=triton_next_pow2(L), BLOCK_A=triton_next_pow2(A), num_warps=4)
         br, bh, warps, programs = self._dispatch_tiles(t)
+        xb, sfw = self._payload_words(xq, xsf)
         K.dispatch_send_contig_kernel[(programs,)](
-            xq.view(torch.uint8), xsf, topk_idx, self._slot_of, self._send_base, self.tab, self.done[0:], t,
-            self.rank, E, xq.stride(0), xsf.stride(0), topk_idx.stride(0), topk_idx.stride(1),
+            xb, sfw, topk_idx, self._slot_of, self._send_base, self.tab, self.done[0:], t,
+            self.rank, E, xb.stride(0), sfw.stride(0), topk_idx.stride(0), topk_idx.stride(1),
             o["cx"], o["csf"], o["cmeta"], o["dflag"], self.contig_rows, self.max_tokens,
-            H=self.hidden, SFH=self.sf_cols, TOPK=self.topk, L=L, W=W,
+            H=self._row_bytes, SFH=self.sf_cols, TOPK=self.topk, L=L, W=W,
             BLOCK_R=br, BLOCK_H=bh, BLOCK_SF=triton_next_pow2(self.sf_cols), num_warps=warps)
 
     def dispatch_contiguous_recv(self) -> ContiguousDispatchOutput:

@@ -189,7 +189,7 @@ class MoELayer:
         if not c.contig_rows:
             raise ValueError("layout='contiguous' needs an EPCommunicator created with contiguous=True")
         self._mark(events, "start")
-        xq, xsf = self.quant(x, use_ue8m0=self.use_ue8m0)
+        xq, xsf = self._cast_tokens(x)
         self._mark(events, "quant")
         c.dispatch_contiguous_counts(xq, xsf, topk_idx)
         yield "counts_sent"
@@ -209,6 +209,14 @@ class MoELayer:
         y = c.combine_recv(topk_idx, topk_weights, out)
         self._mark(events, "combine")
         return y
+
+    def _cast_tokens(self, x):
+        """The tokens in the communicator's dispatch payload: FP8 through ``self.quant``, or FP4 (E2M1 codes +
+        UE8M0 bytes a 32 columns, :func:`fp8gemm.per_token_cast_to_fp4`), which the grouped GEMMs take as is."""
+        if self.comm.dispatch_payload == "fp4":
+            from ..quant import per_token_cast_to_fp4
+            return per_token_cast_to_fp4(x, use_ue8m0=True, gran_k=32, ue8m0_bytes=True)
+        return self.quant(x, use_ue8m0=self.use_ue8m0)
 
     def _mark(self, events, name, stream=None):
         if events is not None and self.on_gpu:
@@ -243,7 +251,7 @@ class MoELayer:
         if layout == "contiguous":
             return (yield from self._steps_contiguous(x, topk_idx, topk_weights, out, events, skip_combine))
         self._mark(events, "start")
-        xq, xsf = self.quant(x, use_ue8m0=self.use_ue8m0)
+        xq, xsf = self._cast_tokens(x)
         self._mark(events, "quant")
         c.dispatch_send(xq, xsf, topk_idx)
         yield "dispatch_sent"

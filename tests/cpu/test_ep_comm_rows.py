@@ -35,12 +35,20 @@ def _world(world, num_experts, tokens_max, topk, num_sms, tile, **kw):
     return comms
 
 
+def _cast(x, payload):
+    if payload == "fp4":
+        q, sf = R.per_token_cast_to_fp4(x, True, 32)
+        return q, R.to_ue8m0_bytes(sf)
+    return R.per_token_cast_to_fp8(x)
+
+
 def _dispatch(comms, idxs, gen):
     tokens = idxs[0].shape[0]
-    qs = [R.per_token_cast_to_fp8(torch.randn(tokens, H, generator=gen)) for _ in comms]
+    qs = [_cast(torch.randn(tokens, H, generator=gen), comms[0].dispatch_payload) for _ in comms]
     for c in comms:
-        c.recv_x.view(torch.uint8).fill_(0x55)
-        c.recv_x_sf.fill_(float("nan"))
+        o, n = c.layout.sections()["x"]
+        c.region[o:o + n].fill_(0x55)                    # the whole section (FP4 rows use its first half)
+        c.recv_x_sf.view(torch.uint8).fill_(0xAA)
         c.recv_src_info.fill_(-7)
     for c, (xq, xsf), idx in zip(comms, qs, idxs):
         c.dispatch_send(xq, xsf, idx)
@@ -65,18 +73,25 @@ def _check_dispatch(comms, idxs, qs, outs):
                 s, rest = divmod(word, tmax * topk)
                 t = rest // topk
                 assert torch.equal(out.recv_x[le, j].view(torch.uint8), qs[s][0][t].view(torch.uint8)), (r, le, j)
-                assert torch.equal(out.recv_x_sf[le, j], qs[s][1][t])
+                assert torch.equal(out.recv_x_sf[le, j].view(torch.uint8), qs[s][1][t].view(torch.uint8))
             # rows past masked_m were not touched (a store past the end of a row would land there)
             assert torch.all(out.recv_x[le, m:].view(torch.uint8) == 0x55)
-            assert out.recv_x_sf[le, m:].isnan().all() and torch.all(out.recv_src_info[le, m:] == -7)
+            assert torch.all(out.recv_x_sf[le, m:].view(torch.uint8) == 0xAA)
+            assert torch.all(out.recv_src_info[le, m:] == -7)
+    if comms[0].dispatch_payload == "fp4":      # the FP4 rows fill the first half of the FP8 form's bytes only
+        for c in comms:
+            o, n = c.offsets["x"], c.recv_x.numel()
+            assert torch.all(c.region[o + n:o + 2 * n] == 0x55)
 
 
 @pytest.mark.parametrize("num_sms,tile", [(1, (4, 256)), (3, (2, 128)), (2, (8, 512)), (3, None)])
-def test_dispatch_row_blocks(num_sms, tile):
+@pytest.mark.parametrize("payload", ["fp8", "fp4"])
+def test_dispatch_row_blocks(num_sms, tile, payload):
     """5 tokens x top-3 = 15 rows: blocks of 2/4/8 rows (the last one partial), 1..3 programs each
-    looping over several blocks; 384 columns in 256-column tiles (the second tile half masked)."""
+    looping over several blocks; 384 columns in 256-column tiles (the second tile half masked).  FP4
+    payload: 192-byte rows of codes and 12 scale bytes, moved byte for byte."""
     gen = torch.Generator().manual_seed(2)
-    comms = _world(2, 6, 6, 3, num_sms, tile)
+    comms = _world(2, 6, 6, 3, num_sms, tile, dispatch_payload=payload)
     idxs = _routing(2, 5, 6, 3, gen)
     qs, outs = _dispatch(comms, idxs, gen)
     _check_dispatch(comms, idxs, qs, outs)

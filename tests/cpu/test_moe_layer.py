@@ -70,7 +70,8 @@ def _check_layer(layers, w13, w2, idxs, tokens, overlap, gen, payload="bf16"):
     for r, layer in enumerate(layers):
         assert torch.equal(layer.comm.masked_m, counts[r]), (r, layer.comm.masked_m, counts[r])
         assert torch.equal(layer.comm.cumulative_local_expert_recv_stats - before[r], counts[r])
-        ref = RL.moe_layer_reference(xs[r], idxs[r], ws[r], w13, w2, combine_payload=payload)
+        ref = RL.moe_layer_reference(xs[r], idxs[r], ws[r], w13, w2, combine_payload=payload,
+                                     dispatch_payload=layer.comm.dispatch_payload)
         assert ys[r].shape == ref.shape and ys[r].dtype == torch.bfloat16
         assert not ys[r].isnan().any()
         diff = testing.calc_diff(ys[r], ref)
@@ -327,6 +328,23 @@ def test_validation():
     with pytest.raises(ValueError, match="combine_payload='fp8' needs the symm backend"):
         EPCommunicator(None, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, combine_payload="fp8",
                        backend="nccl", _simulated=sim)
+    with pytest.raises(ValueError, match="dispatch_payload must be 'fp8' or 'fp4'"):
+        EPCommunicator(None, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, dispatch_payload="nvfp4",
+                       _simulated=sim)
+    with pytest.raises(ValueError, match="dispatch_payload='fp4' needs the symm backend"):
+        EPCommunicator(None, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, dispatch_payload="fp4",
+                       backend="nccl", _simulated=sim)
+    c4 = make_simulated_world(2, num_experts=4, max_tokens_per_rank=4, topk=2, hidden=H, dispatch_payload="fp4")[0]
+    with pytest.raises(TypeError, match="x must have dtype"):
+        c4.dispatch_send(xq, xsf, idx)                   # the FP8 form on an FP4 communicator
+    q4 = torch.zeros(3, H // 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"x must have shape \[T, 128\] \(FP4 codes"):
+        c4.dispatch_send(torch.zeros(3, H, dtype=torch.uint8), torch.zeros(3, H // 32, dtype=torch.uint8), idx)
+    with pytest.raises(TypeError, match="x_sf must have dtype"):
+        c4.dispatch_send(q4, xsf, idx)
+    with pytest.raises(ValueError, match="dispatch_payload must be"):
+        RL.moe_layer_reference(torch.randn(1, H).bfloat16(), idx[:1], torch.rand(1, 2), w13, w2,
+                               dispatch_payload="fp16")
     with pytest.raises(ValueError, match="combine_payload must be"):
         RL.moe_layer_reference(torch.randn(1, H).bfloat16(), idx[:1], torch.rand(1, 2), w13, w2,
                                combine_payload="fp16")
@@ -407,12 +425,32 @@ def _run_contiguous(layers, w13, w2, idxs, tokens, gen, tokens_max):
         assert layer.c_h1[pad].isnan().all() and layer.c_out2[pad].isnan().all()
         assert torch.all(layer.c_a2[pad].view(torch.uint8) == 0x55) and layer.c_a2_sf[pad].isnan().all()
         assert not layer.c_out2[val].isnan().any()
-        ref = RL.moe_layer_reference(xs[r], idxs[r], ws[r], w13, w2)
+        ref = RL.moe_layer_reference(xs[r], idxs[r], ws[r], w13, w2, dispatch_payload=c.dispatch_payload)
         assert ys[r].shape == ref.shape and ys[r].dtype == torch.bfloat16 and not ys[r].isnan().any()
         diff = testing.calc_diff(ys[r], ref)
         assert diff < 1e-3, (r, diff)
         assert torch.all(ys[r][~(idxs[r] >= 0).any(dim=1)] == 0)
     return ys
+
+
+@pytest.mark.parametrize("world,num_experts,topk,overlap", [(2, 4, 2, True), (4, 8, 3, False)])
+def test_layer_fp4_dispatch_payload(world, num_experts, topk, overlap):
+    """The layer with the FP4 dispatch payload (E2M1 codes + UE8M0 bytes a 32 columns, taken by the grouped
+    GEMMs as FP4 activations), masked and contiguous, against the reference with the same payload; the
+    FP8-payload reference is measurably further away (the payload really is FP4)."""
+    gen = torch.Generator().manual_seed(13)
+    layers, w13, w2 = _world(world, num_experts, 6, topk, dispatch_payload="fp4", contiguous=True)
+    idxs = _routing("random", world, 5, num_experts, topk, gen)
+    idxs[0][1, 1] = -1
+    xs = _check_layer(layers, w13, w2, idxs, 5, overlap, gen)
+    assert layers[0].comm.recv_x.dtype == torch.uint8 and layers[0].comm.recv_x.shape[-1] == H // 2
+    ws = [torch.rand(5, topk, generator=gen) for _ in range(world)]
+    ys = run_simulated(layers, xs, idxs, ws, overlap=overlap)
+    y4 = RL.moe_layer_reference(xs[0], idxs[0], ws[0], w13, w2, dispatch_payload="fp4")
+    y8 = RL.moe_layer_reference(xs[0], idxs[0], ws[0], w13, w2)
+    assert testing.calc_diff(ys[0], y4) < 1e-3 < testing.calc_diff(ys[0], y8)
+    idxs = _routing("random", world, 5, num_experts, topk, gen)
+    _run_contiguous(layers, w13, w2, idxs, 5, gen, 6)
 
 
 @pytest.mark.parametrize("kind", ["random", "one_expert", "sparse"])

@@ -18,7 +18,7 @@ every expert in one process).  Also: CUDA-graph capture and replay of the symm l
 a rank that deliberately skips its dispatch send, or its contiguous count exchange (its peers raise
 a RuntimeError naming it within the timeout), and the FP8 combine payload (output bitwise equal to the
 reference reduce of the payload of the layer's own expert outputs; ``calc_diff < 2e-3`` against the
-whole-layer reference with that payload).
+whole-layer reference with that payload), and the FP4 dispatch payload (masked and contiguous).
 """
 import os
 import subprocess
@@ -236,6 +236,31 @@ def _worker() -> int:
                     diff = testing.calc_diff(y, ref)
                     same = torch.equal(y.view(torch.int16), exact.view(torch.int16))
                     record(name, same and diff < 2e-3, f"bitwise={same} diff={diff:.2e}")
+                except Exception as e:      # noqa: BLE001
+                    record(name, False, repr(e))
+                dist.barrier()
+    del layer, comm
+
+    # The FP4 dispatch payload (symm): masked (overlap on and off) and contiguous, against the reference with the
+    # same payload.
+    comm = EPCommunicator(dist.group.WORLD, num_experts=num_experts, max_tokens_per_rank=max_tokens, topk=TOPK,
+                          hidden=H, timeout_s=5.0, contiguous=True, dispatch_payload="fp4")
+    layer = MoELayer(comm, loc13, loc2, tail_experts=1)
+    gen = torch.Generator().manual_seed(31)
+    for kind in ("random", "remote", "sparse"):
+        for tokens in (1, 96):
+            for layout, overlap in (("masked", True), ("masked", False), ("contiguous", False)):
+                idxs = _routing(kind, world, tokens, num_experts, gen, dev)
+                xs = [torch.randn(tokens, H, generator=gen).bfloat16().to(dev) for _ in range(world)]
+                ws = [torch.rand(tokens, TOPK, generator=gen).to(dev) for _ in range(world)]
+                name = f"symm fp4 dispatch {layout} {kind} T={tokens} overlap={overlap}"
+                try:
+                    y = layer.forward(xs[rank], idxs[rank], ws[rank], overlap=overlap, layout=layout)
+                    torch.cuda.synchronize()
+                    ref = RL.moe_layer_reference(xs[rank], idxs[rank], ws[rank], w13, w2, dispatch_payload="fp4")
+                    counts = RL.dispatch_counts_reference([i.cpu() for i in idxs], num_experts, world)[rank]
+                    diff = testing.calc_diff(y, ref)
+                    record(name, diff < 1e-3 and torch.equal(comm.masked_m.cpu(), counts), f"diff={diff:.2e}")
                 except Exception as e:      # noqa: BLE001
                     record(name, False, repr(e))
                 dist.barrier()
