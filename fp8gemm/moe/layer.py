@@ -2,12 +2,14 @@
 
 ``MoELayer(comm, w13, w2).forward(x, topk_idx, topk_weights, overlap=True) -> y``:
 
-1. quantise the tokens once (FP8, one scale per token per 128 columns) and **dispatch** them into the
-   owners' masked buffers ``[L, max_m, hidden]`` (:class:`fp8gemm.moe.ep.EPCommunicator`);
+1. quantise the tokens once (FP8, one scale per token per 128 columns; or FP4 with the communicator's
+   ``dispatch_payload="fp4"``) and **dispatch** them into the owners' masked buffers ``[L, max_m, hidden]``
+   (:class:`fp8gemm.moe.ep.EPCommunicator`);
 2. **expert compute** on the owner: masked L1 GEMM (gate and up fused, ``N = 2 * inter``), SwiGLU
    fused with the FP8 re-quantisation of its output (:mod:`fp8gemm.kernels.swiglu`, rows < masked_m
    only), masked L2 GEMM;
-3. **combine**: the L2 rows go back to their source ranks, which reduce ``y[t] = sum_k w[t, k] * o[t, k]``.
+3. **combine**: the L2 rows go back to their source ranks (BF16, or FP8 with ``combine_payload="fp8"``),
+   which reduce ``y[t] = sum_k w[t, k] * o[t, k]``.
 
 With ``overlap=True`` (symm backend on a GPU) the L2 GEMM runs with ``enable_overlap=True`` on
 ``num_gemm_sms`` SMs while the combine kernel runs on a second stream with the other SMs, sending each

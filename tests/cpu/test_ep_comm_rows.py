@@ -154,15 +154,9 @@ def test_combine_row_blocks(block_m, tile, num_sms, overlap, split=None, payload
             continue
         buf = c.combine_recv_buf
         got = torch.zeros(tokens, topk, dtype=torch.bool)
-        for r, out in enumerate(outs):                            # the rows rank s gets back from rank r
-            for le in range(L):
-                for j, word in enumerate(out.recv_src_info[le, :int(out.masked_m[le])].tolist()):
-                    src, rest = divmod(word, tmax * topk)
-                    if src != s:
-                        continue
-                    t, k = divmod(rest, topk)
-                    assert torch.equal(buf[t, k].view(torch.int16), outs_e[r][le, j].view(torch.int16)), (s, t, k)
-                    got[t, k] = True
+        for t, k, row in _rows_returned_to(s, outs, outs_e, tmax, topk):
+            assert torch.equal(buf[t, k].view(torch.int16), row.view(torch.int16)), (s, t, k)
+            got[t, k] = True
         assert torch.equal(got, idxs[s] >= 0)
         assert buf[:tokens][~got].isnan().all() and buf[tokens:].isnan().all()
         ref = R.combine_reduce_reference(torch.nan_to_num(buf[:tokens]), idxs[s], ws[s], num_experts)
@@ -170,23 +164,27 @@ def test_combine_row_blocks(block_m, tile, num_sms, overlap, split=None, payload
         torch.testing.assert_close(ys[s], ref, rtol=2 ** -7, atol=1e-30)
 
 
+def _rows_returned_to(s, outs, outs_e, tmax, topk):
+    """(token, k, expert output row) of every row the combine sends back to rank ``s``, found through the
+    routing words every rank's dispatch left."""
+    for r, out in enumerate(outs):
+        for le in range(out.masked_m.numel()):
+            for j, word in enumerate(out.recv_src_info[le, :int(out.masked_m[le])].tolist()):
+                src, rest = divmod(word, tmax * topk)
+                if src == s:
+                    yield (*divmod(rest, topk), outs_e[r][le, j])
+
+
 def _check_fp8_payload(c, s, outs, outs_e, idx, w, y, tokens, num_experts):
     """Rank ``s``'s receive slots hold the FP8 payload of the rows sent to it (the rest poisoned) and its
     reduce equals the reference's on them, bit for bit."""
-    tmax, topk, L = c.max_tokens, c.topk, c.num_local_experts
     codes, sf = c.combine_recv_codes.view(torch.uint8), c.combine_recv_sf
-    got = torch.zeros(tokens, topk, dtype=torch.bool)
-    for r, out in enumerate(outs):
-        for le in range(L):
-            for j, word in enumerate(out.recv_src_info[le, :int(out.masked_m[le])].tolist()):
-                src, rest = divmod(word, tmax * topk)
-                if src != s:
-                    continue
-                t, k = divmod(rest, topk)
-                q, b = R.quantize_combine_payload(outs_e[r][le, j][None])
-                assert torch.equal(codes[t, k], q[0].view(torch.uint8)), (s, t, k)
-                assert torch.equal(sf[t, k], b[0]), (s, t, k)
-                got[t, k] = True
+    got = torch.zeros(tokens, c.topk, dtype=torch.bool)
+    for t, k, row in _rows_returned_to(s, outs, outs_e, c.max_tokens, c.topk):
+        q, b = R.quantize_combine_payload(row[None])
+        assert torch.equal(codes[t, k], q[0].view(torch.uint8)), (s, t, k)
+        assert torch.equal(sf[t, k], b[0]), (s, t, k)
+        got[t, k] = True
     assert torch.equal(got, idx >= 0)
     assert (sf[:tokens][~got] == 0xAA).all() and (sf[tokens:] == 0xAA).all()
     ref = R.combine_reduce(c.combine_recv_codes[:tokens], sf[:tokens], w, torch.where(got, idx, -1))

@@ -322,18 +322,12 @@ def test_validation():
         EPCommunicator(None, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, backend="mpi",
                        _simulated={"rank": 0, "world_size": 1, "region": None, "tab": None})
     sim = {"rank": 0, "world_size": 1, "region": None, "tab": None}
-    with pytest.raises(ValueError, match="combine_payload must be one of"):
-        EPCommunicator(None, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, combine_payload="fp4",
-                       _simulated=sim)
-    with pytest.raises(ValueError, match="combine_payload='fp8' needs the symm backend"):
-        EPCommunicator(None, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, combine_payload="fp8",
-                       backend="nccl", _simulated=sim)
-    with pytest.raises(ValueError, match="dispatch_payload must be 'fp8' or 'fp4'"):
-        EPCommunicator(None, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, dispatch_payload="nvfp4",
-                       _simulated=sim)
-    with pytest.raises(ValueError, match="dispatch_payload='fp4' needs the symm backend"):
-        EPCommunicator(None, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, dispatch_payload="fp4",
-                       backend="nccl", _simulated=sim)
+    for kw, msg in [(dict(combine_payload="fp4"), "combine_payload must be one of"),
+                    (dict(combine_payload="fp8", backend="nccl"), "combine_payload='fp8' needs the symm backend"),
+                    (dict(dispatch_payload="nvfp4"), "dispatch_payload must be 'fp8' or 'fp4'"),
+                    (dict(dispatch_payload="fp4", backend="nccl"), "dispatch_payload='fp4' needs the symm backend")]:
+        with pytest.raises(ValueError, match=msg):
+            EPCommunicator(None, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, _simulated=sim, **kw)
     c4 = make_simulated_world(2, num_experts=4, max_tokens_per_rank=4, topk=2, hidden=H, dispatch_payload="fp4")[0]
     with pytest.raises(TypeError, match="x must have dtype"):
         c4.dispatch_send(xq, xsf, idx)                   # the FP8 form on an FP4 communicator
