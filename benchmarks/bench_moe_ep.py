@@ -316,9 +316,11 @@ def main():
         layer.forward(x, idx, w, overlap=False)          # routing state of this batch for the combine alone
         torch.cuda.synchronize()
         # the combine on the communication SMs (what the overlapped layer gives it) and on all SMs
-        r["combine_ms"], _ = _timed(lambda: comm.combine(layer.out2, idx, w, num_sms=layer.num_comm_sms),
-                                    args.iters)
-        r["combine_all_sms_ms"], _ = _timed(lambda: comm.combine(layer.out2, idx, w), args.iters)
+        # (with the FP8 payload the L2 GEMM wrote it: out2 holds the codes, out2_sf the scale bytes)
+        r["combine_ms"], _ = _timed(lambda: comm.combine(layer.out2, idx, w, num_sms=layer.num_comm_sms,
+                                                         expert_out_sf=layer.out2_sf), args.iters)
+        r["combine_all_sms_ms"], _ = _timed(lambda: comm.combine(layer.out2, idx, w, expert_out_sf=layer.out2_sf),
+                                            args.iters)
         y_red = torch.empty(T, Hd, dtype=torch.bfloat16, device=dev)
         if args.combine_payload == "fp8":
             from fp8gemm.kernels.moe_act import launch_combine_reduce

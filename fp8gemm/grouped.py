@@ -139,14 +139,25 @@ def alloc_signal(num_groups: int, max_m: int, device) -> torch.Tensor:
     return torch.zeros(get_masked_signal_size(num_groups, max_m), dtype=torch.int32, device=device)
 
 
-def _masked(a, b, d, masked_m, expected_m, recipe, max_block_n, enable_overlap, signal, scaled: bool):
+def _masked(a, b, d, masked_m, expected_m, recipe, max_block_n, enable_overlap, signal, scaled: bool,
+            d_sf=None):
     a, sfa, b, sfb = _operands(a, b, scaled, 3)
     g, max_m = a.shape[:2]
     k = b.shape[-1]
     if b.shape[0] != g:
         raise ValueError(f"b must have {g} groups (from a), got shape {list(b.shape)}")
     n = b.shape[1]
-    check_tensor("d", d, dtype=_OUT_DTYPES, shape=(g, max_m, n))
+    if d_sf is None:
+        check_tensor("d", d, dtype=_OUT_DTYPES, shape=(g, max_m, n))
+    else:
+        if not scaled:
+            raise ValueError("d_sf (the FP8 combine payload) needs the FP8 GEMM")
+        if n % 128:
+            raise ValueError(f"d_sf needs N (b[0].shape[1] = {n}) to be a multiple of 128")
+        check_tensor("d", d, dtype=FP8, shape=(g, max_m, n))
+        check_tensor("d_sf", d_sf, dtype=torch.uint8, shape=(g, max_m, n // 128))
+        if d.stride(-1) != 1 or d_sf.stride(-1) != 1:
+            raise ValueError("d and d_sf must be row-major (unit stride along the last dim)")
     check_tensor("masked_m", masked_m, dtype=torch.int32, shape=(g,))
     if not isinstance(expected_m, int) or isinstance(expected_m, bool) or expected_m < 0:
         raise TypeError(f"expected_m must be a non-negative int (a hint for the tile choice), got {expected_m!r}")
@@ -157,7 +168,7 @@ def _masked(a, b, d, masked_m, expected_m, recipe, max_block_n, enable_overlap, 
         gran_n = resolve_recipe(recipe, sfb, n, k)
         _check_sfa(sfa, (g,), max_m, k)
         check_scales("b[1]", sfb, (g,), n, k, gran_n)
-    device = check_same_device(a=a, b=b, d=d, masked_m=masked_m, sfa=sfa, sfb=sfb, signal=signal)
+    device = check_same_device(a=a, b=b, d=d, masked_m=masked_m, sfa=sfa, sfb=sfb, signal=signal, d_sf=d_sf)
     check_cuda_or_interpreter(device)
     expected_m = max(expected_m, 1)
     if enable_overlap:
@@ -178,7 +189,7 @@ def _masked(a, b, d, masked_m, expected_m, recipe, max_block_n, enable_overlap, 
         return (block_m, math.ceil(n / block_n)) if enable_overlap else None
     used = gemm_dispatch.run_m_grouped(
         "masked", a, sfa, b, sfb, d, masked_m=masked_m, signal=signal if enable_overlap else None,
-        expected_m=expected_m, gran_n_b=gran_n, max_block_n=max_block_n)
+        expected_m=expected_m, gran_n_b=gran_n, max_block_n=max_block_n, d_sf=d_sf)
     if enable_overlap:
         # The signal array was checked against the planned tiles: the launch must have used them.
         assert used == (block_m, block_n), f"masked GEMM planned tiles {(block_m, block_n)} but ran {used}"
@@ -189,7 +200,7 @@ def _masked(a, b, d, masked_m, expected_m, recipe, max_block_n, enable_overlap, 
 def m_grouped_fp8_gemm_nt_masked(a, b, d: torch.Tensor, masked_m: torch.Tensor, expected_m: int, recipe=None,
                                  compiled_dims: str = "nk", disable_ue8m0_cast: bool = False,
                                  max_block_n: int = 256, enable_overlap: bool = False,
-                                 signal: torch.Tensor | None = None):
+                                 signal: torch.Tensor | None = None, d_sf: torch.Tensor | None = None):
     """MoE decode GEMM: ``d[g, :masked_m[g]] = A[g, :masked_m[g]] @ B[g].T``; other rows untouched.
 
     ``a = (A [G, max_m, K] FP8, sfa [G, max_m, ceil(K/128)])``, ``b = (B [G, N, K], sfb [G, ceil(N/128), ceil(K/128)])``,
@@ -214,8 +225,15 @@ def m_grouped_fp8_gemm_nt_masked(a, b, d: torch.Tensor, masked_m: torch.Tensor, 
     ``signal`` before each call** (``signal.zero_()``; :func:`alloc_signal` sizes one for any
     configuration).  Without overlap the call returns ``None``.
     Reference: :func:`fp8gemm.reference.m_grouped_fp8_gemm_nt_masked`, :func:`fp8gemm.reference.masked_signal_counts`.
+
+    ``d_sf`` (an fp8gemm extension, for the expert-parallel layer's FP8 combine): with ``d`` FP8 E4M3
+    ``[G, max_m, N]`` and ``d_sf`` uint8 ``[G, max_m, N / 128]`` (N a multiple of 128) the kernel writes the FP8
+    combine payload of the BF16 result instead of the result -- ``d, d_sf =
+    quantize_combine_payload(bf16 result)`` (:func:`fp8gemm.reference.quantize_combine_payload`) on the
+    rows below ``masked_m`` -- from 128-column tiles (so the SBO threshold is ``N / 128``).
     """
-    return _masked(a, b, d, masked_m, expected_m, recipe, max_block_n, enable_overlap, signal, scaled=True)
+    return _masked(a, b, d, masked_m, expected_m, recipe, max_block_n, enable_overlap, signal, scaled=True,
+                   d_sf=d_sf)
 
 
 def m_grouped_bf16_gemm_nt_masked(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, masked_m: torch.Tensor,

@@ -297,7 +297,9 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
                         ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr,
                         WAIT_SIGNAL: tl.constexpr, USE_TIMER: tl.constexpr,
                         trace_ptr=None, trace_base=0, TRACE: tl.constexpr = False,
-                        OFF_RSF=0, FP8: tl.constexpr = False, SOFT: tl.constexpr = False):
+                        OFF_RSF=0, FP8: tl.constexpr = False, SOFT: tl.constexpr = False,
+                        dsf_ptr=None, stride_sg=0, stride_sm=0, PRECAST: tl.constexpr = False,
+                        BLOCK_SG: tl.constexpr = 1):
     """Persistent, over the local experts ``[g_lo, g_hi)``: units ``u = i * LG + (g - g_lo)`` (m-block i of
     local expert g, LG = g_hi - g_lo; block-major, so the first blocks of all experts -- where the rows are --
     spread over every program), each cut into ``parts`` row ranges; work item ``v = u * parts + s`` goes to
@@ -308,7 +310,8 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
     ``arrive_total`` programs (this launch's and any other launch's sending the same combine; -1: this
     launch's) signals the arrival to every rank.  ``FP8``: each row goes as the FP8 combine payload instead
     (E4M3 codes in the first ``H`` bytes of its receive slot, its UE8M0 scale bytes in the ``OFF_RSF`` section;
-    ``SOFT``: the interpreter's rounding).  ``TRACE`` (GPU only, benchmarks): for work item ``v`` of a
+    ``SOFT``: the interpreter's rounding); with ``PRECAST`` the payload exists already (the L2 GEMM wrote it:
+    codes at ``d_ptr`` as bytes, scale bytes at ``dsf_ptr``) and is copied as it is.  ``TRACE`` (GPU only, benchmarks): for work item ``v`` of a
     non-empty unit, ``trace_ptr[trace_base + v]`` gets the global timer (ns) after its spin and after its
     stores, as two int64."""
     pid = tl.program_id(0)
@@ -348,7 +351,9 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
                 rows = r0 + rr
                 rm = rows < p_end
                 srow = d_ptr + g64 * stride_dg + rows.to(tl.int64) * stride_dm
-                if FP8:
+                if PRECAST:
+                    v0 = _load_tile(srow, rm, 0, H, BLOCK_H, ".cg")
+                elif FP8:
                     v0 = _load_groups(srow, rm, 0, H, BLOCK_H)
                 else:
                     v0 = _load_tile(srow, rm, 0, H, BLOCK_H, ".cg")
@@ -356,7 +361,16 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
                 src = meta // (TMAX * TOPK)
                 tk = (meta - src * (TMAX * TOPK)).to(tl.int64)
                 bases = tl.load(tab_ptr + src, mask=rm, other=0)
-                if FP8:
+                if PRECAST:
+                    dst8 = tl.multiple_of((bases + OFF_RECV + tk * H).to(tl.pointer_type(tl.uint8)), 16)
+                    _copy_rows(v0, srow, dst8, rm, rm, H, BLOCK_H, ".cg")
+                    gg = tl.arange(0, BLOCK_SG)
+                    gm = rm[:, None] & (gg[None, :] < H // 128)
+                    sb = tl.load(dsf_ptr + g64 * stride_sg + rows.to(tl.int64)[:, None] * stride_sm + gg[None, :],
+                                 mask=gm)
+                    tl.store((bases + OFF_RSF + tk * (H // 128)).to(tl.pointer_type(tl.uint8))[:, None] + gg[None, :],
+                             sb, mask=gm)
+                elif FP8:
                     dst8 = tl.multiple_of((bases + OFF_RECV + tk * H).to(tl.pointer_type(tl.uint8)), 16)
                     sdst = (bases + OFF_RSF + tk * (H // 128)).to(tl.pointer_type(tl.uint8))
                     _quant_copy_rows(v0, srow, dst8, sdst, rm, H, BLOCK_H, SOFT)

@@ -142,6 +142,8 @@ def _plan(mode_name: str, a, sfa, b, sfb, d, c, expected_m, gran_n_b: int, max_b
     num_groups = a.shape[0] if a.dim() == 3 else 1
     cfg = triton_config(mode, a.shape[-2], b.shape[-2], b.shape[-1], scaled, expected_m, max_block_n, num_groups,
                         runtime.get_num_sms())
+    if d.dtype == torch.float8_e4m3fn:       # the FP8 payload: one 128-column scale group a tile
+        cfg = dataclasses.replace(cfg, block_n=128)
     if force_block_m is not None and force_block_m != cfg.block_m:
         cfg = dataclasses.replace(cfg, block_m=force_block_m, swap_ab=force_block_m <= 32,
                                   num_warps=4 if force_block_m <= 64 else 8)
@@ -166,11 +168,12 @@ def plan_tiles(mode_name: str, a, sfa, b, sfb, d, *, c=None, expected_m: int | N
 
 def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=None, signal=None,
                   expected_m: int | None = None, gran_n_b: int = 128, max_block_n: int = 256,
-                  force_block_m: int | None = None) -> tuple[int, int]:
+                  force_block_m: int | None = None, d_sf=None) -> tuple[int, int]:
     """Run ``D = C + A @ B.T`` (dense, contiguous or masked); returns the ``(block_m, block_n)`` used.
 
     ``sfa``/``sfb`` are None for BF16.  3-D operands carry the group in dim 0.  ``force_block_m``
-    forces the Triton kernel's block_m (e.g. to divide the contiguous layout's alignment).
+    forces the Triton kernel's block_m (e.g. to divide the contiguous layout's alignment).  ``d_sf`` (masked,
+    ``d`` FP8): D gets the FP8 combine payload of the BF16 result (codes in ``d``, UE8M0 bytes in ``d_sf``).
     """
     num_sms = runtime.get_num_sms()
     kind, cfg = _plan(mode_name, a, sfa, b, sfb, d, c, expected_m, gran_n_b, max_block_n, force_block_m)
@@ -190,7 +193,7 @@ def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, 
         # pdl: right after the convert, on the same stream, nothing launched in between
         return gemm_gluon.launch(mode_name, a, sfa, b, sfb, d, c=c, m_indices=m_indices, masked_m=masked_m,
                                  expected_m=expected_m, signal=signal, num_sms=num_sms, max_block_n=max_block_n,
-                                 pdl=pdl)
+                                 pdl=pdl, d_sf=d_sf)
     mode = {"dense": gemm_triton.MODE_DENSE, "contiguous": gemm_triton.MODE_CONTIGUOUS,
             "masked": gemm_triton.MODE_MASKED}[mode_name]
     scaled = sfa is not None
@@ -206,6 +209,11 @@ def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, 
     sfa_packed = scaled and not a_fp4 and sfa.dtype == torch.int32
     sfb_packed = scaled and sfb.dtype == torch.int32
     dummy = d
+    fp8_out = {}
+    if d_sf is not None:
+        fp8_out = dict(dsf_ptr=d_sf, stride_sfg=d_sf.stride(0), stride_sfm=d_sf.stride(1), D_FP8=True,
+                       SOFT=runtime.interpreting())
+        d = d.view(torch.uint8)
     gemm_triton.m_grouped_gemm_kernel[grid](
         a, b, d, c if c is not None else dummy,
         sfa if scaled else dummy, sfb if scaled else dummy,
@@ -220,7 +228,7 @@ def run_m_grouped(mode_name: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, 
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         GROUPS_POW2=triton.next_power_of_2(num_groups), UPCAST_DOT=not scaled and runtime.interpreting(),
         A_FP4=a_fp4,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **fp8_out,
     )
     return cfg.block_m, cfg.block_n
 

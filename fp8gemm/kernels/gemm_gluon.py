@@ -603,11 +603,33 @@ if HAS_GLUON:
         return acc, free
 
     @gluon.jit
+    def _store_fp8_payload(out, d_ptrs, sf_ptrs, mask, r_ok):
+        """The FP8 combine payload of a 128-column tile ``out`` (FP32, one scale group a row): E4M3 codes of the
+        BF16-rounded values at ``d_ptrs`` and each row's UE8M0 byte at ``sf_ptrs``, bit for bit
+        ``fp8gemm.reference.quantize_combine_payload`` of the BF16 result.  The scale is
+        ``ceil_pow2(max(amax, 1e-4) / 448)``, found on the amax's bits: ``amax = (1 + f) 2^(e - 127)`` gives
+        exponent ``e - 8``, plus one where ``1 + f > 1.75`` (448 = 1.75 * 2^8), exact without a division; an
+        inf or NaN amax gives the byte 0xFF and codes 0 / 0x7F as the reference's division by inf / NaN does."""
+        ob = out.to(gl.bfloat16).to(gl.float32)
+        bits = ob.to(gl.int32, bitcast=True) & 0x7FFFFFFF        # NaN sorts above inf: a NaN-propagating amax
+        amax = gl.maximum(gl.max(bits, axis=1), 0x38D1B717)       # max(amax, 1e-4f)
+        sf_exp = ((amax >> 23) & 0xFF) - 8 + ((amax & 0x7FFFFF) > 0x600000).to(gl.int32)
+        special = amax >= 0x7F800000
+        inv = ((254 - sf_exp) << 23).to(gl.float32, bitcast=True)
+        inv = gl.where(special, gl.where(amax > 0x7F800000, float("nan"), 0.0), inv)
+        y = ob * gl.expand_dims(inv, 1)
+        q = gl.where(y != y, 0x7F, y.to(gl.float8e4nv).to(gl.uint8, bitcast=True).to(gl.int32))
+        gl.store(d_ptrs, q.to(gl.uint8).to(gl.float8e4nv, bitcast=True), mask=mask)
+        gl.store(sf_ptrs, gl.where(special, 255, sf_exp).to(gl.uint8), mask=r_ok)
+
+    @gluon.jit
     def _store_tile(acc, out_layout: gl.constexpr, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m, off_n,
-                    M, N, s_dg, s_dm, s_cg, s_cm, MODE: gl.constexpr, HAS_C: gl.constexpr, col_ok=True):
+                    M, N, s_dg, s_dm, s_cg, s_cm, MODE: gl.constexpr, HAS_C: gl.constexpr, col_ok=True,
+                    dsf_ptr=None, s_fg=0, s_fm=0, D_FP8: gl.constexpr = False):
         """Store (C +) ``acc`` at rows ``off_m..`` and columns ``off_n..`` of group ``g`` of D, through
         ``out_layout``: only the group's valid rows (masked: below ``masked_m[g]``; contiguous: rows whose
-        ``m_indices`` entry is ``g``) and columns below N; nothing with ``col_ok`` False."""
+        ``m_indices`` entry is ``g``) and columns below N; nothing with ``col_ok`` False.  ``D_FP8`` (128-wide
+        tiles): the FP8 combine payload instead (:func:`_store_fp8_payload`; scale bytes at ``dsf_ptr``)."""
         BM: gl.constexpr = acc.type.shape[0]
         BN: gl.constexpr = acc.type.shape[1]
         out = gl.convert_layout(acc, out_layout)
@@ -628,7 +650,10 @@ if HAS_GLUON:
                       + gl.expand_dims(o_cols, 0))
             out = out + gl.load(c_ptrs, mask=mask, other=0.0)
         d_ptrs = d_ptr + g64 * s_dg + gl.expand_dims(o_rows64 * s_dm, 1) + gl.expand_dims(o_cols, 0)
-        gl.store(d_ptrs, out.to(d_ptr.dtype.element_ty), mask=mask)
+        if D_FP8:
+            _store_fp8_payload(out, d_ptrs, dsf_ptr + g64 * s_fg + o_rows64 * s_fm + off_n // 128, mask, r_ok)
+        else:
+            gl.store(d_ptrs, out.to(d_ptr.dtype.element_ty), mask=mask)
 
     @gluon.jit
     def _issue_tail(a_bufs, b_bufs, b2_bufs, full_bars, it, buf, buf2, STAGES: gl.constexpr):
@@ -753,7 +778,8 @@ if HAS_GLUON:
                   STAGES: gl.constexpr, TMA_STORE: gl.constexpr, HAS_C: gl.constexpr,
                   HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr, K_ROTATE: gl.constexpr,
                   PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
-                  DIAG: gl.constexpr = 0, sa_bufs=None, SA_SMEM: gl.constexpr = False):
+                  DIAG: gl.constexpr = 0, sa_bufs=None, SA_SMEM: gl.constexpr = False,
+                  dsf_ptr=None, s_fg=0, s_fm=0, D_FP8: gl.constexpr = False):
         BK: gl.constexpr = a_bufs.type.shape[2]
         NO_PROMO: gl.constexpr = DIAG == 3 or DIAG == 4      # diagnostics: no scale loads, no promotion
         # diagnostics 5/6/7: promotion without (some) scale loads
@@ -764,7 +790,7 @@ if HAS_GLUON:
         row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
         # Epilogue layout for vector stores: 16-byte chunks along N.
-        VEC: gl.constexpr = 8 if d_ptr.dtype.element_ty == gl.bfloat16 else 4
+        VEC: gl.constexpr = 16 if D_FP8 else (8 if d_ptr.dtype.element_ty == gl.bfloat16 else 4)
         TPW_N: gl.constexpr = min(32, BLOCK_N // VEC)
         TPW_M: gl.constexpr = 32 // TPW_N
         out_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [TPW_M, TPW_N], [num_warps, 1], [1, 0])
@@ -909,7 +935,7 @@ if HAS_GLUON:
                                     off_n, M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C)
                 else:
                     _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m, off_n,
-                                M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C)
+                                M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C, True, dsf_ptr, s_fg, s_fm, D_FP8)
                     if HAS_SIGNAL:
                         # Every thread's stores of this tile happen before the barrier; the release
                         # atomic (one thread) then publishes them at GPU scope.
@@ -1091,7 +1117,8 @@ if HAS_GLUON:
                            K_ROTATE: gl.constexpr, PRODUCER_REGS: gl.constexpr, WIDE_N: gl.constexpr = False,
                            PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
                            DIAG: gl.constexpr = 0, BN_TAIL: gl.constexpr = 0, b2_desc=None,
-                           SA_SMEM: gl.constexpr = False):
+                           SA_SMEM: gl.constexpr = False, dsf_ptr=None, s_fg=0, s_fm=0,
+                           D_FP8: gl.constexpr = False):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``SA_SMEM`` (default kernel only, not with PROBE or DIAG): A's scales travel with each stage (the
@@ -1115,7 +1142,9 @@ if HAS_GLUON:
         --diag``): 1 = every K-slice loaded from K coordinate 0 (L2-resident operands), 2 = each stage filled
         once then only full-barrier arrives (no TMA), 3 = no scale loads / promotion, 4 = 2 + 3; the output is
         garbage in modes 1-4; the wide/split kernels take mode 3 only.  ``DIAG`` 0 (the default) compiles to the
-        production SASS.  ``BN_TAIL`` (16; ``b2_desc``: B in [BN_TAIL, 128] boxes; 128-wide blocks, plain stores,
+        production SASS.  ``D_FP8`` (default kernel, 128-wide tiles, register stores; D an FP8 tensor, ``dsf_ptr``
+        uint8 with group / row strides ``s_fg`` / ``s_fm``): D gets the FP8 combine payload of the BF16 result
+        (:func:`_store_fp8_payload`).  ``BN_TAIL`` (16; ``b2_desc``: B in [BN_TAIL, 128] boxes; 128-wide blocks, plain stores,
         no signal, PDL, probe or DIAG): each tile also computes a BN_TAIL-wide slice of the N remainder
         (:func:`_consumer_tail`); 0/None (the default) compiles to the production SASS.
         """
@@ -1183,13 +1212,16 @@ if HAS_GLUON:
             gl.static_assert(not DIAG or (MODE == 0 and not PDL_WAIT and DIAG <= 7),
                              "DIAG: dense mode without PDL_WAIT, modes 0-7")
             gl.static_assert(not SA_SMEM or (not DIAG and not PROBE), "SA_SMEM: not with PROBE or DIAG")
+            gl.static_assert(not D_FP8 or (BLOCK_N == 128 and not TMA_STORE and not HAS_C),
+                             "D_FP8: 128-wide tiles stored through registers, no C")
             gl.warp_specialize([
                 (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
                              d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                              M, N, K, G,
                              s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
                              MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
-                             K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG, sa_bufs, SA_SMEM)),
+                             K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG, sa_bufs, SA_SMEM, dsf_ptr, s_fg, s_fm,
+                             D_FP8)),
                 (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                              masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
                              False, PROBE, probe_ptr, PDL_WAIT, DIAG, None, None, 0,
@@ -1470,7 +1502,10 @@ def supports(mode: str, a, sfa, b, sfb, d, c=None) -> bool:
         n = b.shape[-2]
         if k == 0 or k % BLOCK_K != 0 or n == 0 or b.shape[-1] != k:
             return False
-        if d.dtype not in (torch.bfloat16, torch.float32) or d.stride(-1) != 1:
+        # FP8 D: the masked mode's FP8 combine payload (launch's d_sf)
+        if d.dtype not in (torch.bfloat16, torch.float32, fp8) or d.stride(-1) != 1:
+            return False
+        if d.dtype == fp8 and (mode != "masked" or c is not None or n % 128):
             return False
         if c is not None and (mode != "dense" or c.dtype != torch.float32 or d.dtype != torch.float32
                               or c.stride(-1) != 1 or tuple(c.shape) != tuple(d.shape)):
@@ -1557,9 +1592,12 @@ def _problem(mode, a, b, d, c, signal=None, pdl: bool = False):
 
 def _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms, wide_n=None) -> GluonConfig:
     m, n, k, groups, tma_store = _problem(mode, a, b, d, c)
-    return pick_config(mode, m, n, k, groups=groups, expected_m=expected_m, max_block_n=max_block_n,
-                       num_sms=num_sms, tma_store=tma_store, out_bytes=d.element_size(), has_c=c is not None,
-                       wide_n=wide_n)
+    cfg = pick_config(mode, m, n, k, groups=groups, expected_m=expected_m, max_block_n=max_block_n,
+                      num_sms=num_sms, tma_store=tma_store, out_bytes=d.element_size(), has_c=c is not None,
+                      wide_n=wide_n)
+    if d.dtype == torch.float8_e4m3fn:      # the FP8 payload: one 128-column scale group a tile
+        cfg = dataclasses.replace(cfg, block_n=128, bn_tail=0, wide_n=False)
+    return cfg
 
 
 def split_n_columns(m: int, n: int, k: int, cfg: GluonConfig, num_sms: int) -> int:
@@ -1589,7 +1627,7 @@ def _side_stream(device) -> torch.cuda.Stream:
 
 def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=None, expected_m=None,
            signal=None, num_sms: int, max_block_n: int = 256, config: GluonConfig | None = None,
-           pdl: bool = False) -> tuple[int, int]:
+           pdl: bool = False, d_sf=None) -> tuple[int, int]:
     """Run ``D = C + A @ B.T`` (1D2D scaling) with the Gluon kernel; returns ``(block_m, block_n)``.
 
     Arguments arrive validated (see :func:`supports`).  No host synchronisation, no allocation:
@@ -1605,11 +1643,16 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     ``masked_m`` and ``m_indices`` must not be written by the kernel right before (they are read before the
     wait; what earlier kernels wrote is complete, since that kernel itself started only after them).
 
+    ``d_sf`` (masked mode, ``d`` FP8 E4M3, N a multiple of 128): D gets the FP8 combine payload of the BF16
+    result, E4M3 codes in ``d`` and uint8 UE8M0 bytes ``[G, max_m, N / 128]`` in ``d_sf``, on 128-wide tiles.
+
     A dense call without ``config`` whose ragged last column block would cost a wave (:func:`split_n_columns`)
     runs as two launches, the remainder's on a side stream that forks from and joins back into the current
     one (capturable in a CUDA graph); the returned tile is the first launch's.
     """
     mode_id = _MODES[mode]
+    if (d_sf is not None) != (d.dtype == torch.float8_e4m3fn):
+        raise ValueError("an FP8 D needs d_sf (its scale bytes) and d_sf an FP8 D")
     m, n, k, groups, tma_store = _problem(mode, a, b, d, c, signal, pdl)
     cfg = config if config is not None else _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms)
     if m > 0 and transpose_for_sa(mode, m, n, k, sfa, cfg, signal=signal is not None, pdl=pdl):
@@ -1657,6 +1700,8 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         epi = _epi_bytes(cfg.block_m, cfg.block_n, tma_store, d.element_size(), c is not None, mode != "dense")
         cfg = dataclasses.replace(cfg, stages=_fit_stages(cfg.block_m, cfg.block_n, cfg.stages, epi, sa_smem))
     bm, bn = cfg.block_m, cfg.block_n
+    if d_sf is not None and (bn != 128 or cfg.bn_tail or cfg.wide_n):
+        raise ValueError(f"an FP8 D takes 128-wide tiles, the config has block_n={bn}")
     if m == 0 or n == 0 or groups == 0:
         return bm, bn
     a_rows, b_rows = _rows2d(a), _rows2d(b)
@@ -1685,6 +1730,8 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate and not cfg.wide_n, PRODUCER_REGS=cfg.producer_regs,
         WIDE_N=cfg.wide_n, SA_SMEM=sa_smem,
         num_warps=cfg.num_warps, maxnreg=cfg.maxnreg, **tail,
+        **({"dsf_ptr": d_sf, "s_fg": d_sf.stride(0), "s_fm": d_sf.stride(1), "D_FP8": True} if d_sf is not None
+           else {}),
         **({"PDL_WAIT": True, "launch_pdl": True} if pdl else {}),
     )
     return bm, bn

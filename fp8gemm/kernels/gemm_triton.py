@@ -10,6 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .quant import e4m3_bytes, group_amax, scale_from_amax, ue8m0_byte
+
 MODE_DENSE = 0
 MODE_CONTIGUOUS = 1
 MODE_MASKED = 2
@@ -75,6 +77,7 @@ def m_grouped_gemm_kernel(
     SFB_GRAN_N: tl.constexpr, HAS_C: tl.constexpr, SIGNAL: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GROUPS_POW2: tl.constexpr, UPCAST_DOT: tl.constexpr, A_FP4: tl.constexpr,
+    dsf_ptr=None, stride_sfg=0, stride_sfm=0, D_FP8: tl.constexpr = False, SOFT: tl.constexpr = False,
 ):
     """``D[g] = C[g] + A[g] @ B[g].T`` tile by tile, persistent over ``num_progs`` programs.
 
@@ -85,7 +88,9 @@ def m_grouped_gemm_kernel(
     tile's stores).  SCALED: FP8 operands promoted per 128-K block with the A (per row) and B (per
     ``SFB_GRAN_N`` rows) scales.  A_FP4: A holds packed E2M1 codes with UE8M0 scale bytes per 32,
     turned into E4M3 tiles on the way to the tensor cores (see ``_load_fp4_as_fp8``).  SWAP_AB computes the tile transposed (B rows on the MMA's M side),
-    which suits few rows of A.
+    which suits few rows of A.  D_FP8 (BLOCK_N = 128, N a multiple of 128): D gets the FP8 combine payload of
+    the BF16 result instead -- E4M3 codes (``d_ptr`` as bytes) and one UE8M0 byte per row per 128 columns at
+    ``dsf_ptr`` (``fp8gemm.reference.quantize_combine_payload``; ``SOFT``: the interpreter's rounding).
     """
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(M, BLOCK_M)
@@ -188,7 +193,15 @@ def m_grouped_gemm_kernel(
                 c_ptrs = c_ptr + group.to(tl.int64) * stride_cg + row_off * stride_cm + offs_n[None, :] * stride_cn
                 out += tl.load(c_ptrs, mask=out_mask, other=0.0)
             d_ptrs = d_ptr + group.to(tl.int64) * stride_dg + row_off * stride_dm + offs_n[None, :] * stride_dn
-            tl.store(d_ptrs, out.to(d_ptr.dtype.element_ty), mask=out_mask)
+            if D_FP8:
+                # the tile is one 128-column group: the payload of the BF16-rounded row
+                v = out.to(tl.bfloat16).to(tl.float32)
+                sf, inv = scale_from_amax(group_amax(v, 1), 448.0, True, not SOFT)
+                tl.store(d_ptrs, e4m3_bytes(v * inv[:, None], SOFT), mask=out_mask)
+                tl.store(dsf_ptr + group.to(tl.int64) * stride_sfg + offs_m.to(tl.int64) * stride_sfm + pid_n,
+                         ue8m0_byte(sf), mask=m_ok)
+            else:
+                tl.store(d_ptrs, out.to(d_ptr.dtype.element_ty), mask=out_mask)
             if SIGNAL:
                 # Every thread's stores of this tile happen before the barrier; the release
                 # atomic then publishes them to a consumer that acquires the counter.

@@ -440,8 +440,13 @@ class EPCommunicator:
     def combine_send(self, expert_out: torch.Tensor, *, signal: torch.Tensor | None = None,
                      block_m: int | None = None, threshold: int | None = None,
                      num_sms: int | None = None, experts: tuple[int, int] | None = None,
-                     parts: int = 1, arrive_total: int | None = None, trace_base: int = 0) -> None:
+                     parts: int = 1, arrive_total: int | None = None, trace_base: int = 0,
+                     expert_out_sf: torch.Tensor | None = None) -> None:
         """Send the rows ``< masked_m`` of ``expert_out`` (BF16 [L, max_m, hidden]) back to their sources.
+
+        With the FP8 combine payload the rows may come cast already: ``expert_out`` FP8 E4M3 and
+        ``expert_out_sf`` their UE8M0 bytes uint8 [L, max_m, hidden / 128] (what the masked GEMM writes with
+        ``d_sf``, :func:`fp8gemm.m_grouped_fp8_gemm_nt_masked`); they are then copied as they are.
 
         With ``signal`` (the SBO counters of the masked GEMM that is producing ``expert_out``, and the
         ``(block_m, threshold)`` it returned) each m-block is sent as soon as its counter reaches the
@@ -460,7 +465,16 @@ class EPCommunicator:
         left as they were).
         """
         L, M, H = self.num_local_experts, self.max_m, self.hidden
-        check_tensor("expert_out", expert_out, dtype=torch.bfloat16, shape=(L, M, H))
+        precast = expert_out_sf is not None
+        if precast:
+            if self.combine_payload != "fp8":
+                raise ValueError("expert_out_sf (an FP8 expert output) needs combine_payload='fp8'")
+            check_tensor("expert_out", expert_out, dtype=FP8, shape=(L, M, H))
+            check_tensor("expert_out_sf", expert_out_sf, dtype=torch.uint8, shape=(L, M, H // 128))
+            if expert_out_sf.stride(2) != 1 or expert_out_sf.device != expert_out.device:
+                raise ValueError(f"expert_out_sf must be row-major and on {expert_out.device}")
+        else:
+            check_tensor("expert_out", expert_out, dtype=torch.bfloat16, shape=(L, M, H))
         if expert_out.stride(2) != 1:
             raise ValueError("expert_out must be row-major (unit stride along hidden)")
         g_lo, g_hi = (0, L) if experts is None else experts
@@ -491,14 +505,19 @@ class EPCommunicator:
             arrive_total = programs
         check_int("arrive_total", arrive_total, programs)
         expected = min(block_m, self._expected_rows())
-        rows, bh = self._combine_tiles(-(-expected // parts))
+        rows, bh = self._combine_tiles(-(-expected // parts), 1 if precast else 2)
+        extra = self._payload_args()
+        if precast:
+            extra.update(dsf_ptr=expert_out_sf, stride_sg=expert_out_sf.stride(0), stride_sm=expert_out_sf.stride(1),
+                         PRECAST=True, BLOCK_SG=triton_next_pow2(H // 128))
+            expert_out = expert_out.view(torch.uint8)
         K.combine_send_kernel[(programs,)](
             expert_out, self.region, self.tab, self.masked_m, signal, self.err, self.done[1:], self.rank,
             expert_out.stride(0), expert_out.stride(1), o["meta"], o["recv"], o["cflag"], M, self.max_tokens,
             block_m, threshold, nb, parts, g_lo, g_hi, arrive_total, self.max_spin_iters, self.timeout_ns,
             H=H, TOPK=self.topk, L=L, W=self.world_size, ROWS=rows, BLOCK_H=bh, BLOCK_L=triton_next_pow2(L),
             WAIT_SIGNAL=wait, USE_TIMER=self.use_timer, num_warps=8 if rows * bh >= 4096 else 4,
-            **self._payload_args(),
+            **extra,
             **self._trace_args("combine_trace", trace_base + (g_hi - g_lo) * nb * parts, trace_base=trace_base))
 
     def _payload_args(self) -> dict:
@@ -532,12 +551,13 @@ class EPCommunicator:
         t = self._last_tokens if self._last_tokens is not None else self.max_tokens
         return max(1, -(-self.world_size * t * self.topk // self.num_experts))
 
-    def _combine_tiles(self, rows_per_block: int):
-        """(ROWS, BLOCK_H) of the combine sender: a tile of 16 K BF16 elements (32 KB) shaped to the rows
-        a block holds (one row x the whole hidden for tiny batches, 16 rows x 1024 for large ones)."""
+    def _combine_tiles(self, rows_per_block: int, elem_bytes: int = 2):
+        """(ROWS, BLOCK_H) of the combine sender: a tile of 16 K BF16 elements (32 KB; 16 KB of FP8 codes when
+        they are copied as they are) shaped to the rows a block holds (one row x the whole hidden for tiny
+        batches, 16 rows x 1024 for large ones)."""
         if self.tile_override is not None:
             return self.tile_override
-        return send_tile(rows_per_block, self.hidden, 2, tile_bytes=32768)
+        return send_tile(rows_per_block, self.hidden, elem_bytes, tile_bytes=16384 * elem_bytes)
 
     def combine_recv(self, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                      out: torch.Tensor | None = None) -> torch.Tensor:

@@ -133,7 +133,16 @@ class MoELayer:
         # The L2 GEMM's A scales MN-major (rows contiguous): the Gluon GEMM then brings them through shared
         # memory (gemm_gluon.sa_smem_pays; masked 1.01-1.10x, contiguous 1.03-1.05x on an H200, session 9).
         self.a2_sf = empty_mn_major(L, M, inter // 128, device=dev)
-        self.out2 = torch.empty(L, M, H, dtype=torch.bfloat16, device=dev)
+        # FP8 combine payload with fp8gemm's own masked GEMM: the L2 GEMM writes the payload itself (codes +
+        # UE8M0 bytes a 128 columns, d_sf), so the combine only copies bytes; with an injected GEMM the combine
+        # sender casts the BF16 rows.
+        self.l2_writes_payload = comm.combine_payload == "fp8" and gemm is None
+        if self.l2_writes_payload:
+            self.out2 = torch.empty(L, M, H, dtype=FP8, device=dev)
+            self.out2_sf = torch.empty(L, M, H // 128, dtype=torch.uint8, device=dev)
+        else:
+            self.out2 = torch.empty(L, M, H, dtype=torch.bfloat16, device=dev)
+            self.out2_sf = None
         from ..grouped import alloc_signal
         self.signal = alloc_signal(L, M, dev)
         if comm.contig_rows:
@@ -160,14 +169,15 @@ class MoELayer:
 
     def down_proj(self, masked_m: torch.Tensor, expected_m: int, overlap: bool):
         """L2 GEMM; with ``overlap`` on ``num_gemm_sms`` SMs with SBO signals, returning ``(block_m, threshold)``."""
+        payload = {"d_sf": self.out2_sf} if self.l2_writes_payload else {}
         if not overlap:
-            self.gemm((self.a2, self.a2_sf), self.w2, self.out2, masked_m, expected_m)
+            self.gemm((self.a2, self.a2_sf), self.w2, self.out2, masked_m, expected_m, **payload)
             return None
         old = runtime.get_num_sms()
         runtime.set_num_sms(self.num_gemm_sms)
         try:
             block_m, threshold = self.gemm((self.a2, self.a2_sf), self.w2, self.out2, masked_m, expected_m,
-                                           enable_overlap=True, signal=self.signal)
+                                           enable_overlap=True, signal=self.signal, **payload)
         finally:
             runtime.set_num_sms(old)
         self.last_block_m = block_m
@@ -295,7 +305,7 @@ class MoELayer:
             self.down_proj(d.masked_m, em, False)
             self._mark(events, "l2")
             self._mark(events, "combine_send_start")
-            c.combine_send(self.out2)
+            c.combine_send(self.out2, expert_out_sf=self.out2_sf)
             self._mark(events, "combine_send")
         yield "combine_sent"
         y = c.combine_recv(topk_idx, topk_weights, out)
@@ -318,7 +328,7 @@ class MoELayer:
         extra launch on the critical path."""
         c, L = self.comm, self.comm.num_local_experts
         X = self.tail_experts
-        common = dict(signal=self.signal, block_m=block_m, threshold=threshold)
+        common = dict(signal=self.signal, block_m=block_m, threshold=threshold, expert_out_sf=self.out2_sf)
         if not X:
             return dict(common, num_sms=self.num_comm_sms), None
         rows = max(1, min(block_m, expected_m))

@@ -113,12 +113,14 @@ def test_combine_row_blocks(block_m, tile, num_sms, overlap, split=None, payload
     every received slot holds the FP8 combine payload of its row, byte for byte (codes and scale bytes)."""
     gen = torch.Generator().manual_seed(4)
     world, num_experts, topk, tokens = 2, 4, 3, 6
-    comms = _world(world, num_experts, tokens, topk, num_sms, tile, combine_payload=payload)
+    comms = _world(world, num_experts, tokens, topk, num_sms, tile,
+                   combine_payload="fp8" if payload.startswith("fp8") else payload)
     idxs = _routing(world, tokens, num_experts, topk, gen)
     qs, outs = _dispatch(comms, idxs, gen)
     L, M = comms[0].num_local_experts, comms[0].max_m
     nb = -(-M // block_m)
     outs_e = [torch.randn(L, M, H, generator=gen).bfloat16() for _ in comms]
+    pre = [R.quantize_combine_payload(e) for e in outs_e] if payload == "fp8pre" else None
     signals = []
     for c, out in zip(comms, outs):
         sig = torch.zeros(L * nb, dtype=torch.int32)
@@ -127,8 +129,10 @@ def test_combine_row_blocks(block_m, tile, num_sms, overlap, split=None, payload
         signals.append(sig)
         c.combine_recv_buf.fill_(float("nan"))
         c.combine_recv_sf.fill_(0xAA)
-    for c, e, sig in zip(comms, outs_e, signals):
+    for r_, (c, e, sig) in enumerate(zip(comms, outs_e, signals)):
         kw = dict(signal=sig, block_m=block_m, threshold=2) if overlap else {}
+        if pre is not None:                         # the payload as the L2 GEMM writes it: copied as it is
+            e, kw["expert_out_sf"] = pre[r_]
         if split is None:
             c.combine_send(e, num_sms=num_sms, **kw)
         else:
@@ -149,7 +153,7 @@ def test_combine_row_blocks(block_m, tile, num_sms, overlap, split=None, payload
         assert int(c.done.abs().sum()) == 0                      # the grid-completion counters reset
     tmax = comms[0].max_tokens
     for s, c in enumerate(comms):
-        if payload == "fp8":
+        if payload.startswith("fp8"):
             _check_fp8_payload(c, s, outs, outs_e, idxs[s], ws[s], ys[s], tokens, num_experts)
             continue
         buf = c.combine_recv_buf
@@ -195,10 +199,12 @@ def _check_fp8_payload(c, s, outs, outs_e, idx, w, y, tokens, num_experts):
                                                         (8, (2, 256), 3, (3, 2)), (4, None, 3, None)])
 def test_combine_fp8_payload(block_m, tile, num_sms, split):
     """The FP8 combine payload (``combine_payload="fp8"``): the sender casts each BF16 row as it stores it
-    (tiles whose last scale group lies past the row, 1..4 groups a tile, one and two launches); codes, scale
-    bytes and the reduce exact against the reference."""
+    (tiles whose last scale group lies past the row, 1..4 groups a tile, one and two launches), or copies the
+    payload the L2 GEMM wrote (``expert_out_sf``); codes, scale bytes and the reduce exact against the
+    reference."""
     test_combine_row_blocks(block_m, tile, num_sms, True, split=split, payload="fp8")
     test_combine_row_blocks(block_m, tile, num_sms, False, payload="fp8")
+    test_combine_row_blocks(block_m, tile, num_sms, True, split=split, payload="fp8pre")
 
 
 @pytest.mark.parametrize("parts,programs", [(3, 2), (7, 5), (1, 1)])

@@ -258,6 +258,54 @@ def test_masked_rows_and_signals(masked, expected_m, overlap, device):
         assert out is None
 
 
+@pytest.mark.parametrize("masked,expected_m", [([0, 5, 64, 37], 20), ([130, 1, 0, 96], 96)])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_masked_fp8_payload_output(masked, expected_m, overlap, device):
+    """``d`` FP8 + ``d_sf`` (the EP layer's FP8 combine payload straight from the GEMM): exactly
+    quantize_combine_payload of what the same call writes as BF16 (same kernel, same accumulation), rows past
+    masked_m untouched, SBO counters at N / 128 per block."""
+    g, max_m, n, k = 4, 160, 256, 256
+    a, sfa, b, sfb = masked_case(g, max_m, n, k, device)
+    masked_m = torch.tensor(masked, dtype=torch.int32, device=device)
+    d16 = torch.zeros(g, max_m, n, dtype=torch.bfloat16, device=device)
+    fp8gemm.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d16, masked_m, expected_m)
+    d8 = torch.full((g, max_m, n), 0x55, dtype=torch.uint8, device=device).view(FP8)
+    d_sf = torch.full((g, max_m, n // 128), 0xAA, dtype=torch.uint8, device=device)
+    signal = fp8gemm.alloc_signal(g, max_m, device) if overlap else None
+    out = fp8gemm.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d8, masked_m, expected_m,
+                                               enable_overlap=overlap, signal=signal, d_sf=d_sf)
+    for gi, mm in enumerate(masked):
+        if mm:
+            q, sf = R.quantize_combine_payload(d16[gi, :mm])
+            assert torch.equal(d8[gi, :mm].view(torch.uint8), q.view(torch.uint8)), gi
+            assert torch.equal(d_sf[gi, :mm], sf), gi
+        assert torch.all(d8[gi, mm:].view(torch.uint8) == 0x55) and torch.all(d_sf[gi, mm:] == 0xAA), gi
+    if overlap:
+        block_m, threshold = out
+        assert threshold == n // 128
+        check_signal(signal, masked_m, max_m, n, block_m, threshold)
+
+
+def test_masked_fp8_payload_output_validation(device):
+    g, max_m, n, k = 2, 16, 256, 128
+    a, sfa, b, sfb = masked_case(g, max_m, n, k, device)
+    masked_m = torch.tensor([3, 0], dtype=torch.int32, device=device)
+    d8 = torch.empty(g, max_m, n, dtype=FP8, device=device)
+    with pytest.raises(TypeError, match="d must have dtype"):
+        fp8gemm.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d8, masked_m, 4)       # FP8 D without d_sf
+    with pytest.raises(ValueError, match=r"d_sf must have shape \[2, 16, 2\]"):
+        fp8gemm.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d8, masked_m, 4,
+                                             d_sf=torch.empty(g, max_m, 1, dtype=torch.uint8, device=device))
+    with pytest.raises(TypeError, match="d must have dtype"):
+        fp8gemm.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d8.to(torch.bfloat16), masked_m, 4,
+                                             d_sf=torch.empty(g, max_m, 2, dtype=torch.uint8, device=device))
+    a2, sfa2, b2, sfb2 = masked_case(g, max_m, 200, k, device)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fp8gemm.m_grouped_fp8_gemm_nt_masked((a2, sfa2), (b2, sfb2), torch.empty(g, max_m, 200, dtype=FP8,
+                                             device=device), masked_m, 4,
+                                             d_sf=torch.empty(g, max_m, 2, dtype=torch.uint8, device=device))
+
+
 def test_check_signal_catches_a_wrong_counter(device):
     signal = torch.tensor([2, 2, 0, 0], dtype=torch.int32)
     check_signal(signal, torch.tensor([33, 0]), 64, 256, 32, 2)

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from fp8gemm import reference as R
 from fp8gemm.kernels import gemm_gluon as gg
 from fp8gemm.testing import compile_sm90_in_subprocess, ptxas_log, sass_count
 
@@ -394,6 +395,55 @@ def test_tail_rules():
     assert gg.tail_ok(576) and gg.tail_ok(2112) and gg.tail_ok(4096 + 64)
     assert not gg.tail_ok(4096) and not gg.tail_ok(100) and not gg.tail_ok(128 + 64)   # r = 0; r > 16 q
     assert not gg.tail_ok(576, signal=True) and not gg.tail_ok(576, pdl=True) and not gg.tail_ok(584)
+
+
+def _payload_rule(amax: torch.Tensor):
+    """The Gluon epilogue's scale rule (_store_fp8_payload) on FP32 amaxes: (UE8M0 byte, 1 / scale)."""
+    bits = amax.view(torch.int32) & 0x7FFFFFFF
+    bits = torch.maximum(bits, torch.tensor(0x38D1B717, dtype=torch.int32))
+    sf_exp = ((bits >> 23) & 0xFF) - 8 + ((bits & 0x7FFFFF) > 0x600000).to(torch.int32)
+    special = bits >= 0x7F800000
+    inv = ((254 - sf_exp) << 23).view(torch.float32)
+    inv = torch.where(special, torch.where(bits > 0x7F800000, float("nan"), 0.0), inv)
+    return torch.where(special, 255, sf_exp).to(torch.uint8), inv
+
+
+def test_fp8_payload_scale_rule_matches_the_reference():
+    """The Gluon FP8-payload epilogue finds ceil_pow2(max(amax, 1e-4) / 448) on the amax's bits, without a
+    division (it cannot run here, so its rule is checked in torch): the same UE8M0 byte as the reference for
+    every BF16 magnitude and random FP32 ones, 1.75 * 2^k and its neighbours, the 1e-4 floor, inf and NaN; and
+    1 / scale exact, so codes equal the reference's x / scale."""
+    bf16 = torch.arange(0, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    rnd = torch.randn(100000) * torch.pow(2.0, torch.randint(-40, 40, (100000,)).float())
+    ks = torch.pow(2.0, torch.arange(-30, 30).float())
+    edge = torch.cat([ks * 1.75, torch.nextafter(ks * 1.75, ks * 4), torch.nextafter(ks * 1.75, ks * 0),
+                      torch.tensor([1e-4, 1e-5, 0.0, 448.0, 448.0 * 2 ** 120, float("inf"), float("nan")])])
+    amax = torch.cat([bf16, rnd.abs(), edge])
+    byte, inv = _payload_rule(amax)
+    want = R.to_ue8m0_bytes(R.ceil_to_ue8m0(torch.clamp(amax, min=1e-4) / 448.0))
+    assert torch.equal(byte, want), amax[byte != want][:8]
+    finite = byte != 255
+    scale = torch.pow(2.0, byte[finite].float() - 127)
+    assert torch.equal(inv[finite] * scale, torch.ones_like(scale))
+
+
+def test_aot_fp8_payload_epilogue(tmp_path):
+    """The masked kernel writing the FP8 combine payload (D_FP8, 128-wide tiles, SBO signal): compiles for
+    sm_90a with its QGMMAs, no local memory, byte stores of the scales, the E4M3 conversion."""
+    bm, bn = 64, 128
+    cfg = gg.GluonConfig(bm, bn, gg._stages(bm, bn, bm * bn, sa_smem=True), 4)
+    constexprs = dict(MODE=gg._MODES["masked"], BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages,
+                      TMA_STORE=False, HAS_C=False, HAS_SIGNAL=True, SB_SCALAR=True, K_ROTATE=False,
+                      PRODUCER_REGS=cfg.producer_regs, SA_SMEM=True, D_FP8=True, d_desc=None)
+    sig = _signature("masked", bm, bn, False, torch.bfloat16, False)
+    sig.update(d_ptr="*fp8e4nv", c_ptr="*fp8e4nv", dsf_ptr="*u8", s_fg="i32", s_fm="i32")
+    r = compile_sm90_in_subprocess("fp8gemm.kernels.gemm_gluon", "fp8_gemm_ws_kernel", sig, constexprs,
+                                   num_warps=cfg.num_warps, gluon=True, maxnreg=cfg.maxnreg,
+                                   divisible_by_16=["sfa_ptr", "sfb_ptr", "d_ptr", "N", "K", "s_dm"])
+    assert sass_count(r["sass"], "QGMMA") >= 8
+    assert r["local"] == 0 and r["stack"] == 0, (r["local"], r["stack"])
+    assert "STG.E.U8" in r["sass"] and "e4m3" in r["ptx"]
+    assert "atom.global.gpu.release.add" in r["ptx"]
 
 
 def test_transpose_for_sa_decision(monkeypatch):

@@ -193,31 +193,38 @@ def _worker() -> int:
             dist.barrier()
         del layer, comm
 
-    # The FP8 combine payload (symm): the output must be, bit for bit, the reference reduce of the FP8 payload
-    # of the expert outputs this very layer computed (gathered from every rank by their routing words), and
+    # The FP8 combine payload (symm; the L2 GEMM writes it): the output must be, bit for bit, the reference
+    # reduce of the payload this very layer's GEMMs wrote (gathered from every rank by their routing words), and
     # within the stated error of the whole-layer reference with the same payload.
     comm = EPCommunicator(dist.group.WORLD, num_experts=num_experts, max_tokens_per_rank=max_tokens, topk=TOPK,
                           hidden=H, timeout_s=5.0, combine_payload="fp8")
     layer = MoELayer(comm, loc13, loc2, tail_experts=1)
     gen = torch.Generator().manual_seed(29)
 
-    def own_expert_outputs(layer, comm, tokens):
-        """o [tokens, TOPK, H]: the rows of this rank's tokens as the experts of every rank computed them."""
-        outs = [torch.empty_like(layer.out2) for _ in range(world)]
+    def own_payload(layer, comm, tokens):
+        """(codes, scale bytes) [tokens, TOPK, ...]: the FP8 payload of this rank's rows as the L2 GEMM of every
+        rank wrote it (the GEMM casts; layer.l2_writes_payload)."""
+        assert layer.l2_writes_payload
+        codes = [torch.empty_like(layer.out2.view(torch.uint8)) for _ in range(world)]
+        sfs = [torch.empty_like(layer.out2_sf) for _ in range(world)]
         infos = [torch.empty_like(comm.recv_src_info) for _ in range(world)]
         counts = [torch.empty_like(comm.masked_m) for _ in range(world)]
-        dist.all_gather(outs, layer.out2.contiguous())
+        dist.all_gather(codes, layer.out2.view(torch.uint8).contiguous())
+        dist.all_gather(sfs, layer.out2_sf.contiguous())
         dist.all_gather(infos, comm.recv_src_info.contiguous())
         dist.all_gather(counts, comm.masked_m.contiguous())
-        o = torch.zeros(tokens, TOPK, H, dtype=torch.bfloat16, device=dev)
+        q = torch.zeros(tokens, TOPK, H, dtype=torch.uint8, device=dev)
+        sf = torch.full((tokens, TOPK, H // 128), 127, dtype=torch.uint8, device=dev)
         for r in range(world):
             for le in range(L):
                 m = int(counts[r][le])
                 words = infos[r][le, :m].long()
                 src, rest = words // (max_tokens * TOPK), words % (max_tokens * TOPK)
                 sel = src == rank
-                o[rest[sel] // TOPK, rest[sel] % TOPK] = outs[r][le, :m][sel]
-        return o
+                t_, k_ = rest[sel] // TOPK, rest[sel] % TOPK
+                q[t_, k_] = codes[r][le, :m][sel]
+                sf[t_, k_] = sfs[r][le, :m][sel]
+        return q.view(torch.float8_e4m3fn), sf
 
     for kind in ("random", "remote", "sparse"):
         for tokens in (1, 96):
@@ -229,7 +236,7 @@ def _worker() -> int:
                 try:
                     y = layer.forward(xs[rank], idxs[rank], ws[rank], overlap=overlap)
                     torch.cuda.synchronize()
-                    q, sf = RL.quantize_combine_payload(own_expert_outputs(layer, comm, tokens))
+                    q, sf = own_payload(layer, comm, tokens)
                     idx = idxs[rank]
                     exact = RL.combine_reduce(q, sf, ws[rank], torch.where((idx >= 0) & (idx < num_experts), idx, -1))
                     ref = RL.moe_layer_reference(xs[rank], idxs[rank], ws[rank], w13, w2, combine_payload="fp8")
