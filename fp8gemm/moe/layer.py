@@ -351,13 +351,15 @@ class MoELayer:
         (64 tokens on four, 128 on two) within ±0.3%, 11-22 MB (128-256 tokens on four, 256 on two) 1.1-5.4%
         faster.
 
-        Never with the FP8 combine payload (``EPCommunicator(combine_payload="fp8")``): its sender casts every
-        row, and on the communication SMs that cast is compute-bound (4 x H200, 256 tokens: 294 µs for the
-        combine on 8 SMs against 135 with BF16; the overlapped layer 1048 µs against 886 back to back,
-        RESULTS.md session 10)."""
+        With the FP8 combine payload (``EPCommunicator(combine_payload="fp8")``) only where the L2 GEMM writes
+        the payload itself (``l2_writes_payload``, fp8gemm's own GEMM; 4 x H100: overlap 0.6-1.2% faster than
+        back to back at 128 tokens, 1.7-2.1% at 256): where the combine sender has to cast the rows, that cast is
+        compute-bound on the communication SMs (4 x H200, 256 tokens: the overlapped layer 1048 µs against 886
+        back to back), so never (RESULTS.md session 10)."""
         c = self.comm
         remote = tokens * c.topk * (c.world_size - 1) / c.world_size * c.hidden * 2
-        return c.backend == "symm" and c.combine_payload == "bf16" and remote >= AUTO_OVERLAP_MIN_BYTES
+        payload_ok = c.combine_payload == "bf16" or getattr(self, "l2_writes_payload", False)
+        return c.backend == "symm" and payload_ok and remote >= AUTO_OVERLAP_MIN_BYTES
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                 overlap: bool | str = "auto", out: torch.Tensor | None = None, check: bool = True,

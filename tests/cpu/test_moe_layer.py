@@ -363,12 +363,13 @@ def test_validation():
 def test_auto_overlap_threshold(world, tokens, pays):
     """overlap="auto" at the DeepSeek-V3 shape (hidden 7168, top-8): overlap where the measured rows gained
     (cross-rank combine bytes >= 8 MB a rank), not where they lost; never on one rank, the NCCL backend or
-    with the FP8 combine payload."""
+    with an FP8 combine payload the sender has to cast (it may where the L2 GEMM writes it)."""
     from types import SimpleNamespace
     comm = SimpleNamespace(topk=8, world_size=world, hidden=7168, backend="symm", combine_payload="bf16")
     assert MoELayer.overlap_pays(SimpleNamespace(comm=comm), tokens) is pays
-    comm.combine_payload = "fp8"
-    assert MoELayer.overlap_pays(SimpleNamespace(comm=comm), tokens) is False
+    comm.combine_payload = "fp8"       # the combine sender casts the rows: never
+    assert MoELayer.overlap_pays(SimpleNamespace(comm=comm, l2_writes_payload=False), tokens) is False
+    assert MoELayer.overlap_pays(SimpleNamespace(comm=comm, l2_writes_payload=True), tokens) is pays
     comm.backend, comm.combine_payload = "nccl", "bf16"
     assert MoELayer.overlap_pays(SimpleNamespace(comm=comm), tokens) is False
 
