@@ -153,6 +153,17 @@ def test_layer_fp8_combine_payload(world, num_experts, topk, overlap, tail):
         assert (layer.comm.combine_recv_sf[:5][used] != 0).all()
 
 
+def test_layer_contiguous_fp8_combine_payload():
+    """The contiguous (prefill) form with the FP8 combine payload: its L2 output stays BF16 and the combine
+    sender casts the rows (the GEMM writes the payload only in the masked form)."""
+    gen = torch.Generator().manual_seed(17)
+    layers, w13, w2 = _world(2, 4, 6, 2, contiguous=True, combine_payload="fp8")
+    assert layers[0].l2_writes_payload and layers[0].c_out2.dtype == torch.bfloat16
+    idxs = _routing("random", 2, 5, 4, 2, gen)
+    _run_contiguous(layers, w13, w2, idxs, 5, gen, 6, payload="fp8")
+    assert (layers[0].comm.combine_recv_sf[:5][idxs[0] >= 0] != 0).all()
+
+
 @pytest.mark.parametrize("world,num_experts,topk,tail", [(2, 4, 2, 1), (4, 8, 3, 1), (2, 8, 3, 3)])
 def test_layer_overlap_with_tail_launch(world, num_experts, topk, tail):
     """Overlap with the combine split in two launches (the last ``tail`` local experts sent after the GEMM,
@@ -399,7 +410,7 @@ def _check_contiguous_layout(comm, idxs, tokens_max, topk):
         assert sorted(words) == want
 
 
-def _run_contiguous(layers, w13, w2, idxs, tokens, gen, tokens_max):
+def _run_contiguous(layers, w13, w2, idxs, tokens, gen, tokens_max, payload="bf16"):
     world = len(layers)
     xs = [torch.randn(tokens, H, generator=gen).bfloat16() for _ in range(world)]
     ws = [torch.rand(tokens, idxs[0].shape[1], generator=gen) for _ in range(world)]
@@ -420,7 +431,8 @@ def _run_contiguous(layers, w13, w2, idxs, tokens, gen, tokens_max):
         assert layer.c_h1[pad].isnan().all() and layer.c_out2[pad].isnan().all()
         assert torch.all(layer.c_a2[pad].view(torch.uint8) == 0x55) and layer.c_a2_sf[pad].isnan().all()
         assert not layer.c_out2[val].isnan().any()
-        ref = RL.moe_layer_reference(xs[r], idxs[r], ws[r], w13, w2, dispatch_payload=c.dispatch_payload)
+        ref = RL.moe_layer_reference(xs[r], idxs[r], ws[r], w13, w2, dispatch_payload=c.dispatch_payload,
+                                     combine_payload=payload)
         assert ys[r].shape == ref.shape and ys[r].dtype == torch.bfloat16 and not ys[r].isnan().any()
         diff = testing.calc_diff(ys[r], ref)
         assert diff < 1e-3, (r, diff)
