@@ -26,8 +26,9 @@ the FP8 form's scale slot).
 
 Combine payload: ``combine_payload="bf16"`` (default) sends the expert outputs as they are;
 ``combine_payload="fp8"`` (symm backend) sends each row as E4M3 codes with one UE8M0 scale byte per 128
-columns, cast by the sender as it stores (:func:`fp8gemm.reference.quantize_combine_payload`), and the
-receiver reduces the de-quantised rows (:func:`fp8gemm.reference.combine_reduce`): half the bytes on
+columns (:func:`fp8gemm.reference.quantize_combine_payload`) -- cast by the sender as it stores a BF16 expert
+output, or copied as it is where the L2 GEMM wrote it (``combine_send(expert_out_sf=)``, what
+:class:`fp8gemm.moe.layer.MoELayer` does with fp8gemm's own GEMM) -- and the receiver reduces the de-quantised rows (:func:`fp8gemm.reference.combine_reduce`): half the bytes on
 NVLink and in the reduce, at the precision of an FP8 round trip of every expert output (semantics:
 :func:`fp8gemm.reference.moe_layer_reference` with ``combine_payload="fp8"``).
 
@@ -87,7 +88,8 @@ from .._checks import FP8, check_bool, check_int, check_tensor
 from ..kernels import ep_comm as K
 
 _BACKENDS = ("symm", "nccl")
-_PAYLOADS = ("bf16", "fp8")
+_COMBINE_PAYLOADS = ("bf16", "fp8")
+_DISPATCH_PAYLOADS = ("fp8", "fp4")
 
 
 
@@ -158,9 +160,9 @@ class EPCommunicator:
     ``timeout_s`` (bound of every wait on the GPU), ``max_spin_iters`` (bound in the interpreter),
     ``num_sms`` (programs of the dispatch kernel and of the combine without overlap; default all SMs),
     ``contiguous`` (also allocate the contiguous prefill form, see the module docstring),
-    ``contiguous_rows`` (its capacity R, a multiple of the alignment; default: never overflows) and
-    ``combine_payload`` (``"bf16"`` or ``"fp8"``, the symm backend only) and ``dispatch_payload`` (``"fp8"``
-    or ``"fp4"``, the symm backend only; module docstring).
+    ``contiguous_rows`` (its capacity R, a multiple of the alignment; default: never overflows),
+    ``combine_payload`` (``"bf16"`` or ``"fp8"``) and ``dispatch_payload`` (``"fp8"`` or ``"fp4"``), the latter
+    two other than their defaults on the symm backend only (module docstring).
     """
 
     def __init__(self, group=None, *, num_experts: int, max_tokens_per_rank: int, topk: int, hidden: int,
@@ -171,13 +173,13 @@ class EPCommunicator:
         import torch.distributed as dist
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        if combine_payload not in _PAYLOADS:
-            raise ValueError(f"combine_payload must be one of {_PAYLOADS}, got {combine_payload!r}")
+        if combine_payload not in _COMBINE_PAYLOADS:
+            raise ValueError(f"combine_payload must be one of {_COMBINE_PAYLOADS}, got {combine_payload!r}")
         if combine_payload == "fp8" and backend != "symm":
             raise ValueError(f"combine_payload='fp8' needs the symm backend, got backend={backend!r}")
         self.combine_payload = combine_payload
-        if dispatch_payload not in ("fp8", "fp4"):
-            raise ValueError(f"dispatch_payload must be 'fp8' or 'fp4', got {dispatch_payload!r}")
+        if dispatch_payload not in _DISPATCH_PAYLOADS:
+            raise ValueError(f"dispatch_payload must be one of {_DISPATCH_PAYLOADS}, got {dispatch_payload!r}")
         if dispatch_payload == "fp4" and backend != "symm":
             raise ValueError(f"dispatch_payload='fp4' needs the symm backend, got backend={backend!r}")
         self.dispatch_payload = dispatch_payload

@@ -335,7 +335,7 @@ def test_validation():
     sim = {"rank": 0, "world_size": 1, "region": None, "tab": None}
     for kw, msg in [(dict(combine_payload="fp4"), "combine_payload must be one of"),
                     (dict(combine_payload="fp8", backend="nccl"), "combine_payload='fp8' needs the symm backend"),
-                    (dict(dispatch_payload="nvfp4"), "dispatch_payload must be 'fp8' or 'fp4'"),
+                    (dict(dispatch_payload="nvfp4"), "dispatch_payload must be one of"),
                     (dict(dispatch_payload="fp4", backend="nccl"), "dispatch_payload='fp4' needs the symm backend")]:
         with pytest.raises(ValueError, match=msg):
             EPCommunicator(None, num_experts=2, max_tokens_per_rank=4, topk=1, hidden=H, _simulated=sim, **kw)
