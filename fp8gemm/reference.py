@@ -643,15 +643,16 @@ def moe_layer_reference(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: t
     ``dispatch_payload="fp4"``: step 1 is :func:`per_token_cast_to_fp4` (UE8M0 scales a 32 columns) and its
     de-quantised values (:func:`dequantize_fp4`; the GEMMs' FP4 -> E4M3 conversion is exact for them while
     a 32-column group's scale is within 2^8 of its 128-column block's largest)."""
+    if dispatch_payload not in ("fp8", "fp4"):
+        raise ValueError(f"dispatch_payload must be 'fp8' or 'fp4', got {dispatch_payload!r}")
+    if combine_payload not in ("bf16", "fp8"):
+        raise ValueError(f"combine_payload must be 'bf16' or 'fp8', got {combine_payload!r}")
     t, hidden = x.shape
     num_experts = w13[0].shape[0]
     if dispatch_payload == "fp4":
-        codes, sf = per_token_cast_to_fp4(x, True, 32)
-        xq, xsf = dequantize_fp4(codes, to_ue8m0_bytes(sf), 32), None
-    elif dispatch_payload == "fp8":
-        xq, xsf = per_token_cast_to_fp8(x, use_ue8m0=use_ue8m0)
+        xq, xsf = dequantize_fp4(*per_token_cast_to_fp4(x, True, 32, ue8m0_bytes=True), 32), None
     else:
-        raise ValueError(f"dispatch_payload must be 'fp8' or 'fp4', got {dispatch_payload!r}")
+        xq, xsf = per_token_cast_to_fp8(x, use_ue8m0=use_ue8m0)
     o = torch.zeros(t, topk_idx.shape[1], hidden, dtype=torch.bfloat16, device=x.device)
     idx = topk_idx.long()
     for e in range(num_experts):
@@ -663,8 +664,6 @@ def moe_layer_reference(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: t
         payload, sf = quantize_combine_payload(o)
         valid = (idx >= 0) & (idx < num_experts)
         return combine_reduce(payload, sf, topk_weights, torch.where(valid, idx, -1))
-    if combine_payload != "bf16":
-        raise ValueError(f"combine_payload must be 'bf16' or 'fp8', got {combine_payload!r}")
     return combine_reduce_reference(o, topk_idx, topk_weights, num_experts)
 
 

@@ -45,9 +45,10 @@ addresses (peer addresses come from ``torch.distributed._symmetric_memory``; in 
   ``send_base[e] + slot_of[t, k]`` of the owner's contiguous buffer (rows past the capacity are dropped; the owner's layout step records the overflow), then the
   same ``DFLAG`` arrival as the masked dispatch; :func:`wait_arrivals_kernel` waits for it.
 - **combine reduce** (local): ``y[t] = sum_k w[t, k] * recv[t, k]`` in FP32, over the k whose expert
-  id is valid, cast to BF16.  With the FP8 combine payload (``EPCommunicator(combine_payload="fp8")``) the
-  sender casts each BF16 row to E4M3 codes + one UE8M0 byte per 128 columns as it stores it (half the bytes
-  on the link and in the reduce), and the reduce is :func:`fp8gemm.kernels.moe_act.combine_reduce_kernel`.
+  id is valid, cast to BF16.  With the FP8 combine payload (``EPCommunicator(combine_payload="fp8")``) each
+  row travels as E4M3 codes + one UE8M0 byte per 128 columns (half the bytes on the link and in the reduce):
+  copied as they are where the L2 GEMM wrote them (``PRECAST``), else cast by the sender as it stores each
+  BF16 row; the reduce is then :func:`fp8gemm.kernels.moe_act.combine_reduce_kernel`.
 
 Every spin is bounded: by ``timeout_ns`` of ``%globaltimer`` on the GPU, by ``max_iters`` iterations in
 the interpreter.  A spin that runs out records the first error in ``err`` (int32 [4]: code, a, b, c;
@@ -311,8 +312,8 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
     launch's) signals the arrival to every rank.  ``FP8``: each row goes as the FP8 combine payload instead
     (E4M3 codes in the first ``H`` bytes of its receive slot, its UE8M0 scale bytes in the ``OFF_RSF`` section;
     ``SOFT``: the interpreter's rounding); with ``PRECAST`` the payload exists already (the L2 GEMM wrote it:
-    codes at ``d_ptr`` as bytes, scale bytes at ``dsf_ptr``) and is copied as it is.  ``TRACE`` (GPU only, benchmarks): for work item ``v`` of a
-    non-empty unit, ``trace_ptr[trace_base + v]`` gets the global timer (ns) after its spin and after its
+    codes at ``d_ptr`` as bytes, scale bytes at ``dsf_ptr``) and is copied as it is.  ``TRACE`` (GPU only,
+    benchmarks): for work item ``v`` of a non-empty unit, ``trace_ptr[trace_base + v]`` gets the global timer (ns) after its spin and after its
     stores, as two int64."""
     pid = tl.program_id(0)
     meta_base = (buf_ptr + OFF_META).to(tl.pointer_type(tl.int32))
@@ -351,11 +352,9 @@ def combine_send_kernel(d_ptr, buf_ptr, tab_ptr, masked_m_ptr, signal_ptr, err_p
                 rows = r0 + rr
                 rm = rows < p_end
                 srow = d_ptr + g64 * stride_dg + rows.to(tl.int64) * stride_dm
-                if PRECAST:
-                    v0 = _load_tile(srow, rm, 0, H, BLOCK_H, ".cg")
-                elif FP8:
+                if FP8 and not PRECAST:
                     v0 = _load_groups(srow, rm, 0, H, BLOCK_H)
-                else:
+                else:                           # BF16 rows, or the payload's codes as bytes
                     v0 = _load_tile(srow, rm, 0, H, BLOCK_H, ".cg")
                 meta = tl.load(meta_base + g64 * MAX_M + rows, mask=rm, other=0)
                 src = meta // (TMAX * TOPK)

@@ -86,6 +86,7 @@ import torch
 from .. import runtime
 from .._checks import FP8, check_bool, check_int, check_tensor
 from ..kernels import ep_comm as K
+from ..kernels.moe_act import launch_combine_reduce
 
 _BACKENDS = ("symm", "nccl")
 _COMBINE_PAYLOADS = ("bf16", "fp8")
@@ -582,7 +583,6 @@ class EPCommunicator:
                                         **trace)
         if self.combine_payload == "fp8":
             if t:
-                from ..kernels.moe_act import launch_combine_reduce
                 launch_combine_reduce(self.combine_recv_codes[:t], self.combine_recv_sf[:t], topk_weights, topk_idx,
                                       out, runtime.interpreting(), num_experts=self.num_experts,
                                       trace=trace.get("trace_ptr"))

@@ -46,7 +46,7 @@ import torch
 from .. import runtime
 from .._checks import FP8, check_bool, check_int, check_pair, check_tensor
 from ..kernels.swiglu import launch_swiglu_quant
-from ..quant import empty_mn_major
+from ..quant import empty_mn_major, per_token_cast_to_fp4
 from .ep import EPCommunicator
 
 
@@ -226,7 +226,6 @@ class MoELayer:
         """The tokens in the communicator's dispatch payload: FP8 through ``self.quant``, or FP4 (E2M1 codes +
         UE8M0 bytes a 32 columns, :func:`fp8gemm.per_token_cast_to_fp4`), which the grouped GEMMs take as is."""
         if self.comm.dispatch_payload == "fp4":
-            from ..quant import per_token_cast_to_fp4
             return per_token_cast_to_fp4(x, use_ue8m0=True, gran_k=32, ue8m0_bytes=True)
         return self.quant(x, use_ue8m0=self.use_ue8m0)
 
@@ -358,7 +357,7 @@ class MoELayer:
         back to back), so never (RESULTS.md session 10)."""
         c = self.comm
         remote = tokens * c.topk * (c.world_size - 1) / c.world_size * c.hidden * 2
-        payload_ok = c.combine_payload == "bf16" or getattr(self, "l2_writes_payload", False)
+        payload_ok = c.combine_payload == "bf16" or self.l2_writes_payload
         return c.backend == "symm" and payload_ok and remote >= AUTO_OVERLAP_MIN_BYTES
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,

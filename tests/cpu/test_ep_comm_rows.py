@@ -37,8 +37,7 @@ def _world(world, num_experts, tokens_max, topk, num_sms, tile, **kw):
 
 def _cast(x, payload):
     if payload == "fp4":
-        q, sf = R.per_token_cast_to_fp4(x, True, 32)
-        return q, R.to_ue8m0_bytes(sf)
+        return R.per_token_cast_to_fp4(x, True, 32, ue8m0_bytes=True)
     return R.per_token_cast_to_fp8(x)
 
 

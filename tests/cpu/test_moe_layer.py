@@ -377,12 +377,12 @@ def test_auto_overlap_threshold(world, tokens, pays):
     with an FP8 combine payload the sender has to cast (it may where the L2 GEMM writes it)."""
     from types import SimpleNamespace
     comm = SimpleNamespace(topk=8, world_size=world, hidden=7168, backend="symm", combine_payload="bf16")
-    assert MoELayer.overlap_pays(SimpleNamespace(comm=comm), tokens) is pays
+    assert MoELayer.overlap_pays(SimpleNamespace(comm=comm, l2_writes_payload=False), tokens) is pays
     comm.combine_payload = "fp8"       # the combine sender casts the rows: never
     assert MoELayer.overlap_pays(SimpleNamespace(comm=comm, l2_writes_payload=False), tokens) is False
     assert MoELayer.overlap_pays(SimpleNamespace(comm=comm, l2_writes_payload=True), tokens) is pays
     comm.backend, comm.combine_payload = "nccl", "bf16"
-    assert MoELayer.overlap_pays(SimpleNamespace(comm=comm), tokens) is False
+    assert MoELayer.overlap_pays(SimpleNamespace(comm=comm, l2_writes_payload=False), tokens) is False
 
 
 # --------------------------------------------------------------------------------------------
@@ -662,7 +662,8 @@ def test_combine_send_trace_compiles_for_sm90():
 @pytest.mark.parametrize("rows,block_h", [(16, 1024), (1, 8192)])
 def test_combine_send_fp8_payload_compiles_for_sm90(rows, block_h):
     """The combine sender with the FP8 payload at the DeepSeek-V3 tiles (16 rows x 1024, one row x the whole
-    hidden): the hardware E4M3 conversion, 16-byte code stores, byte stores of the scales, no local memory."""
+    hidden): the hardware E4M3 conversion, 16-byte code stores, byte stores of the scales, no local memory.
+    With ``PRECAST`` (the payload the L2 GEMM wrote, copied as it is): no conversion at all."""
     from fp8gemm.testing import compile_sm90_in_subprocess
     sig, consts, div16, _ = _AOT["combine_send_kernel"]
     r = compile_sm90_in_subprocess("fp8gemm.kernels.ep_comm", "combine_send_kernel", dict(sig, OFF_RSF=_I64),
@@ -670,6 +671,13 @@ def test_combine_send_fp8_payload_compiles_for_sm90(rows, block_h):
                                    divisible_by_16=div16, num_warps=8)
     assert r["local"] == 0 and r["stack"] == 0, r
     assert "e4m3" in r["ptx"] and "STG.E.128" in r["sass"] and "STG.E.U8" in r["sass"]
+    pre = compile_sm90_in_subprocess("fp8gemm.kernels.ep_comm", "combine_send_kernel",
+                                     dict(sig, d_ptr="*u8", OFF_RSF=_I64, dsf_ptr="*u8", stride_sg=_I32,
+                                          stride_sm=_I32),
+                                     dict(consts, FP8=True, SOFT=False, PRECAST=True, BLOCK_SG=64, ROWS=rows,
+                                          BLOCK_H=2 * block_h), divisible_by_16=div16, num_warps=8)
+    assert pre["local"] == 0 and pre["stack"] == 0, pre
+    assert "e4m3" not in pre["ptx"] and "STG.E.128" in pre["sass"] and "STG.E.U8" in pre["sass"]
 
 
 @pytest.mark.parametrize("kernel", ["combine_recv_kernel", "combine_reduce_kernel"])

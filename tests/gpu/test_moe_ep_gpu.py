@@ -57,6 +57,15 @@ def _routing(kind, world, tokens, num_experts, gen, device):
     return idxs
 
 
+def _case(kind, world, tokens, num_experts, gen, device):
+    """Every rank's routing, BF16 tokens and routing weights for one case (all ranks draw all of them from the
+    same generator, so each knows the others' inputs for the reference)."""
+    idxs = _routing(kind, world, tokens, num_experts, gen, device)
+    xs = [torch.randn(tokens, H, generator=gen).bfloat16().to(device) for _ in range(world)]
+    ws = [torch.rand(tokens, TOPK, generator=gen).to(device) for _ in range(world)]
+    return idxs, xs, ws
+
+
 def _worker() -> int:
     import torch.distributed as dist
 
@@ -110,9 +119,7 @@ def _worker() -> int:
             for tokens in (1, 33, 96):
                 modes = [("masked", True), ("masked", False)] if backend == "symm" else [("masked", False)]
                 for layout, overlap in modes + [("contiguous", False)]:
-                    idxs = _routing(kind, world, tokens, num_experts, gen, dev)
-                    xs = [torch.randn(tokens, H, generator=gen).bfloat16().to(dev) for _ in range(world)]
-                    ws = [torch.rand(tokens, TOPK, generator=gen).to(dev) for _ in range(world)]
+                    idxs, xs, ws = _case(kind, world, tokens, num_experts, gen, dev)
                     name = f"{backend} {layout} {kind} T={tokens} overlap={overlap}"
                     try:
                         y = layer.forward(xs[rank], idxs[rank], ws[rank], overlap=overlap, layout=layout)
@@ -147,9 +154,7 @@ def _worker() -> int:
                     with torch.cuda.graph(g):
                         sy = layer.forward(sx, si, sw, overlap=overlap, check=False, layout=layout)
                     for rep in range(3):
-                        idxs = _routing("random", world, tokens, num_experts, gen, dev)
-                        xs = [torch.randn(tokens, H, generator=gen).bfloat16().to(dev) for _ in range(world)]
-                        ws = [torch.rand(tokens, TOPK, generator=gen).to(dev) for _ in range(world)]
+                        idxs, xs, ws = _case("random", world, tokens, num_experts, gen, dev)
                         sx.copy_(xs[rank])
                         si.copy_(idxs[rank])
                         sw.copy_(ws[rank])
@@ -229,9 +234,7 @@ def _worker() -> int:
     for kind in ("random", "remote", "sparse"):
         for tokens in (1, 96):
             for overlap in (True, False):
-                idxs = _routing(kind, world, tokens, num_experts, gen, dev)
-                xs = [torch.randn(tokens, H, generator=gen).bfloat16().to(dev) for _ in range(world)]
-                ws = [torch.rand(tokens, TOPK, generator=gen).to(dev) for _ in range(world)]
+                idxs, xs, ws = _case(kind, world, tokens, num_experts, gen, dev)
                 name = f"symm fp8 combine {kind} T={tokens} overlap={overlap}"
                 try:
                     y = layer.forward(xs[rank], idxs[rank], ws[rank], overlap=overlap)
@@ -257,9 +260,7 @@ def _worker() -> int:
     for kind in ("random", "remote", "sparse"):
         for tokens in (1, 96):
             for layout, overlap in (("masked", True), ("masked", False), ("contiguous", False)):
-                idxs = _routing(kind, world, tokens, num_experts, gen, dev)
-                xs = [torch.randn(tokens, H, generator=gen).bfloat16().to(dev) for _ in range(world)]
-                ws = [torch.rand(tokens, TOPK, generator=gen).to(dev) for _ in range(world)]
+                idxs, xs, ws = _case(kind, world, tokens, num_experts, gen, dev)
                 name = f"symm fp4 dispatch {layout} {kind} T={tokens} overlap={overlap}"
                 try:
                     y = layer.forward(xs[rank], idxs[rank], ws[rank], overlap=overlap, layout=layout)
