@@ -770,6 +770,154 @@ if HAS_GLUON:
                             M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C, _tail_owned(n_blk, N, BLOCK_N, BN_TAIL))
 
     @gluon.jit
+    def _tile_coords(m_blk, n_blk, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, row_layout: gl.constexpr,
+                     col_layout: gl.constexpr):
+        """Tile (m_blk, n_blk)'s first row and column, its rows (and which lie below M), its B scale blocks
+        (``nb1`` the next one, clamped) and which of its columns belong to ``nb0``."""
+        off_m = m_blk * BLOCK_M          # row inside the group (dense/contiguous: absolute)
+        off_n = n_blk * BLOCK_N
+        offs_m = off_m + gl.arange(0, BLOCK_M, layout=row_layout)
+        m_ok = offs_m < M
+        nb0 = off_n // 128
+        nb1 = gl.minimum(nb0 + 1, (N - 1) // 128)
+        cols = off_n + gl.arange(0, BLOCK_N, layout=col_layout)
+        col_lo = cols < (nb0 + 1) * 128
+        return off_m, off_n, offs_m, m_ok, nb0, nb1, col_lo
+
+    @gluon.jit
+    def _tile_start(X, a_bufs, b_bufs, full_bars, sa_bufs, sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, rot,
+                    base, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
+                    STAGES: gl.constexpr, SB_SCALAR: gl.constexpr, SA_SMEM: gl.constexpr, NO_PROMO: gl.constexpr,
+                    NO_LOADS: gl.constexpr, PROBE: gl.constexpr, pbase, pw, row_layout: gl.constexpr):
+        """A tile's first steps: the scale loads of its K-slices 0 and 1 (with SA_SMEM only B's) and slice 0's
+        MMA into ``X``.  Returns ``X`` (in flight) and the two slices' scales (with SA_SMEM slice 1's A scales
+        are read later, from its stage; ``saY`` is then a placeholder)."""
+        last = num_k - 1
+        if SA_SMEM:
+            sbX0, sbX1 = _load_sb(sfb_ptr, g64, nb0, nb1, 0, rot, num_k, s_bg, s_bn, s_bk, SB_SCALAR)
+            sbY0, sbY1 = _load_sb(sfb_ptr, g64, nb0, nb1, gl.minimum(1, last), rot, num_k, s_bg, s_bn, s_bk,
+                                  SB_SCALAR)
+        else:
+            saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, 0, rot, num_k,
+                                           s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
+            saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
+                                           gl.minimum(1, last), rot, num_k,
+                                           s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
+        X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES, PROBE, pbase, pw)
+        if SA_SMEM:
+            saX = _stage_sa(sa_bufs, base, STAGES, row_layout)
+            saY = saX
+        return X, saX, sbX0, sbX1, saY, sbY0, sbY1
+
+    @gluon.jit
+    def _tile_loop(X, Y, saX, sbX0, sbX1, saY, sbY0, sbY1, a_bufs, b_bufs, empty_bars, full_bars, sa_bufs,
+                   sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, col_lo, rot, base, num_k,
+                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
+                   STAGES: gl.constexpr, SB_SCALAR: gl.constexpr, SA_SMEM: gl.constexpr, NO_PROMO: gl.constexpr,
+                   NO_LOADS: gl.constexpr, PROBE: gl.constexpr, pbase, pw, mma_layout: gl.constexpr,
+                   row_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """A tile's K loop after :func:`_tile_start`: returns the promoted FP32 tile and the two scratch
+        accumulators, both retired (free)."""
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
+        last = num_k - 1
+        # Two scratch accumulators X/Y alternate by K-slice parity (the loop is unrolled by two so that
+        # neither is ever copied while its MMA is in flight: ptxas would serialise the MMAs).  Loop
+        # invariant: X holds slice 2j in flight, Y is free; the scales of slices 2j (sX) and 2j+1 (sY) are
+        # in registers: each scale load is issued two slices before its use.  SA_SMEM: A's scales come
+        # with each stage (the producer's cp.async, _copy_sa) and are read from shared memory right after
+        # the slice's MMA is issued; only B's are loaded ahead.
+        for j in range(0, last // 2):
+            k1 = 2 * j + 1
+            if SA_SMEM:
+                nbX0, nbX1 = _load_sb(sfb_ptr, g64, nb0, nb1, k1 + 1, rot, num_k, s_bg, s_bn, s_bk, SB_SCALAR)
+                nbY0, nbY1 = _load_sb(sfb_ptr, g64, nb0, nb1, gl.minimum(k1 + 2, last), rot, num_k,
+                                      s_bg, s_bn, s_bk, SB_SCALAR)
+            else:
+                naX, nbX0, nbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
+                                               k1 + 1, rot, num_k,
+                                               s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
+                naY, nbY0, nbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
+                                               gl.minimum(k1 + 2, last), rot, num_k,
+                                               s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
+            Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES, PROBE, pbase, pw)
+            if SA_SMEM:
+                saY = _stage_sa(sa_bufs, base + k1, STAGES, row_layout)
+            acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
+                             SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
+            X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES, PROBE, pbase, pw)
+            if SA_SMEM:
+                saX = _stage_sa(sa_bufs, base + k1 + 1, STAGES, row_layout)
+            acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
+                             SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
+            if not SA_SMEM:
+                saX, saY = naX, naY
+            sbX0, sbX1 = nbX0, nbX1
+            sbY0, sbY1 = nbY0, nbY1
+        if num_k % 2 == 0:
+            Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES, PROBE, pbase, pw)
+            if SA_SMEM:
+                saY = _stage_sa(sa_bufs, base + last, STAGES, row_layout)
+            acc, Xd = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
+                              SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
+            acc, Y = _retire(Y, empty_bars, base + last, acc, saY, sbY0, sbY1, col_lo,
+                             SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
+        else:
+            acc, Xd = _retire(X, empty_bars, base + last, acc, saX, sbX0, sbX1, col_lo,
+                              SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
+        X = Xd
+        if NO_PROMO:
+            # DIAG 3/4: every MMA of the tile is complete here; fold the last two results into ``acc``
+            # once per tile so that the MMA chain stays live (the pin as in _retire keeps these adds
+            # ahead of the next tile's first MMA, which reuses X's registers).
+            acc = acc + X + Y
+            X = _pin(X, acc)
+        return acc, X, Y
+
+    @gluon.jit
+    def _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
+                       g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
+                       MODE: gl.constexpr, TMA_STORE: gl.constexpr, HAS_C: gl.constexpr,
+                       HAS_SIGNAL: gl.constexpr, out_layout: gl.constexpr, idx_layout: gl.constexpr,
+                       dsf_ptr, s_fg, s_fm, D_FP8: gl.constexpr):
+        """Store a finished tile (TMA, or masked register stores for partial grouped blocks, FP32/C outputs
+        and the FP8 payload) and, with a signal, publish it."""
+        BLOCK_M: gl.constexpr = acc.type.shape[0]
+        if TMA_STORE and MODE == 0:
+            tma.store_wait(pendings=0)
+            c_smem.store(acc.to(d_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(d_desc, [off_m, off_n], c_smem)
+        elif TMA_STORE:
+            # Grouped modes: a block whose rows all belong to group g goes out as one TMA store (3-10%
+            # faster than register stores, benchmarks/epilogue_ab.py); a partial one (rows past
+            # masked_m[g], -1 padding) through the masked register stores, which leave those rows
+            # untouched.  D is one [G * M, N] matrix for the masked layout (launch checks it).
+            if MODE == 1:
+                full = off_m + BLOCK_M <= gl.minimum(gl.load(masked_m_ptr + g), M)
+                row_d = g * M + off_m
+            else:
+                rows_i = off_m + gl.arange(0, BLOCK_M, layout=idx_layout)
+                ids_i = gl.load(m_indices_ptr + rows_i, mask=rows_i < M, other=-1)
+                full = gl.min(ids_i, axis=0) == g
+                row_d = off_m
+            if full:
+                tma.store_wait(pendings=0)
+                c_smem.store(acc.to(d_desc.dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(d_desc, [row_d, off_n], c_smem)
+            else:
+                _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m,
+                            off_n, M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C)
+        else:
+            _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m, off_n,
+                        M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C, True, dsf_ptr, s_fg, s_fm, D_FP8)
+            if HAS_SIGNAL:
+                # Every thread's stores of this tile happen before the barrier; the release
+                # atomic (one thread) then publishes them at GPU scope.
+                gl.thread_barrier()
+                gl.atomic_add(signal_ptr + g * num_m_blocks + m_blk, 1, sem="release", scope="gpu")
+
+    @gluon.jit
     def _consumer(a_bufs, b_bufs, empty_bars, full_bars, d_desc,
                   d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                   M, N, K, G,
@@ -779,7 +927,7 @@ if HAS_GLUON:
                   HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr, K_ROTATE: gl.constexpr,
                   PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
                   DIAG: gl.constexpr = 0, sa_bufs=None, SA_SMEM: gl.constexpr = False,
-                  dsf_ptr=None, s_fg=0, s_fm=0, D_FP8: gl.constexpr = False):
+                  dsf_ptr=None, s_fg=0, s_fm=0, D_FP8: gl.constexpr = False, NEXT_FIRST: gl.constexpr = False):
         BK: gl.constexpr = a_bufs.type.shape[2]
         NO_PROMO: gl.constexpr = DIAG == 3 or DIAG == 4      # diagnostics: no scale loads, no promotion
         # diagnostics 5/6/7: promotion without (some) scale loads
@@ -798,6 +946,8 @@ if HAS_GLUON:
 
         if TMA_STORE:
             c_smem = gl.allocate_shared_memory(d_desc.dtype, d_desc.block_type.shape, d_desc.layout)
+        else:
+            c_smem = None
 
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
@@ -821,126 +971,81 @@ if HAS_GLUON:
             # The A scales are the previous kernel's output (A itself arrives through the producer's TMA,
             # issued after its own wait).
             _grid_dependency_wait()
-        for t in range(pid, total, nprog):
-            g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
-                t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
-                MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
-            if valid:
+        if NEXT_FIRST:
+            # Every tile valid (dense, and masked, whose walk lists only the m-blocks below masked_m): each tile's
+            # epilogue runs after the next tile's scale loads and first MMA are issued, so the tensor cores work on
+            # that MMA while this tile is stored instead of idling through the store.
+            if pid < total:
+                g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
+                    pid, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
+                    MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
+                rot = _k_rotation(pid, num_k, K_ROTATE)
+                off_m, off_n, offs_m, m_ok, nb0, nb1, col_lo = _tile_coords(m_blk, n_blk, M, N, BLOCK_M, BLOCK_N,
+                                                                            row_layout, col_layout)
+                X, saX, sbX0, sbX1, saY, sbY0, sbY1 = _tile_start(
+                    X, a_bufs, b_bufs, full_bars, sa_bufs, sfa_ptr, sfb_ptr, g.to(gl.int64), offs_m, m_ok, nb0, nb1,
+                    rot, it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES, SB_SCALAR, SA_SMEM, NO_PROMO, NO_LOADS,
+                    PROBE, pbase, pw, row_layout)
+                for t in range(pid, total - nprog, nprog):
+                    g64 = g.to(gl.int64)
+                    off_m, off_n, offs_m, m_ok, nb0, nb1, col_lo = _tile_coords(m_blk, n_blk, M, N, BLOCK_M, BLOCK_N,
+                                                                                row_layout, col_layout)
+                    acc, X, Y = _tile_loop(X, Y, saX, sbX0, sbX1, saY, sbY0, sbY1, a_bufs, b_bufs, empty_bars,
+                                           full_bars, sa_bufs, sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, col_lo,
+                                           rot, it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES, SB_SCALAR,
+                                           SA_SMEM, NO_PROMO, NO_LOADS, PROBE, pbase, pw, mma_layout, row_layout,
+                                           BLOCK_M, BLOCK_N)
+                    it = it + num_k
+                    g_n, m_blk_n, n_blk_n, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
+                        t + nprog, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
+                        MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
+                    rot = _k_rotation(t + nprog, num_k, K_ROTATE)
+                    noff_m, noff_n, noffs_m, nm_ok, nnb0, nnb1, ncol_lo = _tile_coords(
+                        m_blk_n, n_blk_n, M, N, BLOCK_M, BLOCK_N, row_layout, col_layout)
+                    X, saX, sbX0, sbX1, saY, sbY0, sbY1 = _tile_start(
+                        X, a_bufs, b_bufs, full_bars, sa_bufs, sfa_ptr, sfb_ptr, g_n.to(gl.int64), noffs_m, nm_ok,
+                        nnb0, nnb1, rot, it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES, SB_SCALAR, SA_SMEM,
+                        NO_PROMO, NO_LOADS, PROBE, pbase, pw, row_layout)
+                    _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
+                                   g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
+                                   MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg, s_fm,
+                                   D_FP8)
+                    g, m_blk, n_blk = g_n, m_blk_n, n_blk_n
                 g64 = g.to(gl.int64)
-                off_m = m_blk * BLOCK_M          # row inside the group (dense/contiguous: absolute)
-                off_n = n_blk * BLOCK_N
-                offs_m = off_m + gl.arange(0, BLOCK_M, layout=row_layout)
-                m_ok = offs_m < M
-                nb0 = off_n // 128
-                nb1 = gl.minimum(nb0 + 1, (N - 1) // 128)
-                cols = off_n + gl.arange(0, BLOCK_N, layout=col_layout)
-                col_lo = cols < (nb0 + 1) * 128
-
-                rot = _k_rotation(t, num_k, K_ROTATE)
-                acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
-                base = it
-                last = num_k - 1
-                # Two scratch accumulators X/Y alternate by K-slice parity (the loop is unrolled by two so that
-                # neither is ever copied while its MMA is in flight: ptxas would serialise the MMAs).  Loop
-                # invariant: X holds slice 2j in flight, Y is free; the scales of slices 2j (sX) and 2j+1 (sY) are
-                # in registers: each scale load is issued two slices before its use.  SA_SMEM: A's scales come
-                # with each stage (the producer's cp.async, _copy_sa) and are read from shared memory right after
-                # the slice's MMA is issued; only B's are loaded ahead.
-                if SA_SMEM:
-                    sbX0, sbX1 = _load_sb(sfb_ptr, g64, nb0, nb1, 0, rot, num_k, s_bg, s_bn, s_bk, SB_SCALAR)
-                    sbY0, sbY1 = _load_sb(sfb_ptr, g64, nb0, nb1, gl.minimum(1, last), rot, num_k, s_bg, s_bn, s_bk,
-                                          SB_SCALAR)
-                else:
-                    saX, sbX0, sbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, 0, rot, num_k,
-                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-                    saY, sbY0, sbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
-                                                   gl.minimum(1, last), rot, num_k,
-                                                   s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-                X = _issue(a_bufs, b_bufs, full_bars, base, X, STAGES, PROBE, pbase, pw)
-                if SA_SMEM:
-                    saX = _stage_sa(sa_bufs, base, STAGES, row_layout)
-                for j in range(0, last // 2):
-                    k1 = 2 * j + 1
-                    if SA_SMEM:
-                        nbX0, nbX1 = _load_sb(sfb_ptr, g64, nb0, nb1, k1 + 1, rot, num_k, s_bg, s_bn, s_bk, SB_SCALAR)
-                        nbY0, nbY1 = _load_sb(sfb_ptr, g64, nb0, nb1, gl.minimum(k1 + 2, last), rot, num_k,
-                                              s_bg, s_bn, s_bk, SB_SCALAR)
-                    else:
-                        naX, nbX0, nbX1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
-                                                       k1 + 1, rot, num_k,
-                                                       s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-                        naY, nbY0, nbY1 = _load_scales(sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
-                                                       gl.minimum(k1 + 2, last), rot, num_k,
-                                                       s_ag, s_am, s_ak, s_bg, s_bn, s_bk, SB_SCALAR, NO_PROMO, NO_LOADS)
-                    Y = _issue(a_bufs, b_bufs, full_bars, base + k1, Y, STAGES, PROBE, pbase, pw)
-                    if SA_SMEM:
-                        saY = _stage_sa(sa_bufs, base + k1, STAGES, row_layout)
-                    acc, X = _retire(X, empty_bars, base + k1 - 1, acc, saX, sbX0, sbX1, col_lo,
-                                     SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
-                    X = _issue(a_bufs, b_bufs, full_bars, base + k1 + 1, X, STAGES, PROBE, pbase, pw)
-                    if SA_SMEM:
-                        saX = _stage_sa(sa_bufs, base + k1 + 1, STAGES, row_layout)
-                    acc, Y = _retire(Y, empty_bars, base + k1, acc, saY, sbY0, sbY1, col_lo,
-                                     SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
-                    if not SA_SMEM:
-                        saX, saY = naX, naY
-                    sbX0, sbX1 = nbX0, nbX1
-                    sbY0, sbY1 = nbY0, nbY1
-                if num_k % 2 == 0:
-                    Y = _issue(a_bufs, b_bufs, full_bars, base + last, Y, STAGES, PROBE, pbase, pw)
-                    if SA_SMEM:
-                        saY = _stage_sa(sa_bufs, base + last, STAGES, row_layout)
-                    acc, Xd = _retire(X, empty_bars, base + last - 1, acc, saX, sbX0, sbX1, col_lo,
-                                      SB_SCALAR, STAGES, 1, PROBE, pbase, pw, NO_PROMO)
-                    acc, Y = _retire(Y, empty_bars, base + last, acc, saY, sbY0, sbY1, col_lo,
-                                     SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
-                else:
-                    acc, Xd = _retire(X, empty_bars, base + last, acc, saX, sbX0, sbX1, col_lo,
-                                      SB_SCALAR, STAGES, 0, PROBE, pbase, pw, NO_PROMO)
-                X = Xd
-                if NO_PROMO:
-                    # DIAG 3/4: every MMA of the tile is complete here; fold the last two results into ``acc``
-                    # once per tile so that the MMA chain stays live (the pin as in _retire keeps these adds
-                    # ahead of the next tile's first MMA, which reuses X's registers).
-                    acc = acc + X + Y
-                    X = _pin(X, acc)
-                it = base + num_k
-
-                # ---------------- epilogue ----------------
-                if TMA_STORE and MODE == 0:
-                    tma.store_wait(pendings=0)
-                    c_smem.store(acc.to(d_desc.dtype))
-                    fence_async_shared()
-                    tma.async_copy_shared_to_global(d_desc, [off_m, off_n], c_smem)
-                elif TMA_STORE:
-                    # Grouped modes: a block whose rows all belong to group g goes out as one TMA store (3-10%
-                    # faster than register stores, benchmarks/epilogue_ab.py); a partial one (rows past
-                    # masked_m[g], -1 padding) through the masked register stores, which leave those rows
-                    # untouched.  D is one [G * M, N] matrix for the masked layout (launch checks it).
-                    if MODE == 1:
-                        full = off_m + BLOCK_M <= gl.minimum(gl.load(masked_m_ptr + g), M)
-                        row_d = g * M + off_m
-                    else:
-                        rows_i = off_m + gl.arange(0, BLOCK_M, layout=idx_layout)
-                        ids_i = gl.load(m_indices_ptr + rows_i, mask=rows_i < M, other=-1)
-                        full = gl.min(ids_i, axis=0) == g
-                        row_d = off_m
-                    if full:
-                        tma.store_wait(pendings=0)
-                        c_smem.store(acc.to(d_desc.dtype))
-                        fence_async_shared()
-                        tma.async_copy_shared_to_global(d_desc, [row_d, off_n], c_smem)
-                    else:
-                        _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m,
-                                    off_n, M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C)
-                else:
-                    _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m, off_n,
-                                M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C, True, dsf_ptr, s_fg, s_fm, D_FP8)
-                    if HAS_SIGNAL:
-                        # Every thread's stores of this tile happen before the barrier; the release
-                        # atomic (one thread) then publishes them at GPU scope.
-                        gl.thread_barrier()
-                        gl.atomic_add(signal_ptr + g * num_m_blocks + m_blk, 1, sem="release", scope="gpu")
+                off_m, off_n, offs_m, m_ok, nb0, nb1, col_lo = _tile_coords(m_blk, n_blk, M, N, BLOCK_M, BLOCK_N,
+                                                                            row_layout, col_layout)
+                acc, X, Y = _tile_loop(X, Y, saX, sbX0, sbX1, saY, sbY0, sbY1, a_bufs, b_bufs, empty_bars,
+                                       full_bars, sa_bufs, sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, col_lo,
+                                       rot, it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES, SB_SCALAR,
+                                       SA_SMEM, NO_PROMO, NO_LOADS, PROBE, pbase, pw, mma_layout, row_layout,
+                                       BLOCK_M, BLOCK_N)
+                _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
+                               g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
+                               MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg, s_fm, D_FP8)
+        else:
+            for t in range(pid, total, nprog):
+                g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
+                    t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
+                    MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
+                if valid:
+                    g64 = g.to(gl.int64)
+                    off_m, off_n, offs_m, m_ok, nb0, nb1, col_lo = _tile_coords(m_blk, n_blk, M, N, BLOCK_M,
+                                                                                BLOCK_N, row_layout, col_layout)
+                    rot = _k_rotation(t, num_k, K_ROTATE)
+                    X, saX, sbX0, sbX1, saY, sbY0, sbY1 = _tile_start(
+                        X, a_bufs, b_bufs, full_bars, sa_bufs, sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, rot,
+                        it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES, SB_SCALAR, SA_SMEM, NO_PROMO,
+                        NO_LOADS, PROBE, pbase, pw, row_layout)
+                    acc, X, Y = _tile_loop(X, Y, saX, sbX0, sbX1, saY, sbY0, sbY1, a_bufs, b_bufs, empty_bars,
+                                           full_bars, sa_bufs, sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
+                                           col_lo, rot, it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES,
+                                           SB_SCALAR, SA_SMEM, NO_PROMO, NO_LOADS, PROBE, pbase, pw, mma_layout,
+                                           row_layout, BLOCK_M, BLOCK_N)
+                    it = it + num_k
+                    _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
+                                   g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
+                                   MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg,
+                                   s_fm, D_FP8)
         if TMA_STORE:
             tma.store_wait(pendings=0)
         if PROBE:
@@ -1118,7 +1223,7 @@ if HAS_GLUON:
                            PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
                            DIAG: gl.constexpr = 0, BN_TAIL: gl.constexpr = 0, b2_desc=None,
                            SA_SMEM: gl.constexpr = False, dsf_ptr=None, s_fg=0, s_fm=0,
-                           D_FP8: gl.constexpr = False):
+                           D_FP8: gl.constexpr = False, NEXT_FIRST: gl.constexpr = False):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``SA_SMEM`` (default kernel only, not with PROBE or DIAG): A's scales travel with each stage (the
@@ -1214,6 +1319,8 @@ if HAS_GLUON:
             gl.static_assert(not SA_SMEM or (not DIAG and not PROBE), "SA_SMEM: not with PROBE or DIAG")
             gl.static_assert(not D_FP8 or (BLOCK_N == 128 and not TMA_STORE and not HAS_C),
                              "D_FP8: 128-wide tiles stored through registers, no C")
+            gl.static_assert(not NEXT_FIRST or (MODE != 2 and not PROBE and not DIAG),
+                             "NEXT_FIRST: dense or masked tiles (every tile of the walk valid), no PROBE or DIAG")
             gl.warp_specialize([
                 (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
                              d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
@@ -1221,7 +1328,7 @@ if HAS_GLUON:
                              s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
                              MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
                              K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG, sa_bufs, SA_SMEM, dsf_ptr, s_fg, s_fm,
-                             D_FP8)),
+                             D_FP8, NEXT_FIRST)),
                 (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                              masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
                              False, PROBE, probe_ptr, PDL_WAIT, DIAG, None, None, 0,
@@ -1257,6 +1364,9 @@ class GluonConfig:
     # and tail kernels load them as before).  None: FP8GEMM_GLUON_SA_SMEM if set (runtime.gluon_sa_smem), else
     # by the call's scale layout and size (:func:`sa_smem_pays`), decided in ``launch``.
     sa_smem: bool | None = None
+    # Each tile's epilogue after the next tile's first MMA is issued (``NEXT_FIRST``; dense and masked calls of the
+    # plain kernel).  None: :data:`NEXT_FIRST_MODES` decides.
+    next_first: bool | None = None
 
     @property
     def split(self) -> bool:
@@ -1272,6 +1382,9 @@ class GluonConfig:
 
 
 _BLOCK_NS = (16, 32, 64, 128)
+# Modes whose plain-kernel calls issue the next tile's first MMA before a tile's epilogue (``NEXT_FIRST``).  Empty
+# until benchmarks/next_first_ab.py has measured it.
+NEXT_FIRST_MODES: tuple = ()
 # Let pick_config choose the opt-in 128x256 tile (GluonConfig.wide_n) where the model prefers it.  Off until
 # measured: benchmarks/gluon_dev.py --variant wide compares it with the default on the GPU.
 WIDE_N_DEFAULT = False
@@ -1337,6 +1450,14 @@ def transpose_for_sa(mode: str, m: int, n: int, k: int, sfa, cfg: GluonConfig, *
     if cfg.bn_tail and cfg.block_m == 128 and cfg.block_n == 128 and tail_ok(n, cfg.bn_tail, signal=signal, pdl=pdl):
         return False
     return not sa_smem_pays(mode, m, sfa)
+
+
+def uses_next_first(mode: str, cfg: GluonConfig) -> bool:
+    """Whether ``launch`` builds the kernel with ``NEXT_FIRST``: ``cfg.next_first``, or where it is None the modes
+    of :data:`NEXT_FIRST_MODES`; only the plain kernel of dense and masked calls (every tile of their walks is
+    valid; the contiguous walk skips padding blocks, the wide, split and tail kernels have their own loops)."""
+    want = cfg.next_first if cfg.next_first is not None else mode in NEXT_FIRST_MODES
+    return bool(want) and mode in ("dense", "masked") and not cfg.wide_n and not cfg.bn_tail
 
 
 def sa_smem_pays(mode: str, m: int, sfa) -> bool:
@@ -1699,6 +1820,7 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     if not cfg.wide_n and not cfg.bn_tail:
         epi = _epi_bytes(cfg.block_m, cfg.block_n, tma_store, d.element_size(), c is not None, mode != "dense")
         cfg = dataclasses.replace(cfg, stages=_fit_stages(cfg.block_m, cfg.block_n, cfg.stages, epi, sa_smem))
+    next_first = uses_next_first(mode, cfg)
     bm, bn = cfg.block_m, cfg.block_n
     if d_sf is not None and (bn != 128 or cfg.bn_tail or cfg.wide_n):
         raise ValueError(f"an FP8 D takes 128-wide tiles, the config has block_n={bn}")
@@ -1733,5 +1855,6 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         **({"dsf_ptr": d_sf, "s_fg": d_sf.stride(0), "s_fm": d_sf.stride(1), "D_FP8": True} if d_sf is not None
            else {}),
         **({"PDL_WAIT": True, "launch_pdl": True} if pdl else {}),
+        **({"NEXT_FIRST": True} if next_first else {}),
     )
     return bm, bn
