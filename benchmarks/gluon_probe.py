@@ -622,7 +622,7 @@ def verdicts(st, qfrac, ghz, smi, cfg):
 # ------------------------------------------------------------------------------------------------
 
 DIAG_NAMES = {0: "production", 1: "L2-resident", 2: "no refill", 3: "no promotion", 4: "MMA only",
-              5: "no scale loads"}
+              5: "no scale loads", 8: "no global store"}
 _MUCH, _SAME = 0.90, 0.95      # period ratio vs mode 0: below _MUCH = "much lower", above _SAME = "about equal"
 
 

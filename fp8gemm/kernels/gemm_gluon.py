@@ -140,8 +140,9 @@ DIAG_MMA_ONLY = 4      # DIAG_NO_REFILL + DIAG_NO_PROMOTE: the MMA + barrier loo
 DIAG_NO_SCALE_LOADS = 5  # promotion FFMAs as in production, scales computed in registers (no global loads)
 DIAG_NO_SFA_LOADS = 6    # as 5 for A's scales only (B's loaded as in production)
 DIAG_NO_SFB_LOADS = 7    # as 5 for B's scales only (A's loaded as in production)
+DIAG_NO_GLOBAL_STORE = 8  # the epilogue converts and writes the tile to shared memory but issues no TMA store
 DIAG_MODES = (DIAG_OFF, DIAG_L2_RESIDENT, DIAG_NO_REFILL, DIAG_NO_PROMOTE, DIAG_MMA_ONLY, DIAG_NO_SCALE_LOADS,
-              DIAG_NO_SFA_LOADS, DIAG_NO_SFB_LOADS)
+              DIAG_NO_SFA_LOADS, DIAG_NO_SFB_LOADS, DIAG_NO_GLOBAL_STORE)
 
 
 if HAS_GLUON:
@@ -878,15 +879,17 @@ if HAS_GLUON:
                        g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
                        MODE: gl.constexpr, TMA_STORE: gl.constexpr, HAS_C: gl.constexpr,
                        HAS_SIGNAL: gl.constexpr, out_layout: gl.constexpr, idx_layout: gl.constexpr,
-                       dsf_ptr, s_fg, s_fm, D_FP8: gl.constexpr):
+                       dsf_ptr, s_fg, s_fm, D_FP8: gl.constexpr, DIAG: gl.constexpr = 0):
         """Store a finished tile (TMA, or masked register stores for partial grouped blocks, FP32/C outputs
-        and the FP8 payload) and, with a signal, publish it."""
+        and the FP8 payload) and, with a signal, publish it.  DIAG 8 (dense TMA-store kernel): everything but the
+        TMA store itself."""
         BLOCK_M: gl.constexpr = acc.type.shape[0]
         if TMA_STORE and MODE == 0:
             tma.store_wait(pendings=0)
             c_smem.store(acc.to(d_desc.dtype))
             fence_async_shared()
-            tma.async_copy_shared_to_global(d_desc, [off_m, off_n], c_smem)
+            if DIAG != 8:
+                tma.async_copy_shared_to_global(d_desc, [off_m, off_n], c_smem)
         elif TMA_STORE:
             # Grouped modes: a block whose rows all belong to group g goes out as one TMA store (3-10%
             # faster than register stores, benchmarks/epilogue_ab.py); a partial one (rows past
@@ -1045,7 +1048,7 @@ if HAS_GLUON:
                     _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                                    g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
                                    MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg,
-                                   s_fm, D_FP8)
+                                   s_fm, D_FP8, DIAG)
         if TMA_STORE:
             tma.store_wait(pendings=0)
         if PROBE:
@@ -1314,8 +1317,8 @@ if HAS_GLUON:
             ], [1], [PRODUCER_REGS])
         else:
             # (an AOT compile that does not name DIAG passes None: same as 0)
-            gl.static_assert(not DIAG or (MODE == 0 and not PDL_WAIT and DIAG <= 7),
-                             "DIAG: dense mode without PDL_WAIT, modes 0-7")
+            gl.static_assert(not DIAG or (MODE == 0 and not PDL_WAIT and DIAG <= 8 and (DIAG != 8 or TMA_STORE)),
+                             "DIAG: dense mode without PDL_WAIT, modes 0-8 (8: TMA-store kernels)")
             gl.static_assert(not SA_SMEM or (not DIAG and not PROBE), "SA_SMEM: not with PROBE or DIAG")
             gl.static_assert(not D_FP8 or (BLOCK_N == 128 and not TMA_STORE and not HAS_C),
                              "D_FP8: 128-wide tiles stored through registers, no C")

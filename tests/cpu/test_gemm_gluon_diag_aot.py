@@ -240,6 +240,18 @@ def test_diag_mode_compiles(diag, probe):
         assert sass_count(sass, "FFMA") == sass_count(base["sass"], "FFMA") >= 4 * 64
 
 
+def test_diag8_drops_only_the_tma_store():
+    """DIAG 8 (no global store): the production kernel less its TMA store (the tile still goes to shared memory)."""
+    base = _compile("dense", diag=0)
+    r = _compile("dense", diag=8)
+    assert r["local"] == 0 and r["stack"] == 0 and sass_count(r["sass"], "STL") == 0
+    assert sass_count(base["sass"], "UTMASTG") == 1 and sass_count(r["sass"], "UTMASTG") == 0
+    assert sass_count(r["sass"], "STSM") == sass_count(base["sass"], "STSM") > 0
+    assert sass_count(r["sass"], "QGMMA") == sass_count(base["sass"], "QGMMA")
+    assert sass_count(r["sass"], "FFMA") == sass_count(base["sass"], "FFMA")
+    assert "C7514" not in ptxas_log(r["ptx"])
+
+
 def test_diag_rejected_outside_dense():
     with pytest.raises(RuntimeError, match="DIAG"):
         _compile("masked", diag=2)
