@@ -1,8 +1,6 @@
-"""A/B of the Gluon GEMM's tile boundary: two epilogue tiles in shared memory (``EPI_BUFS`` 2,
-``gemm_gluon.EPI_BUFFERS_MODES``: a tile's TMA store waits only for the store of two tiles before), and each tile's
-epilogue after the next tile's scale loads and first MMA are issued (``NEXT_FIRST``, ``gemm_gluon.NEXT_FIRST_MODES``),
-against the plain kernel (one epilogue tile, epilogue then the next tile), through ``launch`` as the public API
-calls it (config picked per call; n2112 split in two launches, n576 on the tail kernel, which has no
+"""A/B: each tile's epilogue after the next tile's scale loads and first MMA are issued (``NEXT_FIRST``,
+``gemm_gluon.NEXT_FIRST_MODES``) against the plain order (epilogue, then the next tile), through ``launch`` as the
+public API calls it (config picked per call; n2112 split in two launches, n576 on the tail kernel, which has no
 NEXT_FIRST), on the dense m = 4096 rows of ANCHORS.md with A's scales MN-major and row-major, and masked rows;
 DeepGEMM beside where ``import deep_gemm`` works, cuBLAS as the dense baseline.
 
@@ -12,10 +10,6 @@ Prediction (session 11, before any run): the plain kernel leaves the tensor core
 next tile's first (promotion, epilogue, scale loads, ~1000 cycles a tile by the session-9 H200 times against the
 767-cycle slice period), so the gain grows as K shrinks: n32768 k512 (4 slices a tile) 10-25% faster, n24576 k1536
 and n7168 k2048 5-10%, the k = 7168/16384 rows 1-3%; masked rows with k >= 2048 within +-2%.
-Run 1 (H100, session 11): NEXT_FIRST alone 0.95-1.01x of plain, k512 1.01x: refuted.  DIAG 8 (no TMA store) then
-ran k512 at 1.17x (161.2 -> 137.8 us), k2048 1.07x, k7168 1.02x: the output stores, not the tile boundary.
-Prediction for EPI_BUFS 2 (before its run): if the store wait on the previous tile's TMA store is what costs, k512
-1.07-1.15x, k1536/k2048 1.02-1.05x, k >= 7168 level (+-1%); grouped rows level to 1.03x.
 Every run is NaN-poisoned and checked against the reference, then timed in interleaved rounds (CUDA-graph
 replays, L2 flushed).
 """
@@ -41,32 +35,26 @@ MASKED = [(6, 1024, 4096, 2048), (6, 1024, 6144, 7168), (32, 192, 4096, 4096), (
           (6, 20, 7168, 3072)]
 
 
-ALL = ("dense", "masked", "contiguous")
-CONTIGUOUS = [(4, 8192, 4096, 2048), (8, 4096, 4096, 7168)]      # (groups, rows a group, n, k)
-
-
-def _with_modes(next_first, epi2, call):
-    """``call`` with ``gemm_gluon.NEXT_FIRST_MODES`` / ``EPI_BUFFERS_MODES`` set for its duration."""
+def _with_modes(modes, call):
+    """``call`` with ``gemm_gluon.NEXT_FIRST_MODES`` set to ``modes`` for its duration."""
     def run():
-        old = G.NEXT_FIRST_MODES, G.EPI_BUFFERS_MODES
-        G.NEXT_FIRST_MODES, G.EPI_BUFFERS_MODES = next_first, epi2
+        old = G.NEXT_FIRST_MODES
+        G.NEXT_FIRST_MODES = modes
         try:
             return call()
         finally:
-            G.NEXT_FIRST_MODES, G.EPI_BUFFERS_MODES = old
+            G.NEXT_FIRST_MODES = old
     return run
 
 
-def _variants(runs: dict, tag: str, call, next_first: bool = True) -> None:
-    runs[f"{tag} plain"] = _with_modes((), (), call)
-    runs[f"{tag} epi2"] = _with_modes((), ALL, call)
-    if next_first:
-        runs[f"{tag} epi2+next_first"] = _with_modes(ALL, ALL, call)
+def _pair(runs: dict, tag: str, call) -> None:
+    runs[f"{tag} plain"] = _with_modes((), call)
+    runs[f"{tag} next_first"] = _with_modes(("dense", "masked"), call)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="dense,masked,contiguous")
+    ap.add_argument("--only", default="dense,masked")
     ap.add_argument("--ms", default="4096")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -80,8 +68,7 @@ def main():
                 sfa_row = sfa_mn.contiguous()
                 runs = {}
                 for tag, sfa in (("mn", sfa_mn), ("row", sfa_row)):
-                    _variants(runs, tag, lambda sfa=sfa: G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms),
-                              next_first=tag == "mn")
+                    _pair(runs, tag, lambda sfa=sfa: G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms))
                 if dg is not None:
                     runs["DeepGEMM"] = lambda: dg.fp8_gemm_nt((a, sfa_mn), (b, sfb), d)
                 rows += ab_rounds(f"m{m} n{n} k{k}", runs, d, R.fp8_gemm_nt(a, sfa_mn, b, sfb), args.rounds,
@@ -96,29 +83,13 @@ def main():
             sfb = torch.rand(g, math.ceil(n / 128), k // 128, device="cuda") + 0.5
             d = torch.empty(g, max_m, n, dtype=torch.bfloat16, device="cuda")
             runs = {}
-            _variants(runs, "mn", lambda: G.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m, expected_m=e,
+            _pair(runs, "mn", lambda: G.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m, expected_m=e,
                                                 num_sms=num_sms))
             if dg is not None:
                 runs["DeepGEMM"] = lambda: dg.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, masked_m, e)
             want = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, torch.zeros_like(d))
             rows += ab_rounds(f"masked g{g} e{e} n{n} k{k}", runs, d[:, :e], want[:, :e], args.rounds,
                               flops=2.0 * g * e * n * k, nbytes=g * n * k + g * e * k + 2 * g * e * n)
-    if "contiguous" in args.only:
-        for g, per, n, k in CONTIGUOUS:
-            m = g * per
-            m_indices = torch.arange(g, device="cuda", dtype=torch.int32).repeat_interleave(per)
-            a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
-            b = torch.randn(g, n, k, device="cuda").to(torch.float8_e4m3fn)
-            sfa = get_mn_major_tma_aligned_tensor(torch.rand(m, k // 128, device="cuda") + 0.5)
-            sfb = torch.rand(g, math.ceil(n / 128), k // 128, device="cuda") + 0.5
-            d = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-            runs = {}
-            _variants(runs, "mn", lambda: G.launch("contiguous", a, sfa, b, sfb, d, m_indices=m_indices,
-                                                    num_sms=num_sms), next_first=False)
-            if dg is not None:
-                runs["DeepGEMM"] = lambda: dg.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), d, m_indices)
-            want = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, m_indices, torch.zeros_like(d))
-            rows += ab_rounds(f"contig g{g} m{per} n{n} k{k}", runs, d, want, args.rounds, flops=2.0 * m * n * k)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "next_first_ab.json"), "w") as f:
         json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)

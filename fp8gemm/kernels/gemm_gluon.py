@@ -879,23 +879,17 @@ if HAS_GLUON:
                        g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
                        MODE: gl.constexpr, TMA_STORE: gl.constexpr, HAS_C: gl.constexpr,
                        HAS_SIGNAL: gl.constexpr, out_layout: gl.constexpr, idx_layout: gl.constexpr,
-                       dsf_ptr, s_fg, s_fm, D_FP8: gl.constexpr, DIAG: gl.constexpr = 0, tile_no=0,
-                       EPI_BUFS: gl.constexpr = 1):
+                       dsf_ptr, s_fg, s_fm, D_FP8: gl.constexpr, DIAG: gl.constexpr = 0):
         """Store a finished tile (TMA, or masked register stores for partial grouped blocks, FP32/C outputs
         and the FP8 payload) and, with a signal, publish it.  DIAG 8 (dense TMA-store kernel): everything but the
-        TMA store itself.  ``EPI_BUFS`` 2: ``c_smem`` holds two tiles, used by ``tile_no``'s parity; a store then
-        waits only for the one issued two tiles before (the one that read the same buffer)."""
+        TMA store itself."""
         BLOCK_M: gl.constexpr = acc.type.shape[0]
-        if TMA_STORE and EPI_BUFS > 1:
-            c_buf = c_smem.index(tile_no % EPI_BUFS)
-        else:
-            c_buf = c_smem
         if TMA_STORE and MODE == 0:
-            tma.store_wait(pendings=EPI_BUFS - 1)
-            c_buf.store(acc.to(d_desc.dtype))
+            tma.store_wait(pendings=0)
+            c_smem.store(acc.to(d_desc.dtype))
             fence_async_shared()
             if DIAG != 8:
-                tma.async_copy_shared_to_global(d_desc, [off_m, off_n], c_buf)
+                tma.async_copy_shared_to_global(d_desc, [off_m, off_n], c_smem)
         elif TMA_STORE:
             # Grouped modes: a block whose rows all belong to group g goes out as one TMA store (3-10%
             # faster than register stores, benchmarks/epilogue_ab.py); a partial one (rows past
@@ -910,10 +904,10 @@ if HAS_GLUON:
                 full = gl.min(ids_i, axis=0) == g
                 row_d = off_m
             if full:
-                tma.store_wait(pendings=EPI_BUFS - 1)
-                c_buf.store(acc.to(d_desc.dtype))
+                tma.store_wait(pendings=0)
+                c_smem.store(acc.to(d_desc.dtype))
                 fence_async_shared()
-                tma.async_copy_shared_to_global(d_desc, [row_d, off_n], c_buf)
+                tma.async_copy_shared_to_global(d_desc, [row_d, off_n], c_smem)
             else:
                 _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m,
                             off_n, M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C)
@@ -936,8 +930,7 @@ if HAS_GLUON:
                   HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr, K_ROTATE: gl.constexpr,
                   PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
                   DIAG: gl.constexpr = 0, sa_bufs=None, SA_SMEM: gl.constexpr = False,
-                  dsf_ptr=None, s_fg=0, s_fm=0, D_FP8: gl.constexpr = False, NEXT_FIRST: gl.constexpr = False,
-                  EPI_BUFS: gl.constexpr = 1):
+                  dsf_ptr=None, s_fg=0, s_fm=0, D_FP8: gl.constexpr = False, NEXT_FIRST: gl.constexpr = False):
         BK: gl.constexpr = a_bufs.type.shape[2]
         NO_PROMO: gl.constexpr = DIAG == 3 or DIAG == 4      # diagnostics: no scale loads, no promotion
         # diagnostics 5/6/7: promotion without (some) scale loads
@@ -954,11 +947,7 @@ if HAS_GLUON:
         out_layout: gl.constexpr = gl.BlockedLayout([1, VEC], [TPW_M, TPW_N], [num_warps, 1], [1, 0])
         idx_layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
 
-        # (an AOT compile that does not name EPI_BUFS passes None: one buffer)
-        NBUF: gl.constexpr = 2 if EPI_BUFS == 2 else 1
-        if TMA_STORE and NBUF > 1:
-            c_smem = gl.allocate_shared_memory(d_desc.dtype, [NBUF] + d_desc.block_type.shape, d_desc.layout)
-        elif TMA_STORE:
+        if TMA_STORE:
             c_smem = gl.allocate_shared_memory(d_desc.dtype, d_desc.block_type.shape, d_desc.layout)
         else:
             c_smem = None
@@ -1023,7 +1012,7 @@ if HAS_GLUON:
                     _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                                    g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
                                    MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg, s_fm,
-                                   D_FP8, 0, it // num_k, NBUF)
+                                   D_FP8)
                     g, m_blk, n_blk = g_n, m_blk_n, n_blk_n
                 g64 = g.to(gl.int64)
                 off_m, off_n, offs_m, m_ok, nb0, nb1, col_lo = _tile_coords(m_blk, n_blk, M, N, BLOCK_M, BLOCK_N,
@@ -1033,11 +1022,9 @@ if HAS_GLUON:
                                        rot, it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES, SB_SCALAR,
                                        SA_SMEM, NO_PROMO, NO_LOADS, PROBE, pbase, pw, mma_layout, row_layout,
                                        BLOCK_M, BLOCK_N)
-                it = it + num_k
                 _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                                g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
-                               MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg, s_fm, D_FP8,
-                               0, it // num_k, NBUF)
+                               MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg, s_fm, D_FP8)
         else:
             for t in range(pid, total, nprog):
                 g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
@@ -1061,7 +1048,7 @@ if HAS_GLUON:
                     _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                                    g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
                                    MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg,
-                                   s_fm, D_FP8, DIAG, it // num_k, NBUF)
+                                   s_fm, D_FP8, DIAG)
         if TMA_STORE:
             tma.store_wait(pendings=0)
         if PROBE:
@@ -1239,8 +1226,7 @@ if HAS_GLUON:
                            PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
                            DIAG: gl.constexpr = 0, BN_TAIL: gl.constexpr = 0, b2_desc=None,
                            SA_SMEM: gl.constexpr = False, dsf_ptr=None, s_fg=0, s_fm=0,
-                           D_FP8: gl.constexpr = False, NEXT_FIRST: gl.constexpr = False,
-                           EPI_BUFS: gl.constexpr = 1):
+                           D_FP8: gl.constexpr = False, NEXT_FIRST: gl.constexpr = False):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``SA_SMEM`` (default kernel only, not with PROBE or DIAG): A's scales travel with each stage (the
@@ -1345,7 +1331,7 @@ if HAS_GLUON:
                              s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
                              MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
                              K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG, sa_bufs, SA_SMEM, dsf_ptr, s_fg, s_fm,
-                             D_FP8, NEXT_FIRST, EPI_BUFS)),
+                             D_FP8, NEXT_FIRST)),
                 (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                              masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
                              False, PROBE, probe_ptr, PDL_WAIT, DIAG, None, None, 0,
@@ -1384,9 +1370,6 @@ class GluonConfig:
     # Each tile's epilogue after the next tile's first MMA is issued (``NEXT_FIRST``; dense and masked calls of the
     # plain kernel).  None: :data:`NEXT_FIRST_MODES` decides.
     next_first: bool | None = None
-    # Shared-memory tiles of the TMA-store epilogue (1 or 2; with 2 a tile's store waits only for the store of two
-    # tiles before).  None: :data:`EPI_BUFFERS_MODES` decides.
-    epi_buffers: int | None = None
 
     @property
     def split(self) -> bool:
@@ -1405,9 +1388,6 @@ _BLOCK_NS = (16, 32, 64, 128)
 # Modes whose plain-kernel calls issue the next tile's first MMA before a tile's epilogue (``NEXT_FIRST``).  Empty
 # until benchmarks/next_first_ab.py has measured it.
 NEXT_FIRST_MODES: tuple = ()
-# Modes whose TMA-store calls alternate two epilogue tiles (``EPI_BUFS`` 2).  Empty until benchmarks/next_first_ab.py
-# has measured it.
-EPI_BUFFERS_MODES: tuple = ()
 # Let pick_config choose the opt-in 128x256 tile (GluonConfig.wide_n) where the model prefers it.  Off until
 # measured: benchmarks/gluon_dev.py --variant wide compares it with the default on the GPU.
 WIDE_N_DEFAULT = False
@@ -1481,15 +1461,6 @@ def uses_next_first(mode: str, cfg: GluonConfig) -> bool:
     valid; the contiguous walk skips padding blocks, the wide, split and tail kernels have their own loops)."""
     want = cfg.next_first if cfg.next_first is not None else mode in NEXT_FIRST_MODES
     return bool(want) and mode in ("dense", "masked") and not cfg.wide_n and not cfg.bn_tail
-
-
-def epi_buffers(mode: str, cfg: GluonConfig, tma_store: bool) -> int:
-    """The TMA-store epilogue tiles ``launch`` gives the kernel (``EPI_BUFS``): ``cfg.epi_buffers``, or where it is
-    None 2 for the modes of :data:`EPI_BUFFERS_MODES`; 1 without TMA stores and for the wide and tail kernels."""
-    want = cfg.epi_buffers if cfg.epi_buffers is not None else (2 if mode in EPI_BUFFERS_MODES else 1)
-    if want not in (1, 2):
-        raise ValueError(f"epi_buffers must be 1 or 2, got {want}")
-    return want if tma_store and not cfg.wide_n and not cfg.bn_tail else 1
 
 
 def sa_smem_pays(mode: str, m: int, sfa) -> bool:
@@ -1849,10 +1820,8 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         fit = _stages(cfg.block_m, cfg.block_n,
                       _epi_bytes(cfg.block_m, cfg.block_n, tma_store, d.element_size(), c is not None), sa_smem=True)
         cfg = dataclasses.replace(cfg, stages=min(cfg.stages, fit))
-    n_epi = epi_buffers(mode, cfg, tma_store)
     if not cfg.wide_n and not cfg.bn_tail:
         epi = _epi_bytes(cfg.block_m, cfg.block_n, tma_store, d.element_size(), c is not None, mode != "dense")
-        epi += (n_epi - 1) * cfg.block_m * cfg.block_n * d.element_size()
         cfg = dataclasses.replace(cfg, stages=_fit_stages(cfg.block_m, cfg.block_n, cfg.stages, epi, sa_smem))
     next_first = uses_next_first(mode, cfg)
     bm, bn = cfg.block_m, cfg.block_n
@@ -1890,6 +1859,5 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
            else {}),
         **({"PDL_WAIT": True, "launch_pdl": True} if pdl else {}),
         **({"NEXT_FIRST": True} if next_first else {}),
-        **({"EPI_BUFS": n_epi} if n_epi > 1 else {}),
     )
     return bm, bn

@@ -456,24 +456,3 @@ def test_next_first_dense(m, n, k, kernel_launches):
         check_dense(m, n, k, config=cfg, sfa_layout=layout)
     check_dense(m, n, k, config=cfg, graph=True)
     assert kernel_launches and all(launch.get("NEXT_FIRST") for launch in kernel_launches)
-
-
-# Two TMA-store epilogue tiles (GluonConfig.epi_buffers=2, EPI_BUFS): tiles alternate buffers, a store waits only for
-# the one two tiles before.  Several tiles a program (few SMs) so that both buffers are reused, grouped calls mixing
-# TMA-stored full blocks with register-stored partial ones, with and without NEXT_FIRST, a CUDA graph.
-@pytest.mark.gpu
-@pytest.mark.sm90
-@pytest.mark.parametrize("bm,bn", [(128, 128), (64, 64), (128, 32)])
-@pytest.mark.parametrize("next_first", [False, True])
-def test_two_epilogue_buffers(bm, bn, next_first, kernel_launches):
-    gg = _gg()
-    cfg = gg.GluonConfig(bm, bn, gg._stages(bm, bn, 2 * bm * bn * 2), 8 if bm == 128 else 4, epi_buffers=2,
-                         next_first=next_first)
-    check_dense(1000, 1000, 640, config=cfg, num_sms=5)
-    check_dense(300, 1000, 128, config=cfg, num_sms=3, sfa_layout="mn")
-    check_dense(512, 2048, 2048, config=cfg, graph=True)
-    check_masked(3, 384, 272, 384, [384, 0, 200], 200, signal=False, config=cfg, num_sms=4)
-    if not next_first:
-        check_contiguous([300, 0, 129, 512], 1024, 768, config=cfg, num_sms=6)
-    assert kernel_launches and all(launch.get("EPI_BUFS") == 2 for launch in kernel_launches)
-    assert all(bool(launch.get("NEXT_FIRST")) == next_first for launch in kernel_launches if launch["MODE"] != 2)
