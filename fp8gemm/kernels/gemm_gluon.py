@@ -930,7 +930,7 @@ if HAS_GLUON:
                   HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr, K_ROTATE: gl.constexpr,
                   PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
                   DIAG: gl.constexpr = 0, sa_bufs=None, SA_SMEM: gl.constexpr = False,
-                  dsf_ptr=None, s_fg=0, s_fm=0, D_FP8: gl.constexpr = False, NEXT_FIRST: gl.constexpr = False):
+                  dsf_ptr=None, s_fg=0, s_fm=0, D_FP8: gl.constexpr = False):
         BK: gl.constexpr = a_bufs.type.shape[2]
         NO_PROMO: gl.constexpr = DIAG == 3 or DIAG == 4      # diagnostics: no scale loads, no promotion
         # diagnostics 5/6/7: promotion without (some) scale loads
@@ -974,81 +974,29 @@ if HAS_GLUON:
             # The A scales are the previous kernel's output (A itself arrives through the producer's TMA,
             # issued after its own wait).
             _grid_dependency_wait()
-        if NEXT_FIRST:
-            # Every tile valid (dense, and masked, whose walk lists only the m-blocks below masked_m): each tile's
-            # epilogue runs after the next tile's scale loads and first MMA are issued, so the tensor cores work on
-            # that MMA while this tile is stored instead of idling through the store.
-            if pid < total:
-                g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
-                    pid, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
-                    MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
-                rot = _k_rotation(pid, num_k, K_ROTATE)
-                off_m, off_n, offs_m, m_ok, nb0, nb1, col_lo = _tile_coords(m_blk, n_blk, M, N, BLOCK_M, BLOCK_N,
-                                                                            row_layout, col_layout)
-                X, saX, sbX0, sbX1, saY, sbY0, sbY1 = _tile_start(
-                    X, a_bufs, b_bufs, full_bars, sa_bufs, sfa_ptr, sfb_ptr, g.to(gl.int64), offs_m, m_ok, nb0, nb1,
-                    rot, it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES, SB_SCALAR, SA_SMEM, NO_PROMO, NO_LOADS,
-                    PROBE, pbase, pw, row_layout)
-                for t in range(pid, total - nprog, nprog):
-                    g64 = g.to(gl.int64)
-                    off_m, off_n, offs_m, m_ok, nb0, nb1, col_lo = _tile_coords(m_blk, n_blk, M, N, BLOCK_M, BLOCK_N,
-                                                                                row_layout, col_layout)
-                    acc, X, Y = _tile_loop(X, Y, saX, sbX0, sbX1, saY, sbY0, sbY1, a_bufs, b_bufs, empty_bars,
-                                           full_bars, sa_bufs, sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, col_lo,
-                                           rot, it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES, SB_SCALAR,
-                                           SA_SMEM, NO_PROMO, NO_LOADS, PROBE, pbase, pw, mma_layout, row_layout,
-                                           BLOCK_M, BLOCK_N)
-                    it = it + num_k
-                    g_n, m_blk_n, n_blk_n, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
-                        t + nprog, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
-                        MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
-                    rot = _k_rotation(t + nprog, num_k, K_ROTATE)
-                    noff_m, noff_n, noffs_m, nm_ok, nnb0, nnb1, ncol_lo = _tile_coords(
-                        m_blk_n, n_blk_n, M, N, BLOCK_M, BLOCK_N, row_layout, col_layout)
-                    X, saX, sbX0, sbX1, saY, sbY0, sbY1 = _tile_start(
-                        X, a_bufs, b_bufs, full_bars, sa_bufs, sfa_ptr, sfb_ptr, g_n.to(gl.int64), noffs_m, nm_ok,
-                        nnb0, nnb1, rot, it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES, SB_SCALAR, SA_SMEM,
-                        NO_PROMO, NO_LOADS, PROBE, pbase, pw, row_layout)
-                    _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
-                                   g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
-                                   MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg, s_fm,
-                                   D_FP8)
-                    g, m_blk, n_blk = g_n, m_blk_n, n_blk_n
+        for t in range(pid, total, nprog):
+            g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
+                t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
+                MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
+            if valid:
                 g64 = g.to(gl.int64)
-                off_m, off_n, offs_m, m_ok, nb0, nb1, col_lo = _tile_coords(m_blk, n_blk, M, N, BLOCK_M, BLOCK_N,
-                                                                            row_layout, col_layout)
+                off_m, off_n, offs_m, m_ok, nb0, nb1, col_lo = _tile_coords(m_blk, n_blk, M, N, BLOCK_M,
+                                                                            BLOCK_N, row_layout, col_layout)
+                rot = _k_rotation(t, num_k, K_ROTATE)
+                X, saX, sbX0, sbX1, saY, sbY0, sbY1 = _tile_start(
+                    X, a_bufs, b_bufs, full_bars, sa_bufs, sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, rot,
+                    it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES, SB_SCALAR, SA_SMEM, NO_PROMO,
+                    NO_LOADS, PROBE, pbase, pw, row_layout)
                 acc, X, Y = _tile_loop(X, Y, saX, sbX0, sbX1, saY, sbY0, sbY1, a_bufs, b_bufs, empty_bars,
-                                       full_bars, sa_bufs, sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, col_lo,
-                                       rot, it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES, SB_SCALAR,
-                                       SA_SMEM, NO_PROMO, NO_LOADS, PROBE, pbase, pw, mma_layout, row_layout,
-                                       BLOCK_M, BLOCK_N)
+                                       full_bars, sa_bufs, sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
+                                       col_lo, rot, it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES,
+                                       SB_SCALAR, SA_SMEM, NO_PROMO, NO_LOADS, PROBE, pbase, pw, mma_layout,
+                                       row_layout, BLOCK_M, BLOCK_N)
+                it = it + num_k
                 _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                                g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
-                               MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg, s_fm, D_FP8)
-        else:
-            for t in range(pid, total, nprog):
-                g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
-                    t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
-                    MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
-                if valid:
-                    g64 = g.to(gl.int64)
-                    off_m, off_n, offs_m, m_ok, nb0, nb1, col_lo = _tile_coords(m_blk, n_blk, M, N, BLOCK_M,
-                                                                                BLOCK_N, row_layout, col_layout)
-                    rot = _k_rotation(t, num_k, K_ROTATE)
-                    X, saX, sbX0, sbX1, saY, sbY0, sbY1 = _tile_start(
-                        X, a_bufs, b_bufs, full_bars, sa_bufs, sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1, rot,
-                        it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES, SB_SCALAR, SA_SMEM, NO_PROMO,
-                        NO_LOADS, PROBE, pbase, pw, row_layout)
-                    acc, X, Y = _tile_loop(X, Y, saX, sbX0, sbX1, saY, sbY0, sbY1, a_bufs, b_bufs, empty_bars,
-                                           full_bars, sa_bufs, sfa_ptr, sfb_ptr, g64, offs_m, m_ok, nb0, nb1,
-                                           col_lo, rot, it, num_k, s_ag, s_am, s_ak, s_bg, s_bn, s_bk, STAGES,
-                                           SB_SCALAR, SA_SMEM, NO_PROMO, NO_LOADS, PROBE, pbase, pw, mma_layout,
-                                           row_layout, BLOCK_M, BLOCK_N)
-                    it = it + num_k
-                    _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
-                                   g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
-                                   MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg,
-                                   s_fm, D_FP8, DIAG)
+                               MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg,
+                               s_fm, D_FP8, DIAG)
         if TMA_STORE:
             tma.store_wait(pendings=0)
         if PROBE:
@@ -1226,7 +1174,7 @@ if HAS_GLUON:
                            PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
                            DIAG: gl.constexpr = 0, BN_TAIL: gl.constexpr = 0, b2_desc=None,
                            SA_SMEM: gl.constexpr = False, dsf_ptr=None, s_fg=0, s_fm=0,
-                           D_FP8: gl.constexpr = False, NEXT_FIRST: gl.constexpr = False):
+                           D_FP8: gl.constexpr = False):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``SA_SMEM`` (default kernel only, not with PROBE or DIAG): A's scales travel with each stage (the
@@ -1322,8 +1270,6 @@ if HAS_GLUON:
             gl.static_assert(not SA_SMEM or (not DIAG and not PROBE), "SA_SMEM: not with PROBE or DIAG")
             gl.static_assert(not D_FP8 or (BLOCK_N == 128 and not TMA_STORE and not HAS_C),
                              "D_FP8: 128-wide tiles stored through registers, no C")
-            gl.static_assert(not NEXT_FIRST or (MODE != 2 and not PROBE and not DIAG),
-                             "NEXT_FIRST: dense or masked tiles (every tile of the walk valid), no PROBE or DIAG")
             gl.warp_specialize([
                 (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
                              d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
@@ -1331,7 +1277,7 @@ if HAS_GLUON:
                              s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
                              MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
                              K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG, sa_bufs, SA_SMEM, dsf_ptr, s_fg, s_fm,
-                             D_FP8, NEXT_FIRST)),
+                             D_FP8)),
                 (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                              masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
                              False, PROBE, probe_ptr, PDL_WAIT, DIAG, None, None, 0,
@@ -1367,9 +1313,6 @@ class GluonConfig:
     # and tail kernels load them as before).  None: FP8GEMM_GLUON_SA_SMEM if set (runtime.gluon_sa_smem), else
     # by the call's scale layout and size (:func:`sa_smem_pays`), decided in ``launch``.
     sa_smem: bool | None = None
-    # Each tile's epilogue after the next tile's first MMA is issued (``NEXT_FIRST``; dense and masked calls of the
-    # plain kernel).  None: :data:`NEXT_FIRST_MODES` decides.
-    next_first: bool | None = None
 
     @property
     def split(self) -> bool:
@@ -1385,9 +1328,6 @@ class GluonConfig:
 
 
 _BLOCK_NS = (16, 32, 64, 128)
-# Modes whose plain-kernel calls issue the next tile's first MMA before a tile's epilogue (``NEXT_FIRST``).  Empty
-# until benchmarks/next_first_ab.py has measured it.
-NEXT_FIRST_MODES: tuple = ()
 # Let pick_config choose the opt-in 128x256 tile (GluonConfig.wide_n) where the model prefers it.  Off until
 # measured: benchmarks/gluon_dev.py --variant wide compares it with the default on the GPU.
 WIDE_N_DEFAULT = False
@@ -1453,14 +1393,6 @@ def transpose_for_sa(mode: str, m: int, n: int, k: int, sfa, cfg: GluonConfig, *
     if cfg.bn_tail and cfg.block_m == 128 and cfg.block_n == 128 and tail_ok(n, cfg.bn_tail, signal=signal, pdl=pdl):
         return False
     return not sa_smem_pays(mode, m, sfa)
-
-
-def uses_next_first(mode: str, cfg: GluonConfig) -> bool:
-    """Whether ``launch`` builds the kernel with ``NEXT_FIRST``: ``cfg.next_first``, or where it is None the modes
-    of :data:`NEXT_FIRST_MODES`; only the plain kernel of dense and masked calls (every tile of their walks is
-    valid; the contiguous walk skips padding blocks, the wide, split and tail kernels have their own loops)."""
-    want = cfg.next_first if cfg.next_first is not None else mode in NEXT_FIRST_MODES
-    return bool(want) and mode in ("dense", "masked") and not cfg.wide_n and not cfg.bn_tail
 
 
 def sa_smem_pays(mode: str, m: int, sfa) -> bool:
@@ -1823,7 +1755,6 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     if not cfg.wide_n and not cfg.bn_tail:
         epi = _epi_bytes(cfg.block_m, cfg.block_n, tma_store, d.element_size(), c is not None, mode != "dense")
         cfg = dataclasses.replace(cfg, stages=_fit_stages(cfg.block_m, cfg.block_n, cfg.stages, epi, sa_smem))
-    next_first = uses_next_first(mode, cfg)
     bm, bn = cfg.block_m, cfg.block_n
     if d_sf is not None and (bn != 128 or cfg.bn_tail or cfg.wide_n):
         raise ValueError(f"an FP8 D takes 128-wide tiles, the config has block_n={bn}")
@@ -1858,6 +1789,5 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         **({"dsf_ptr": d_sf, "s_fg": d_sf.stride(0), "s_fm": d_sf.stride(1), "D_FP8": True} if d_sf is not None
            else {}),
         **({"PDL_WAIT": True, "launch_pdl": True} if pdl else {}),
-        **({"NEXT_FIRST": True} if next_first else {}),
     )
     return bm, bn

@@ -4,7 +4,6 @@ without ptxas serialising its asynchronous MMAs (the overlap of MMA and scale pr
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import pytest
@@ -145,20 +144,6 @@ def test_sa_smem_policy(monkeypatch):
         gg.runtime.gluon_sa_smem()
 
 
-def test_next_first_policy(monkeypatch):
-    """NEXT_FIRST: the config's choice, else NEXT_FIRST_MODES; never the contiguous walk or the wide/tail kernels."""
-    plain = gg.GluonConfig(128, 128, 5, 8)
-    monkeypatch.setattr(gg, "NEXT_FIRST_MODES", ())
-    assert not gg.uses_next_first("dense", plain)
-    assert gg.uses_next_first("dense", dataclasses.replace(plain, next_first=True))
-    assert gg.uses_next_first("masked", dataclasses.replace(plain, next_first=True))
-    assert not gg.uses_next_first("contiguous", dataclasses.replace(plain, next_first=True))
-    monkeypatch.setattr(gg, "NEXT_FIRST_MODES", ("dense", "masked"))
-    assert gg.uses_next_first("dense", plain) and gg.uses_next_first("masked", plain)
-    assert not gg.uses_next_first("dense", dataclasses.replace(plain, next_first=False))
-    assert not gg.uses_next_first("dense", gg.wide_config()) and not gg.uses_next_first("dense", gg.tail_config())
-
-
 def test_pick_config_wide_is_opt_in():
     """The 128x256 variant (GluonConfig.wide_n) is chosen only when asked for (or WIDE_N_DEFAULT is flipped),
     only for dense BF16 TMA-store calls, and its config fits the SM."""
@@ -249,52 +234,6 @@ def test_aot_sm90a(tmp_path, mode, bm, bn, tma_store, out, has_c, signal, k_rota
     # ptxas must keep the MMAs asynchronous: C7514/C7515 mean it serialised them (waits after each).
     log = ptxas_log(r["ptx"])
     assert "C7514" not in log and "C7515" not in log, log
-
-
-NEXT_FIRST_VARIANTS = [
-    # mode, block_m, block_n, tma_store, signal, k_rotate, sa_smem
-    ("dense", 128, 128, True, False, False, True),
-    ("dense", 128, 128, True, False, False, False),
-    ("dense", 64, 32, True, False, True, True),
-    ("masked", 64, 128, False, True, False, True),
-    ("masked", 128, 128, True, False, False, False),
-]
-
-
-@pytest.mark.parametrize("mode,bm,bn,tma_store,signal,k_rotate,sa_smem", NEXT_FIRST_VARIANTS)
-def test_aot_sm90a_next_first(mode, bm, bn, tma_store, signal, k_rotate, sa_smem):
-    """NEXT_FIRST (the next tile's first MMA before a tile's epilogue): compiles without local memory or
-    serialised MMAs (the in-flight MMA crosses the tile loop), the K loop twice (the last tile's copy after the
-    loop), and in the TMA-store kernels no MMA wait between the last MMA issued before the first TMA store and
-    that store, i.e. the store overlaps an MMA (the plain kernel waits there: checked as the contrast)."""
-    cfg = gg.GluonConfig(bm, bn, gg._stages(bm, bn, bm * bn * 4, sa_smem=sa_smem), 8 if bm == 128 else 4,
-                         k_rotate=k_rotate)
-    constexprs = dict(MODE=gg._MODES[mode], BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages,
-                      TMA_STORE=tma_store, HAS_C=False, HAS_SIGNAL=signal, SB_SCALAR=(128 % bn == 0),
-                      K_ROTATE=k_rotate, PRODUCER_REGS=cfg.producer_regs, SA_SMEM=sa_smem)
-    if not tma_store:
-        constexprs["d_desc"] = None
-
-    def build(next_first):
-        return compile_sm90_in_subprocess(
-            "fp8gemm.kernels.gemm_gluon", "fp8_gemm_ws_kernel",
-            _signature(mode, bm, bn, tma_store, torch.bfloat16, False),
-            dict(constexprs, NEXT_FIRST=True) if next_first else constexprs, num_warps=cfg.num_warps, gluon=True,
-            maxnreg=cfg.maxnreg, divisible_by_16=["sfa_ptr", "sfb_ptr", "d_ptr", "c_ptr", "N", "K", "s_dm"])
-
-    r = build(True)
-    assert r["local"] == 0 and r["stack"] == 0, (r["local"], r["stack"])
-    assert sass_count(r["sass"], "LDL") == 0 and sass_count(r["sass"], "STL") == 0
-    log = ptxas_log(r["ptx"])
-    assert "C7514" not in log and "C7515" not in log, log
-    if mode == "dense" and tma_store:
-        plain = build(False)
-        assert sass_count(r["sass"], "QGMMA") > sass_count(plain["sass"], "QGMMA")
-
-        def waits_before_store(sass):
-            store = sass.index("UTMASTG")
-            return "WARPGROUP.DEPBAR" in sass[sass[:store].rindex("QGMMA"):store]
-        assert not waits_before_store(r["sass"]) and waits_before_store(plain["sass"])
 
 
 def test_aot_sm90a_wide(tmp_path):

@@ -421,38 +421,3 @@ def test_row_major_scales_transposed_for_sa_smem(kernel_launches, monkeypatch):
     check_dense(1000, 1024, 512)                        # 4 K-slices: no copy, no SA_SMEM at 1000 rows
     assert kernel_launches and not any(launch["SA_SMEM"] for launch in kernel_launches)
 
-
-# The next tile's first MMA before a tile's epilogue (GluonConfig.next_first, NEXT_FIRST): every tile shape, with A's
-# scales loaded and through shared memory, one to three K-slices and many, several tiles a program (few SMs), a
-# program without tiles (masked, small masked_m), signals, a CUDA graph.  The spy checks the variant really ran.
-@pytest.mark.gpu
-@pytest.mark.sm90
-@pytest.mark.parametrize("bm,bn", TILES)
-@pytest.mark.parametrize("sa_smem", [False, True], ids=["sa_global", "sa_smem"])
-def test_next_first_every_tile_shape(bm, bn, sa_smem, kernel_launches):
-    gg = _gg()
-    cfg = gg.GluonConfig(bm, bn, gg._stages(bm, bn, bm * bn * 4, sa_smem=sa_smem), 8 if bm == 128 else 4,
-                         sa_smem=sa_smem, next_first=True)
-    check_dense(200, 300, 640, config=cfg)
-    check_dense(129, 136, 384, config=cfg, sfa_layout="mn", num_sms=3)
-    check_dense(300, 1000, 128, config=cfg, num_sms=5)
-    check_masked(3, 150, 272, 384, [150, 0, 65], 60, config=cfg)
-    check_masked(3, 150, 272, 384, [150, 0, 65], 60, config=cfg, signal=False, num_sms=4)
-    check_masked(4, 256, 256, 256, [0, 1, 0, 0], 1, config=cfg)        # one tile; most programs get none
-    assert kernel_launches and all(launch.get("NEXT_FIRST") for launch in kernel_launches)
-
-
-@pytest.mark.gpu
-@pytest.mark.sm90
-@pytest.mark.parametrize("m,n,k", [(4096, 4096, 7168), (4096, 7168, 2048), (4096, 32768, 512), (4096, 2112, 7168),
-                                   (1000, 4100, 640)])
-def test_next_first_dense(m, n, k, kernel_launches):
-    import dataclasses
-    gg = _gg()
-    a, b = _fp8(m, k), _fp8(n, k)
-    d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
-    cfg = dataclasses.replace(gg._config_for("dense", a, b, d, None, None, 256, _sms()), next_first=True, bn_tail=0)
-    for layout in ("row", "mn"):
-        check_dense(m, n, k, config=cfg, sfa_layout=layout)
-    check_dense(m, n, k, config=cfg, graph=True)
-    assert kernel_launches and all(launch.get("NEXT_FIRST") for launch in kernel_launches)
