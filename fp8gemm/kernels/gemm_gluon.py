@@ -86,6 +86,9 @@ BLOCK_K = 128
 # Grouped GEMMs under PDL (the FP4 convert route) store full blocks by TMA too: test_pdl_gpu.py's "grouped_tma"
 # variant passed on an H200 (session 9), so it is on.
 GROUPED_TMA_STORE_UNDER_PDL = True
+# Masked calls with an SBO signal store their full blocks by TMA too (each signalled once its store's writes are
+# complete); False: register stores for every block of a signalled call (the kernel before session 11).
+SIGNAL_TMA_STORE = True
 _SMEM_BUDGET = 220 * 1024     # of the 227 KB an H100/H200 block may use; the rest is barriers and scratch
 _SMEM_LIMIT = 227 * 1024      # what a block may use at all (the launch fails above it)
 # A's scales through shared memory (SA_SMEM) when the call's own config does not say (GluonConfig.sa_smem None)
@@ -875,14 +878,37 @@ if HAS_GLUON:
         return acc, X, Y
 
     @gluon.jit
+    def _bulk_stores_complete(x):
+        """``x`` unchanged, after this thread's TMA stores have completed, their global writes included
+        (``cp.async.bulk.wait_group 0``; ``tma.store_wait`` waits only until shared memory has been read), and a
+        proxy fence orders those async-proxy writes before the thread's later generic accesses (the signal's
+        release).  Threads that issued no store pass at once."""
+        return gl.inline_asm_elementwise("cp.async.bulk.wait_group 0;\n\tfence.proxy.async.global;\n\tmov.b32 $0, $1;",
+                                         "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _publish_pending(pend, signal_ptr):
+        """Signal the counter ``pend`` (-1: none) of a tile stored by TMA: once the store's writes are complete
+        (the issuing thread waits, the barrier orders every thread after it), the release atomic publishes them at
+        GPU scope.  Returns -1 (nothing pending)."""
+        done = _bulk_stores_complete(pend)
+        gl.thread_barrier()
+        if done >= 0:
+            gl.atomic_add(signal_ptr + done, 1, sem="release", scope="gpu")
+        return done * 0 - 1
+
+    @gluon.jit
     def _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                        g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
                        MODE: gl.constexpr, TMA_STORE: gl.constexpr, HAS_C: gl.constexpr,
                        HAS_SIGNAL: gl.constexpr, out_layout: gl.constexpr, idx_layout: gl.constexpr,
-                       dsf_ptr, s_fg, s_fm, D_FP8: gl.constexpr, DIAG: gl.constexpr = 0):
+                       dsf_ptr, s_fg, s_fm, D_FP8: gl.constexpr, DIAG: gl.constexpr = 0, pend=-1):
         """Store a finished tile (TMA, or masked register stores for partial grouped blocks, FP32/C outputs
         and the FP8 payload) and, with a signal, publish it.  DIAG 8 (dense TMA-store kernel): everything but the
-        TMA store itself."""
+        TMA store itself.  A signalled call storing by TMA (masked, full blocks) publishes a TMA-stored tile at the
+        next tile's epilogue, once its writes are complete (``pend``: that tile's counter, or -1; returned for the
+        next call, and :func:`_publish_pending` after the last tile): waiting for them right after the store would
+        stall the warpgroups for the store's whole latency every tile."""
         BLOCK_M: gl.constexpr = acc.type.shape[0]
         if TMA_STORE and MODE == 0:
             tma.store_wait(pendings=0)
@@ -903,14 +929,21 @@ if HAS_GLUON:
                 ids_i = gl.load(m_indices_ptr + rows_i, mask=rows_i < M, other=-1)
                 full = gl.min(ids_i, axis=0) == g
                 row_d = off_m
+            if HAS_SIGNAL:
+                pend = _publish_pending(pend, signal_ptr)
             if full:
                 tma.store_wait(pendings=0)
                 c_smem.store(acc.to(d_desc.dtype))
                 fence_async_shared()
                 tma.async_copy_shared_to_global(d_desc, [row_d, off_n], c_smem)
+                if HAS_SIGNAL:
+                    pend = g * num_m_blocks + m_blk
             else:
                 _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m,
                             off_n, M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C)
+                if HAS_SIGNAL:
+                    gl.thread_barrier()
+                    gl.atomic_add(signal_ptr + g * num_m_blocks + m_blk, 1, sem="release", scope="gpu")
         else:
             _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m, off_n,
                         M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C, True, dsf_ptr, s_fg, s_fm, D_FP8)
@@ -919,6 +952,7 @@ if HAS_GLUON:
                 # atomic (one thread) then publishes them at GPU scope.
                 gl.thread_barrier()
                 gl.atomic_add(signal_ptr + g * num_m_blocks + m_blk, 1, sem="release", scope="gpu")
+        return pend
 
     @gluon.jit
     def _consumer(a_bufs, b_bufs, empty_bars, full_bars, d_desc,
@@ -974,6 +1008,8 @@ if HAS_GLUON:
             # The A scales are the previous kernel's output (A itself arrives through the producer's TMA,
             # issued after its own wait).
             _grid_dependency_wait()
+        if TMA_STORE and HAS_SIGNAL:
+            pend = pid * 0 - 1          # the counter of a TMA-stored tile not yet signalled (_tile_epilogue)
         for t in range(pid, total, nprog):
             g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
                 t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
@@ -993,10 +1029,18 @@ if HAS_GLUON:
                                        SB_SCALAR, SA_SMEM, NO_PROMO, NO_LOADS, PROBE, pbase, pw, mma_layout,
                                        row_layout, BLOCK_M, BLOCK_N)
                 it = it + num_k
-                _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
-                               g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
-                               MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg,
-                               s_fm, D_FP8, DIAG)
+                if TMA_STORE and HAS_SIGNAL:
+                    pend = _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr,
+                                          signal_ptr, g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm,
+                                          s_cg, s_cm, MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout,
+                                          dsf_ptr, s_fg, s_fm, D_FP8, DIAG, pend)
+                else:
+                    _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
+                                   g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
+                                   MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg,
+                                   s_fm, D_FP8, DIAG)
+        if TMA_STORE and HAS_SIGNAL:
+            pend = _publish_pending(pend, signal_ptr)
         if TMA_STORE:
             tma.store_wait(pendings=0)
         if PROBE:
@@ -1637,11 +1681,12 @@ def _problem(mode, a, b, d, c, signal=None, pdl: bool = False):
     else:
         m, groups = a.shape[0], b.shape[0]
     # Grouped calls store their full blocks by TMA too (the kernel keeps register stores for partial ones); the
-    # masked layout's D must then be one [G * max_m, N] matrix.  Not with an SBO signal: each signal must follow
-    # its block's stores (register stores, then the release).  Grouped calls under PDL (the FP4 convert route)
-    # only while GROUPED_TMA_STORE_UNDER_PDL.
+    # masked layout's D must then be one [G * max_m, N] matrix.  With an SBO signal (masked calls) while
+    # SIGNAL_TMA_STORE: the kernel signals each TMA-stored block once its writes are complete (at the next tile's
+    # epilogue).  Grouped calls under PDL (the FP4 convert route) only while GROUPED_TMA_STORE_UNDER_PDL.
     tma_store = (d.dtype == torch.bfloat16 and c is None and _tma_ok(d)
-                 and (mode != "masked" or _flat_rows_ok(d)) and signal is None
+                 and (mode != "masked" or _flat_rows_ok(d))
+                 and (signal is None or (mode == "masked" and SIGNAL_TMA_STORE))
                  and (mode == "dense" or not pdl or GROUPED_TMA_STORE_UNDER_PDL))
     return m, n, k, groups, tma_store
 

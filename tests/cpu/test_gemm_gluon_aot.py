@@ -68,9 +68,17 @@ def test_tma_store_decision():
     assert tma("masked", a3, b3, torch.zeros(3, 64, 128, dtype=bf16))
     assert not tma("masked", a3, b3, torch.zeros(3, 80, 128, dtype=bf16)[:, :64])            # groups apart
     assert not tma("masked", a3, b3, torch.zeros(3, 64, 128))
-    # an SBO signal: register stores (each signal follows its block's stores)
+    # an SBO signal: TMA stores while SIGNAL_TMA_STORE (each TMA-stored block signalled once its writes are
+    # complete), register stores without it
     d3 = torch.zeros(3, 64, 128, dtype=bf16)
-    assert not gg._problem("masked", a3, b3, d3, None, signal=torch.zeros(3, dtype=torch.int32))[4]
+    sig = torch.zeros(3, dtype=torch.int32)
+    assert gg.SIGNAL_TMA_STORE is True and gg._problem("masked", a3, b3, d3, None, signal=sig)[4]
+    old_sig = gg.SIGNAL_TMA_STORE
+    try:
+        gg.SIGNAL_TMA_STORE = False
+        assert not gg._problem("masked", a3, b3, d3, None, signal=sig)[4]
+    finally:
+        gg.SIGNAL_TMA_STORE = old_sig
     # PDL (the FP4 convert route): grouped calls store by TMA while GROUPED_TMA_STORE_UNDER_PDL (on since
     # test_pdl_gpu.py passed with it, session 9), register stores without it
     assert gg.GROUPED_TMA_STORE_UNDER_PDL is True
@@ -195,6 +203,9 @@ VARIANTS = [
     # grouped modes with the TMA store of full blocks (register stores for the partial ones)
     ("masked", 128, 128, True, torch.bfloat16, False, False, False),
     ("contiguous", 128, 128, True, torch.bfloat16, False, False, False),
+    # SBO signals with TMA stores (SIGNAL_TMA_STORE): each TMA-stored block signalled once its writes are complete
+    ("masked", 128, 128, True, torch.bfloat16, False, True, False),
+    ("masked", 64, 64, True, torch.bfloat16, False, True, True),
 ]
 
 
@@ -223,6 +234,10 @@ def test_aot_sm90a(tmp_path, mode, bm, bn, tma_store, out, has_c, signal, k_rota
     assert r["shared"] <= 227 * 1024
     if signal:
         assert "atom.global.gpu.release.add" in r["ptx"]
+        # a TMA-stored block's signal waits for the store's writes (not only its shared-memory read), then a
+        # proxy fence; register-store kernels have neither
+        full_wait = re.search(r"cp\.async\.bulk\.wait_group 0;\s*fence\.proxy\.async\.global;", r["ptx"])
+        assert bool(full_wait) == tma_store, "TMA-stored blocks must be signalled after their writes complete"
     if sa_smem:
         assert "cp.async.ca.shared.global" in r["ptx"]
         # each producer lane's arrival counts toward the full barrier's 33 (see _copy_sa): .noinc, and the count

@@ -234,8 +234,8 @@ def test_every_tile_shape(bm, bn, k_rotate):
 def test_grouped_tma_store(kernel_launches):
     """Grouped calls store their full blocks by TMA and the partial ones through registers: rows past
     masked_m and -1 rows (padding, or holes inside a segment) stay untouched.  The spy tells which epilogue
-    was compiled in: TMA for masked without signal (D one [G * max_m, N] matrix) and contiguous; registers
-    for masked with signal (each signal follows its block's stores) and for a D that is not one matrix."""
+    was compiled in: TMA for masked calls (D one [G * max_m, N] matrix; with a signal while SIGNAL_TMA_STORE) and
+    contiguous ones; registers for a D that is not one matrix."""
     cfg = _gg().GluonConfig(128, 128, 4, 8)
 
     def tma(case):
@@ -247,7 +247,14 @@ def test_grouped_tma_store(kernel_launches):
     assert tma(lambda: check_masked(2, 200, 296, 256, [200, 129], 160, signal=False)) == [True]
     # a 600-byte row pitch (N = 300) is no TMA layout: register stores for every block
     assert tma(lambda: check_masked(2, 200, 300, 256, [200, 129], 160, signal=False)) == [False]
-    assert tma(lambda: check_masked(3, 384, 272, 384, [384, 0, 200], 200, signal=True, config=cfg)) == [False]
+    # with a signal too (SIGNAL_TMA_STORE): each TMA-stored block is signalled once its writes are complete
+    assert tma(lambda: check_masked(3, 384, 272, 384, [384, 0, 200], 200, signal=True, config=cfg)) == [True]
+    old = _gg().SIGNAL_TMA_STORE
+    try:
+        _gg().SIGNAL_TMA_STORE = False
+        assert tma(lambda: check_masked(3, 384, 272, 384, [384, 0, 200], 200, signal=True, config=cfg)) == [False]
+    finally:
+        _gg().SIGNAL_TMA_STORE = old
     assert tma(lambda: check_masked(2, 256, 272, 384, [256, 140], 200, signal=False, config=cfg,
                                     d_rows=300)) == [False]
     assert tma(lambda: check_contiguous([300, 0, 129, 512], 1024, 768, config=cfg)) == [True]
@@ -421,3 +428,82 @@ def test_row_major_scales_transposed_for_sa_smem(kernel_launches, monkeypatch):
     check_dense(1000, 1024, 512)                        # 4 K-slices: no copy, no SA_SMEM at 1000 rows
     assert kernel_launches and not any(launch["SA_SMEM"] for launch in kernel_launches)
 
+
+
+# SBO ordering: a block's signal must not be observable before its rows of D are.  A watcher kernel on a side stream
+# spins on each counter (acquire) and copies the block's rows the moment it sees the counter complete; the GEMM
+# runs beside it on the SMs the watcher leaves.  Its snapshot must equal the final D (D starts as NaN: a signal
+# published before the block's writes were complete would leave NaN or stale rows in the snapshot).  The control:
+# counters already complete when the watcher starts give a snapshot with NaN, i.e. the watcher does see early ones.
+def _watcher():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def watch(sig_ptr, masked_m_ptr, d_ptr, snap_ptr, num_blocks, blocks_per_group, max_m, N, threshold,
+              BM: tl.constexpr, BN: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = tl.arange(0, BM)
+        cols = tl.arange(0, BN)
+        for b in range(pid, num_blocks, tl.num_programs(0)):
+            g = b // blocks_per_group
+            r0 = (b % blocks_per_group) * BM
+            limit = tl.minimum(tl.load(masked_m_ptr + g), max_m)
+            if r0 < limit:
+                seen = tl.atomic_add(sig_ptr + b, 0, sem="acquire", scope="gpu")
+                while seen < threshold:
+                    seen = tl.atomic_add(sig_ptr + b, 0, sem="acquire", scope="gpu")
+                r = r0 + rows
+                base = (g * max_m + r).to(tl.int64) * N
+                for c0 in range(0, N, BN):
+                    c = c0 + cols
+                    m = (r < limit)[:, None] & (c < N)[None, :]
+                    v = tl.load(d_ptr + base[:, None] + c[None, :], mask=m)
+                    tl.store(snap_ptr + base[:, None] + c[None, :], v, mask=m)
+    return watch
+
+
+def _watched_masked_run(preset: bool):
+    gg = _gg()
+    groups, max_m, n, k = 8, 1024, 2048, 2048
+    masked = [1024, 700, 0, 1000, 129, 512, 1024, 64]
+    a, b = _fp8(groups, max_m, k), _fp8(groups, n, k)
+    sfa, sfb = _scales(groups, max_m, k // 128), _scales(groups, n // 128, k // 128)
+    d = torch.full((groups, max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+    snap = torch.full_like(d, float("nan"))
+    masked_m = torch.tensor(masked, dtype=torch.int32, device="cuda")
+    cfg = gg.GluonConfig(128, 128, 5, 8)
+    bpg = max_m // 128
+    sig = torch.zeros(groups * bpg, dtype=torch.int32, device="cuda")
+    threshold = n // 128
+    if preset:
+        sig.fill_(threshold)
+    watch = _watcher()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        watch[(4,)](sig, masked_m, d, snap, groups * bpg, bpg, max_m, n, threshold, BM=128, BN=128)
+    bm, bn = gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m, expected_m=512, signal=sig,
+                       num_sms=_sms() - 8, config=cfg)
+    torch.cuda.synchronize()
+    assert (bm, bn) == (128, 128)
+    if not preset:
+        check_signal(sig, masked_m, max_m, n, bm, threshold)
+    got_d = torch.cat([d[g, :mm] for g, mm in enumerate(masked)])
+    got_snap = torch.cat([snap[g, :mm] for g, mm in enumerate(masked)])
+    return got_d, got_snap
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_signal_never_precedes_the_rows_it_publishes():
+    gg = _gg()
+    assert gg.SIGNAL_TMA_STORE
+    for _ in range(5):
+        got_d, got_snap = _watched_masked_run(preset=False)
+        assert not got_d.isnan().any()
+        assert torch.equal(got_snap.view(torch.int16), got_d.view(torch.int16)), \
+            f"{int(got_snap.isnan().sum())} NaN in the watcher's snapshot"
+    got_d, got_snap = _watched_masked_run(preset=True)
+    assert got_snap.isnan().any(), "control: counters complete before the GEMM ran must give an early snapshot"

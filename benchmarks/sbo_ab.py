@@ -1,0 +1,106 @@
+"""A/B: the masked GEMM with SBO signals (``enable_overlap=True``) against the same call without, through the public
+API, on the masked rows of ANCHORS.md (#4's target: the signalled kernel within 3% of the same kernel without
+signals).  Two signalled forms: full blocks stored by TMA and each signalled once its store's writes are complete, at
+the next tile's epilogue (``gemm_gluon.SIGNAL_TMA_STORE``, the default since session 11), and every block stored
+through registers and signalled right after (the kernel before).  Every call of every run zeroes a signal array
+first (the same memset in each), masked_m drawn as in ``python -m fp8gemm bench gemm`` (0.7-1.3x expected_m), A's
+scales MN-major (as the MoE layer passes its L2 GEMM's); outputs NaN-poisoned and checked against the reference, then
+timed in interleaved rounds (CUDA-graph replays, L2 flushed).  The GPU tests check the counters and their order.
+
+    PYTHONPATH=. python3 benchmarks/sbo_ab.py [--rounds 3] [--out DIR]
+
+Prediction (session 11, before the run): register stores cost the signalled call what session 8 measured TMA stores
+gain the unsignalled one on e192/e1024 rows, 3-10%; the TMA-stored signalled call within 1% of no signal; the
+e20 rows (blocks mostly partial, register stores either way) equal in all three.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import fp8gemm  # noqa: E402
+from fp8gemm.testing import calc_diff  # noqa: E402
+from fp8gemm import reference as R  # noqa: E402
+from fp8gemm.bench.core import ab_header, interleaved_times  # noqa: E402
+from fp8gemm.bench.suite_gemm import GROUPED_NK, MASKED  # noqa: E402
+from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
+
+
+def _signal_tma(on: bool, call):
+    def run():
+        old = G.SIGNAL_TMA_STORE
+        G.SIGNAL_TMA_STORE = on
+        try:
+            return call()
+        finally:
+            G.SIGNAL_TMA_STORE = old
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    ab_header()
+    rows = []
+    max_m = 4096
+    for g, expected in MASKED:
+        for n, k in GROUPED_NK:
+            gen = torch.Generator(device="cpu").manual_seed(g * 1000 + expected)
+            counts = torch.clamp((torch.rand(g, generator=gen) * 0.6 + 0.7) * expected, 1, max_m).int()
+            masked_m = counts.cuda()
+            a = torch.randn(g, max_m, k, device="cuda").to(torch.float8_e4m3fn)
+            b = torch.randn(g, n, k, device="cuda").to(torch.float8_e4m3fn)
+            sfa = fp8gemm.get_mn_major_tma_aligned_tensor(torch.rand(g, max_m, k // 128, device="cuda") + 0.5)
+            sfb = torch.rand(g, math.ceil(n / 128), k // 128, device="cuda") + 0.5
+            d = torch.empty(g, max_m, n, dtype=torch.bfloat16, device="cuda")
+            sig = fp8gemm.alloc_signal(g, max_m, "cuda")
+
+            def call(overlap, a=a, sfa=sfa, b=b, sfb=sfb, d=d, mm=masked_m, e=expected, s=sig):
+                s.zero_()
+                fp8gemm.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, mm, e, enable_overlap=overlap,
+                                                     signal=s if overlap else None)
+            runs = {"no signal": lambda: call(False),
+                    "signal, TMA stores": _signal_tma(True, lambda: call(True)),
+                    "signal, register stores": _signal_tma(False, lambda: call(True))}
+            want = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, torch.zeros_like(d))
+            valid = counts.tolist()
+            want_rows = torch.cat([want[i, :c] for i, c in enumerate(valid)]).float()
+            label = f"masked g{g} e{expected} n{n} k{k}"
+            good = {}
+            for tag, fn in runs.items():
+                d.fill_(float("nan"))
+                fn()
+                torch.cuda.synchronize()
+                got = torch.cat([d[i, :c] for i, c in enumerate(valid)]).float()
+                diff = calc_diff(got, want_rows)
+                ok = diff < 1e-3 and not bool(got.isnan().any())
+                if ok:
+                    good[tag] = fn
+                else:
+                    print(f"{label} {tag:24s} WRONG diff {diff:.2e}", flush=True)
+                    rows.append(dict(case=label, config=tag, ok=False, diff=diff))
+            flops = 2.0 * sum(valid) * n * k
+            times = interleaved_times(good, args.rounds)
+            base = min(times["no signal"]) if "no signal" in times else None
+            for tag, ts in times.items():
+                us = min(ts)
+                vs = f"  no signal / this: {base / us:5.3f}" if base else ""
+                print(f"{label} {tag:24s} {us:8.1f} us (rounds {', '.join(f'{t:.1f}' for t in ts)})"
+                      f" {flops / us / 1e6:6.0f} TFLOPS{vs}", flush=True)
+                rows.append(dict(case=label, config=tag, ok=True, us=us, rounds=ts))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "sbo_ab.json"), "w") as f:
+        json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
