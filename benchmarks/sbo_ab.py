@@ -1,17 +1,19 @@
 """A/B: the masked GEMM with SBO signals (``enable_overlap=True``) against the same call without, through the public
 API, on the masked rows of ANCHORS.md (#4's target: the signalled kernel within 3% of the same kernel without
-signals).  Two signalled forms: full blocks stored by TMA and each signalled once its store's writes are complete, at
-the next tile's epilogue (``gemm_gluon.SIGNAL_TMA_STORE``, the default since session 11), and every block stored
-through registers and signalled right after (the kernel before).  Every call of every run zeroes a signal array
+signals).  Three signalled forms: full blocks stored by TMA, each handed at the next tile's epilogue, once its
+store's writes are complete, to a separate signal warp that bumps the counter (``gemm_gluon.SIGNAL_TMA_STORE`` and
+``SIGNAL_WARP``, the defaults since session 11); the same with the consumer's own release atomic; and every block
+stored through registers and signalled by the consumer right after (the kernel before session 11).  Every call of every run zeroes a signal array
 first (the same memset in each), masked_m drawn as in ``python -m fp8gemm bench gemm`` (0.7-1.3x expected_m), A's
 scales MN-major (as the MoE layer passes its L2 GEMM's); outputs NaN-poisoned and checked against the reference, then
 timed in interleaved rounds (CUDA-graph replays, L2 flushed).  The GPU tests check the counters and their order.
 
     PYTHONPATH=. python3 benchmarks/sbo_ab.py [--rounds 3] [--out DIR]
 
-Prediction (session 11, before the run): register stores cost the signalled call what session 8 measured TMA stores
-gain the unsignalled one on e192/e1024 rows, 3-10%; the TMA-stored signalled call within 1% of no signal; the
-e20 rows (blocks mostly partial, register stores either way) equal in all three.
+Run 1 (H100, session 11, without the signal warp): consumer-signalled TMA 0.89-0.98x of no signal on e192/e1024,
+registers 0.88-0.97x, e20 0.95-1.00x: the TMA stores were not the gap.  The release atomic compiles to MEMBAR.GPU in
+consumer warp 0, whose warpgroup then cannot issue its next MMA until all of that warp's memory operations are done.
+Prediction for the signal warp (before its run): within 1-2% of no signal on every row.
 """
 from __future__ import annotations
 
@@ -33,14 +35,15 @@ from fp8gemm.bench.suite_gemm import GROUPED_NK, MASKED  # noqa: E402
 from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
 
 
-def _signal_tma(on: bool, call):
+def _signal_form(tma: bool, warp: bool, call):
+    """``call`` with ``gemm_gluon.SIGNAL_TMA_STORE`` / ``SIGNAL_WARP`` set for its duration."""
     def run():
-        old = G.SIGNAL_TMA_STORE
-        G.SIGNAL_TMA_STORE = on
+        old = G.SIGNAL_TMA_STORE, G.SIGNAL_WARP
+        G.SIGNAL_TMA_STORE, G.SIGNAL_WARP = tma, warp
         try:
             return call()
         finally:
-            G.SIGNAL_TMA_STORE = old
+            G.SIGNAL_TMA_STORE, G.SIGNAL_WARP = old
     return run
 
 
@@ -69,8 +72,9 @@ def main():
                 fp8gemm.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, mm, e, enable_overlap=overlap,
                                                      signal=s if overlap else None)
             runs = {"no signal": lambda: call(False),
-                    "signal, TMA stores": _signal_tma(True, lambda: call(True)),
-                    "signal, register stores": _signal_tma(False, lambda: call(True))}
+                    "signal warp, TMA": _signal_form(True, True, lambda: call(True)),
+                    "consumer signals, TMA": _signal_form(True, False, lambda: call(True)),
+                    "consumer signals, regs": _signal_form(False, False, lambda: call(True))}
             want = R.m_grouped_fp8_gemm_nt_masked(a, sfa, b, sfb, masked_m, torch.zeros_like(d))
             valid = counts.tolist()
             want_rows = torch.cat([want[i, :c] for i, c in enumerate(valid)]).float()

@@ -89,6 +89,10 @@ GROUPED_TMA_STORE_UNDER_PDL = True
 # Masked calls with an SBO signal store their full blocks by TMA too (each signalled once its store's writes are
 # complete); False: register stores for every block of a signalled call (the kernel before session 11).
 SIGNAL_TMA_STORE = True
+# Masked calls with an SBO signal bump their counters from a separate signal warp (SIG_WARP, _signaller) instead of
+# the consumer (whose release atomic stalled its warpgroup every tile); False: the consumer signals.
+SIGNAL_WARP = True
+SIG_SLOTS = 8        # tiles a program's consumer may hand off ahead of its signal warp
 _SMEM_BUDGET = 220 * 1024     # of the 227 KB an H100/H200 block may use; the rest is barriers and scratch
 _SMEM_LIMIT = 227 * 1024      # what a block may use at all (the launch fails above it)
 # A's scales through shared memory (SA_SMEM) when the call's own config does not say (GluonConfig.sa_smem None)
@@ -153,6 +157,7 @@ if HAS_GLUON:
     # ---------------- cycle probe (PROBE=True only; nothing of it is emitted otherwise) ----------------
     _PR_ROW = gl.constexpr(PROBE_SLICES * PROBE_EVENTS)
     _PR_CTA = gl.constexpr(PROBE_CTA_STRIDE)
+    _SIG_SLOTS = gl.constexpr(SIG_SLOTS)
     _PR_EVENTS = gl.constexpr(PROBE_EVENTS)
     _EV_C_PRE_BAR = gl.constexpr(EV_C_PRE_BAR)
     _EV_C_PRE_WAIT = gl.constexpr(EV_C_PRE_WAIT)
@@ -887,28 +892,68 @@ if HAS_GLUON:
                                          "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
-    def _publish_pending(pend, signal_ptr):
-        """Signal the counter ``pend`` (-1: none) of a tile stored by TMA: once the store's writes are complete
-        (the issuing thread waits, the barrier orders every thread after it), the release atomic publishes them at
-        GPU scope.  Returns -1 (nothing pending)."""
+    def _hand_off(tc, sig_full, sig_free):
+        """Give the signal warp (:func:`_signaller`) the program's ``tc``-th tile, whose rows are all written: a
+        ring of ``SIG_SLOTS`` barrier pairs, each slot taken once the signal warp has released its last use.  The
+        arrive follows a partition barrier, so every thread's writes of the tile precede it."""
+        slot = tc % _SIG_SLOTS
+        mbarrier.wait(sig_free.index(slot), ((tc // _SIG_SLOTS) & 1) ^ 1)
+        mbarrier.arrive(sig_full.index(slot), count=1)
+        return tc + 1
+
+    @gluon.jit
+    def _publish_pending(pend, tc, signal_ptr, sig_full, sig_free, SIG_WARP: gl.constexpr):
+        """Signal the counter ``pend`` (-1: none) of a tile stored by TMA once the store's writes are complete (the
+        issuing thread waits, the barrier orders every thread after it): by the release atomic here, or with
+        ``SIG_WARP`` by handing the tile to the signal warp.  Returns ``(-1, tc)`` (nothing pending, tiles handed
+        off)."""
         done = _bulk_stores_complete(pend)
         gl.thread_barrier()
         if done >= 0:
-            gl.atomic_add(signal_ptr + done, 1, sem="release", scope="gpu")
-        return done * 0 - 1
+            if SIG_WARP:
+                tc = _hand_off(tc, sig_full, sig_free)
+            else:
+                gl.atomic_add(signal_ptr + done, 1, sem="release", scope="gpu")
+        return done * 0 - 1, tc
+
+    @gluon.jit
+    def _signaller(sig_full, sig_free, signal_ptr, masked_m_ptr, m_indices_ptr, M, N, G,
+                   MODE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+        """The signal warp (``SIG_WARP``): walks the program's tiles as the consumer does and, as the consumer hands
+        each one off (:func:`_hand_off`), bumps its SBO counter with a release atomic at GPU scope.  The release
+        waits for the memory operations before it (MEMBAR.GPU); in the consumer that stalled its warpgroup's next
+        MMA issue on every tile, here it stalls only this warp."""
+        idx_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        total, cur_g, cur_base, cur_cnt = _walk_start(M, N, G, masked_m_ptr, MODE, BLOCK_M, BLOCK_N)
+        num_m_blocks = gl.cdiv(M, BLOCK_M)
+        tc = pid * 0
+        for t in range(pid, total, nprog):
+            g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
+                t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
+                MODE, BLOCK_M, BLOCK_N, GROUP_M, idx_layout)
+            if valid:
+                slot = tc % _SIG_SLOTS
+                mbarrier.wait(sig_full.index(slot), (tc // _SIG_SLOTS) & 1)
+                gl.atomic_add(signal_ptr + g * num_m_blocks + m_blk, 1, sem="release", scope="gpu")
+                mbarrier.arrive(sig_free.index(slot), count=1)
+                tc += 1
 
     @gluon.jit
     def _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                        g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
                        MODE: gl.constexpr, TMA_STORE: gl.constexpr, HAS_C: gl.constexpr,
                        HAS_SIGNAL: gl.constexpr, out_layout: gl.constexpr, idx_layout: gl.constexpr,
-                       dsf_ptr, s_fg, s_fm, D_FP8: gl.constexpr, DIAG: gl.constexpr = 0, pend=-1):
+                       dsf_ptr, s_fg, s_fm, D_FP8: gl.constexpr, DIAG: gl.constexpr = 0, pend=-1, tc=0,
+                       sig_full=None, sig_free=None, SIG_WARP: gl.constexpr = False):
         """Store a finished tile (TMA, or masked register stores for partial grouped blocks, FP32/C outputs
         and the FP8 payload) and, with a signal, publish it.  DIAG 8 (dense TMA-store kernel): everything but the
         TMA store itself.  A signalled call storing by TMA (masked, full blocks) publishes a TMA-stored tile at the
         next tile's epilogue, once its writes are complete (``pend``: that tile's counter, or -1; returned for the
         next call, and :func:`_publish_pending` after the last tile): waiting for them right after the store would
-        stall the warpgroups for the store's whole latency every tile."""
+        stall the warpgroups for the store's whole latency every tile.  ``SIG_WARP``: tiles are handed to the signal
+        warp instead of signalled here (``tc``: tiles handed off so far).  Returns ``(pend, tc)``."""
         BLOCK_M: gl.constexpr = acc.type.shape[0]
         if TMA_STORE and MODE == 0:
             tma.store_wait(pendings=0)
@@ -930,7 +975,7 @@ if HAS_GLUON:
                 full = gl.min(ids_i, axis=0) == g
                 row_d = off_m
             if HAS_SIGNAL:
-                pend = _publish_pending(pend, signal_ptr)
+                pend, tc = _publish_pending(pend, tc, signal_ptr, sig_full, sig_free, SIG_WARP)
             if full:
                 tma.store_wait(pendings=0)
                 c_smem.store(acc.to(d_desc.dtype))
@@ -943,16 +988,22 @@ if HAS_GLUON:
                             off_n, M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C)
                 if HAS_SIGNAL:
                     gl.thread_barrier()
-                    gl.atomic_add(signal_ptr + g * num_m_blocks + m_blk, 1, sem="release", scope="gpu")
+                    if SIG_WARP:
+                        tc = _hand_off(tc, sig_full, sig_free)
+                    else:
+                        gl.atomic_add(signal_ptr + g * num_m_blocks + m_blk, 1, sem="release", scope="gpu")
         else:
             _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m, off_n,
                         M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C, True, dsf_ptr, s_fg, s_fm, D_FP8)
             if HAS_SIGNAL:
                 # Every thread's stores of this tile happen before the barrier; the release
-                # atomic (one thread) then publishes them at GPU scope.
+                # atomic (one thread, or the signal warp's) then publishes them at GPU scope.
                 gl.thread_barrier()
-                gl.atomic_add(signal_ptr + g * num_m_blocks + m_blk, 1, sem="release", scope="gpu")
-        return pend
+                if SIG_WARP:
+                    tc = _hand_off(tc, sig_full, sig_free)
+                else:
+                    gl.atomic_add(signal_ptr + g * num_m_blocks + m_blk, 1, sem="release", scope="gpu")
+        return pend, tc
 
     @gluon.jit
     def _consumer(a_bufs, b_bufs, empty_bars, full_bars, d_desc,
@@ -964,7 +1015,8 @@ if HAS_GLUON:
                   HAS_SIGNAL: gl.constexpr, SB_SCALAR: gl.constexpr, K_ROTATE: gl.constexpr,
                   PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
                   DIAG: gl.constexpr = 0, sa_bufs=None, SA_SMEM: gl.constexpr = False,
-                  dsf_ptr=None, s_fg=0, s_fm=0, D_FP8: gl.constexpr = False):
+                  dsf_ptr=None, s_fg=0, s_fm=0, D_FP8: gl.constexpr = False, sig_full=None, sig_free=None,
+                  SIG_WARP: gl.constexpr = False):
         BK: gl.constexpr = a_bufs.type.shape[2]
         NO_PROMO: gl.constexpr = DIAG == 3 or DIAG == 4      # diagnostics: no scale loads, no promotion
         # diagnostics 5/6/7: promotion without (some) scale loads
@@ -1008,8 +1060,9 @@ if HAS_GLUON:
             # The A scales are the previous kernel's output (A itself arrives through the producer's TMA,
             # issued after its own wait).
             _grid_dependency_wait()
-        if TMA_STORE and HAS_SIGNAL:
+        if HAS_SIGNAL:
             pend = pid * 0 - 1          # the counter of a TMA-stored tile not yet signalled (_tile_epilogue)
+            tc = pid * 0                # tiles handed to the signal warp (SIG_WARP)
         for t in range(pid, total, nprog):
             g, m_blk, n_blk, row_a, valid, cur_g, cur_base, cur_cnt = _locate(
                 t, cur_g, cur_base, cur_cnt, M, N, G, masked_m_ptr, m_indices_ptr,
@@ -1029,18 +1082,19 @@ if HAS_GLUON:
                                        SB_SCALAR, SA_SMEM, NO_PROMO, NO_LOADS, PROBE, pbase, pw, mma_layout,
                                        row_layout, BLOCK_M, BLOCK_N)
                 it = it + num_k
-                if TMA_STORE and HAS_SIGNAL:
-                    pend = _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr,
-                                          signal_ptr, g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm,
-                                          s_cg, s_cm, MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout,
-                                          dsf_ptr, s_fg, s_fm, D_FP8, DIAG, pend)
+                if HAS_SIGNAL:
+                    pend, tc = _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr,
+                                              signal_ptr, g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg,
+                                              s_dm, s_cg, s_cm, MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout,
+                                              idx_layout, dsf_ptr, s_fg, s_fm, D_FP8, DIAG, pend, tc, sig_full,
+                                              sig_free, SIG_WARP)
                 else:
                     _tile_epilogue(acc, c_smem, d_desc, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                                    g, g64, m_blk, off_m, off_n, M, N, num_m_blocks, s_dg, s_dm, s_cg, s_cm,
                                    MODE, TMA_STORE, HAS_C, HAS_SIGNAL, out_layout, idx_layout, dsf_ptr, s_fg,
                                    s_fm, D_FP8, DIAG)
         if TMA_STORE and HAS_SIGNAL:
-            pend = _publish_pending(pend, signal_ptr)
+            pend, tc = _publish_pending(pend, tc, signal_ptr, sig_full, sig_free, SIG_WARP)
         if TMA_STORE:
             tma.store_wait(pendings=0)
         if PROBE:
@@ -1218,7 +1272,7 @@ if HAS_GLUON:
                            PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
                            DIAG: gl.constexpr = 0, BN_TAIL: gl.constexpr = 0, b2_desc=None,
                            SA_SMEM: gl.constexpr = False, dsf_ptr=None, s_fg=0, s_fm=0,
-                           D_FP8: gl.constexpr = False):
+                           D_FP8: gl.constexpr = False, SIG_WARP: gl.constexpr = False):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``SA_SMEM`` (default kernel only, not with PROBE or DIAG): A's scales travel with each stage (the
@@ -1271,6 +1325,16 @@ if HAS_GLUON:
             mbarrier.init(empty_bars.index(i), count=2 if WIDE_N else 1)   # wide: one arrive per warpgroup
             # SA_SMEM: the producer warp's 32 cp.async arrivals besides its expect-arrive (_copy_sa)
             mbarrier.init(full_bars.index(i), count=33 if SA_SMEM else 1)
+        if SIG_WARP:
+            # the consumer -> signal warp ring (_hand_off / _signaller)
+            sig_full = gl.allocate_shared_memory(gl.int64, [_SIG_SLOTS, 1], mbarrier.MBarrierLayout())
+            sig_free = gl.allocate_shared_memory(gl.int64, [_SIG_SLOTS, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(_SIG_SLOTS):
+                mbarrier.init(sig_full.index(i), count=1)
+                mbarrier.init(sig_free.index(i), count=1)
+        else:
+            sig_full = empty_bars       # placeholders, never touched without SIG_WARP
+            sig_free = empty_bars
 
         if WIDE_N:
             WNH: gl.constexpr = BLOCK_N // b_desc.block_type.shape[0]
@@ -1314,14 +1378,32 @@ if HAS_GLUON:
             gl.static_assert(not SA_SMEM or (not DIAG and not PROBE), "SA_SMEM: not with PROBE or DIAG")
             gl.static_assert(not D_FP8 or (BLOCK_N == 128 and not TMA_STORE and not HAS_C),
                              "D_FP8: 128-wide tiles stored through registers, no C")
-            gl.warp_specialize([
+            if SIG_WARP:
+                gl.static_assert(HAS_SIGNAL and MODE == 1, "SIG_WARP: masked calls with an SBO signal")
+                gl.warp_specialize([
                 (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
                              d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
                              M, N, K, G,
                              s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
                              MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
                              K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG, sa_bufs, SA_SMEM, dsf_ptr, s_fg, s_fm,
-                             D_FP8)),
+                             D_FP8, sig_full, sig_free, SIG_WARP)),
+                (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
+                             masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
+                             False, PROBE, probe_ptr, PDL_WAIT, DIAG, None, None, 0,
+                             sa_bufs, sfa_ptr, s_ag, s_am, s_ak, SA_SMEM)),
+                (_signaller, (sig_full, sig_free, signal_ptr, masked_m_ptr, m_indices_ptr, M, N, G,
+                              MODE, BLOCK_M, BLOCK_N, GROUP_M)),
+            ], [1, 1], [PRODUCER_REGS, PRODUCER_REGS])
+            else:
+                gl.warp_specialize([
+                (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
+                             d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
+                             M, N, K, G,
+                             s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
+                             MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
+                             K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG, sa_bufs, SA_SMEM, dsf_ptr, s_fg, s_fm,
+                             D_FP8, sig_full, sig_free, SIG_WARP)),
                 (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                              masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
                              False, PROBE, probe_ptr, PDL_WAIT, DIAG, None, None, 0,
@@ -1799,6 +1881,8 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         cfg = dataclasses.replace(cfg, stages=min(cfg.stages, fit))
     if not cfg.wide_n and not cfg.bn_tail:
         epi = _epi_bytes(cfg.block_m, cfg.block_n, tma_store, d.element_size(), c is not None, mode != "dense")
+        if signal is not None and SIGNAL_WARP:
+            epi += 2 * SIG_SLOTS * 8            # the signal warp's barrier ring
         cfg = dataclasses.replace(cfg, stages=_fit_stages(cfg.block_m, cfg.block_n, cfg.stages, epi, sa_smem))
     bm, bn = cfg.block_m, cfg.block_n
     if d_sf is not None and (bn != 128 or cfg.bn_tail or cfg.wide_n):
@@ -1830,6 +1914,7 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         TMA_STORE=tma_store, HAS_C=c is not None, HAS_SIGNAL=signal is not None,
         SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate and not cfg.wide_n, PRODUCER_REGS=cfg.producer_regs,
         WIDE_N=cfg.wide_n, SA_SMEM=sa_smem,
+        **({"SIG_WARP": True} if signal is not None and SIGNAL_WARP else {}),
         num_warps=cfg.num_warps, maxnreg=cfg.maxnreg, **tail,
         **({"dsf_ptr": d_sf, "s_fg": d_sf.stride(0), "s_fm": d_sf.stride(1), "D_FP8": True} if d_sf is not None
            else {}),

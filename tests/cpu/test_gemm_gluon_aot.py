@@ -223,6 +223,8 @@ def test_aot_sm90a(tmp_path, mode, bm, bn, tma_store, out, has_c, signal, k_rota
                       K_ROTATE=k_rotate, PRODUCER_REGS=cfg.producer_regs, SA_SMEM=sa_smem)
     if not tma_store:
         constexprs["d_desc"] = None
+    if signal:
+        constexprs["SIG_WARP"] = gg.SIGNAL_WARP         # as launch builds it
     r = compile_sm90_in_subprocess("fp8gemm.kernels.gemm_gluon", "fp8_gemm_ws_kernel",
                                    _signature(mode, bm, bn, tma_store, out, has_c), constexprs,
                                    num_warps=cfg.num_warps, gluon=True, maxnreg=cfg.maxnreg,
@@ -238,6 +240,8 @@ def test_aot_sm90a(tmp_path, mode, bm, bn, tma_store, out, has_c, signal, k_rota
         # proxy fence; register-store kernels have neither
         full_wait = re.search(r"cp\.async\.bulk\.wait_group 0;\s*fence\.proxy\.async\.global;", r["ptx"])
         assert bool(full_wait) == tma_store, "TMA-stored blocks must be signalled after their writes complete"
+        # the release (MEMBAR.GPU) only in the signal warp, once: the consumer hands tiles off through barriers
+        assert sass_count(r["sass"], "MEMBAR.ALL.GPU") == 1 and sass_count(r["sass"], "REDG.E.ADD") == 1
     if sa_smem:
         assert "cp.async.ca.shared.global" in r["ptx"]
         # each producer lane's arrival counts toward the full barrier's 33 (see _copy_sa): .noinc, and the count
