@@ -479,13 +479,14 @@ def _watched_masked_run(preset: bool):
     if preset:
         sig.fill_(threshold)
     watch = _watcher()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    # both on streams of their own (not the legacy default stream, which would wait for the spinning watcher)
+    side, main = torch.cuda.Stream(), torch.cuda.Stream()
     torch.cuda.synchronize()
     with torch.cuda.stream(side):
         watch[(4,)](sig, masked_m, d, snap, groups * bpg, bpg, max_m, n, threshold, BM=128, BN=128)
-    bm, bn = gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m, expected_m=512, signal=sig,
-                       num_sms=_sms() - 8, config=cfg)
+    with torch.cuda.stream(main):
+        bm, bn = gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m, expected_m=512, signal=sig,
+                           num_sms=_sms() - 8, config=cfg)
     torch.cuda.synchronize()
     assert (bm, bn) == (128, 128)
     if not preset:

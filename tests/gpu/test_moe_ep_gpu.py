@@ -49,7 +49,11 @@ def _routing(kind, world, tokens, num_experts, gen, device):
             other = (r + 1) % world
             idx = torch.stack([other * L + torch.randperm(L, generator=gen)[:TOPK] for _ in range(tokens)])
         elif kind == "sparse":          # a third of the tokens route nowhere, half the experts get nothing
-            idx = torch.stack([torch.randperm(num_experts // 2, generator=gen)[:TOPK] * 2 for _ in range(tokens)])
+            # (fewer even experts than TOPK, as with one rank's 4 experts: the rest of the row routes nowhere)
+            idx = torch.full((tokens, TOPK), -1, dtype=torch.int64)
+            for t in range(tokens):
+                picks = torch.randperm(num_experts // 2, generator=gen)[:TOPK] * 2
+                idx[t, :picks.numel()] = picks
             idx[::3] = -1
         else:
             raise AssertionError(kind)
