@@ -440,8 +440,8 @@ def _watcher():
     import triton.language as tl
 
     @triton.jit
-    def watch(sig_ptr, masked_m_ptr, d_ptr, snap_ptr, num_blocks, blocks_per_group, max_m, N, threshold,
-              BM: tl.constexpr, BN: tl.constexpr):
+    def watch(sig_ptr, masked_m_ptr, d_ptr, snap_ptr, seen_ptr, num_blocks, blocks_per_group, max_m, N, threshold,
+              max_spins, BM: tl.constexpr, BN: tl.constexpr):
         pid = tl.program_id(0)
         rows = tl.arange(0, BM)
         cols = tl.arange(0, BN)
@@ -451,8 +451,11 @@ def _watcher():
             limit = tl.minimum(tl.load(masked_m_ptr + g), max_m)
             if r0 < limit:
                 seen = tl.atomic_add(sig_ptr + b, 0, sem="acquire", scope="gpu")
-                while seen < threshold:
+                spins = 0
+                while (seen < threshold) & (spins < max_spins):
                     seen = tl.atomic_add(sig_ptr + b, 0, sem="acquire", scope="gpu")
+                    spins += 1
+                tl.store(seen_ptr + b, seen)        # what the watcher saw (< threshold: it gave up)
                 r = r0 + rows
                 base = (g * max_m + r).to(tl.int64) * N
                 for c0 in range(0, N, BN):
@@ -478,17 +481,20 @@ def _watched_masked_run(preset: bool):
     threshold = n // 128
     if preset:
         sig.fill_(threshold)
+    seen = torch.full_like(sig, -1)
     watch = _watcher()
     # both on streams of their own (not the legacy default stream, which would wait for the spinning watcher)
     side, main = torch.cuda.Stream(), torch.cuda.Stream()
     torch.cuda.synchronize()
     with torch.cuda.stream(side):
-        watch[(4,)](sig, masked_m, d, snap, groups * bpg, bpg, max_m, n, threshold, BM=128, BN=128)
+        watch[(4,)](sig, masked_m, d, snap, seen, groups * bpg, bpg, max_m, n, threshold, 1 << 22, BM=128, BN=128)
     with torch.cuda.stream(main):
         bm, bn = gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m, expected_m=512, signal=sig,
                            num_sms=_sms() - 8, config=cfg)
     torch.cuda.synchronize()
     assert (bm, bn) == (128, 128)
+    gave_up = [i for i, v in enumerate(seen.tolist()) if 0 <= v < threshold]
+    assert not gave_up, f"the watcher gave up on counters {gave_up[:8]} (saw {seen[gave_up[:8]].tolist()})"
     if not preset:
         check_signal(sig, masked_m, max_m, n, bm, threshold)
     got_d = torch.cat([d[g, :mm] for g, mm in enumerate(masked)])
