@@ -487,7 +487,7 @@ def _watched_masked_run(preset: bool):
     side, main = torch.cuda.Stream(), torch.cuda.Stream()
     torch.cuda.synchronize()
     with torch.cuda.stream(side):
-        watch[(4,)](sig, masked_m, d, snap, seen, groups * bpg, bpg, max_m, n, threshold, 1 << 22, BM=128, BN=128)
+        watch[(4,)](sig, masked_m, d, snap, seen, groups * bpg, bpg, max_m, n, threshold, 1 << 20, BM=128, BN=128)
     with torch.cuda.stream(main):
         bm, bn = gg.launch("masked", a, sfa, b, sfb, d, masked_m=masked_m, expected_m=512, signal=sig,
                            num_sms=_sms() - 8, config=cfg)
