@@ -14,9 +14,11 @@ Structure of the kernel (one persistent program per SM, at most ``num_sms`` prog
   promotes slice k-1 into the FP32 result: ``acc += partial * sfa[row, k] * sfb[n_block, k]``
   (``warpgroup_mma_wait(num_outstanding=1)``); the scratch registers of slice k-2 are reused as
   the input of slice k's MMA (``use_acc=False``), so no zeroing is spent per slice;
-* epilogue: dense BF16 output goes through shared memory and a TMA store (overlapping the next
-  tile's main loop); the grouped modes and FP32/``c`` outputs use masked vector stores, and the
-  masked mode bumps its SBO counter (release, GPU scope) after each stored tile;
+* epilogue: BF16 output goes through shared memory and a TMA store (overlapping the next tile's main
+  loop; the grouped modes store their full blocks so, partial ones and FP32/``c`` outputs through masked
+  vector stores); a masked call with SBO signals hands each finished tile (a TMA-stored one at the next
+  tile's epilogue, once its writes are complete) to a third partition, the signal warp
+  (:func:`_signaller`), which bumps the tile's counter with a release atomic at GPU scope;
 * tiles: BLOCK_M 64 (one consumer warpgroup) or 128 (two), BLOCK_N 16..128, chosen per shape by
   :func:`pick_config` (narrow tiles give small-M shapes enough programs); scale factors are read
   in any strides straight from global memory, two K-slices ahead of their use;
@@ -1300,7 +1302,9 @@ if HAS_GLUON:
         uint8 with group / row strides ``s_fg`` / ``s_fm``): D gets the FP8 combine payload of the BF16 result
         (:func:`_store_fp8_payload`).  ``BN_TAIL`` (16; ``b2_desc``: B in [BN_TAIL, 128] boxes; 128-wide blocks, plain stores,
         no signal, PDL, probe or DIAG): each tile also computes a BN_TAIL-wide slice of the N remainder
-        (:func:`_consumer_tail`); 0/None (the default) compiles to the production SASS.
+        (:func:`_consumer_tail`); 0/None (the default) compiles to the production SASS.  ``SIG_WARP`` (masked calls
+        with ``HAS_SIGNAL``; launch sets it while :data:`SIGNAL_WARP`): the counters are bumped by a separate
+        one-warp partition that the consumer hands each finished tile to (:func:`_hand_off`), not by the consumer.
         """
         if WIDE_N:
             # B boxes a stage: 2 (128x256) or 1 (the split 128x128 tile)
