@@ -1382,37 +1382,39 @@ if HAS_GLUON:
             gl.static_assert(not SA_SMEM or (not DIAG and not PROBE), "SA_SMEM: not with PROBE or DIAG")
             gl.static_assert(not D_FP8 or (BLOCK_N == 128 and not TMA_STORE and not HAS_C),
                              "D_FP8: 128-wide tiles stored through registers, no C")
+            # The two calls differ by the signal warp only; their argument tuples are spelled out twice because a
+            # tuple of jit values holding None (d_desc, probe_ptr, ...) cannot be bound to a name in a jit function.
             if SIG_WARP:
                 gl.static_assert(HAS_SIGNAL and MODE == 1, "SIG_WARP: masked calls with an SBO signal")
                 gl.warp_specialize([
-                (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
-                             d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
-                             M, N, K, G,
-                             s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
-                             MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
-                             K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG, sa_bufs, SA_SMEM, dsf_ptr, s_fg, s_fm,
-                             D_FP8, sig_full, sig_free, SIG_WARP)),
-                (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
-                             masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
-                             False, PROBE, probe_ptr, PDL_WAIT, DIAG, None, None, 0,
-                             sa_bufs, sfa_ptr, s_ag, s_am, s_ak, SA_SMEM)),
-                (_signaller, (sig_full, sig_free, signal_ptr, masked_m_ptr, m_indices_ptr, M, N, G,
-                              MODE, BLOCK_M, BLOCK_N, GROUP_M)),
-            ], [1, 1], [PRODUCER_REGS, PRODUCER_REGS])
+                    (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
+                                 d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
+                                 M, N, K, G,
+                                 s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
+                                 MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
+                                 K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG, sa_bufs, SA_SMEM, dsf_ptr, s_fg, s_fm,
+                                 D_FP8, sig_full, sig_free, SIG_WARP)),
+                    (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
+                                 masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
+                                 False, PROBE, probe_ptr, PDL_WAIT, DIAG, None, None, 0,
+                                 sa_bufs, sfa_ptr, s_ag, s_am, s_ak, SA_SMEM)),
+                    (_signaller, (sig_full, sig_free, signal_ptr, masked_m_ptr, m_indices_ptr, M, N, G,
+                                  MODE, BLOCK_M, BLOCK_N, GROUP_M)),
+                ], [1, 1], [PRODUCER_REGS, PRODUCER_REGS])
             else:
                 gl.warp_specialize([
-                (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
-                             d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
-                             M, N, K, G,
-                             s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
-                             MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
-                             K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG, sa_bufs, SA_SMEM, dsf_ptr, s_fg, s_fm,
-                             D_FP8, sig_full, sig_free, SIG_WARP)),
-                (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
-                             masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
-                             False, PROBE, probe_ptr, PDL_WAIT, DIAG, None, None, 0,
-                             sa_bufs, sfa_ptr, s_ag, s_am, s_ak, SA_SMEM)),
-            ], [1], [PRODUCER_REGS])
+                    (_consumer, (a_bufs, b_bufs, empty_bars, full_bars, d_desc,
+                                 d_ptr, c_ptr, sfa_ptr, sfb_ptr, masked_m_ptr, m_indices_ptr, signal_ptr,
+                                 M, N, K, G,
+                                 s_dg, s_dm, s_cg, s_cm, s_ag, s_am, s_ak, s_bg, s_bn, s_bk,
+                                 MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, TMA_STORE, HAS_C, HAS_SIGNAL, SB_SCALAR,
+                                 K_ROTATE, PROBE, probe_ptr, PDL_WAIT, DIAG, sa_bufs, SA_SMEM, dsf_ptr, s_fg, s_fm,
+                                 D_FP8, sig_full, sig_free, SIG_WARP)),
+                    (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
+                                 masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
+                                 False, PROBE, probe_ptr, PDL_WAIT, DIAG, None, None, 0,
+                                 sa_bufs, sfa_ptr, s_ag, s_am, s_ak, SA_SMEM)),
+                ], [1], [PRODUCER_REGS])
 
 
 # =====================================================================================
