@@ -55,7 +55,7 @@ def test_tma_store_decision():
     """Which calls store D by TMA (:func:`gemm_gluon._problem`): BF16 without C in every mode, a 16-byte row
     pitch, and for the masked layout only a D that is one [G * max_m, N] matrix (the kernel then stores a
     group's full blocks by TMA and the rest through registers); FP32, C, or another layout: register stores.
-    ``launch`` also turns it off for calls with an SBO signal and for the tail kernel (GPU tests)."""
+    Masked calls with an SBO signal too while SIGNAL_TMA_STORE; ``launch`` turns it off for the tail kernel."""
     fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
     a2, b2 = torch.zeros(256, 256, dtype=fp8), torch.zeros(128, 256, dtype=fp8)
     a3, b3 = torch.zeros(3, 64, 256, dtype=fp8), torch.zeros(3, 128, 256, dtype=fp8)
