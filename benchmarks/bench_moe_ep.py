@@ -230,6 +230,10 @@ def main():
                    help="the combine's rows as BF16 (default) or as the FP8 combine payload (EPCommunicator)")
     p.add_argument("--dispatch-payload", choices=("fp8", "fp4"), default="fp8",
                    help="the dispatched tokens as FP8 (default) or FP4 (E2M1 + UE8M0 bytes a 32 columns; EPCommunicator)")
+    p.add_argument("--sbo-form", choices=("warp", "consumer", "consumer-regs"), default="warp",
+                   help="A/B: how the L2 GEMM signals its blocks: a separate signal warp and TMA stores (default, "
+                        "gemm_gluon.SIGNAL_WARP), the consumer's own release atomic with TMA stores, or with register "
+                        "stores (the kernel before session 11)")
     p.add_argument("--trace", action="store_true",
                    help="after the timings, stamp every combine work item (global timer after its counter wait "
                         "and after its stores) over CUDA-graph replays of the overlapped layer at the largest T; "
@@ -274,6 +278,9 @@ def main():
             at_size = _AllPeersCopy(rank, world, -(-max_rows * 2 * args.hidden // 16) * 16)
         except Exception as e:  # noqa: BLE001 - a reference that cannot be set up is reported, not fatal
             print(f"[bench] rank {rank}: no at-size copy-engine reference ({type(e).__name__}: {e})", flush=True)
+    from fp8gemm.kernels import gemm_gluon
+    gemm_gluon.SIGNAL_WARP = args.sbo_form == "warp"
+    gemm_gluon.SIGNAL_TMA_STORE = args.sbo_form != "consumer-regs"
     if args.combine_tile:
         tile = tuple(int(x) for x in args.combine_tile.split(","))
         EPCommunicator._combine_tiles = lambda self, rows: tile
@@ -286,7 +293,7 @@ def main():
         print(f"[bench] setup {time.time() - t_setup:.1f}s, p2p copy-engine {p2p:.0f} GB/s, "
               f"gemm SMs {layer.num_gemm_sms}, comm SMs {layer.num_comm_sms}, tail experts {layer.tail_experts}, "
               f"L2 A scales {args.a2_scales}, combine payload {args.combine_payload}, "
-              f"dispatch payload {args.dispatch_payload}",
+              f"dispatch payload {args.dispatch_payload}, SBO signals: {args.sbo_form}",
               flush=True)
 
     rows = []
