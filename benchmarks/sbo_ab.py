@@ -31,7 +31,7 @@ import fp8gemm  # noqa: E402
 from fp8gemm.testing import calc_diff  # noqa: E402
 from fp8gemm import reference as R  # noqa: E402
 from fp8gemm.bench.core import ab_header, interleaved_times  # noqa: E402
-from fp8gemm.bench.suite_gemm import GROUPED_NK, MASKED  # noqa: E402
+from fp8gemm.bench.suite_gemm import GROUPED_NK, MASKED, masked_counts  # noqa: E402
 from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
 
 
@@ -57,8 +57,7 @@ def main():
     max_m = 4096
     for g, expected in MASKED:
         for n, k in GROUPED_NK:
-            gen = torch.Generator(device="cpu").manual_seed(g * 1000 + expected)
-            counts = torch.clamp((torch.rand(g, generator=gen) * 0.6 + 0.7) * expected, 1, max_m).int()
+            counts = masked_counts(g, expected, max_m)
             masked_m = counts.cuda()
             a = torch.randn(g, max_m, k, device="cuda").to(torch.float8_e4m3fn)
             b = torch.randn(g, n, k, device="cuda").to(torch.float8_e4m3fn)

@@ -101,6 +101,13 @@ def dense_cases(quick: bool) -> list[Case]:
     return cases
 
 
+def masked_counts(groups: int, expected_m: int, max_m: int) -> torch.Tensor:
+    """The benchmarks' ``masked_m`` of a masked row: 0.7-1.3x ``expected_m`` per group, drawn from a seed of the
+    row (CPU int32; the same draw in every script)."""
+    gen = torch.Generator(device="cpu").manual_seed(groups * 1000 + expected_m)
+    return torch.clamp((torch.rand(groups, generator=gen) * 0.6 + 0.7) * expected_m, 1, max_m).int()
+
+
 def masked_cases(quick: bool, overlap: bool = False) -> list[Case]:
     dg = deep_gemm_or_none()
     cases = []
@@ -109,8 +116,7 @@ def masked_cases(quick: bool, overlap: bool = False) -> list[Case]:
     nks = GROUPED_NK[:2] if quick else GROUPED_NK
     for g, expected in rows:
         for n, k in nks:
-            gen = torch.Generator(device="cpu").manual_seed(g * 1000 + expected)
-            counts = torch.clamp((torch.rand(g, generator=gen) * 0.6 + 0.7) * expected, 1, max_m).int()
+            counts = masked_counts(g, expected, max_m)
             masked_m = counts.to("cuda")
             a, b = _fp8((g, max_m, k)), _fp8((g, n, k))
             sfa, sfb = _scales((g, max_m, k // 128)), _scales((g, math.ceil(n / 128), k // 128))

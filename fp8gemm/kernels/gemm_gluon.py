@@ -156,10 +156,11 @@ DIAG_MODES = (DIAG_OFF, DIAG_L2_RESIDENT, DIAG_NO_REFILL, DIAG_NO_PROMOTE, DIAG_
 
 if HAS_GLUON:
 
+    _SIG_SLOTS = gl.constexpr(SIG_SLOTS)
+
     # ---------------- cycle probe (PROBE=True only; nothing of it is emitted otherwise) ----------------
     _PR_ROW = gl.constexpr(PROBE_SLICES * PROBE_EVENTS)
     _PR_CTA = gl.constexpr(PROBE_CTA_STRIDE)
-    _SIG_SLOTS = gl.constexpr(SIG_SLOTS)
     _PR_EVENTS = gl.constexpr(PROBE_EVENTS)
     _EV_C_PRE_BAR = gl.constexpr(EV_C_PRE_BAR)
     _EV_C_PRE_WAIT = gl.constexpr(EV_C_PRE_WAIT)
@@ -904,18 +905,25 @@ if HAS_GLUON:
         return tc + 1
 
     @gluon.jit
-    def _publish_pending(pend, tc, signal_ptr, sig_full, sig_free, SIG_WARP: gl.constexpr):
-        """Signal the counter ``pend`` (-1: none) of a tile stored by TMA once the store's writes are complete (the
-        issuing thread waits, the barrier orders every thread after it): by the release atomic here, or with
-        ``SIG_WARP`` by handing the tile to the signal warp.  Returns ``(-1, tc)`` (nothing pending, tiles handed
-        off)."""
-        done = _bulk_stores_complete(pend)
+    def _signal_tile(tc, counter, signal_ptr, sig_full, sig_free, SIG_WARP: gl.constexpr):
+        """Publish a tile whose rows are all written: after a partition barrier (every thread's writes of the
+        tile precede it), hand it to the signal warp (``SIG_WARP``) or bump its ``counter`` here with a release
+        atomic at GPU scope.  Returns the tiles handed off so far."""
         gl.thread_barrier()
+        if SIG_WARP:
+            tc = _hand_off(tc, sig_full, sig_free)
+        else:
+            gl.atomic_add(signal_ptr + counter, 1, sem="release", scope="gpu")
+        return tc
+
+    @gluon.jit
+    def _publish_pending(pend, tc, signal_ptr, sig_full, sig_free, SIG_WARP: gl.constexpr):
+        """Publish the TMA-stored tile of counter ``pend`` (-1: none) once the store's writes are complete (the
+        issuing thread waits; :func:`_signal_tile`'s barrier orders every thread after it).  Returns ``(-1, tc)``
+        (nothing pending, tiles handed off)."""
+        done = _bulk_stores_complete(pend)
         if done >= 0:
-            if SIG_WARP:
-                tc = _hand_off(tc, sig_full, sig_free)
-            else:
-                gl.atomic_add(signal_ptr + done, 1, sem="release", scope="gpu")
+            tc = _signal_tile(tc, done, signal_ptr, sig_full, sig_free, SIG_WARP)
         return done * 0 - 1, tc
 
     @gluon.jit
@@ -989,22 +997,12 @@ if HAS_GLUON:
                 _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m,
                             off_n, M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C)
                 if HAS_SIGNAL:
-                    gl.thread_barrier()
-                    if SIG_WARP:
-                        tc = _hand_off(tc, sig_full, sig_free)
-                    else:
-                        gl.atomic_add(signal_ptr + g * num_m_blocks + m_blk, 1, sem="release", scope="gpu")
+                    tc = _signal_tile(tc, g * num_m_blocks + m_blk, signal_ptr, sig_full, sig_free, SIG_WARP)
         else:
             _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m, off_n,
                         M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C, True, dsf_ptr, s_fg, s_fm, D_FP8)
             if HAS_SIGNAL:
-                # Every thread's stores of this tile happen before the barrier; the release
-                # atomic (one thread, or the signal warp's) then publishes them at GPU scope.
-                gl.thread_barrier()
-                if SIG_WARP:
-                    tc = _hand_off(tc, sig_full, sig_free)
-                else:
-                    gl.atomic_add(signal_ptr + g * num_m_blocks + m_blk, 1, sem="release", scope="gpu")
+                tc = _signal_tile(tc, g * num_m_blocks + m_blk, signal_ptr, sig_full, sig_free, SIG_WARP)
         return pend, tc
 
     @gluon.jit
@@ -1843,6 +1841,7 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
     if (d_sf is not None) != (d.dtype == torch.float8_e4m3fn):
         raise ValueError("an FP8 D needs d_sf (its scale bytes) and d_sf an FP8 D")
     m, n, k, groups, tma_store = _problem(mode, a, b, d, c, signal, pdl)
+    sig_warp = signal is not None and SIGNAL_WARP        # the counters bumped by the signal warp (SIG_WARP)
     cfg = config if config is not None else _config_for(mode, a, b, d, c, expected_m, max_block_n, num_sms)
     if m > 0 and transpose_for_sa(mode, m, n, k, sfa, cfg, signal=signal is not None, pdl=pdl):
         from ..quant import mn_major_copy
@@ -1887,7 +1886,7 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         cfg = dataclasses.replace(cfg, stages=min(cfg.stages, fit))
     if not cfg.wide_n and not cfg.bn_tail:
         epi = _epi_bytes(cfg.block_m, cfg.block_n, tma_store, d.element_size(), c is not None, mode != "dense")
-        if signal is not None and SIGNAL_WARP:
+        if sig_warp:
             epi += 2 * SIG_SLOTS * 8            # the signal warp's barrier ring
         cfg = dataclasses.replace(cfg, stages=_fit_stages(cfg.block_m, cfg.block_n, cfg.stages, epi, sa_smem))
     bm, bn = cfg.block_m, cfg.block_n
@@ -1920,7 +1919,7 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         TMA_STORE=tma_store, HAS_C=c is not None, HAS_SIGNAL=signal is not None,
         SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate and not cfg.wide_n, PRODUCER_REGS=cfg.producer_regs,
         WIDE_N=cfg.wide_n, SA_SMEM=sa_smem,
-        **({"SIG_WARP": True} if signal is not None and SIGNAL_WARP else {}),
+        **({"SIG_WARP": True} if sig_warp else {}),
         num_warps=cfg.num_warps, maxnreg=cfg.maxnreg, **tail,
         **({"dsf_ptr": d_sf, "s_fg": d_sf.stride(0), "s_fm": d_sf.stride(1), "D_FP8": True} if d_sf is not None
            else {}),

@@ -453,7 +453,8 @@ def test_aot_fp8_payload_epilogue(tmp_path):
     cfg = gg.GluonConfig(bm, bn, gg._stages(bm, bn, bm * bn, sa_smem=True), 4)
     constexprs = dict(MODE=gg._MODES["masked"], BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages,
                       TMA_STORE=False, HAS_C=False, HAS_SIGNAL=True, SB_SCALAR=True, K_ROTATE=False,
-                      PRODUCER_REGS=cfg.producer_regs, SA_SMEM=True, D_FP8=True, d_desc=None)
+                      PRODUCER_REGS=cfg.producer_regs, SA_SMEM=True, D_FP8=True, d_desc=None,
+                      SIG_WARP=gg.SIGNAL_WARP)      # as launch builds a signalled call
     sig = _signature("masked", bm, bn, False, torch.bfloat16, False)
     sig.update(d_ptr="*fp8e4nv", c_ptr="*fp8e4nv", dsf_ptr="*u8", s_fg="i32", s_fm="i32")
     r = compile_sm90_in_subprocess("fp8gemm.kernels.gemm_gluon", "fp8_gemm_ws_kernel", sig, constexprs,
@@ -463,6 +464,7 @@ def test_aot_fp8_payload_epilogue(tmp_path):
     assert r["local"] == 0 and r["stack"] == 0, (r["local"], r["stack"])
     assert "STG.E.U8" in r["sass"] and "e4m3" in r["ptx"]
     assert "atom.global.gpu.release.add" in r["ptx"]
+    assert sass_count(r["sass"], "MEMBAR.ALL.GPU") == 1       # the release in the signal warp only
 
 
 def test_transpose_for_sa_decision(monkeypatch):
