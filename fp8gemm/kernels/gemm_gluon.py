@@ -905,15 +905,15 @@ if HAS_GLUON:
         return tc + 1
 
     @gluon.jit
-    def _signal_tile(tc, counter, signal_ptr, sig_full, sig_free, SIG_WARP: gl.constexpr):
+    def _signal_tile(tc, g, m_blk, num_m_blocks, signal_ptr, sig_full, sig_free, SIG_WARP: gl.constexpr):
         """Publish a tile whose rows are all written: after a partition barrier (every thread's writes of the
-        tile precede it), hand it to the signal warp (``SIG_WARP``) or bump its ``counter`` here with a release
-        atomic at GPU scope.  Returns the tiles handed off so far."""
+        tile precede it), hand it to the signal warp (``SIG_WARP``) or bump its counter ``g * num_m_blocks +
+        m_blk`` here with a release atomic at GPU scope.  Returns the tiles handed off so far."""
         gl.thread_barrier()
         if SIG_WARP:
             tc = _hand_off(tc, sig_full, sig_free)
         else:
-            gl.atomic_add(signal_ptr + counter, 1, sem="release", scope="gpu")
+            gl.atomic_add(signal_ptr + g * num_m_blocks + m_blk, 1, sem="release", scope="gpu")
         return tc
 
     @gluon.jit
@@ -923,7 +923,7 @@ if HAS_GLUON:
         (nothing pending, tiles handed off)."""
         done = _bulk_stores_complete(pend)
         if done >= 0:
-            tc = _signal_tile(tc, done, signal_ptr, sig_full, sig_free, SIG_WARP)
+            tc = _signal_tile(tc, done, 0, 1, signal_ptr, sig_full, sig_free, SIG_WARP)
         return done * 0 - 1, tc
 
     @gluon.jit
@@ -997,12 +997,12 @@ if HAS_GLUON:
                 _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m,
                             off_n, M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C)
                 if HAS_SIGNAL:
-                    tc = _signal_tile(tc, g * num_m_blocks + m_blk, signal_ptr, sig_full, sig_free, SIG_WARP)
+                    tc = _signal_tile(tc, g, m_blk, num_m_blocks, signal_ptr, sig_full, sig_free, SIG_WARP)
         else:
             _store_tile(acc, out_layout, d_ptr, c_ptr, masked_m_ptr, m_indices_ptr, g, g64, off_m, off_n,
                         M, N, s_dg, s_dm, s_cg, s_cm, MODE, HAS_C, True, dsf_ptr, s_fg, s_fm, D_FP8)
             if HAS_SIGNAL:
-                tc = _signal_tile(tc, g * num_m_blocks + m_blk, signal_ptr, sig_full, sig_free, SIG_WARP)
+                tc = _signal_tile(tc, g, m_blk, num_m_blocks, signal_ptr, sig_full, sig_free, SIG_WARP)
         return pend, tc
 
     @gluon.jit
