@@ -266,13 +266,19 @@ if HAS_GLUON:
             row_a = g * M + m_blk * BLOCK_M
             valid = t >= 0
         else:
-            # Grouped rasterisation: GROUP_M m-blocks sweep all n-blocks together (L2 reuse of B).
             num_m = gl.cdiv(M, BLOCK_M)
-            per_group = GROUP_M * num_n
-            first_m = (t // per_group) * GROUP_M
-            group_rows = gl.minimum(num_m - first_m, GROUP_M)
-            m_blk = first_m + (t % per_group) % group_rows
-            n_blk = (t % per_group) // group_rows
+            if GROUP_M == 0:
+                # Whole-M order (see whole_m_order): every m-block takes an n-block before the next one starts,
+                # so A stays in L2 and B streams through once.
+                m_blk = t % num_m
+                n_blk = t // num_m
+            else:
+                # Grouped rasterisation: GROUP_M m-blocks sweep all n-blocks together (L2 reuse of B).
+                per_group = GROUP_M * num_n
+                first_m = (t // per_group) * GROUP_M
+                group_rows = gl.minimum(num_m - first_m, GROUP_M)
+                m_blk = first_m + (t % per_group) % group_rows
+                n_blk = (t % per_group) // group_rows
             row_a = m_blk * BLOCK_M
             if MODE == 2:
                 offs = row_a + gl.arange(0, BLOCK_M, layout=IDX_LAYOUT)
@@ -1425,6 +1431,8 @@ class GluonConfig:
     block_n: int
     stages: int
     num_warps: int
+    # Tile order: group_m m-blocks sweep the n-blocks together; 0 = every m-block of the call (whole-M order,
+    # picked by :func:`whole_m_order` for dense calls with a small A and a short K).
     group_m: int = 8
     producer_regs: int = 40
     k_rotate: bool = False
@@ -1652,7 +1660,23 @@ def _pick_config(mode, m, n, k, groups, expected_m, max_block_n, num_sms, tma_st
     if TAIL_DEFAULT and mode == "dense" and (bm, bn) == (128, 128) and _tail_pays(m, n, k, num_sms):
         return tail_config(out_bytes=out_bytes)
     return GluonConfig(bm, bn, _stages(bm, bn, _epi_bytes(bm, bn, tma_store, out_bytes, has_c)),
-                       8 if bm == 128 else 4, k_rotate=k_rotate)
+                       8 if bm == 128 else 4, group_m=0 if whole_m_order(mode, m, k, bm) else 8, k_rotate=k_rotate)
+
+
+# Whole-M tile order for dense calls whose A is small against the 50 MB L2 and whose K is short.  With groups of 8
+# m-blocks B is read from DRAM once per group, the output written in between evicting it from L2; sweeping every
+# m-block per n-block keeps A resident and reads B once.  H100 (benchmarks/raster_ab.py, RESULTS.md session 12):
+# m4096 n32768 k512 1.06x, n24576 k1536 1.03x, n7168 k2048 level; at k7168 (A 29 MB) 0.94x on n4096, so not there.
+WHOLE_M_MAX_A_BYTES = 12 << 20
+WHOLE_M_MAX_K = 2048
+
+
+def whole_m_order(mode: str, m: int, k: int, block_m: int) -> bool:
+    """True when a dense call should walk its tiles in whole-M order (``GluonConfig.group_m`` 0): more than 8
+    128-row m-blocks (fewer are one group anyway; 64-row tiles not measured), A (``m * k`` FP8 bytes) at most
+    :data:`WHOLE_M_MAX_A_BYTES`, K at most :data:`WHOLE_M_MAX_K`."""
+    return (mode == "dense" and block_m == 128 and math.ceil(m / block_m) > 8 and m * k <= WHOLE_M_MAX_A_BYTES
+            and k <= WHOLE_M_MAX_K)
 
 
 def _wave_fill(tiles: int, num_sms: int) -> float:

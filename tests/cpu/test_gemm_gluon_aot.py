@@ -38,6 +38,19 @@ def test_pick_config():
     assert big.maxnreg * (8 + 4) * 32 <= 65536 and small.maxnreg <= 255
 
 
+def test_pick_config_whole_m_order():
+    """Short-K dense calls with a small A walk their tiles in whole-M order (group_m 0); long K, few m-blocks and
+    grouped calls keep groups of 8 (RESULTS.md session 12)."""
+    for n, k in ((32768, 512), (24576, 1536), (7168, 2048)):
+        assert gg.pick_config("dense", 4096, n, k, tma_store=True, num_sms=132).group_m == 0
+    for m, n, k in ((4096, 4096, 7168), (4096, 7168, 16384), (1024, 32768, 512), (8192, 4096, 2048),
+                    (4096, 2112, 4096)):
+        assert gg.pick_config("dense", m, n, k, tma_store=True, num_sms=132).group_m == 8, (m, n, k)
+    assert gg.pick_config("contiguous", 4096, 4096, 512, num_sms=132).group_m == 8
+    assert gg.pick_config("masked", 4096, 4096, 512, groups=4, expected_m=1024, num_sms=132).group_m == 8
+    assert gg.whole_m_order("dense", 1025, 2048, 128) and not gg.whole_m_order("dense", 1024, 2048, 128)
+
+
 @pytest.mark.parametrize("groups,n,k,want_bn", [
     (6, 6144, 7168, 64), (6, 7168, 3072, 128), (6, 4096, 4096, 64), (6, 4096, 2048, 64),
     (32, 6144, 7168, 128), (32, 7168, 3072, 128), (32, 4096, 4096, 128), (32, 4096, 2048, 128)])
@@ -253,6 +266,29 @@ def test_aot_sm90a(tmp_path, mode, bm, bn, tma_store, out, has_c, signal, k_rota
     # ptxas must keep the MMAs asynchronous: C7514/C7515 mean it serialised them (waits after each).
     log = ptxas_log(r["ptx"])
     assert "C7514" not in log and "C7515" not in log, log
+
+
+def test_aot_sm90a_whole_m_order(tmp_path):
+    """The dense kernel in whole-M tile order (GROUP_M 0, what pick_config gives short-K calls with a small A):
+    FP8 QGMMAs, no local memory, the MMAs asynchronous, and a different kernel from the grouped order's (the
+    order is really compiled in: the PTX differs)."""
+    cfg = gg.GluonConfig(128, 128, gg._stages(128, 128, 128 * 128 * 2, sa_smem=True), 8)
+
+    def build(group_m):
+        constexprs = dict(MODE=0, BLOCK_M=128, BLOCK_N=128, GROUP_M=group_m, STAGES=cfg.stages, TMA_STORE=True,
+                          HAS_C=False, HAS_SIGNAL=False, SB_SCALAR=True, K_ROTATE=False,
+                          PRODUCER_REGS=cfg.producer_regs, SA_SMEM=True)
+        return compile_sm90_in_subprocess("fp8gemm.kernels.gemm_gluon", "fp8_gemm_ws_kernel",
+                                          _signature("dense", 128, 128, True, torch.bfloat16, False), constexprs,
+                                          num_warps=cfg.num_warps, gluon=True, maxnreg=cfg.maxnreg,
+                                          divisible_by_16=["sfa_ptr", "sfb_ptr", "d_ptr", "c_ptr", "N", "K", "s_dm"])
+    r = build(0)
+    assert sass_count(r["sass"], "QGMMA") >= 8
+    assert r["local"] == 0 and r["stack"] == 0, (r["local"], r["stack"])
+    assert sass_count(r["sass"], "LDL") == 0 and sass_count(r["sass"], "STL") == 0
+    log = ptxas_log(r["ptx"])
+    assert "C7514" not in log and "C7515" not in log, log
+    assert r["ptx"] != build(8)["ptx"]
 
 
 def test_aot_sm90a_wide(tmp_path):
