@@ -132,3 +132,79 @@ def test_dense_in_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert calc_diff(d, R.fp8_gemm_nt(a, sfa, b, sfb)) < 1e-3
+
+
+def _draw(gen, lo, hi, step=1):
+    """An int in [lo, hi], a multiple of ``step``, from ``gen``."""
+    return lo + step * int(torch.randint(0, (hi - lo) // step + 1, (1,), generator=gen))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_shapes(seed):
+    """Shapes drawn at random (seeded: a failure names its seed) through the public API, each mode once a seed:
+    ragged M and N (any N, so partial tiles and row pitches that are no TMA layout), K a multiple of 16 up to 4096
+    (partial last scale block), row-major or MN-major A scales; masked with random counts (0 and max_m included)
+    and signals on or off; contiguous with random segment lengths (empty ones included) and -1 padding.  Outputs
+    are NaN-poisoned: rows that must not be written stay NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    mn_major = bool(seed % 2)
+    # dense
+    m, n, k = _draw(gen, 1, 3000), _draw(gen, 1, 6000), _draw(gen, 16, 4096, 16)
+    kb = math.ceil(k / 128)
+    a, b = _fp8(m, k), _fp8(n, k)
+    sfa, sfb = _sc(m, kb), _sc(math.ceil(n / 128), kb)
+    if mn_major:
+        sfa = fp8gemm.get_mn_major_tma_aligned_tensor(sfa)
+    d = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    fp8gemm.fp8_gemm_nt((a, sfa), (b, sfb), d)
+    diff = calc_diff(d, R.fp8_gemm_nt(a, sfa, b, sfb))
+    assert diff < 1e-3 and not d.isnan().any(), ("dense", m, n, k, mn_major, diff)
+    # masked (the weights' N a multiple of 16, as MoE layers have them)
+    g, max_m = _draw(gen, 1, 9), _draw(gen, 1, 700)
+    n, k = _draw(gen, 16, 4096, 16), _draw(gen, 128, 4096, 128)
+    counts = [_draw(gen, 0, max_m) for _ in range(g)]
+    counts[0] = max_m if seed % 3 == 0 else counts[0]
+    overlap = seed % 3 != 1
+    masked_m = torch.tensor(counts, dtype=torch.int32, device="cuda")
+    a, b = _fp8(g, max_m, k), _fp8(g, n, k)
+    sfa, sfb = _sc(g, max_m, k // 128), _sc(g, math.ceil(n / 128), k // 128)
+    if mn_major:
+        sfa = fp8gemm.get_mn_major_tma_aligned_tensor(sfa)
+    d = torch.full((g, max_m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    signal = fp8gemm.alloc_signal(g, max_m, "cuda") if overlap else None
+    expected = max(1, sum(counts) // g)
+    out = fp8gemm.m_grouped_fp8_gemm_nt_masked((a, sfa), (b, sfb), d, masked_m, expected,
+                                               enable_overlap=overlap, signal=signal)
+    case = ("masked", g, max_m, n, k, counts, mn_major, overlap)
+    for i, c in enumerate(counts):
+        assert d[i, c:].isnan().all(), case
+        if c:
+            assert calc_diff(d[i, :c], R.fp8_gemm_nt(a[i, :c], sfa[i, :c], b[i], sfb[i])) < 1e-3, (case, i)
+            assert not d[i, :c].isnan().any(), (case, i)
+    if overlap:
+        check_signal(signal, masked_m, max_m, n, out[0], out[1])
+    # contiguous
+    align = fp8gemm.get_mk_alignment_for_contiguous_layout()
+    g = _draw(gen, 1, 6)
+    n, k = _draw(gen, 16, 4096, 16), _draw(gen, 128, 4096, 128)
+    ids = []
+    for e in range(g):
+        r = _draw(gen, 0, 900)
+        ids += [e] * r + [-1] * ((-r) % align)
+    if not ids:
+        ids = [-1] * align
+    mi = torch.tensor(ids, dtype=torch.int32, device="cuda")
+    m = len(ids)
+    a, b = _fp8(m, k), _fp8(g, n, k)
+    sfa, sfb = _sc(m, k // 128), _sc(g, math.ceil(n / 128), k // 128)
+    if mn_major:
+        sfa = fp8gemm.get_mn_major_tma_aligned_tensor(sfa)
+    d = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    fp8gemm.m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), d, mi)
+    ok = mi >= 0
+    case = ("contiguous", g, m, n, k, mn_major)
+    assert d[~ok].isnan().all(), case
+    if ok.any():
+        ref = R.m_grouped_fp8_gemm_nt_contiguous(a, sfa, b, sfb, mi, torch.zeros_like(d))
+        assert calc_diff(d[ok], ref[ok]) < 1e-3 and not d[ok].isnan().any(), case
