@@ -1112,7 +1112,7 @@ if HAS_GLUON:
                        s_am, s_ak, s_bn, s_bk,
                        BLOCK_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
                        PDL_WAIT: gl.constexpr = False, NH: gl.constexpr = 2, PROBE: gl.constexpr = False,
-                       probe_ptr=None, DIAG: gl.constexpr = 0):
+                       probe_ptr=None, DIAG: gl.constexpr = 0, sa_bufs=None, SA_SMEM: gl.constexpr = False):
         """One consumer warpgroup of the opt-in 128x256 dense tile (``GluonConfig.wide_n``, ``NH`` = 2 halves)
         or of the opt-in split 128x128 tile (:func:`split_config`, ``NH`` = 1).
 
@@ -1128,6 +1128,9 @@ if HAS_GLUON:
         (benchmarks/GLUON_NOTES.md, "What limits the big shapes").
         Split (``NH`` 1): a warpgroup owns 64 x 128 outputs (``accL``, one scratch ``S``, B box ``stage``);
         per K-slice DeepGEMM's order: wait full -> MMA -> wait(0) -> arrive empty -> promote.
+
+        ``SA_SMEM``: the warpgroup reads its 64 rows of A's scales from the stage (the producer's copy, as in the
+        default kernel) right after the full wait, instead of loading them from global memory a slice ahead.
 
         Diagnostics (``benchmarks/gluon_probe.py --variants``): ``PROBE`` stamps per K-slice (event meanings
         at :data:`EV_C_HALF`), ``DIAG`` 3: no scale loads and no promotion FFMAs (waits and releases as usual;
@@ -1180,7 +1183,10 @@ if HAS_GLUON:
                 sbL = sa
                 sbR = sa
             else:
-                sa = gl.load(sa_ptrs, mask=m_ok, other=0.0)
+                if SA_SMEM:
+                    sa = gl.zeros([WG_M], gl.float32, row_layout)      # read from the stage in the loop
+                else:
+                    sa = gl.load(sa_ptrs, mask=m_ok, other=0.0)
                 sbL = gl.load(sbL_ptr)
                 sbR = gl.load(sbR_ptr)
             for kb in range(num_k):
@@ -1190,7 +1196,10 @@ if HAS_GLUON:
                     nbR = sbR
                 else:
                     kn = gl.minimum(kb + 1, num_k - 1)
-                    na = gl.load(sa_ptrs + kn * s_ak, mask=m_ok, other=0.0)
+                    if SA_SMEM:
+                        na = sa
+                    else:
+                        na = gl.load(sa_ptrs + kn * s_ak, mask=m_ok, other=0.0)
                     nbL = gl.load(sbL_ptr + kn * s_bk)
                     nbR = gl.load(sbR_ptr + kn * s_bk)
                 s = it % STAGES
@@ -1202,6 +1211,9 @@ if HAS_GLUON:
                 mbarrier.wait(full_bars.index(s), (it // STAGES) & 1)
                 if PROBE:
                     _stamp(pbase, pw, it, _EV_C_FULL)
+                if SA_SMEM:
+                    # this warpgroup's rows of the stage's A scales; read before the stage is released below
+                    sa = sa_bufs.index(s).slice(WG * WG_M, WG_M).load(row_layout)
                 a_s = a_bufs.index(2 * s + WG)
                 if NH == 2:
                     # No MMA is in flight while S is read (wait 0), so no identity pin is needed here
@@ -1355,16 +1367,18 @@ if HAS_GLUON:
             # 12 warps share the register file (the 1-warp producer occupies a warpgroup's share):
             # the second consumer warpgroup gets what the producer leaves, like the first.
             WG_REGS: gl.constexpr = (65536 // 32 - 4 * PRODUCER_REGS) // 8 // 8 * 8
+            gl.static_assert(not SA_SMEM or (not DIAG and not PROBE), "SA_SMEM: not with PROBE or DIAG")
             gl.warp_specialize([
                 (_consumer_wide, (a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
                                   s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 0, PDL_WAIT, WNH, PROBE,
-                                  probe_ptr, DIAG)),
+                                  probe_ptr, DIAG, sa_bufs, SA_SMEM)),
                 (_consumer_wide, (a_bufs, b_bufs, empty_bars, full_bars, d_desc, sfa_ptr, sfb_ptr, M, N, K,
                                   s_am, s_ak, s_bn, s_bk, BLOCK_M, GROUP_M, STAGES, 1, PDL_WAIT, WNH, PROBE,
-                                  probe_ptr, DIAG)),
+                                  probe_ptr, DIAG, sa_bufs, SA_SMEM)),
                 (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                              masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, False, True,
-                             PROBE, probe_ptr, PDL_WAIT)),
+                             PROBE, probe_ptr, PDL_WAIT, 0, None, None, 0, sa_bufs, sfa_ptr, s_ag, s_am, s_ak,
+                             SA_SMEM)),
             ], [4, 1], [WG_REGS, PRODUCER_REGS])
         elif BN_TAIL:
             gl.static_assert(BLOCK_N == 128 and not TMA_STORE and not HAS_SIGNAL and not PDL_WAIT and not PROBE
@@ -1901,8 +1915,13 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         sa_smem = runtime.gluon_sa_smem()
         if sa_smem is None:
             sa_smem = sa_smem_pays(mode, m, sfa)
-    sa_smem = sa_smem and not cfg.wide_n and not cfg.bn_tail
-    if sa_smem:
+    sa_smem = sa_smem and not cfg.bn_tail
+    if sa_smem and cfg.wide_n:
+        # the wide/split stages also carry BLOCK_M A scales: as many as fit the block limit with the two [64, 128]
+        # BF16 epilogue buffers, two barriers a stage and 512 bytes for the rest (72-100 in the AOT builds)
+        stage = (cfg.block_m + cfg.block_n) * BLOCK_K + 4 * cfg.block_m + 16
+        cfg = dataclasses.replace(cfg, stages=min(cfg.stages, (_SMEM_LIMIT - 512 - 2 * 64 * 128 * 2) // stage))
+    elif sa_smem:
         # A's scales take BLOCK_M floats of every stage: as many stages as still fit the picks' budget (the
         # counts session 9 measured); _fit_stages below is the hard limit every kernel is held to
         fit = _stages(cfg.block_m, cfg.block_n,

@@ -291,26 +291,42 @@ def test_aot_sm90a_whole_m_order(tmp_path):
     assert r["ptx"] != build(8)["ptx"]
 
 
-def test_aot_sm90a_wide(tmp_path):
+@pytest.mark.parametrize("tile,sa_smem", [("wide", False), ("wide", True), ("split", True)])
+def test_aot_sm90a_wide(tmp_path, tile, sa_smem):
     """The opt-in 128x256 variant: two one-warpgroup consumer partitions (8 QGMMA each per K-slice pair of
-    halves), 4 x 48 KB stages + two [64, 128] epilogue buffers within 227 KB, no spills, MMAs asynchronous."""
-    cfg = gg.wide_config()
-    constexprs = dict(MODE=0, BLOCK_M=128, BLOCK_N=256, GROUP_M=cfg.group_m, STAGES=cfg.stages, TMA_STORE=True,
-                      HAS_C=False, HAS_SIGNAL=False, SB_SCALAR=False, K_ROTATE=False,
-                      PRODUCER_REGS=cfg.producer_regs, WIDE_N=True)
+    halves), 4 x 48 KB stages + two [64, 128] epilogue buffers within 227 KB, no spills, MMAs asynchronous.
+    With A's scales through shared memory (SA_SMEM, the stages launch gives it: still 4 for wide) the producer's
+    copies arrive on the full barrier (count 33) and each warpgroup reads its 64 rows from the stage; the split
+    128x128 form the same."""
+    cfg = gg.wide_config() if tile == "wide" else gg.split_config()
+    bn = cfg.block_n
+    stages = cfg.stages
+    if sa_smem:
+        stage = (128 + bn) * 128 + 4 * 128 + 16
+        stages = min(stages, (gg._SMEM_LIMIT - 512 - 2 * 64 * 128 * 2) // stage)   # as launch fits them
+        assert stages == cfg.stages, "the SA scales must not cost a stage"
+    constexprs = dict(MODE=0, BLOCK_M=128, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=stages, TMA_STORE=True,
+                      HAS_C=False, HAS_SIGNAL=False, SB_SCALAR=bn == 128, K_ROTATE=False,
+                      PRODUCER_REGS=cfg.producer_regs, WIDE_N=True, SA_SMEM=sa_smem)
     # boxes: A 64 rows (one per warpgroup), B 128 rows (one per half), D 64 x 128
     r = compile_sm90_in_subprocess("fp8gemm.kernels.gemm_gluon", "fp8_gemm_ws_kernel",
                                    _signature("dense", 64, 128, True, torch.bfloat16, False), constexprs,
                                    num_warps=cfg.num_warps, gluon=True, maxnreg=cfg.maxnreg,
                                    divisible_by_16=["sfa_ptr", "sfb_ptr", "d_ptr", "c_ptr", "N", "K", "s_dm"])
-    assert sass_count(r["sass"], "QGMMA") >= 16, "expected the MMAs of both consumer partitions"
+    assert sass_count(r["sass"], "QGMMA") >= (16 if bn == 256 else 8), "expected the MMAs of both partitions"
     assert "QGMMA.64x128x32" in r["sass"]
     assert r["local"] == 0 and r["stack"] == 0, (r["local"], r["stack"])
     assert sass_count(r["sass"], "LDL") == 0 and sass_count(r["sass"], "STL") == 0
-    assert r["shared"] >= cfg.stages * (128 + 256) * 128 + 2 * 64 * 128 * 2, r["shared"]   # buffers not aliased
+    want = stages * ((128 + bn) * 128 + (4 * 128 if sa_smem else 0)) + 2 * 64 * 128 * 2
+    assert r["shared"] >= want, r["shared"]   # buffers not aliased
     assert r["shared"] <= 227 * 1024
     # the worker consumer warpgroup really gets the consumer's register budget
     assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+232;", r["ptx"])
+    if sa_smem:
+        assert "cp.async.mbarrier.arrive.noinc.shared" in r["ptx"]
+        assert re.search(r"mbarrier\.init\.shared(::cta)?\.b64 \[[^\]]*\], 33;", r["ptx"]), "full barrier count"
+    else:
+        assert "cp.async.ca" not in r["ptx"]
     log = ptxas_log(r["ptx"])
     assert "C7514" not in log and "C7515" not in log, log
     assert "spill" not in log or "0 bytes spill stores" in log, log

@@ -319,6 +319,23 @@ def test_dense_wide_variant(kw):
 
 @pytest.mark.gpu
 @pytest.mark.sm90
+@pytest.mark.parametrize("tile", ["wide", "split"])
+def test_wide_and_split_sa_smem(tile, kernel_launches):
+    """The wide and split tiles with A's scales through shared memory (MN-major scales: SA_SMEM by launch's
+    policy): ragged M and N, 1-3 K-slices and many, fewer programs than tiles, a graph replay.  The spy tells
+    that the variant ran with SA_SMEM."""
+    gg = _gg()
+    cfg = gg.wide_config() if tile == "wide" else gg.split_config()
+    for kw in (dict(m=4096, n=2112, k=7168), dict(m=300, n=1000, k=384), dict(m=129, n=200, k=128),
+               dict(m=1000, n=4104, k=640, num_sms=7), dict(m=512, n=2048, k=2048, graph=True)):
+        res = check_dense(config=cfg, sfa_layout="mn", **kw)
+        assert tuple(res["block"]) == (cfg.block_m, cfg.block_n), res
+    ran = [(launch["WIDE_N"], launch["SA_SMEM"]) for launch in kernel_launches]
+    assert ran and all(r == (True, True) for r in ran), ran
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
 def test_wide_variant_falls_back_where_unsupported():
     cfg = _gg().wide_config()
     res = check_dense(300, 520, 768, out_dtype=torch.float32, with_c=True, config=cfg)
