@@ -105,9 +105,6 @@ _SMEM_LIMIT = 227 * 1024      # what a block may use at all (the launch fails ab
 # and up to 7% slower at m = 4096 (each row's 128 scales then come from 128 rows).  Grouped calls with MN-major
 # scales: masked 1.01-1.10x and contiguous 1.03-1.05x faster (row-major: up to 14% slower, so those stay off).
 SA_SMEM_ROW_MAJOR_MAX_M = 256
-# SA_SMEM with MN-major scales: one TMA box a stage (SA_TMA) instead of the producer's cp.async copies.  Session 12
-# A/B (benchmarks/sa_tma_ab.py) decides the default.
-SA_TMA = False
 SA_SMEM_GROUPED = True
 # Larger dense and contiguous calls with row-major A scales: copy the scales MN-major first (one PyTorch copy
 # kernel, ~1-7 MB) and run SA_SMEM.  H200, benchmarks/sa_smem_ab.py (RESULTS.md session 10), copy + kernel against
@@ -380,8 +377,7 @@ if HAS_GLUON:
                   STAGES: gl.constexpr, K_ROTATE: gl.constexpr, WIDE_N: gl.constexpr = False,
                   PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
                   DIAG: gl.constexpr = 0, b2_desc=None, b2_bufs=None, BN_TAIL: gl.constexpr = 0,
-                  sa_bufs=None, sfa_ptr=None, s_ag=0, s_am=0, s_ak=0, SA_SMEM: gl.constexpr = False,
-                  sfa_desc=None, SA_TMA: gl.constexpr = False):
+                  sa_bufs=None, sfa_ptr=None, s_ag=0, s_am=0, s_ak=0, SA_SMEM: gl.constexpr = False):
         BK: gl.constexpr = a_desc.block_type.shape[1]
         idx_layout: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
         if WIDE_N:
@@ -392,10 +388,6 @@ if HAS_GLUON:
         elif BN_TAIL:
             WIDE_NH: gl.constexpr = 0
             nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes + b2_desc.block_type.nbytes
-        elif SA_TMA:
-            WIDE_NH: gl.constexpr = 0
-            nbytes: gl.constexpr = (a_desc.block_type.nbytes + b_desc.block_type.nbytes
-                                    + sfa_desc.block_type.nbytes)
         else:
             WIDE_NH: gl.constexpr = 0
             nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
@@ -438,14 +430,7 @@ if HAS_GLUON:
                     if PROBE:
                         _stamp(pbase, pw, it, _EV_P_EMPTY)
                     bar = full_bars.index(s)
-                    if SA_TMA:
-                        # one box of the MN-major scales, [1, BLOCK_M] at (row g * num_k + slice, column m):
-                        # its bytes are part of the stage's expect (nbytes); rows past M read as 0
-                        # (the stage's slot, plain FP32 either way, seen as the box's unswizzled [1, BLOCK_M])
-                        sa_dst = sa_bufs.index(s)._reinterpret(gl.float32, [1, BLOCK_M], sfa_desc.layout)
-                        tma.async_copy_global_to_shared(sfa_desc, [g * num_k + _rotated(kb, rot, num_k),
-                                                                   m_blk * BLOCK_M], bar, sa_dst)
-                    elif SA_SMEM:
+                    if SA_SMEM:
                         _copy_sa(sa_bufs.index(s), bar, sfa_ptr, g, m_blk, _rotated(kb, rot, num_k), M,
                                  s_ag, s_am, s_ak, BLOCK_M, idx_layout)
                     if DIAG == 1 or DIAG == 2 or DIAG == 4:
@@ -1305,15 +1290,12 @@ if HAS_GLUON:
                            PROBE: gl.constexpr = False, probe_ptr=None, PDL_WAIT: gl.constexpr = False,
                            DIAG: gl.constexpr = 0, BN_TAIL: gl.constexpr = 0, b2_desc=None,
                            SA_SMEM: gl.constexpr = False, dsf_ptr=None, s_fg=0, s_fm=0,
-                           D_FP8: gl.constexpr = False, SIG_WARP: gl.constexpr = False, sfa_desc=None,
-                           SA_TMA: gl.constexpr = False):
+                           D_FP8: gl.constexpr = False, SIG_WARP: gl.constexpr = False):
         """Persistent warp-specialised FP8 GEMM (see the module docstring).
 
         ``SA_SMEM`` (default kernel only, not with PROBE or DIAG): A's scales travel with each stage (the
         producer copies them into shared memory with cp.async, tracked by the full barrier) instead of being
-        loaded from global memory by the consumer.  ``SA_TMA`` (with ``SA_SMEM``; ``sfa_desc``: TMA over the
-        MN-major scales as 2-D [G * num_k, M], box [1, BLOCK_M]): the producer loads them with one TMA box per
-        stage instead of cp.async, counted in the stage's expect (full barrier count 1).
+        loaded from global memory by the consumer.
 
         ``a_desc``: TMA over A as 2-D [rows, K] (masked: [G*max_m, K]); ``b_desc``: B as [G*N, K];
         ``d_desc``: TMA over D as 2-D (BF16 without C, ``TMA_STORE``; the grouped modes store only their full
@@ -1353,7 +1335,6 @@ if HAS_GLUON:
             b2_bufs = gl.allocate_shared_memory(b2_desc.dtype, [STAGES] + b2_desc.block_type.shape, b2_desc.layout)
         else:
             b2_bufs = b_bufs
-        gl.static_assert(not SA_TMA or (SA_SMEM and not WIDE_N and not BN_TAIL), "SA_TMA: the default kernel, SA_SMEM")
         if SA_SMEM:
             sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         else:
@@ -1363,7 +1344,7 @@ if HAS_GLUON:
         for i in gl.static_range(STAGES):
             mbarrier.init(empty_bars.index(i), count=2 if WIDE_N else 1)   # wide: one arrive per warpgroup
             # SA_SMEM: the producer warp's 32 cp.async arrivals besides its expect-arrive (_copy_sa)
-            mbarrier.init(full_bars.index(i), count=33 if SA_SMEM and not SA_TMA else 1)
+            mbarrier.init(full_bars.index(i), count=33 if SA_SMEM else 1)
         if SIG_WARP:
             # the consumer -> signal warp ring (_hand_off / _signaller)
             sig_full = gl.allocate_shared_memory(gl.int64, [_SIG_SLOTS, 1], mbarrier.MBarrierLayout())
@@ -1434,7 +1415,7 @@ if HAS_GLUON:
                     (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                                  masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
                                  False, PROBE, probe_ptr, PDL_WAIT, DIAG, None, None, 0,
-                                 sa_bufs, sfa_ptr, s_ag, s_am, s_ak, SA_SMEM, sfa_desc, SA_TMA)),
+                                 sa_bufs, sfa_ptr, s_ag, s_am, s_ak, SA_SMEM)),
                     (_signaller, (sig_full, sig_free, signal_ptr, masked_m_ptr, m_indices_ptr, M, N, G,
                                   MODE, BLOCK_M, BLOCK_N, GROUP_M)),
                 ], [1, 1], [PRODUCER_REGS, PRODUCER_REGS])
@@ -1450,7 +1431,7 @@ if HAS_GLUON:
                     (_producer, (a_desc, b_desc, a_bufs, b_bufs, empty_bars, full_bars, M, N, K, G,
                                  masked_m_ptr, m_indices_ptr, MODE, BLOCK_M, BLOCK_N, GROUP_M, STAGES, K_ROTATE,
                                  False, PROBE, probe_ptr, PDL_WAIT, DIAG, None, None, 0,
-                                 sa_bufs, sfa_ptr, s_ag, s_am, s_ak, SA_SMEM, sfa_desc, SA_TMA)),
+                                 sa_bufs, sfa_ptr, s_ag, s_am, s_ak, SA_SMEM)),
                 ], [1], [PRODUCER_REGS])
 
 
@@ -1796,28 +1777,6 @@ def _desc2d(t: torch.Tensor, rows: int, block: tuple, dtype_name: str):
     return desc
 
 
-def _sfa_desc(sfa: torch.Tensor, block_m: int):
-    """TMA descriptor over MN-major FP32 A scales (``[M, KB]`` or ``[G, M, KB]``, M contiguous, each column
-    16-byte aligned, groups one after the other) seen as 2-D ``[G * KB, M]``, box ``[1, block_m]`` (one K-slice's
-    scales of an m-block, rows past M zero-filled): ``SA_TMA``.  None for any other layout (launch then copies
-    them with cp.async)."""
-    kb, mn = sfa.shape[-1], sfa.shape[-2]
-    if (sfa.dtype != torch.float32 or sfa.stride(-2) != 1 or (sfa.stride(-1) * 4) % 16 or sfa.data_ptr() % 16
-            or sfa.stride(-1) < mn):
-        return None
-    groups = sfa.shape[0] if sfa.dim() == 3 else 1
-    if groups > 1 and sfa.stride(0) != kb * sfa.stride(-1):
-        return None
-    desc = object.__new__(TensorDescriptor)
-    desc.base = sfa
-    desc.shape = [groups * kb, mn]
-    desc.strides = [sfa.stride(-1), 1]
-    desc.block_shape = [1, block_m]
-    desc.layout = gl.NVMMASharedLayout.get_default_for([1, block_m], gl.float32)
-    desc.padding = "zero"
-    return desc
-
-
 def _s3(t: torch.Tensor | None) -> tuple[int, int, int]:
     if t is None:
         return (0, 0, 0)
@@ -1974,7 +1933,6 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
             epi += 2 * SIG_SLOTS * 8            # the signal warp's barrier ring
         cfg = dataclasses.replace(cfg, stages=_fit_stages(cfg.block_m, cfg.block_n, cfg.stages, epi, sa_smem))
     bm, bn = cfg.block_m, cfg.block_n
-    sfa_desc = _sfa_desc(sfa, bm) if sa_smem and SA_TMA and not cfg.wide_n and not cfg.bn_tail else None
     if d_sf is not None and (bn != 128 or cfg.bn_tail or cfg.wide_n):
         raise ValueError(f"an FP8 D takes 128-wide tiles, the config has block_n={bn}")
     if m == 0 or n == 0 or groups == 0:
@@ -2005,7 +1963,6 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
         SB_SCALAR=(128 % bn == 0), K_ROTATE=cfg.k_rotate and not cfg.wide_n, PRODUCER_REGS=cfg.producer_regs,
         WIDE_N=cfg.wide_n, SA_SMEM=sa_smem,
         **({"SIG_WARP": True} if sig_warp else {}),
-        **({"sfa_desc": sfa_desc, "SA_TMA": True} if sfa_desc is not None else {}),
         num_warps=cfg.num_warps, maxnreg=cfg.maxnreg, **tail,
         **({"dsf_ptr": d_sf, "s_fg": d_sf.stride(0), "s_fm": d_sf.stride(1), "D_FP8": True} if d_sf is not None
            else {}),

@@ -268,41 +268,6 @@ def test_aot_sm90a(tmp_path, mode, bm, bn, tma_store, out, has_c, signal, k_rota
     assert "C7514" not in log and "C7515" not in log, log
 
 
-@pytest.mark.parametrize("mode,bm,bn,tma_store,signal", [
-    ("dense", 128, 128, True, False), ("dense", 64, 16, True, False), ("masked", 64, 128, True, True),
-    ("contiguous", 128, 128, True, False)])
-def test_aot_sm90a_sa_tma(tmp_path, mode, bm, bn, tma_store, signal):
-    """A's MN-major scales by one TMA box a stage (SA_TMA): no cp.async at all, full barriers of count 1, the box
-    counted in the stage's expect (A + B + scale bytes), FP8 QGMMAs, no local memory, MMAs asynchronous."""
-    from triton.runtime.jit import mangle_type
-    sfa = torch.empty(56, 260).t()[:256]            # MN-major [256, 56], columns 260 floats apart
-    desc = gg._sfa_desc(sfa, bm)
-    assert desc is not None and desc.shape == [56, 256] and desc.strides == [260, 1]
-    assert gg._sfa_desc(sfa.contiguous(), bm) is None              # row-major: cp.async
-    stages = gg._stages(bm, bn, bm * bn * 4, sa_smem=True)
-    cfg = gg.GluonConfig(bm, bn, stages, 8 if bm == 128 else 4)
-    sig = _signature(mode, bm, bn, tma_store, torch.bfloat16, False)
-    sig["sfa_desc"] = mangle_type(desc)
-    constexprs = dict(MODE=gg._MODES[mode], BLOCK_M=bm, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=cfg.stages,
-                      TMA_STORE=tma_store, HAS_C=False, HAS_SIGNAL=signal, SB_SCALAR=(128 % bn == 0),
-                      K_ROTATE=False, PRODUCER_REGS=cfg.producer_regs, SA_SMEM=True, SA_TMA=True)
-    if signal:
-        constexprs["SIG_WARP"] = gg.SIGNAL_WARP
-    r = compile_sm90_in_subprocess("fp8gemm.kernels.gemm_gluon", "fp8_gemm_ws_kernel", sig, constexprs,
-                                   num_warps=cfg.num_warps, gluon=True, maxnreg=cfg.maxnreg,
-                                   divisible_by_16=["sfa_ptr", "sfb_ptr", "d_ptr", "c_ptr", "N", "K", "s_dm"])
-    assert sass_count(r["sass"], "QGMMA") >= 4
-    assert r["local"] == 0 and r["stack"] == 0, (r["local"], r["stack"])
-    assert "cp.async.ca" not in r["ptx"] and "cp.async.mbarrier" not in r["ptx"]
-    assert not re.search(r"mbarrier\.init\.shared(::cta)?\.b64 \[[^\]]*\], 33;", r["ptx"])
-    want = (bm + bn) * 128 + 4 * bm
-    assert re.search(rf"mbarrier\.arrive\.expect_tx\.shared(::cta)?\.b64 [^,]*, \[[^\]]*\], {want};", r["ptx"]), \
-        f"expect of {want} bytes a stage"
-    assert r["shared"] <= 227 * 1024
-    log = ptxas_log(r["ptx"])
-    assert "C7514" not in log and "C7515" not in log, log
-
-
 def test_aot_sm90a_whole_m_order(tmp_path):
     """The dense kernel in whole-M tile order (GROUP_M 0, what pick_config gives short-K calls with a small A):
     FP8 QGMMAs, no local memory, the MMAs asynchronous, and a different kernel from the grouped order's (the

@@ -79,15 +79,12 @@ def check_dense(m, n, k, *, sfa_layout="row", out_dtype=torch.bfloat16, with_c=F
 
 
 def check_masked(groups, max_m, n, k, masked, expected_m, *, signal=True, num_sms=None, max_block_n=256,
-                 config=None, d_rows=None, sfa_layout="row") -> dict:
+                 config=None, d_rows=None) -> dict:
     """``d_rows`` > max_m: D is the first max_m rows of each group of a taller buffer (not one [G * max_m, N]
-    matrix, so no TMA store).  ``sfa_layout`` "mn": A's scales MN-major (DeepGEMM's layout)."""
+    matrix, so no TMA store)."""
     gg = _gg()
     a, b = _fp8(groups, max_m, k), _fp8(groups, n, k)
     sfa = _scales(groups, max_m, k // 128)
-    if sfa_layout == "mn":
-        from fp8gemm import get_mn_major_tma_aligned_tensor
-        sfa = get_mn_major_tma_aligned_tensor(sfa)
     sfb = _scales(groups, math.ceil(n / 128), k // 128)
     d = torch.full((groups, d_rows or max_m, n), float("nan"), device="cuda", dtype=torch.bfloat16)[:, :max_m]
     masked_m = torch.tensor(masked, dtype=torch.int32, device="cuda")
@@ -113,7 +110,7 @@ def check_masked(groups, max_m, n, k, masked, expected_m, *, signal=True, num_sm
 
 
 def check_contiguous(sizes, n, k, *, trailing_pad_blocks=1, num_sms=None, max_block_n=256, config=None,
-                     holes=(), sfa_layout="row") -> dict:
+                     holes=()) -> dict:
     """``sizes[g]`` rows for expert g, each segment padded with -1 rows to a multiple of 128; ``holes``: more
     rows set to -1 (inside segments), which must stay untouched too."""
     gg = _gg()
@@ -129,8 +126,6 @@ def check_contiguous(sizes, n, k, *, trailing_pad_blocks=1, num_sms=None, max_bl
     m_indices = torch.tensor(ids, dtype=torch.int32, device="cuda")
     a, b = _fp8(m, k), _fp8(groups, n, k)
     sfa = _scales(m, k // 128)
-    if sfa_layout == "mn":
-        sfa = _mn_major(sfa)
     sfb = _scales(groups, math.ceil(n / 128), k // 128)
     d = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
     assert gg.supports("contiguous", a, sfa, b, sfb, d)
@@ -282,38 +277,6 @@ def test_sa_smem_every_tile_shape(bm, bn, k_rotate, kernel_launches):
     check_masked(3, 150, 272, 384, [150, 0, 65], 60, config=cfg, signal=False)
     check_contiguous([130, 5], 200, 384, config=cfg)
     assert kernel_launches and all(launch["SA_SMEM"] for launch in kernel_launches)
-
-
-@pytest.mark.gpu
-@pytest.mark.sm90
-@pytest.mark.parametrize("bm,bn", TILES)
-def test_sa_tma_every_tile_shape(bm, bn, kernel_launches, monkeypatch):
-    """A's MN-major scales by TMA (SA_TMA): every tile shape, each mode, ragged M and N, 1-5 K-slices, masked with
-    and without signals, K rotation on and off, a PDL launch, and the ANCHORS shapes of two dense families.  The
-    spy tells that SA_TMA ran."""
-    gg = _gg()
-    monkeypatch.setattr(gg, "SA_TMA", True)
-    for rot in (False, True):
-        cfg = gg.GluonConfig(bm, bn, gg._stages(bm, bn, bm * bn * 4, sa_smem=True), 8 if bm == 128 else 4,
-                             k_rotate=rot, sa_smem=True)
-        check_dense(129, 136, 384, config=cfg, sfa_layout="mn")
-        check_dense(300, 1000, 640, config=cfg, sfa_layout="mn", num_sms=7)
-        check_masked(3, 150, 272, 384, [150, 0, 65], 60, config=cfg, sfa_layout="mn")
-        check_masked(3, 150, 272, 128, [150, 0, 65], 60, config=cfg, signal=False, sfa_layout="mn")
-        check_contiguous([130, 5, 0, 260], 200, 384, config=cfg, sfa_layout="mn")
-    check_dense(64 if bm == 64 else 4096, 2112, 7168, sfa_layout="mn")
-    check_dense(128, 7168, 2048, sfa_layout="mn", graph=True)
-    ran = [launch.get("SA_TMA", False) for launch in kernel_launches]
-    assert ran and all(ran), ran
-    # PDL: the scales' box is part of the stages the producer prefetches B for before its grid-dependency wait
-    a, b = _fp8(300, 1024), _fp8(520, 1024)
-    sfa, sfb = _mn_major(_scales(300, 8)), _scales(5, 8)
-    d = torch.full((300, 520), float("nan"), device="cuda", dtype=torch.bfloat16)
-    gg.launch("dense", a, sfa, b, sfb, d, num_sms=_sms(), config=gg.GluonConfig(bm, bn, 4, 8 if bm == 128 else 4),
-              pdl=True)
-    torch.cuda.synchronize()
-    assert kernel_launches[-1].get("SA_TMA") and kernel_launches[-1].get("PDL_WAIT")
-    assert calc_diff(d, R.fp8_gemm_nt(a, sfa, b, sfb)) < TOL and not d.isnan().any()
 
 
 @pytest.mark.gpu
