@@ -16,7 +16,6 @@ the baseline.  An explicit config is passed, so launch's two-launch split of a r
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -29,39 +28,31 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fp8gemm import reference as R  # noqa: E402
 from fp8gemm.bench.core import ab_header, ab_rounds  # noqa: E402
-from fp8gemm.bench.suite_gemm import DENSE_NK, cublas_us, dense_operands  # noqa: E402
+from fp8gemm.bench.suite_gemm import cublas_us, dense_ab_args, dense_operands  # noqa: E402
 from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ms", default="4096")
-    ap.add_argument("--groups", default="8,16,all")
-    ap.add_argument("--shapes", default="", help="n:k pairs, comma separated (default: every dense ANCHORS row)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = ap.parse_args()
+    args, cases = dense_ab_args(groups="8,16,all")
     num_sms, dg = ab_header()
-    shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")] if args.shapes else DENSE_NK
     rows = []
-    for m in (int(x) for x in args.ms.split(",")):
-        for n, k in shapes:
-            a, sfa, b, sfb, d = dense_operands(m, n, k)
-            cfg = G._config_for("dense", a, b, d, None, None, 256, num_sms)
-            num_m = math.ceil(m / cfg.block_m)
-            runs = {}
-            for gtag in args.groups.split(","):
-                gm = num_m if gtag == "all" else int(gtag)
-                if gm > num_m:
-                    continue
-                c = dataclasses.replace(cfg, group_m=gm)
-                runs[f"group_m {gm}{' (all)' if gm == num_m else ''}"] = (
-                    lambda c=c: G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms, config=c))
-            if dg is not None:
-                runs["DeepGEMM"] = lambda: dg.fp8_gemm_nt((a, sfa), (b, sfb), d)
-            rows += ab_rounds(f"m{m} n{n} k{k} ({cfg.block_m}x{cfg.block_n}{' tail' if cfg.bn_tail else ''})",
-                              runs, d, R.fp8_gemm_nt(a, sfa, b, sfb), args.rounds, flops=2.0 * m * n * k,
-                              baseline_us=cublas_us(a, sfa, b, sfb))
+    for m, n, k in cases:
+        a, sfa, b, sfb, d = dense_operands(m, n, k)
+        cfg = G._config_for("dense", a, b, d, None, None, 256, num_sms)
+        num_m = math.ceil(m / cfg.block_m)
+        runs = {}
+        for gtag in args.groups.split(","):
+            gm = num_m if gtag == "all" else int(gtag)
+            if gm > num_m:
+                continue
+            c = dataclasses.replace(cfg, group_m=gm)
+            runs[f"group_m {gm}{' (all)' if gm == num_m else ''}"] = (
+                lambda c=c: G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms, config=c))
+        if dg is not None:
+            runs["DeepGEMM"] = lambda: dg.fp8_gemm_nt((a, sfa), (b, sfb), d)
+        rows += ab_rounds(f"m{m} n{n} k{k} ({cfg.block_m}x{cfg.block_n}{' tail' if cfg.bn_tail else ''})",
+                          runs, d, R.fp8_gemm_nt(a, sfa, b, sfb), args.rounds, flops=2.0 * m * n * k,
+                          baseline_us=cublas_us(a, sfa, b, sfb))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "raster_ab.json"), "w") as f:
         json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)

@@ -16,7 +16,6 @@ replays, L2 flushed); A's scales MN-major (SA_SMEM on for all three), cuBLAS the
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -27,35 +26,27 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fp8gemm import reference as R  # noqa: E402
 from fp8gemm.bench.core import ab_header, ab_rounds  # noqa: E402
-from fp8gemm.bench.suite_gemm import DENSE_NK, cublas_us, dense_operands  # noqa: E402
+from fp8gemm.bench.suite_gemm import cublas_us, dense_ab_args, dense_operands  # noqa: E402
 from fp8gemm.kernels import gemm_gluon as G  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ms", default="4096")
-    ap.add_argument("--variants", default="pick,wide,split")
-    ap.add_argument("--shapes", default="", help="n:k pairs, comma separated (default: every dense ANCHORS row)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = ap.parse_args()
+    args, cases = dense_ab_args(variants="pick,wide,split")
     num_sms, dg = ab_header()
-    shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")] if args.shapes else DENSE_NK
     configs = {"pick": None, "wide": G.wide_config(), "split": G.split_config()}
     rows = []
-    for m in (int(x) for x in args.ms.split(",")):
-        for n, k in shapes:
-            a, sfa, b, sfb, d = dense_operands(m, n, k)
-            pick = G._config_for("dense", a, b, d, None, None, 256, num_sms)
-            runs = {}
-            for v in args.variants.split(","):
-                cfg = configs[v] or pick
-                tag = f"{v} {cfg.block_m}x{cfg.block_n}{' tail' if cfg.bn_tail else ''}"
-                runs[tag] = lambda cfg=cfg: G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms, config=cfg)
-            if dg is not None:
-                runs["DeepGEMM"] = lambda: dg.fp8_gemm_nt((a, sfa), (b, sfb), d)
-            rows += ab_rounds(f"m{m} n{n} k{k}", runs, d, R.fp8_gemm_nt(a, sfa, b, sfb), args.rounds,
-                              flops=2.0 * m * n * k, baseline_us=cublas_us(a, sfa, b, sfb))
+    for m, n, k in cases:
+        a, sfa, b, sfb, d = dense_operands(m, n, k)
+        pick = G._config_for("dense", a, b, d, None, None, 256, num_sms)
+        runs = {}
+        for v in args.variants.split(","):
+            cfg = configs[v] or pick
+            tag = f"{v} {cfg.block_m}x{cfg.block_n}{' tail' if cfg.bn_tail else ''}"
+            runs[tag] = lambda cfg=cfg: G.launch("dense", a, sfa, b, sfb, d, num_sms=num_sms, config=cfg)
+        if dg is not None:
+            runs["DeepGEMM"] = lambda: dg.fp8_gemm_nt((a, sfa), (b, sfb), d)
+        rows += ab_rounds(f"m{m} n{n} k{k}", runs, d, R.fp8_gemm_nt(a, sfa, b, sfb), args.rounds,
+                          flops=2.0 * m * n * k, baseline_us=cublas_us(a, sfa, b, sfb))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "wide_sa_ab.json"), "w") as f:
         json.dump(dict(card=torch.cuda.get_device_name(), rows=rows), f, indent=1)

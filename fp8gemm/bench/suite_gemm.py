@@ -57,6 +57,24 @@ def dense_operands(m: int, n: int, k: int, device="cuda"):
     return a, sfa, b, sfb, torch.empty(m, n, dtype=torch.bfloat16, device=device)
 
 
+def dense_ab_args(**extra: str):
+    """The dense A/B scripts' command line (``benchmarks/raster_ab.py``, ``wide_sa_ab.py``): ``--ms`` (default
+    4096), ``--shapes`` ("n:k" pairs; default :data:`DENSE_NK`), ``--rounds`` (3), ``--out`` ($OUT or "."), and one
+    string option per ``extra`` name with its default.  Returns ``(args, [(m, n, k), ...])``."""
+    import argparse
+    import os
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", default="4096")
+    ap.add_argument("--shapes", default="", help="n:k pairs, comma separated (default: every dense ANCHORS row)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    for name, default in extra.items():
+        ap.add_argument(f"--{name}", default=default)
+    args = ap.parse_args()
+    nks = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")] if args.shapes else DENSE_NK
+    return args, [(int(m), n, k) for m in args.ms.split(",") for n, k in nks]
+
+
 def cublas_us(a, sfa, b, sfb) -> float | None:
     """The best of two :func:`fp8gemm.bench.core.time_us` of cuBLAS block-scaled FP8 on a dense 1D2D call of
     :func:`dense_operands`' layout (None where ``scaled_mm`` cannot run it)."""
