@@ -7,7 +7,9 @@ like-for-like kernel.  DeepGEMM appears when ``import deep_gemm`` works.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import os
 
 import torch
 
@@ -61,8 +63,6 @@ def dense_ab_args(**extra: str):
     """The dense A/B scripts' command line (``benchmarks/raster_ab.py``, ``wide_sa_ab.py``): ``--ms`` (default
     4096), ``--shapes`` ("n:k" pairs; default :data:`DENSE_NK`), ``--rounds`` (3), ``--out`` ($OUT or "."), and one
     string option per ``extra`` name with its default.  Returns ``(args, [(m, n, k), ...])``."""
-    import argparse
-    import os
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="4096")
     ap.add_argument("--shapes", default="", help="n:k pairs, comma separated (default: every dense ANCHORS row)")

@@ -1183,9 +1183,7 @@ if HAS_GLUON:
                 sbL = sa
                 sbR = sa
             else:
-                if SA_SMEM:
-                    sa = gl.zeros([WG_M], gl.float32, row_layout)      # read from the stage in the loop
-                else:
+                if not SA_SMEM:         # (with SA_SMEM each slice reads its own from the stage, in the loop)
                     sa = gl.load(sa_ptrs, mask=m_ok, other=0.0)
                 sbL = gl.load(sbL_ptr)
                 sbR = gl.load(sbR_ptr)
@@ -1196,9 +1194,7 @@ if HAS_GLUON:
                     nbR = sbR
                 else:
                     kn = gl.minimum(kb + 1, num_k - 1)
-                    if SA_SMEM:
-                        na = sa
-                    else:
+                    if not SA_SMEM:
                         na = gl.load(sa_ptrs + kn * s_ak, mask=m_ok, other=0.0)
                     nbL = gl.load(sbL_ptr + kn * s_bk)
                     nbR = gl.load(sbR_ptr + kn * s_bk)
@@ -1250,7 +1246,8 @@ if HAS_GLUON:
                         accL = accL + S * gl.expand_dims(sa * sbL, 1)
                 if PROBE:
                     _stamp(pbase, pw, it, _EV_C_PROMOTED)
-                sa = na
+                if not SA_SMEM:
+                    sa = na
                 sbL = nbL
                 sbR = nbR
                 it += 1
@@ -1607,6 +1604,14 @@ def tail_config(bn_tail: int = 16, group_m: int = 8, out_bytes: int = 2) -> Gluo
                        producer_regs=24, bn_tail=bn_tail)
 
 
+def wide_sa_stages(block_n: int) -> int:
+    """Stages of the wide (``block_n`` 256) or split (128) kernel whose stages also carry A's 128 scales
+    (SA_SMEM): as many as fit the block limit beside the two [64, 128] BF16 epilogue buffers, two barriers a stage
+    and 512 bytes for the rest (72-100 in the AOT builds).  4 for wide and 5 for split, as without the scales."""
+    stage = (128 + block_n) * BLOCK_K + 4 * 128 + 16
+    return (_SMEM_LIMIT - 512 - 2 * 64 * 128 * 2) // stage
+
+
 def split_config(group_m: int = 8, stages: int | None = None) -> GluonConfig:
     """The opt-in split 128x128 dense config (``wide_n`` with ``block_n`` 128, :attr:`GluonConfig.split`): two
     independent one-warpgroup consumer partitions, each 64 x 128 with one scratch accumulator, per K-slice
@@ -1917,10 +1922,7 @@ def launch(mode: str, a, sfa, b, sfb, d, *, c=None, m_indices=None, masked_m=Non
             sa_smem = sa_smem_pays(mode, m, sfa)
     sa_smem = sa_smem and not cfg.bn_tail
     if sa_smem and cfg.wide_n:
-        # the wide/split stages also carry BLOCK_M A scales: as many as fit the block limit with the two [64, 128]
-        # BF16 epilogue buffers, two barriers a stage and 512 bytes for the rest (72-100 in the AOT builds)
-        stage = (cfg.block_m + cfg.block_n) * BLOCK_K + 4 * cfg.block_m + 16
-        cfg = dataclasses.replace(cfg, stages=min(cfg.stages, (_SMEM_LIMIT - 512 - 2 * 64 * 128 * 2) // stage))
+        cfg = dataclasses.replace(cfg, stages=min(cfg.stages, wide_sa_stages(cfg.block_n)))
     elif sa_smem:
         # A's scales take BLOCK_M floats of every stage: as many stages as still fit the picks' budget (the
         # counts session 9 measured); _fit_stages below is the hard limit every kernel is held to

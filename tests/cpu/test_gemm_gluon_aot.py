@@ -302,8 +302,7 @@ def test_aot_sm90a_wide(tmp_path, tile, sa_smem):
     bn = cfg.block_n
     stages = cfg.stages
     if sa_smem:
-        stage = (128 + bn) * 128 + 4 * 128 + 16
-        stages = min(stages, (gg._SMEM_LIMIT - 512 - 2 * 64 * 128 * 2) // stage)   # as launch fits them
+        stages = min(stages, gg.wide_sa_stages(bn))      # as launch fits them
         assert stages == cfg.stages, "the SA scales must not cost a stage"
     constexprs = dict(MODE=0, BLOCK_M=128, BLOCK_N=bn, GROUP_M=cfg.group_m, STAGES=stages, TMA_STORE=True,
                       HAS_C=False, HAS_SIGNAL=False, SB_SCALAR=bn == 128, K_ROTATE=False,

@@ -390,15 +390,18 @@ def test_dense_tail(kw, kernel_launches):
 def test_dense_whole_m_order(kernel_launches):
     """Whole-M tile order (``group_m`` 0, picked by ``whole_m_order`` for short-K dense calls with a small A):
     ragged M and N, fewer programs than tiles (each walks several n-blocks), both scale layouts, a graph replay,
-    and the tail and split-N forms of the walk.  The spy tells that the order was compiled in."""
+    A's scales through shared memory, and the remainder-tail kernel's walk (N = 5 x 128 + 16).  The spy tells
+    that the order was compiled in, and that the tail kernel ran."""
     gg = _gg()
     assert gg.whole_m_order("dense", 1100, 384, 128)
     check_dense(1100, 1000, 384)
     check_dense(2000, 3000, 512, num_sms=7)
     check_dense(1300, 2200, 1536, sfa_layout="mn", graph=True)
     check_dense(4096, 24576, 1536)
-    check_dense(1200, 600, 4096, config=gg.tail_config(group_m=0))
     check_dense(1200, 600, 2048, config=gg.GluonConfig(128, 128, 4, 8, group_m=0, sa_smem=True), sfa_layout="mn")
+    assert gg.tail_ok(656)
+    check_dense(1200, 656, 4096, config=gg.tail_config(group_m=0))
+    assert kernel_launches[-1].get("BN_TAIL") == 16
     orders = [launch["GROUP_M"] for launch in kernel_launches]
     assert orders and all(g == 0 for g in orders), orders
 

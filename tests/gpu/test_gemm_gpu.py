@@ -143,9 +143,9 @@ def _draw(gen, lo, hi, step=1):
 def test_random_shapes(seed):
     """Shapes drawn at random (seeded: a failure names its seed) through the public API, each mode once a seed:
     ragged M and N (any N, so partial tiles and row pitches that are no TMA layout), K a multiple of 16 up to 4096
-    (partial last scale block), row-major or MN-major A scales; masked with random counts (0 and max_m included)
-    and signals on or off; contiguous with random segment lengths (empty ones included) and -1 padding.  Outputs
-    are NaN-poisoned: rows that must not be written stay NaN."""
+    (partial last scale block in the dense draw), row-major or MN-major A scales; masked with counts drawn from 0 to
+    max_m (the first group full on every third seed) and signals on or off; contiguous with segment lengths drawn
+    from 0 to 900 and -1 padding.  Outputs are NaN-poisoned: rows that must not be written stay NaN."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     mn_major = bool(seed % 2)
